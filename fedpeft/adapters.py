@@ -1,0 +1,248 @@
+"""Adapters on the frozen base, through peft: inject LoRA/IA3, the adapter schema, named arrays, files.
+
+The adapter schema (sorted names, shapes, dtypes) is the contract between clients and the server:
+what travels and what gets aggregated is a dict of named numpy arrays in exactly that order, with
+PEFT's own file keys (`...q_proj.lora_A.weight`, `...k_proj.ia3_l`), so names are never lost and a
+saved adapter is a folder Hugging Face PEFT loads as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeft.base import Base, dequantize_linears
+from fedpeft.checkpoint import atomic_dir
+from fedpeft.config import AdapterConfig
+from fedpeft.errors import FedpeftError
+
+META_FILE = "fedpeft.json"  # our metadata beside PEFT's files; peft ignores it
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+Schema = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype), sorted by name
+
+
+def _peft_config(cfg: AdapterConfig) -> Any:
+    from peft import IA3Config, LoraConfig
+
+    if cfg.kind == "lora":
+        return LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(cfg.targets()),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+    if cfg.kind == "ia3":
+        return IA3Config(
+            target_modules=list(cfg.targets()),
+            feedforward_modules=[m for m in cfg.feedforward_modules if m in cfg.targets()],
+            task_type="CAUSAL_LM",
+        )
+    raise FedpeftError(f"unknown adapter {cfg.kind!r}; choose lora or ia3")
+
+
+def check_targets(model: Any, targets: tuple[str, ...]) -> None:
+    """peft matches target names against module-name suffixes; fail early and clearly on a typo."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if len(missing) == len(targets):
+        raise FedpeftError(f"the base model has none of the target modules: {', '.join(targets)}")
+    if missing:
+        raise FedpeftError(f"target modules not in the base model: {', '.join(missing)}")
+
+
+def inject(base: Base, cfg: AdapterConfig) -> Any:
+    """Wrap the frozen base with a fresh adapter. The init is seeded, so every client that uses the
+    same seed builds the same LoRA A (what FFA-LoRA relies on). Returns a peft PeftModel."""
+    from peft import get_peft_model
+
+    check_targets(base.model, cfg.targets())
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = get_peft_model(base.model, _peft_config(cfg))
+    model.peft_config["default"].base_model_name_or_path = str(base.path)
+    set_trainable(model, cfg)
+    return model
+
+
+def set_trainable(model: Any, cfg: AdapterConfig) -> None:
+    """The one place that decides what trains: adapter weights only; with freeze_a, LoRA B only."""
+    for name, p in model.named_parameters():
+        is_adapter = ".lora_" in name or ".ia3_" in name
+        p.requires_grad_(is_adapter and not (cfg.freeze_a and ".lora_A." in name))
+
+
+def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adapter_state(model: Any) -> dict[str, np.ndarray]:
+    """The adapter as named float arrays under PEFT's file keys, sorted by name (copies)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    return {k: state[k].detach().float().cpu().numpy().copy() for k in sorted(state)}
+
+
+def schema_of(arrays: dict[str, np.ndarray]) -> Schema:
+    return [(k, tuple(int(d) for d in arrays[k].shape), str(arrays[k].dtype)) for k in sorted(arrays)]
+
+
+def adapter_schema(model: Any) -> Schema:
+    return schema_of(adapter_state(model))
+
+
+def check_schema(expected: Schema, got: Schema, what: str) -> None:
+    if [tuple(e) for e in expected] == [tuple(g) for g in got]:
+        return
+    exp = {e[0]: tuple(e) for e in expected}
+    gotd = {g[0]: tuple(g) for g in got}
+    missing = sorted(set(exp) - set(gotd))
+    extra = sorted(set(gotd) - set(exp))
+    if missing or extra:
+        name = (missing or extra)[0]
+        kind = "missing" if missing else "unexpected"
+        raise FedpeftError(
+            f"{what} does not match the adapter schema: {len(missing)} missing, {len(extra)} unexpected "
+            f"tensors ({kind}: {name})"
+        )
+    name = next(k for k in exp if exp[k] != gotd[k])
+    raise FedpeftError(f"{what} does not match the adapter schema: {name} is {gotd[name][1:]}, expected {exp[name][1:]}")
+
+
+def load_adapter_state(model: Any, arrays: dict[str, np.ndarray], what: str = "adapter") -> None:
+    """Set the adapter weights from named arrays; the names, shapes and dtypes must match exactly."""
+    from peft import set_peft_model_state_dict
+
+    check_schema(adapter_schema(model), schema_of(arrays), what)
+    for k, v in arrays.items():
+        if not np.all(np.isfinite(v)):
+            raise FedpeftError(f"{what} holds NaN or Inf in {k}")
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    result = set_peft_model_state_dict(model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise FedpeftError(f"{what}: peft did not place {result.unexpected_keys[0]}")
+
+
+@dataclass
+class AdapterFiles:
+    """An adapter folder as read from disk: PEFT's config, the named arrays, our metadata."""
+
+    path: Path
+    peft_config: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["base_fingerprint"]
+
+    @property
+    def adapter_config(self) -> AdapterConfig:
+        raw = dict(self.meta["adapter"])
+        raw["target_modules"] = tuple(raw["target_modules"])
+        raw["feedforward_modules"] = tuple(raw["feedforward_modules"])
+        return AdapterConfig(**raw)
+
+
+def save_adapter(model: Any, base: Base, cfg: AdapterConfig, dest: Path, extra: dict[str, Any] | None = None,
+                 extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a PEFT folder (adapter_config.json + adapter_model.safetensors) plus fedpeft.json,
+    atomically: `dest` is replaced whole only once everything is written."""
+    dest = Path(dest)
+    arrays = adapter_state(model)
+    meta = {
+        "format": FORMAT_VERSION,
+        "base_fingerprint": base.fingerprint,
+        "base_path": str(base.path),
+        "quant": base.quant,
+        "adapter": asdict(cfg),
+        "schema": [[n, list(s), d] for n, s, d in schema_of(arrays)],
+        "round": None,
+        **(extra or {}),
+    }
+    with atomic_dir(dest) as tmp:
+        model.save_pretrained(tmp)  # safetensors by default; keys without the adapter name
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return dest
+
+
+def read_adapter(path: Path) -> AdapterFiles:
+    """Read and validate an adapter folder; every defect is a one-line FedpeftError."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FedpeftError(f"adapter folder does not exist: {path}")
+    for name in (CONFIG_FILE, WEIGHTS_FILE, META_FILE):
+        if not (path / name).is_file():
+            raise FedpeftError(f"not a fedpeft adapter folder ({name} missing): {path}")
+    try:
+        peft_config = json.loads((path / CONFIG_FILE).read_text())
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise FedpeftError(f"unreadable adapter metadata in {path}: {e}") from None
+    try:
+        arrays = load_file(path / WEIGHTS_FILE)
+    except Exception as e:  # safetensors raises SafetensorError / OSError on truncation or a bad header
+        raise FedpeftError(f"corrupt adapter weights {path / WEIGHTS_FILE}: {str(e).splitlines()[0]}") from None
+    arrays = {k: arrays[k] for k in sorted(arrays)}
+    if meta.get("format") != FORMAT_VERSION or "base_fingerprint" not in meta or "schema" not in meta:
+        raise FedpeftError(f"unsupported fedpeft.json in {path}")
+    check_schema([tuple(e[:1]) + (tuple(e[1]), e[2]) for e in meta["schema"]], schema_of(arrays),
+                 f"adapter weights in {path}")
+    return AdapterFiles(path=path, peft_config=peft_config, arrays=arrays, meta=meta)
+
+
+def check_fingerprint(expected: str, base: Base, what: str) -> None:
+    if expected != base.fingerprint:
+        raise FedpeftError(
+            f"{what} was trained on another base (fingerprint {expected[:12]}, this base is "
+            f"{base.fingerprint[:12]}: different model or --quant)"
+        )
+
+
+def apply_adapter(base: Base, files: AdapterFiles) -> Any:
+    """Wrap `base` with the adapter from `files`, after checking fingerprint and schema."""
+    check_fingerprint(files.fingerprint, base, f"adapter {files.path}")
+    model = inject(base, files.adapter_config)
+    load_adapter_state(model, files.arrays, what=f"adapter {files.path}")
+    return model
+
+
+def export_adapter(files: AdapterFiles, dest: Path) -> Path:
+    """Copy a validated adapter folder to `dest` (atomic)."""
+    with atomic_dir(Path(dest)) as tmp:
+        for child in files.path.iterdir():
+            if child.is_file():
+                shutil.copy2(child, tmp / child.name)
+    return Path(dest)
+
+
+def export_merged(base: Base, files: AdapterFiles, dest: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a plain Hugging Face model folder: the base dequantized, the adapter merged into it.
+
+    Dequantize first, then merge: merging into a 4/8-bit layer would re-quantize the sum and lose
+    most of a small adapter delta.
+    """
+    check_fingerprint(files.fingerprint, base, f"adapter {files.path}")
+    dequantize_linears(base.model)
+    model = inject(base, files.adapter_config)
+    load_adapter_state(model, files.arrays, what=f"adapter {files.path}")
+    merged = model.merge_and_unload().to(dtype)
+    with atomic_dir(Path(dest)) as tmp:
+        merged.save_pretrained(tmp)
+        base.tokenizer.save_pretrained(tmp)
+    return Path(dest)
