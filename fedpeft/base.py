@@ -249,9 +249,28 @@ def load_base(cfg: BaseConfig) -> Base:
         raise FedpeftError(f"cannot load base model from {path}: {_first_line(e)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if cfg.quant == "nf4":
+        disable_cpu_4bit_packing(model)
     model.eval()
     model.requires_grad_(False)
     return Base(model=model, tokenizer=tokenizer, path=path, quant=cfg.quant, fingerprint=fingerprint(model, cfg.quant))
+
+
+def disable_cpu_4bit_packing(model: Any) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its CPU inference kernel, in place.
+
+    On AVX512-BF16 CPUs a Linear4bit run in eval mode without grad repacks its weight for a fast
+    gemv kernel (bitsandbytes 0.49+, `packing_format_for_cpu`) and keeps it packed. That is lossy
+    (absmax is cast to bf16) and its inverse does not restore absmax unless double-quantized, and a
+    later training forward through the packed kernel has no autograd formula: gradients reaching
+    earlier adapter layers came out 89% wrong here (tests/test_train.py). The shared base must stay
+    bit-identical to its fingerprint, so the standard dequantize-then-matmul path is used always.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def dequantize_linears(model: Any) -> None:

@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpeft.base import load_base
+from fedpeft.config import BaseConfig, DataConfig
+from fedpeft.data import collate, load_user_data, load_users, split_text, to_blocks, tokenize_user
+from fedpeft.errors import FedpeftError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_path: Path, cache_dir: str):
+    return load_base(BaseConfig(model="tiny", quant="none", cache_dir=cache_dir)).tokenizer
+
+
+def test_folder_users_are_sorted_and_stable(users_dir: Path) -> None:
+    users = load_users(str(users_dir))
+    assert [u.user for u in users] == ["alice", "bob", "carol"]
+    carol = users[2].text
+    assert carol == (users_dir / "carol" / "a.txt").read_text() + "\n" + (users_dir / "carol" / "b.txt").read_text()
+    assert [u.user for u in load_users(str(users_dir))] == [u.user for u in users]
+
+
+def test_default_corpus_has_one_user_per_speaker() -> None:
+    users = load_users("default")
+    assert len(users) == 181
+    assert {u.label for u in users} == {"democrat", "republican"}
+    assert len({u.user for u in users}) == 181
+
+
+def test_split_is_deterministic_tail_without_cut_words() -> None:
+    text = " ".join(f"w{i}" for i in range(1000))
+    train, held = split_text(text, 0.2)
+    assert (train, held) == split_text(text, 0.2)
+    assert train + " " + held == text
+    assert 0.15 < len(held) / len(text) < 0.25
+    assert held.startswith("w")
+
+
+def test_blocks_cover_every_token(tokenizer) -> None:
+    text = "hello world " * 50
+    blocks = to_blocks(tokenizer, text, 32)
+    ids = torch.cat(blocks).tolist()
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert all(len(b) == 32 for b in blocks[:-1]) and 0 < len(blocks[-1]) <= 32
+
+
+def test_collate_pads_and_masks_labels() -> None:
+    batch = collate([torch.tensor([1, 2, 3]), torch.tensor([4])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[1, 2, 3], [4, -100, -100]]
+
+
+def test_empty_data_folder(tmp_path: Path) -> None:
+    with pytest.raises(FedpeftError, match="no user text"):
+        load_users(str(tmp_path))
+
+
+def test_missing_data_folder(tmp_path: Path) -> None:
+    with pytest.raises(FedpeftError, match="does not exist"):
+        load_users(str(tmp_path / "nope"))
+
+
+def test_user_with_too_little_text(tmp_path: Path, tokenizer) -> None:
+    (tmp_path / "terse.txt").write_text("hi there")
+    user = load_users(str(tmp_path))[0]
+    with pytest.raises(FedpeftError, match="too little text"):
+        tokenize_user(user, tokenizer, DataConfig(data=str(tmp_path)))
+
+
+def test_unknown_user(users_dir: Path, tokenizer) -> None:
+    with pytest.raises(FedpeftError, match="no user 'dave'"):
+        load_user_data(DataConfig(data=str(users_dir)), tokenizer, "dave")
+
+
+def test_all_pools_users_and_skips_terse_ones(users_dir: Path, tokenizer) -> None:
+    (users_dir / "terse.txt").write_text("hi")
+    cfg = DataConfig(data=str(users_dir), block_size=64)
+    pooled, skipped = load_user_data(cfg, tokenizer, "all")
+    singles = [load_user_data(cfg, tokenizer, u)[0] for u in ("alice", "bob", "carol")]
+    assert skipped == 1
+    assert pooled.train_tokens == sum(s.train_tokens for s in singles)
+    assert pooled.eval_tokens == sum(s.eval_tokens for s in singles)
