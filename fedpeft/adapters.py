@@ -117,7 +117,10 @@ def check_schema(expected: Schema, got: Schema, what: str) -> None:
             f"tensors ({kind}: {name})"
         )
     name = next(k for k in exp if exp[k] != gotd[k])
-    raise FedpeftError(f"{what} does not match the adapter schema: {name} is {gotd[name][1:]}, expected {exp[name][1:]}")
+    (_, got_shape, got_dtype), (_, exp_shape, exp_dtype) = gotd[name], exp[name]
+    raise FedpeftError(
+        f"{what} does not match the adapter schema: {name} is {got_shape} {got_dtype}, expected {exp_shape} {exp_dtype}"
+    )
 
 
 def load_adapter_state(model: Any, arrays: dict[str, np.ndarray], what: str = "adapter") -> None:
@@ -155,8 +158,14 @@ class AdapterFiles:
         return AdapterConfig(**raw)
 
 
-def save_adapter(model: Any, base: Base, cfg: AdapterConfig, dest: Path, extra: dict[str, Any] | None = None,
-                 extra_files: dict[str, bytes] | None = None) -> Path:
+def save_adapter(
+    model: Any,
+    base: Base,
+    cfg: AdapterConfig,
+    dest: Path,
+    extra: dict[str, Any] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
     """Write a PEFT folder (adapter_config.json + adapter_model.safetensors) plus fedpeft.json,
     atomically: `dest` is replaced whole only once everything is written."""
     dest = Path(dest)
@@ -197,12 +206,17 @@ def read_adapter(path: Path) -> AdapterFiles:
     try:
         arrays = load_file(path / WEIGHTS_FILE)
     except Exception as e:  # safetensors raises SafetensorError / OSError on truncation or a bad header
-        raise FedpeftError(f"corrupt adapter weights {path / WEIGHTS_FILE}: {str(e).splitlines()[0]}") from None
+        raise FedpeftError(
+            f"corrupt adapter weights {path / WEIGHTS_FILE}: {str(e).splitlines()[0]}"
+        ) from None
     arrays = {k: arrays[k] for k in sorted(arrays)}
     if meta.get("format") != FORMAT_VERSION or "base_fingerprint" not in meta or "schema" not in meta:
         raise FedpeftError(f"unsupported fedpeft.json in {path}")
-    check_schema([tuple(e[:1]) + (tuple(e[1]), e[2]) for e in meta["schema"]], schema_of(arrays),
-                 f"adapter weights in {path}")
+    check_schema(
+        [tuple(e[:1]) + (tuple(e[1]), e[2]) for e in meta["schema"]],
+        schema_of(arrays),
+        f"adapter weights in {path}",
+    )
     return AdapterFiles(path=path, peft_config=peft_config, arrays=arrays, meta=meta)
 
 

@@ -253,7 +253,13 @@ def load_base(cfg: BaseConfig) -> Base:
         disable_cpu_4bit_packing(model)
     model.eval()
     model.requires_grad_(False)
-    return Base(model=model, tokenizer=tokenizer, path=path, quant=cfg.quant, fingerprint=fingerprint(model, cfg.quant))
+    return Base(
+        model=model,
+        tokenizer=tokenizer,
+        path=path,
+        quant=cfg.quant,
+        fingerprint=fingerprint(model, cfg.quant),
+    )
 
 
 def disable_cpu_4bit_packing(model: Any) -> None:

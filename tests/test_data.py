@@ -18,7 +18,10 @@ def test_folder_users_are_sorted_and_stable(users_dir: Path) -> None:
     users = load_users(str(users_dir))
     assert [u.user for u in users] == ["alice", "bob", "carol"]
     carol = users[2].text
-    assert carol == (users_dir / "carol" / "a.txt").read_text() + "\n" + (users_dir / "carol" / "b.txt").read_text()
+    assert (
+        carol
+        == (users_dir / "carol" / "a.txt").read_text() + "\n" + (users_dir / "carol" / "b.txt").read_text()
+    )
     assert [u.user for u in load_users(str(users_dir))] == [u.user for u in users]
 
 

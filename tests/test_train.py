@@ -19,7 +19,9 @@ def _setup(cache_dir: str, users_dir: Path, quant: str = "none", kind: str = "lo
 
 
 @pytest.mark.parametrize("quant,kind", [("none", "lora"), ("nf4", "lora"), ("bf16", "ia3")])
-def test_training_lowers_held_out_loss(cache_dir: str, tiny_path: Path, users_dir: Path, quant: str, kind: str) -> None:
+def test_training_lowers_held_out_loss(
+    cache_dir: str, tiny_path: Path, users_dir: Path, quant: str, kind: str
+) -> None:
     base, data, model = _setup(cache_dir, users_dir, quant, kind)
     pad = base.tokenizer.pad_token_id
     before = evaluate(model, data.eval, pad, quant)
@@ -66,7 +68,9 @@ def test_evaluate_matches_transformers_loss(cache_dir: str, tiny_path: Path, use
     assert ours.tokens == len(block) - 1
 
 
-def _lora_grads(cache_dir: str, x: torch.Tensor, dequantize: bool, eval_first: bool) -> dict[str, torch.Tensor]:
+def _lora_grads(
+    cache_dir: str, x: torch.Tensor, dequantize: bool, eval_first: bool
+) -> dict[str, torch.Tensor]:
     base = load_base(BaseConfig(model="tiny", quant="nf4", cache_dir=cache_dir))
     model = inject(base, AdapterConfig())
     g = torch.Generator().manual_seed(0)

