@@ -158,6 +158,68 @@ class AdapterFiles:
         return AdapterConfig(**raw)
 
 
+def _jsonable(obj: Any) -> Any:
+    """peft configs hold sets (target_modules); JSON wants lists, sorted so files are reproducible."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "value") and type(obj).__module__.startswith("peft"):  # enums such as TaskType
+        return obj.value
+    return obj
+
+
+def peft_config_dict(model: Any) -> dict[str, Any]:
+    return _jsonable(model.peft_config["default"].to_dict())
+
+
+def adapter_meta(
+    fingerprint: str,
+    base_path: str,
+    quant: str,
+    cfg: AdapterConfig,
+    arrays: dict[str, np.ndarray],
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "base_fingerprint": fingerprint,
+        "base_path": base_path,
+        "quant": quant,
+        "adapter": _jsonable(asdict(cfg)),
+        "schema": [[n, list(s), d] for n, s, d in schema_of(arrays)],
+        "round": None,
+        **extra,
+    }
+
+
+def write_adapter_dir(
+    dest: Path,
+    arrays: dict[str, np.ndarray],
+    peft_config: dict[str, Any],
+    meta: dict[str, Any],
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write a PEFT folder (adapter_config.json + adapter_model.safetensors) plus fedpeft.json, atomically:
+    `dest` is replaced whole only once everything is written. Needs no model, so the server can use it."""
+    from safetensors.numpy import save_file
+
+    dest = Path(dest)
+    with atomic_dir(dest) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(_jsonable(peft_config), indent=2, sort_keys=True) + "\n")
+        save_file(
+            {k: np.ascontiguousarray(arrays[k]) for k in sorted(arrays)},
+            tmp / WEIGHTS_FILE,
+            metadata={"format": "pt"},
+        )
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return dest
+
+
 def save_adapter(
     model: Any,
     base: Base,
@@ -166,26 +228,10 @@ def save_adapter(
     extra: dict[str, Any] | None = None,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write a PEFT folder (adapter_config.json + adapter_model.safetensors) plus fedpeft.json,
-    atomically: `dest` is replaced whole only once everything is written."""
-    dest = Path(dest)
+    """Save the adapter of `model` (see write_adapter_dir)."""
     arrays = adapter_state(model)
-    meta = {
-        "format": FORMAT_VERSION,
-        "base_fingerprint": base.fingerprint,
-        "base_path": str(base.path),
-        "quant": base.quant,
-        "adapter": asdict(cfg),
-        "schema": [[n, list(s), d] for n, s, d in schema_of(arrays)],
-        "round": None,
-        **(extra or {}),
-    }
-    with atomic_dir(dest) as tmp:
-        model.save_pretrained(tmp)  # safetensors by default; keys without the adapter name
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-    return dest
+    meta = adapter_meta(base.fingerprint, str(base.path), base.quant, cfg, arrays, **(extra or {}))
+    return write_adapter_dir(dest, arrays, peft_config_dict(model), meta, extra_files)
 
 
 def read_adapter(path: Path) -> AdapterFiles:

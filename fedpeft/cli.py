@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from fedpeft.aggregate import SERVER_OPTS
 from fedpeft.config import (
     ADAPTERS,
     LORA_TARGETS,
@@ -17,10 +18,13 @@ from fedpeft.config import (
     AdapterConfig,
     BaseConfig,
     DataConfig,
+    FederationConfig,
     RunConfig,
+    ServerOptConfig,
     TrainConfig,
 )
 from fedpeft.errors import FedpeftError
+from fedpeft.partition import SPLITS
 
 log = logging.getLogger("fedpeft")
 
@@ -156,6 +160,109 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    s = sub.add_parser(
+        "simulate",
+        help="run a federation of virtual clients on Flower's simulation engine (Ray)",
+        description="Simulate a federation: every client fine-tunes the adapter on its own text, the server "
+        "aggregates the deltas. Writes metrics.jsonl, plot.png, global/ and checkpoints/ to --out.",
+    )
+    _add_base_flags(s)
+    _add_adapter_flags(s)
+    _add_data_flags(s)
+    g = s.add_argument_group("federation")
+    g.add_argument(
+        "--lora-mode",
+        default="fedavg",
+        choices=("fedavg", "ffa"),
+        help="fedavg: average LoRA A and B separately (approximate); ffa: FFA-LoRA, A frozen and shared, "
+        "only B trained and sent (exact) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--server-opt",
+        default="fedavg",
+        choices=SERVER_OPTS,
+        help="server update on the mean delta: fedavg, fedavgm, fedadam, fedyogi (default: %(default)s)",
+    )
+    g.add_argument(
+        "--server-lr",
+        type=float,
+        default=None,
+        help="server learning rate (default: 1.0 for fedavg/fedavgm, 1e-3 for fedadam/fedyogi)",
+    )
+    g.add_argument(
+        "--clients", type=int, default=10, metavar="N", help="virtual clients (default: %(default)s)"
+    )
+    g.add_argument(
+        "--fraction",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="share of clients sampled to train each round (default: %(default)s)",
+    )
+    g.add_argument(
+        "--min-clients",
+        type=int,
+        default=2,
+        metavar="K",
+        help="fewer valid replies than this and the round is skipped (default: %(default)s)",
+    )
+    g.add_argument(
+        "--rounds", type=int, default=5, metavar="R", help="federated rounds (default: %(default)s)"
+    )
+    g.add_argument(
+        "--local-steps",
+        type=int,
+        default=5,
+        metavar="S",
+        help="optimizer steps per client per round (default: %(default)s)",
+    )
+    g.add_argument(
+        "--split",
+        default="natural",
+        choices=SPLITS,
+        help="natural: one user per client (the users with the most text); iid: all text shuffled evenly; "
+        "dirichlet: label shares per client from Dir(alpha) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--dirichlet-alpha",
+        type=float,
+        default=0.5,
+        metavar="A",
+        help="Dirichlet concentration (default: %(default)s)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        metavar="B",
+        help="sequences per local step (default: %(default)s)",
+    )
+    g.add_argument(
+        "--lr", type=float, default=None, help="client AdamW learning rate (default: 5e-4 LoRA, 5e-3 IA3)"
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds sampling, local training and the adapter init (default: %(default)s)",
+    )
+    g.add_argument(
+        "--client-cpus",
+        type=float,
+        default=None,
+        metavar="C",
+        help="CPU cores per virtual client; fewer means more clients in parallel (default: all cores, one at a time)",
+    )
+    g.add_argument(
+        "--out", default="runs/federation", metavar="DIR", help="run folder (default: %(default)s)"
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last complete round (also to extend it to more --rounds)",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     e = sub.add_parser(
         "export",
         help="copy an adapter as a PEFT folder, or merge it into a plain Hugging Face model",
@@ -192,14 +299,32 @@ def _positive(name: str, value: float) -> None:
 
 
 def run_config_from_args(a: argparse.Namespace) -> RunConfig:
-    """The only mapping from CLI flags to the config tree."""
-    for name in ("steps", "batch_size", "grad_accum", "lora_r", "block_size"):
-        _positive("--" + name.replace("_", "-"), getattr(a, name))
+    """The only mapping from CLI flags to the config tree (train and simulate share it)."""
+    for name in (
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "lora_r",
+        "block_size",
+        "clients",
+        "rounds",
+        "local_steps",
+        "min_clients",
+        "dirichlet_alpha",
+    ):
+        if hasattr(a, name):
+            _positive("--" + name.replace("_", "-"), getattr(a, name))
+    if hasattr(a, "fraction") and not 0.0 < a.fraction <= 1.0:
+        raise FedpeftError(f"--fraction must be in (0, 1], got {a.fraction}")
     if not 0.0 < a.eval_fraction < 1.0:
         raise FedpeftError(f"--eval-fraction must be between 0 and 1, got {a.eval_fraction}")
     targets = tuple(t.strip() for t in a.targets.split(",") if t.strip()) if a.targets else LORA_TARGETS
     if a.freeze_a and a.adapter != "lora":
         raise FedpeftError("--freeze-a applies to LoRA only")
+    if getattr(a, "lora_mode", "fedavg") == "ffa" and a.adapter != "lora":
+        raise FedpeftError("--lora-mode ffa applies to LoRA only")
+    if getattr(a, "min_clients", 1) > getattr(a, "clients", 1):
+        raise FedpeftError(f"--min-clients {a.min_clients} exceeds --clients {a.clients}")
     return RunConfig(
         base=BaseConfig(model=a.model, quant=a.quant, cache_dir=a.cache_dir),
         adapter=AdapterConfig(
@@ -213,13 +338,25 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         ),
         data=DataConfig(data=a.data, block_size=a.block_size, eval_fraction=a.eval_fraction),
         train=TrainConfig(
-            steps=a.steps,
+            steps=getattr(a, "steps", 50),
             batch_size=a.batch_size,
-            grad_accum=a.grad_accum,
+            grad_accum=getattr(a, "grad_accum", 1),
             lr=a.lr,
             seed=a.seed,
             progress=not a.no_progress,
         ),
+        federation=FederationConfig(
+            clients=getattr(a, "clients", 10),
+            fraction=getattr(a, "fraction", 0.5),
+            min_clients=getattr(a, "min_clients", 2),
+            rounds=getattr(a, "rounds", 5),
+            local_steps=getattr(a, "local_steps", 5),
+            lora_mode=getattr(a, "lora_mode", "fedavg"),
+            split=getattr(a, "split", "natural"),
+            dirichlet_alpha=getattr(a, "dirichlet_alpha", 0.5),
+            seed=a.seed,
+        ),
+        server_opt=ServerOptConfig(name=getattr(a, "server_opt", "fedavg"), lr=getattr(a, "server_lr", None)),
     )
 
 
@@ -298,6 +435,16 @@ def cmd_train(a: argparse.Namespace) -> None:
     )
 
 
+def cmd_simulate(a: argparse.Namespace) -> None:
+    from fedpeft.simulate import simulate, summary
+
+    cfg = run_config_from_args(a)
+    out = Path(a.out)
+    _check_out(out)
+    state = simulate(cfg, out, resume=a.resume, client_cpus=a.client_cpus)
+    print(summary(state) + f"; run folder {out} (metrics.jsonl, plot.png, global/)")
+
+
 def cmd_export(a: argparse.Namespace) -> None:
     from fedpeft.adapters import export_adapter, export_merged, read_adapter
 
@@ -337,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     _quiet_libraries()
     try:
-        {"train": cmd_train, "export": cmd_export}[args.command](args)
+        {"train": cmd_train, "simulate": cmd_simulate, "export": cmd_export}[args.command](args)
     except FedpeftError as e:
         print(f"fedpeft: error: {e}", file=sys.stderr)
         return 2

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Quant = Literal["none", "bf16", "int8", "nf4"]
 AdapterKind = Literal["lora", "ia3"]
@@ -72,8 +74,80 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ServerOptConfig:
+    name: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi (aggregate.SERVER_OPTS)
+    lr: float | None = None  # server learning rate; None -> aggregate.DEFAULT_SERVER_LR[name]
+    momentum: float = 0.9  # FedAvgM
+    beta1: float = 0.9  # FedAdam/FedYogi first moment
+    beta2: float = 0.99  # second moment
+    tau: float = 1e-3  # adaptivity floor; Reddi et al. (ICLR 2021) tune it in [1e-5, 1e-1]
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    clients: int = 10  # virtual clients (simulation) / expected clients (deployment)
+    fraction: float = 0.5  # share of clients sampled for training each round
+    min_clients: int = 2  # fewer valid replies than this and the round is skipped (global unchanged)
+    rounds: int = 5
+    local_steps: int = 5  # optimizer steps per client per round
+    lora_mode: str = "fedavg"  # fedavg (A and B averaged) | ffa (A frozen and shared, B only: exact)
+    split: str = "natural"  # natural (one user per client) | iid | dirichlet (over labels)
+    dirichlet_alpha: float = 0.5
+    seed: int = 0  # seeds sampling, local training and the adapter init
+
+
+@dataclass(frozen=True)
 class RunConfig:
     base: BaseConfig = field(default_factory=BaseConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
+
+
+def to_run_config(cfg: RunConfig) -> dict[str, Any]:
+    """Flatten to Flower's run config: keys "section.field", values str/int/float/bool.
+    Tuples become comma-joined strings, None becomes ""."""
+    flat: dict[str, Any] = {}
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            value = getattr(sub, f.name)
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            flat[f"{section.name}.{f.name}"] = "" if value is None else value
+    return flat
+
+
+def _parse(raw: Any, hint: Any) -> Any:
+    args = typing.get_args(hint)
+    if type(None) in args:  # Optional[X]
+        if raw in ("", None):
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return tuple(x.strip() for x in str(raw).split(",") if x.strip())
+    if origin is Literal:
+        return str(raw)
+    if hint is bool:
+        return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
+    return hint(raw)
+
+
+def from_run_config(flat: dict[str, Any]) -> RunConfig:
+    """The one parser for Flower's flat run config (unknown keys are an error; missing keys keep defaults)."""
+    sections: dict[str, dict[str, Any]] = {}
+    known = {s.name: s for s in dataclasses.fields(RunConfig)}
+    for key, raw in flat.items():
+        section, _, name = key.partition(".")
+        if section not in known:
+            raise ValueError(f"unknown run config key {key!r}")
+        cls = typing.get_type_hints(RunConfig)[section]
+        hints = typing.get_type_hints(cls)
+        if name not in hints:
+            raise ValueError(f"unknown run config key {key!r}")
+        sections.setdefault(section, {})[name] = _parse(raw, hints[name])
+    return RunConfig(**{s: typing.get_type_hints(RunConfig)[s](**kw) for s, kw in sections.items()})

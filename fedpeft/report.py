@@ -26,3 +26,42 @@ def train_loss_png(losses: list[float], eval_before: float, eval_after: float, t
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def federation_png(history: list[dict]) -> bytes:
+    """Per round: held-out loss of the global adapter (token-weighted over all clients) and the mean
+    local training loss; held-out perplexity with the per-client spread."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [h["round"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    ax1.plot(rounds, [h["eval_loss"] for h in history], "o-", label="global adapter, held-out")
+    trained = [h for h in history if h.get("train_loss") is not None]
+    ax1.plot(
+        [h["round"] for h in trained],
+        [h["train_loss"] for h in trained],
+        "s--",
+        label="clients, local training",
+    )
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("cross-entropy (nats/token)")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+    ax2.plot(rounds, [h["eval_ppl"] for h in history], "o-", color="tab:green", label="all held-out tokens")
+    per_client = [sorted(h["eval_per_client"].values(), key=lambda c: c["ppl"]) for h in history]
+    lo = [c[0]["ppl"] for c in per_client]
+    hi = [c[-1]["ppl"] for c in per_client]
+    ax2.fill_between(rounds, lo, hi, color="tab:green", alpha=0.15, label="per-client min-max")
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("perplexity")
+    ax2.set_yscale("log")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,1 @@
+"""fedpeft's Flower ClientApp (thin glue over fedpeft.device)."""

@@ -1,0 +1,77 @@
+"""Flower ClientApp: decode the message, call fedpeft.device, encode the reply. Nothing else.
+
+Every message carries the run's flat config (fedpeft.config.to_run_config), so the same app serves
+simulation and deployment. The base is loaded once per process (fedpeft.device.get_device).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpeft.config import from_run_config
+from fedpeft.device import Device, get_device
+
+app = ClientApp()
+
+
+def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """Named arrays travel under their names, in schema order (never as an unnamed list)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(arrays[k])) for k in sorted(arrays)})
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: record[k].numpy() for k in record}
+
+
+def _setup(msg: Message, context: Context) -> tuple[Device, int]:
+    cfg = from_run_config(dict(msg.content["config"]))
+    client = int(context.node_config["partition-id"])
+    return get_device(cfg), client
+
+
+def _info(device: Device, client: int) -> ConfigRecord:
+    return ConfigRecord(
+        {"fingerprint": device.fingerprint, "client": client, "name": device.clients[client].user}
+    )
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    device, client = _setup(msg, context)
+    content = RecordDict({"info": _info(device, client)})
+    if msg.content["task"].get("with-init", False):
+        content["description"] = ConfigRecord({"json": json.dumps(device.describe())})
+        content["init"] = arrays_to_record(device.init_state)
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    device, client = _setup(msg, context)
+    rnd = int(msg.content["task"]["round"])
+    result = device.fit(client, record_to_arrays(msg.content["arrays"]), rnd)
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train_loss": result.train_loss,
+            "train_seconds": result.seconds,
+        }
+    )
+    content = RecordDict(
+        {"delta": arrays_to_record(result.delta), "metrics": metrics, "info": _info(device, client)}
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    device, client = _setup(msg, context)
+    loss, tokens = device.evaluate(client, record_to_arrays(msg.content["arrays"]))
+    content = RecordDict(
+        {"metrics": MetricRecord({"eval_loss": loss, "eval_tokens": tokens}), "info": _info(device, client)}
+    )
+    return Message(content, reply_to=msg)

@@ -1,0 +1,188 @@
+"""The server's side of a federation, without Flower: state, client sampling, checking replies,
+aggregation, checkpoints, metrics. server/app.py moves messages; everything decided lives here.
+
+The server never loads the base model. It knows the adapter schema and the base fingerprint from
+the clients' self-description at round 0, and refuses any reply that does not match them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpeft.adapters import adapter_meta, write_adapter_dir
+from fedpeft.aggregate import Arrays, divide, server_update, weighted_sum
+from fedpeft.checkpoint import atomic_dir, atomic_write_bytes
+from fedpeft.config import AdapterConfig, RunConfig
+from fedpeft.errors import FedpeftError
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.json"
+GLOBAL_FILE = "global.safetensors"
+OPT_FILE = "optimizer.safetensors"
+
+
+@dataclass
+class ServerState:
+    """Everything needed to continue a federation after a crash."""
+
+    round: int  # last completed round (0 = initial adapter)
+    arrays: Arrays  # the whole global adapter, under PEFT keys
+    opt_state: Arrays  # server-optimizer moments, "m/<key>", "v/<key>"
+    info: dict[str, Any]  # fingerprint, schema, travel_keys, peft_config, adapter, base_path, quant
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics of completed rounds
+
+    @property
+    def travel_keys(self) -> list[str]:
+        return self.info["travel_keys"]
+
+    def travel_arrays(self) -> Arrays:
+        return {k: self.arrays[k] for k in self.travel_keys}
+
+
+def initial_state(description: dict[str, Any], init: Arrays) -> ServerState:
+    return ServerState(round=0, arrays=dict(sorted(init.items())), opt_state={}, info=description)
+
+
+def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: int, rnd: int) -> list[int]:
+    """Client indices for round `rnd`: a function of (seed, round) only, so a resumed run samples the same."""
+    k = min(num_clients, max(min_clients, math.ceil(fraction * num_clients)))
+    rng = np.random.default_rng([seed, rnd, 7])
+    return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
+
+
+def check_update(delta: Arrays, fingerprint: str, num_examples: float, state: ServerState) -> str | None:
+    """Why a client's reply must be refused, or None. Names, shapes and dtypes must equal the schema."""
+    if fingerprint != state.info["fingerprint"]:
+        return f"base fingerprint {fingerprint[:12]} differs from the federation's {state.info['fingerprint'][:12]}"
+    expected = {n: (tuple(s), d) for n, s, d in state.info["schema"] if n in state.travel_keys}
+    if sorted(delta) != sorted(expected):
+        missing, extra = sorted(set(expected) - set(delta)), sorted(set(delta) - set(expected))
+        return f"schema differs: {len(missing)} missing, {len(extra)} unexpected tensors"
+    for name, arr in delta.items():
+        if (tuple(arr.shape), str(arr.dtype)) != expected[name]:
+            return f"schema differs: {name} is {tuple(arr.shape)} {arr.dtype}, expected {expected[name][0]} {expected[name][1]}"
+        if not np.all(np.isfinite(arr)):
+            return f"non-finite values in {name}"
+    if not (num_examples > 0 and math.isfinite(num_examples)):
+        return f"invalid example count {num_examples}"
+    return None
+
+
+def aggregate_round(
+    state: ServerState, deltas: list[Arrays], weights: list[float], cfg: RunConfig
+) -> ServerState:
+    """Weighted mean of the deltas (from their sum only) -> server optimizer -> the next state."""
+    mean = divide(weighted_sum(deltas, weights), float(sum(weights)))
+    arrays, opt_state = server_update(state.arrays, mean, cfg.server_opt, state.opt_state)
+    return ServerState(state.round + 1, arrays, opt_state, state.info, state.history)
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+
+def write_global(run_dir: Path, state: ServerState) -> Path:
+    """The current global adapter as a PEFT folder (`fedpeft export RUN/global` works on it)."""
+    info = state.info
+    meta = adapter_meta(
+        info["fingerprint"],
+        info["base_path"],
+        info["quant"],
+        AdapterConfig(**_adapter_kwargs(info)),
+        state.arrays,
+        round=state.round,
+    )
+    return write_adapter_dir(run_dir / "global", state.arrays, info["peft_config"], meta)
+
+
+def _adapter_kwargs(info: dict[str, Any]) -> dict[str, Any]:
+    kw = dict(info["adapter"])
+    kw["target_modules"] = tuple(kw["target_modules"])
+    kw["feedforward_modules"] = tuple(kw["feedforward_modules"])
+    return kw
+
+
+def save_checkpoint(run_dir: Path, state: ServerState, cfg: RunConfig) -> Path:
+    """checkpoints/round-NNN/: global adapter, optimizer state, round, RNG seed, history; atomic."""
+    from safetensors.numpy import save_file
+
+    dest = run_dir / CHECKPOINTS / f"round-{state.round:03d}"
+    with atomic_dir(dest) as tmp:
+        save_file(state.arrays, tmp / GLOBAL_FILE)
+        save_file(state.opt_state, tmp / OPT_FILE)
+        # Sampling and local seeds are functions of (seed, round): the RNG state is the seed plus the round.
+        doc = {
+            "round": state.round,
+            "info": state.info,
+            "history": state.history,
+            "rng": {"seed": cfg.federation.seed, "next_round": state.round + 1},
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    return dest
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    root = run_dir / CHECKPOINTS
+    rounds = (
+        sorted(p for p in root.glob("round-*") if re.fullmatch(r"round-\d{3,}", p.name))
+        if root.is_dir()
+        else []
+    )
+    return rounds[-1] if rounds else None
+
+
+def load_checkpoint(path: Path) -> ServerState:
+    """Read one checkpoint; any defect is a one-line FedpeftError (the files are left as they are)."""
+    from safetensors.numpy import load_file
+
+    try:
+        doc = json.loads((path / STATE_FILE).read_text())
+        arrays = load_file(path / GLOBAL_FILE)
+        opt_state = load_file(path / OPT_FILE)
+        state = ServerState(
+            int(doc["round"]), dict(sorted(arrays.items())), opt_state, doc["info"], doc["history"]
+        )
+    except Exception as e:  # missing file, truncated safetensors, bad JSON, missing key
+        raise FedpeftError(
+            f"corrupt checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
+    expected = sorted(n for n, _, _ in state.info["schema"])
+    if sorted(state.arrays) != expected:
+        raise FedpeftError(f"corrupt checkpoint {path}: its adapter does not match its schema")
+    return state
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl (one object per round) and plot.png, rewritten whole from the history (so a resumed
+    run never repeats or loses a round)."""
+    from fedpeft.report import federation_png
+
+    lines = "".join(json.dumps(h, sort_keys=True) + "\n" for h in history)
+    atomic_write_bytes(run_dir / "metrics.jsonl", lines.encode())
+    if history:
+        atomic_write_bytes(run_dir / "plot.png", federation_png(history))
+
+
+def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
+    """A run may be resumed with more rounds, but nothing else may change."""
+    from fedpeft.config import from_run_config, to_run_config
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FedpeftError(f"nothing to resume in {run_dir} (no config.json)")
+    try:
+        saved = from_run_config(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise FedpeftError(f"unreadable {path}: {e}") from None
+    ours, theirs = to_run_config(cfg), to_run_config(saved)
+    changed = sorted(
+        k for k in ours if ours[k] != theirs.get(k) and k not in ("federation.rounds", "train.progress")
+    )
+    if changed:
+        raise FedpeftError(f"--resume with another configuration ({', '.join(changed[:3])}); use a new --out")

@@ -1,0 +1,83 @@
+"""Split a corpus into N federated clients: natural (one user each), IID, or Dirichlet over labels.
+
+Client i is always the i-th entry of the returned list, so ids are stable across runs for the same
+data, split, N and seed. Held-out blocks follow the same split as the training blocks, so each
+client is evaluated on text from its own distribution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedpeft.config import DataConfig
+from fedpeft.data import UserData, load_users, tokenize_user
+from fedpeft.errors import FedpeftError
+
+SPLITS: tuple[str, ...] = ("natural", "iid", "dirichlet")
+
+
+def _usable(cfg: DataConfig, tokenizer: Any) -> list[tuple[UserData, str | None]]:
+    out = []
+    for u in load_users(cfg.data):
+        try:
+            out.append((tokenize_user(u, tokenizer, cfg), u.label))
+        except FedpeftError:  # too little text: such a user cannot be a client on its own
+            continue
+    return out
+
+
+def _deal(blocks: list, owners: np.ndarray, n: int) -> list[list]:
+    return [[b for b, o in zip(blocks, owners, strict=True) if o == i] for i in range(n)]
+
+
+def partition(
+    cfg: DataConfig, tokenizer: Any, n: int, split: str = "natural", alpha: float = 0.5, seed: int = 0
+) -> list[UserData]:
+    """N clients' data. natural: the N users with the most text (sorted by id); iid: all blocks shuffled and
+    dealt evenly; dirichlet: per label, block shares drawn from Dir(alpha) (Hsu et al. 2019)."""
+    if split not in SPLITS:
+        raise FedpeftError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if n < 1:
+        raise FedpeftError(f"--clients must be at least 1, got {n}")
+    users = _usable(cfg, tokenizer)
+    if split == "natural":
+        if len(users) < n:
+            raise FedpeftError(
+                f"only {len(users)} users in {cfg.data} have enough text for a client; asked for {n}"
+            )
+        chosen = sorted(users, key=lambda x: (-x[0].train_tokens, x[0].user))[:n]
+        return sorted((d for d, _ in chosen), key=lambda d: d.user)
+
+    rng = np.random.default_rng([seed, 1234])
+    train = [(b, label) for d, label in users for b in d.train]
+    held = [(b, label) for d, label in users for b in d.eval]
+    if split == "iid":
+        t_own = rng.permutation(len(train)) % n
+        e_own = rng.permutation(len(held)) % n
+    else:
+        labels = sorted({label for _, label in users if label is not None})
+        if not labels or any(label is None for _, label in users):
+            raise FedpeftError(f"a Dirichlet split needs labelled users; {cfg.data} has none")
+        t_own, e_own = np.empty(len(train), int), np.empty(len(held), int)
+        for label in labels:
+            shares = rng.dirichlet(np.full(n, alpha))
+            for items, own in ((train, t_own), (held, e_own)):
+                idx = rng.permutation([i for i, (_, lab) in enumerate(items) if lab == label])
+                cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
+                for client, part in enumerate(np.split(idx, cuts)):
+                    own[part] = client
+    clients = [
+        UserData(f"{split}-{i:03d}", t, e)
+        for i, (t, e) in enumerate(
+            zip(_deal([b for b, _ in train], t_own, n), _deal([b for b, _ in held], e_own, n), strict=True)
+        )
+    ]
+    empty = [c.user for c in clients if not c.train or not c.eval]
+    if empty:
+        raise FedpeftError(
+            f"{len(empty)} of {n} clients get no text under the {split} split "
+            f"(e.g. {empty[0]}); use fewer --clients or a larger Dirichlet alpha"
+        )
+    return clients

@@ -1,0 +1,112 @@
+"""`fedpeft simulate`: a federation of virtual clients on Flower's simulation engine (Ray), loopback only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from fedpeft.checkpoint import atomic_write_json
+from fedpeft.config import RunConfig, to_run_config
+from fedpeft.errors import FedpeftError
+from fedpeft.federation import ServerState, check_resume_config, latest_checkpoint
+
+log = logging.getLogger("fedpeft")
+
+
+def _check_data(cfg: RunConfig) -> None:
+    """Fail before Ray starts if the data cannot form the clients (needs the tokenizer only)."""
+    from transformers import AutoTokenizer
+
+    from fedpeft.base import resolve_base_dir
+    from fedpeft.partition import partition
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_dir(cfg.base.model, cfg.base.cache_dir))
+    f = cfg.federation
+    clients = partition(cfg.data, tokenizer, f.clients, f.split, f.dirichlet_alpha, f.seed)
+    log.info(
+        "%d clients (%s split), %d-%d training tokens each",
+        len(clients),
+        f.split,
+        min(c.train_tokens for c in clients),
+        max(c.train_tokens for c in clients),
+    )
+
+
+def _ray_temp_dir(run_dir: Path) -> tuple[Path, bool]:
+    """Ray's temp folder under the run folder; Ray's Unix socket paths must stay under 107 bytes, so a
+    deep run folder falls back to a short temp folder (removed afterwards)."""
+    candidate = run_dir.resolve() / "ray"
+    if len(str(candidate)) <= 60:
+        candidate.mkdir(parents=True, exist_ok=True)
+        return candidate, False
+    return Path(tempfile.mkdtemp(prefix="fedpeft-ray-")), True
+
+
+def simulate(
+    cfg: RunConfig, run_dir: Path, resume: bool = False, client_cpus: float | None = None
+) -> ServerState:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    run_dir = Path(run_dir)
+    if resume:
+        check_resume_config(run_dir, cfg)
+        if latest_checkpoint(run_dir) is None:
+            raise FedpeftError(f"no checkpoint to resume in {run_dir}")
+    elif latest_checkpoint(run_dir) is not None:
+        raise FedpeftError(
+            f"{run_dir} already holds a federation; pass --resume to continue it or use a new --out"
+        )
+    _check_data(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", to_run_config(cfg))
+    os.environ.setdefault("FLWR_HOME", str(run_dir.resolve() / "flwr"))
+
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import Outcome, make_server_app
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    cpus = os.cpu_count() or 1
+    temp_dir, remove_temp = _ray_temp_dir(run_dir)
+    backend = {
+        # One CPU share per client actor; by default one actor that owns every core and runs clients
+        # one after another with all threads (on a small machine, parallel actors only thrash).
+        "client_resources": {"num_cpus": client_cpus or cpus, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": cpus,
+            "num_gpus": 0,
+            "_temp_dir": str(temp_dir),
+            "include_dashboard": False,
+            "logging_level": "error",
+            "log_to_driver": True,
+        },
+    }
+    outcome = Outcome()
+    try:
+        run_simulation(
+            server_app=make_server_app(cfg, run_dir, resume, outcome),
+            client_app=client_app,
+            num_supernodes=cfg.federation.clients,
+            backend_config=backend,
+        )
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    if outcome.error:
+        raise FedpeftError(outcome.error)
+    if outcome.state is None:
+        raise FedpeftError("the simulation ended without a result (see the log above)")
+    return outcome.state
+
+
+def summary(state: ServerState) -> str:
+    first, last = state.history[0], state.history[-1]
+    return (
+        f"global adapter after round {state.round}: held-out ppl {first['eval_ppl']:.2f} -> {last['eval_ppl']:.2f}; "
+        f"bytes up per client per round {json.dumps(int(last.get('bytes_up', 0) / max(len(last.get('accepted', [])) or 1, 1)))}"
+    )

@@ -1,0 +1,1 @@
+"""fedpeft's Flower ServerApp (thin glue over fedpeft.federation)."""

@@ -1,0 +1,298 @@
+"""Flower ServerApp: the round loop moves messages; fedpeft.federation decides everything.
+
+Round 0 asks every node to describe itself (base fingerprint, client id; one node also sends the
+adapter schema, its seeded initial adapter and PEFT config). Each round then: sample clients, send
+the global adapter, check and aggregate the replies, evaluate the new global adapter on every
+client's held-out text, checkpoint, write metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from client.app import arrays_to_record, record_to_arrays
+from fedpeft.config import RunConfig, from_run_config, to_run_config
+from fedpeft.errors import FedpeftError
+from fedpeft.federation import (
+    ServerState,
+    aggregate_round,
+    check_update,
+    initial_state,
+    latest_checkpoint,
+    load_checkpoint,
+    sample_clients,
+    save_checkpoint,
+    write_global,
+    write_metrics,
+)
+
+log = logging.getLogger("fedpeft")
+
+
+@dataclass
+class Outcome:
+    """What the loop hands back to `fedpeft simulate` (Flower's runner swallows exceptions)."""
+
+    state: ServerState | None = None
+    error: str | None = None
+
+
+def _message(
+    cfg_record: ConfigRecord, node: int, kind: str, task: dict[str, Any], arrays: dict | None = None
+) -> Message:
+    content = RecordDict({"config": cfg_record, "task": ConfigRecord(task)})
+    if arrays is not None:
+        content["arrays"] = arrays_to_record(arrays)
+    return Message(content, dst_node_id=node, message_type=kind)
+
+
+def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= n or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1.0)
+
+
+def _error_text(reply: Message) -> str:
+    return reply.error.reason.strip().splitlines()[-1][:300] if reply.has_error() else ""
+
+
+def _register(
+    grid: Grid, cfg: RunConfig, cfg_record: ConfigRecord
+) -> tuple[dict[int, int], dict[int, str], dict, dict]:
+    """Ask every node who it is. Returns client->node, client->name, description, initial arrays."""
+    nodes = _wait_for_nodes(grid, cfg.federation.clients, timeout=600)
+    if len(nodes) < cfg.federation.clients:
+        raise FedpeftError(f"only {len(nodes)} of {cfg.federation.clients} clients connected")
+    replies = list(
+        grid.send_and_receive(
+            [
+                _message(cfg_record, node, MessageType.QUERY, {"with-init": i == 0})
+                for i, node in enumerate(nodes)
+            ]
+        )
+    )
+    node_of, names, description, init = {}, {}, None, None
+    for reply in replies:
+        if reply.has_error():
+            raise FedpeftError(f"a client failed to start: {_error_text(reply)}")
+        info = reply.content["info"]
+        node_of[int(info["client"])], names[int(info["client"])] = (
+            reply.metadata.src_node_id,
+            str(info["name"]),
+        )
+        if "description" in reply.content:
+            description = json.loads(reply.content["description"]["json"])
+            init = record_to_arrays(reply.content["init"])
+    if description is None or init is None:
+        raise FedpeftError("no client described the adapter")
+    odd = [
+        str(r.content["info"]["name"])
+        for r in replies
+        if r.content["info"]["fingerprint"] != description["fingerprint"]
+    ]
+    if odd:
+        log.warning("clients on another base (they will be refused every round): %s", ", ".join(odd))
+    return node_of, names, description, init
+
+
+def _evaluate(
+    grid: Grid, cfg_record: ConfigRecord, state: ServerState, node_of: dict[int, int], names: dict[int, str]
+) -> dict[str, Any]:
+    arrays = state.travel_arrays()
+    replies = grid.send_and_receive(
+        [
+            _message(cfg_record, node_of[c], MessageType.EVALUATE, {"round": state.round}, arrays)
+            for c in sorted(node_of)
+        ]
+    )
+    per_client, nll, tokens = {}, 0.0, 0
+    for reply in replies:
+        if reply.has_error():
+            log.warning("evaluation failed on a client: %s", _error_text(reply))
+            continue
+        m = reply.content["metrics"]
+        loss, n = float(m["eval_loss"]), int(m["eval_tokens"])
+        per_client[names[int(reply.content["info"]["client"])]] = {
+            "loss": loss,
+            "ppl": math.exp(min(loss, 50)),
+            "tokens": n,
+        }
+        nll, tokens = nll + loss * n, tokens + n
+    mean = nll / max(tokens, 1)
+    return {
+        "eval_loss": mean,
+        "eval_ppl": math.exp(min(mean, 50)),
+        "eval_tokens": tokens,
+        "eval_ppl_client_mean": sum(c["ppl"] for c in per_client.values()) / max(len(per_client), 1),
+        "eval_per_client": dict(sorted(per_client.items())),
+        "bytes_down_eval": sum(a.nbytes for a in arrays.values()) * len(node_of),
+    }
+
+
+def _train_round(
+    grid: Grid,
+    cfg: RunConfig,
+    cfg_record: ConfigRecord,
+    state: ServerState,
+    node_of: dict[int, int],
+    names: dict[int, str],
+) -> tuple[ServerState, dict[str, Any]]:
+    rnd = state.round + 1
+    f = cfg.federation
+    sampled = sample_clients(f.clients, f.fraction, f.min_clients, f.seed, rnd)
+    arrays = state.travel_arrays()
+    replies = grid.send_and_receive(
+        [_message(cfg_record, node_of[c], MessageType.TRAIN, {"round": rnd}, arrays) for c in sampled]
+    )
+    accepted: dict[int, tuple[dict, float, float, float]] = {}
+    rejected, bytes_up = [], 0
+    for reply in replies:
+        client = next((c for c, n in node_of.items() if n == reply.metadata.src_node_id), -1)
+        if reply.has_error():
+            rejected.append(
+                {"client": names.get(client, str(client)), "reason": f"client error: {_error_text(reply)}"}
+            )
+            continue
+        delta = record_to_arrays(reply.content["delta"])
+        bytes_up += sum(a.nbytes for a in delta.values())
+        m = reply.content["metrics"]
+        reason = check_update(
+            delta, str(reply.content["info"]["fingerprint"]), float(m["num-examples"]), state
+        )
+        if reason:
+            rejected.append({"client": names[client], "reason": reason})
+            continue
+        accepted[client] = (
+            delta,
+            float(m["num-examples"]),
+            float(m["train_loss"]),
+            float(m["train_seconds"]),
+        )
+    for r in rejected:
+        log.warning("round %d: refused %s: %s", rnd, r["client"], r["reason"])
+    order = sorted(accepted)  # sum in client order: the result does not depend on reply arrival order
+    metrics: dict[str, Any] = {
+        "round": rnd,
+        "sampled": [names[c] for c in sampled],
+        "accepted": [names[c] for c in order],
+        "rejected": rejected,
+        "bytes_up": bytes_up,
+        "bytes_down": sum(a.nbytes for a in arrays.values()) * len(sampled),
+    }
+    if len(order) < f.min_clients:
+        log.warning(
+            "round %d: %d valid replies < min_clients %d; global adapter unchanged",
+            rnd,
+            len(order),
+            f.min_clients,
+        )
+        metrics.update(skipped=True, train_loss=None)
+        return ServerState(rnd, state.arrays, state.opt_state, state.info, state.history), metrics
+    weights = [accepted[c][1] for c in order]
+    new = aggregate_round(state, [accepted[c][0] for c in order], weights, cfg)
+    metrics.update(
+        skipped=False,
+        train_loss=sum(accepted[c][2] * w for c, w in zip(order, weights, strict=True)) / sum(weights),
+        train_seconds_max=max(accepted[c][3] for c in order),
+        train_seconds_sum=sum(accepted[c][3] for c in order),
+    )
+    return new, metrics
+
+
+def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False) -> ServerState:
+    """The whole federation; returns the final state. Raises FedpeftError on unrecoverable input."""
+    from tqdm.auto import tqdm
+
+    cfg_record = ConfigRecord(to_run_config(cfg))
+    node_of, names, description, init = _register(grid, cfg, cfg_record)
+    if cfg.adapter.kind == "lora":
+        log.info(
+            "aggregation: %s",
+            "FFA-LoRA (A frozen and shared, B averaged: exact)"
+            if cfg.federation.lora_mode == "ffa"
+            else "FedAvg of LoRA A and B separately (mean of B·A is not mean(B)·mean(A): an approximation)",
+        )
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        if (
+            state.info["fingerprint"] != description["fingerprint"]
+            or state.info["schema"] != description["schema"]
+        ):
+            raise FedpeftError(f"checkpoint {checkpoint} is from another base or adapter schema")
+        log.info("resuming after round %d from %s", state.round, checkpoint)
+    else:
+        state = initial_state(description, init)
+        state.history = [
+            {"round": 0, **_evaluate(grid, cfg_record, state, node_of, names), "train_loss": None}
+        ]
+        save_checkpoint(run_dir, state, cfg)
+        write_global(run_dir, state)
+        write_metrics(run_dir, state.history)
+    bar = tqdm(
+        total=cfg.federation.rounds,
+        initial=min(state.round, cfg.federation.rounds),
+        desc="rounds",
+        disable=not cfg.train.progress,
+        unit="round",
+    )
+    bar.set_postfix(ppl=f"{state.history[-1]['eval_ppl']:.2f}")
+    while state.round < cfg.federation.rounds:
+        start = time.perf_counter()
+        state, metrics = _train_round(grid, cfg, cfg_record, state, node_of, names)
+        metrics.update(_evaluate(grid, cfg_record, state, node_of, names))
+        metrics["seconds"] = time.perf_counter() - start
+        state.history = [*state.history, metrics]
+        save_checkpoint(run_dir, state, cfg)
+        write_global(run_dir, state)
+        write_metrics(run_dir, state.history)
+        bar.update(1)
+        bar.set_postfix(ppl=f"{metrics['eval_ppl']:.2f}", loss=f"{metrics['eval_loss']:.3f}")
+        tqdm.write(
+            f"round {state.round}: held-out ppl {metrics['eval_ppl']:.2f} (loss {metrics['eval_loss']:.3f}), "
+            f"{len(metrics['accepted'])}/{len(metrics['sampled'])} clients, {metrics['seconds']:.1f} s"
+            + (" [skipped]" if metrics.get("skipped") else "")
+        )
+    bar.close()
+    return state
+
+
+def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool, outcome: Outcome) -> ServerApp:
+    """The ServerApp for `fedpeft simulate`: the config comes from our CLI, not Flower's run config."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            outcome.state = run_federation(grid, cfg, run_dir, resume)
+        except FedpeftError as e:
+            outcome.error = str(e)
+        except Exception as e:  # reported by `fedpeft simulate`, which exits non-zero
+            log.exception("the federation failed")
+            outcome.error = f"the federation failed: {type(e).__name__}: {e}"
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for `flwr run .`: the config is Flower's run config ([tool.flwr.app.config])."""
+    run_config = dict(context.run_config)
+    run_dir = Path(str(run_config.pop("out", "runs/flwr")))
+    resume = bool(run_config.pop("resume", False))
+    run_federation(grid, from_run_config(run_config), run_dir, resume)
