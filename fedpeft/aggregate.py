@@ -16,6 +16,7 @@ aggregation (which reveals only a sum) composes with each of them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import numpy as np
 
 from fedpeft.config import ServerOptConfig

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -467,8 +466,9 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from fedpeft.simulate import quiet_environment
+
+    quiet_environment()
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from fedpeft.checkpoint import atomic_write_json
 from fedpeft.config import RunConfig, to_run_config
@@ -46,12 +47,29 @@ def _ray_temp_dir(run_dir: Path) -> tuple[Path, bool]:
     return Path(tempfile.mkdtemp(prefix="fedpeft-ray-")), True
 
 
+def quiet_environment() -> None:
+    """Read at import time by Flower, transformers and Python in Ray's worker processes, which inherit it."""
+    for key, value in (
+        ("FLWR_TELEMETRY_ENABLED", "0"),
+        ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("PYTHONWARNINGS", "ignore"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"),
+    ):
+        os.environ.setdefault(key, value)
+
+
 def simulate(
-    cfg: RunConfig, run_dir: Path, resume: bool = False, client_cpus: float | None = None
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool = False,
+    client_cpus: float | None = None,
+    client_app: Any = None,
 ) -> ServerState:
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    """Run (or resume) a federation; `client_app` replaces our ClientApp (tests inject faulty clients)."""
+    quiet_environment()
     run_dir = Path(run_dir)
     if resume:
         check_resume_config(run_dir, cfg)
@@ -68,10 +86,10 @@ def simulate(
 
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
+    from client.app import app as default_client_app
     from server.app import Outcome, make_server_app
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("flwr").setLevel(logging.ERROR)
     cpus = os.cpu_count() or 1
     temp_dir, remove_temp = _ray_temp_dir(run_dir)
     backend = {
@@ -91,7 +109,7 @@ def simulate(
     try:
         run_simulation(
             server_app=make_server_app(cfg, run_dir, resume, outcome),
-            client_app=client_app,
+            client_app=client_app or default_client_app,
             num_supernodes=cfg.federation.clients,
             backend_config=backend,
         )

@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpeft.base import load_base
+from fedpeft.config import BaseConfig, DataConfig
+from fedpeft.errors import FedpeftError
+from fedpeft.partition import partition
+from tests.conftest import make_text
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_path: Path, cache_dir: str):
+    return load_base(BaseConfig(model="tiny", quant="none", cache_dir=cache_dir)).tokenizer
+
+
+@pytest.fixture
+def labelled_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "users"
+    root.mkdir()
+    for i in range(6):
+        (root / f"u{i}.txt").write_text(make_text(i, 150 + 50 * i))
+    return root
+
+
+def _tokens(clients) -> int:
+    return sum(c.train_tokens + c.eval_tokens for c in clients)
+
+
+def test_natural_takes_the_users_with_most_text(labelled_dir: Path, tokenizer) -> None:
+    clients = partition(DataConfig(data=str(labelled_dir), block_size=32), tokenizer, 3)
+    assert [c.user for c in clients] == ["u3", "u4", "u5"]
+
+
+def test_natural_with_too_few_users(labelled_dir: Path, tokenizer) -> None:
+    with pytest.raises(FedpeftError, match="only 6 users"):
+        partition(DataConfig(data=str(labelled_dir)), tokenizer, 7)
+
+
+def test_iid_deals_every_block_once_and_is_seeded(labelled_dir: Path, tokenizer) -> None:
+    cfg = DataConfig(data=str(labelled_dir), block_size=32)
+    clients = partition(cfg, tokenizer, 4, "iid", seed=1)
+    everyone = partition(cfg, tokenizer, 6)
+    assert _tokens(clients) == _tokens(everyone)
+    sizes = [len(c.train) for c in clients]
+    assert max(sizes) - min(sizes) <= 1
+    again = partition(cfg, tokenizer, 4, "iid", seed=1)
+    assert all(torch.equal(a.train[0], b.train[0]) for a, b in zip(clients, again, strict=True))
+    assert [c.user for c in clients] == ["iid-000", "iid-001", "iid-002", "iid-003"]
+
+
+def test_dirichlet_skews_labels_on_the_default_corpus(tokenizer) -> None:
+    cfg = DataConfig(block_size=128)
+    skewed = partition(cfg, tokenizer, 5, "dirichlet", alpha=0.1, seed=0)
+    assert _tokens(skewed) == _tokens(partition(cfg, tokenizer, 5, "iid"))
+    assert len({len(c.train) for c in skewed}) > 1
+
+
+def test_dirichlet_needs_labels(labelled_dir: Path, tokenizer) -> None:
+    with pytest.raises(FedpeftError, match="labelled"):
+        partition(DataConfig(data=str(labelled_dir)), tokenizer, 2, "dirichlet")

@@ -1,0 +1,133 @@
+"""Real simulated federations on Flower's engine (Ray) with the tiny model: learning, resume, bad clients."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from fedpeft.config import AdapterConfig, BaseConfig, DataConfig, FederationConfig, RunConfig, TrainConfig
+from fedpeft.errors import FedpeftError
+from fedpeft.simulate import simulate
+from tests.conftest import make_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def users(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fed-users")
+    for i in range(6):
+        (root / f"user{i}.txt").write_text(make_text(10 + i, 500))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def importable_tests(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray's worker processes import the client app (and tests.faulty_client) by module name.
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
+def _cfg(users: Path, cache_dir: str, **fed) -> RunConfig:
+    federation = {"clients": 4, "fraction": 0.5, "rounds": 3, "local_steps": 3, "seed": 1, **fed}
+    return RunConfig(
+        base=BaseConfig(model="tiny", quant="nf4", cache_dir=cache_dir),
+        adapter=AdapterConfig(kind="lora", r=4),
+        data=DataConfig(data=str(users), block_size=32),
+        train=TrainConfig(lr=5e-3, batch_size=4, progress=False),
+        federation=FederationConfig(**federation),
+    )
+
+
+def _global(run_dir: Path) -> dict[str, np.ndarray]:
+    return load_file(run_dir / "global" / "adapter_model.safetensors")
+
+
+def test_federation_learns_writes_its_files_and_resumes_identically(
+    tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    cfg = _cfg(users, cache_dir)
+    full = simulate(cfg, tmp_path / "full")
+    history = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["round"] for h in history] == [0, 1, 2, 3]
+    assert history[-1]["eval_ppl"] < history[0]["eval_ppl"]
+    assert all(len(h["eval_per_client"]) == 4 for h in history)
+    assert all(h["bytes_up"] > 0 and len(h["sampled"]) == 2 for h in history[1:])
+    assert (tmp_path / "full" / "plot.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == [
+        f"round-00{i}" for i in range(4)
+    ]
+    assert full.round == 3
+
+    # Crash after round 2 (simulated by deleting round 3), then --resume; and a 2-round run extended to 3.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "full", crashed)
+    shutil.rmtree(crashed / "checkpoints" / "round-003")
+    simulate(cfg, crashed, resume=True)
+    for k, v in _global(tmp_path / "full").items():
+        np.testing.assert_allclose(_global(crashed)[k], v, rtol=1e-6, atol=1e-7)
+    resumed = [json.loads(line) for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert [h["round"] for h in resumed] == [0, 1, 2, 3]
+    assert resumed[-1]["eval_loss"] == pytest.approx(history[-1]["eval_loss"], rel=1e-6)
+
+
+def test_ffa_only_b_travels_and_a_stays_at_the_shared_init(
+    tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    state = simulate(_cfg(users, cache_dir, lora_mode="ffa", rounds=2), tmp_path / "ffa")
+    assert state.travel_keys and all(".lora_B." in k for k in state.travel_keys)
+    init = load_file(tmp_path / "ffa" / "checkpoints" / "round-000" / "global.safetensors")
+    final = _global(tmp_path / "ffa")
+    for k in final:
+        same = np.array_equal(final[k], init[k])
+        assert same == (".lora_A." in k), k
+
+
+def test_bad_clients_are_refused_and_the_round_goes_on(
+    tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    from tests.faulty_client import app as faulty
+
+    cfg = _cfg(users, cache_dir, clients=6, fraction=1.0, rounds=1)
+    state = simulate(cfg, tmp_path / "faulty", client_app=faulty)
+    last = state.history[-1]
+    reasons = {r["client"]: r["reason"] for r in last["rejected"]}
+    assert sorted(last["accepted"]) == ["user0"]  # not enough valid replies? see min_clients below
+    assert "disk full" in reasons["user1"]
+    assert "non-finite" in reasons["user2"]
+    assert "is (3, 3)" in reasons["user3"]
+    assert "fingerprint" in reasons["user4"]
+    assert "unexpected" in reasons["user5"]
+    assert last["skipped"] is True  # 1 valid reply < min_clients 2: global unchanged
+    init = load_file(tmp_path / "faulty" / "checkpoints" / "round-000" / "global.safetensors")
+    for k, v in _global(tmp_path / "faulty").items():
+        np.testing.assert_array_equal(v, init[k])
+
+
+def test_too_few_clients_for_the_data(tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path) -> None:
+    with pytest.raises(FedpeftError, match="only 6 users"):
+        simulate(_cfg(users, cache_dir, clients=8), tmp_path / "few")
+    assert not (tmp_path / "few").exists()
+
+
+def test_corrupt_checkpoint_at_resume_stops_cleanly(
+    tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    cfg = _cfg(users, cache_dir, rounds=1)
+    simulate(cfg, tmp_path / "run")
+    weights = tmp_path / "run" / "checkpoints" / "round-001" / "global.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    good = (tmp_path / "run" / "checkpoints" / "round-000" / "global.safetensors").read_bytes()
+    with pytest.raises(FedpeftError, match="corrupt checkpoint"):
+        simulate(
+            RunConfig(
+                **{**cfg.__dict__, "federation": FederationConfig(**{**cfg.federation.__dict__, "rounds": 2})}
+            ),
+            tmp_path / "run",
+            resume=True,
+        )
+    assert (tmp_path / "run" / "checkpoints" / "round-000" / "global.safetensors").read_bytes() == good
+    assert not (tmp_path / "run" / "checkpoints" / "round-002").exists()
