@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="micro-batches per optimizer step (default: %(default)s)",
     )
     g.add_argument(
-        "--lr", type=float, default=None, help="AdamW learning rate (default: 5e-4 LoRA, 5e-3 IA3)"
+        "--lr", type=float, default=None, help="AdamW learning rate (default: 2e-4 LoRA, 5e-3 IA3)"
     )
     g.add_argument(
         "--seed",
@@ -237,7 +238,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="sequences per local step (default: %(default)s)",
     )
     g.add_argument(
-        "--lr", type=float, default=None, help="client AdamW learning rate (default: 5e-4 LoRA, 5e-3 IA3)"
+        "--lr", type=float, default=None, help="client AdamW learning rate (default: 2e-4 LoRA, 5e-3 IA3)"
     )
     g.add_argument(
         "--seed",
@@ -253,7 +254,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="CPU cores per virtual client; fewer means more clients in parallel (default: all cores, one at a time)",
     )
     g.add_argument(
-        "--out", default="runs/federation", metavar="DIR", help="run folder (default: %(default)s)"
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="run folder (default: a new runs/federation-YYYYmmdd-HHMMSS; an existing run needs --resume)",
     )
     g.add_argument(
         "--resume",
@@ -438,7 +442,9 @@ def cmd_simulate(a: argparse.Namespace) -> None:
     from fedpeft.simulate import simulate, summary
 
     cfg = run_config_from_args(a)
-    out = Path(a.out)
+    if a.out is None and a.resume:
+        raise FedpeftError("--resume needs the --out of the run to continue")
+    out = Path(a.out or time.strftime("runs/federation-%Y%m%d-%H%M%S"))
     _check_out(out)
     state = simulate(cfg, out, resume=a.resume, client_cpus=a.client_cpus)
     print(summary(state) + f"; run folder {out} (metrics.jsonl, plot.png, global/)")

@@ -57,7 +57,6 @@ def federation_png(history: list[dict]) -> bytes:
     ax2.fill_between(rounds, lo, hi, color="tab:green", alpha=0.15, label="per-client min-max")
     ax2.set_xlabel("round")
     ax2.set_ylabel("perplexity")
-    ax2.set_yscale("log")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
     fig.tight_layout()

@@ -252,7 +252,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
     while state.round < cfg.federation.rounds:
         start = time.perf_counter()
         state, metrics = _train_round(grid, cfg, cfg_record, state, node_of, names)
+        eval_start = time.perf_counter()
         metrics.update(_evaluate(grid, cfg_record, state, node_of, names))
+        metrics["eval_seconds"] = time.perf_counter() - eval_start
         metrics["seconds"] = time.perf_counter() - start
         state.history = [*state.history, metrics]
         save_checkpoint(run_dir, state, cfg)

@@ -1,0 +1,228 @@
+"""Federation benchmark: quality vs centralized, communication and Flower overhead, scale; one run.
+
+    python benchmarks/federation.py quality   # default model: base vs federated (natural/IID, fedavg/ffa) vs centralized
+    python benchmarks/federation.py scale     # tiny model, 100 and 1000 virtual clients: seconds per round
+
+Quality: every federated run uses the same clients, rounds, sampled clients and local steps; the
+centralized baseline trains one adapter on the union of the clients' training text for the same total
+number of local steps (rounds x sampled clients x local steps) and is evaluated on the same held-out
+text (token-weighted over all clients). Prints markdown tables; writes JSON to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fedpeft.config import AdapterConfig, BaseConfig, DataConfig, FederationConfig, RunConfig, TrainConfig  # noqa: E402
+
+
+def _tree_rss_mib(root: int) -> float:
+    """RSS of a process and all its descendants (the simulation's Ray processes included)."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            parents[int(entry)] = int(fields[1])
+            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(c for c, p in parents.items() if p == pid)
+    return total / 2**20
+
+
+class TreePeak:
+    def __enter__(self) -> TreePeak:
+        self.peak, self._stop = 0.0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss_mib(os.getpid()))
+            time.sleep(0.25)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def _federate(cfg: RunConfig, work: Path, name: str) -> dict:
+    from fedpeft.simulate import simulate
+
+    start = time.perf_counter()
+    with TreePeak() as peak:
+        state = simulate(cfg, work / name)
+    h = state.history
+    rounds = [r for r in h[1:] if not r.get("skipped")]
+    return {
+        "name": name,
+        "ppl_start": h[0]["eval_ppl"],
+        "ppl": h[-1]["eval_ppl"],
+        "loss": h[-1]["eval_loss"],
+        "ppl_per_round": [r["eval_ppl"] for r in h],
+        "wall_s": time.perf_counter() - start,
+        "peak_rss_mib": peak.peak,
+        "round_s": statistics.median(r["seconds"] for r in rounds),
+        "eval_s": statistics.median(r["eval_seconds"] for r in rounds),
+        "bytes_up_per_client": statistics.median(r["bytes_up"] / len(r["sampled"]) for r in rounds),
+        # the training phase only: round time minus the evaluation of the new global adapter on every client
+        "overhead_vs_slowest": statistics.median(
+            (r["seconds"] - r["eval_seconds"]) / r["train_seconds_max"] for r in rounds
+        ),
+        "overhead_vs_sum": statistics.median(
+            (r["seconds"] - r["eval_seconds"]) / r["train_seconds_sum"] for r in rounds
+        ),
+    }
+
+
+def _centralized(cfg: RunConfig, steps: int) -> dict:
+    from fedpeft.adapters import inject
+    from fedpeft.base import load_base
+    from fedpeft.data import pooled
+    from fedpeft.partition import partition
+    from fedpeft.train import evaluate, train
+
+    base = load_base(cfg.base)
+    f = cfg.federation
+    clients = partition(cfg.data, base.tokenizer, f.clients, f.split, f.dirichlet_alpha, f.seed)
+    data = pooled(clients)
+    model = inject(base, replace(cfg.adapter, seed=f.seed))
+    pad = base.tokenizer.pad_token_id
+    before = evaluate(model, data.eval, pad, base.quant)
+    tcfg = replace(cfg.train, steps=steps, seed=f.seed, progress=False)
+    result = train(model, data, tcfg, tcfg.learning_rate(cfg.adapter.kind), pad, base.quant)
+    after = evaluate(model, data.eval, pad, base.quant)
+    return {
+        "name": f"centralized ({f.split} clients' text)",
+        "ppl_start": before.ppl,
+        "ppl": after.ppl,
+        "loss": after.loss,
+        "train_s": result.seconds,
+        "base_bytes": base.nbytes(),
+    }
+
+
+def quality(a: argparse.Namespace, work: Path) -> dict:
+    fed = FederationConfig(
+        clients=a.clients, fraction=a.fraction, rounds=a.rounds, local_steps=a.local_steps, seed=0
+    )
+    base = RunConfig(
+        base=BaseConfig(model=a.model, quant="nf4"),
+        adapter=AdapterConfig(kind="lora"),
+        data=DataConfig(),
+        train=TrainConfig(progress=False),
+        federation=fed,
+    )
+    sampled = max(fed.min_clients, math.ceil(fed.fraction * fed.clients))
+    total_steps = fed.rounds * sampled * fed.local_steps
+    runs = {}
+    for name, split, mode in (
+        ("fedavg-iid", "iid", "fedavg"),
+        ("ffa-iid", "iid", "ffa"),
+        ("fedavg-natural", "natural", "fedavg"),
+    ):
+        cfg = replace(base, federation=replace(fed, split=split, lora_mode=mode))
+        runs[name] = _federate(cfg, work, name)
+        print(
+            f"  {name}: ppl {runs[name]['ppl_start']:.2f} -> {runs[name]['ppl']:.2f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    for split in ("iid", "natural"):
+        runs[f"centralized-{split}"] = _centralized(
+            replace(base, federation=replace(fed, split=split)), total_steps
+        )
+    base_bytes = runs["centralized-iid"]["base_bytes"]
+
+    print(
+        f"\n## Quality on `{a.model}` (nf4, LoRA r=8): {fed.clients} clients, {fed.rounds} rounds, {sampled} sampled "
+        f"per round, {fed.local_steps} local steps; centralized: {total_steps} steps\n"
+    )
+    print("| run | held-out ppl before | after | vs centralized (same text) |\n|---|---|---|---|")
+    for name, r in runs.items():
+        ref = runs["centralized-natural" if "natural" in name else "centralized-iid"]
+        print(f"| {name} | {r['ppl_start']:.2f} | {r['ppl']:.2f} | {r['ppl'] / ref['ppl'] - 1:+.1%} |")
+    ffa_vs = runs["ffa-iid"]["ppl"] / runs["fedavg-iid"]["ppl"] - 1
+    iid_vs = runs["fedavg-iid"]["ppl"] / runs["centralized-iid"]["ppl"] - 1
+    print(
+        f"\nTargets: federated IID within 3% of centralized: {iid_vs:+.1%} ({'met' if abs(iid_vs) <= 0.03 or iid_vs < 0 else 'not met'}); "
+        f"ffa within 3% of fedavg: {ffa_vs:+.1%} ({'met' if abs(ffa_vs) <= 0.03 or ffa_vs < 0 else 'not met'})."
+    )
+    print("\n## Cost per round (median over rounds)\n")
+    print(
+        "| run | bytes up per client | / base bytes | round (s) | train phase / slowest client | train phase / sum of clients | "
+        "peak RSS, all processes (MiB) |\n|---|---|---|---|---|---|---|"
+    )
+    for name in ("fedavg-iid", "ffa-iid", "fedavg-natural"):
+        r = runs[name]
+        print(
+            f"| {name} | {r['bytes_up_per_client']:,.0f} | {r['bytes_up_per_client'] / base_bytes:.2%} | {r['round_s']:.1f} | "
+            f"{r['overhead_vs_slowest']:.2f} | {r['overhead_vs_sum']:.2f} | {r['peak_rss_mib']:.0f} |"
+        )
+    return runs
+
+
+def scale(a: argparse.Namespace, work: Path) -> dict:
+    runs = {}
+    print("\n## Scale: tiny model, IID split of the default corpus, 10% sampled, 2 local steps, 2 rounds\n")
+    print(
+        "| virtual clients | seconds per round (median) | of which evaluating every client | peak RSS, all processes (MiB) |"
+    )
+    print("|---|---|---|---|")
+    for n in (100, 1000):
+        cfg = RunConfig(
+            base=BaseConfig(model="tiny", quant="none"),
+            data=DataConfig(block_size=64),
+            train=TrainConfig(progress=False, batch_size=2),
+            federation=FederationConfig(clients=n, fraction=0.1, rounds=2, local_steps=2, split="iid"),
+        )
+        r = _federate(cfg, work, f"scale-{n}")
+        runs[n] = r
+        print(f"| {n} | {r['round_s']:.1f} | {r['eval_s']:.1f} | {r['peak_rss_mib']:.0f} |", flush=True)
+    return runs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("quality", "scale"))
+    p.add_argument("--model", default="default")
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--fraction", type=float, default=0.5)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--local-steps", type=int, default=5)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fedpeft-bench-"))
+    try:
+        runs = quality(a, work) if a.what == "quality" else scale(a, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = Path(a.json or f"benchmarks/results/federation-{a.what}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(a), "runs": runs}, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
