@@ -171,3 +171,43 @@ def test_help_explains_every_flag() -> None:
     assert proc.returncode == 0
     for flag in ("--model", "--quant", "--adapter", "--user", "--steps", "--out", "--freeze-a", "--data"):
         assert flag in proc.stdout
+
+
+def test_simulate_with_more_clients_than_users(trained: Path, tmp_path: Path, cache_dir: str) -> None:
+    proc = fedpeft(
+        "simulate",
+        "--model",
+        "tiny",
+        "--data",
+        str(trained.parent / "users"),
+        "--clients",
+        "5",
+        "--out",
+        str(tmp_path / "fed"),
+        cache_dir=cache_dir,
+    )
+    assert_user_error(proc, "only 2 users")
+    assert not (tmp_path / "fed" / "checkpoints").exists()
+
+
+def test_simulate_resume_without_a_run(tmp_path: Path, cache_dir: str) -> None:
+    proc = fedpeft("simulate", "--model", "tiny", "--resume", cache_dir=cache_dir)
+    assert_user_error(proc, "--resume needs the --out")
+    proc = fedpeft(
+        "simulate", "--model", "tiny", "--resume", "--out", str(tmp_path / "none"), cache_dir=cache_dir
+    )
+    assert_user_error(proc, "nothing to resume")
+
+
+def test_simulate_ffa_needs_lora(tmp_path: Path, cache_dir: str) -> None:
+    proc = fedpeft(
+        "simulate",
+        "--adapter",
+        "ia3",
+        "--lora-mode",
+        "ffa",
+        "--out",
+        str(tmp_path / "x"),
+        cache_dir=cache_dir,
+    )
+    assert_user_error(proc, "applies to LoRA only")
