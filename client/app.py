@@ -34,8 +34,14 @@ def _setup(msg: Message, context: Context) -> tuple[Device, int]:
 
 
 def _info(device: Device, client: int) -> ConfigRecord:
+    data = device.clients[client]
     return ConfigRecord(
-        {"fingerprint": device.fingerprint, "client": client, "name": device.clients[client].user}
+        {
+            "fingerprint": device.fingerprint,
+            "client": client,
+            "name": data.user,
+            "num-examples": data.train_tokens,
+        }
     )
 
 
@@ -52,8 +58,10 @@ def describe(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     device, client = _setup(msg, context)
-    rnd = int(msg.content["task"]["round"])
-    result = device.fit(client, record_to_arrays(msg.content["arrays"]), rnd)
+    task = msg.content["task"]
+    if "secagg-stage" in task:
+        return Message(_secagg_stage(msg, context, device, client), reply_to=msg)
+    result = device.fit(client, record_to_arrays(msg.content["arrays"]), int(task["round"]))
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
@@ -65,6 +73,27 @@ def train(msg: Message, context: Context) -> Message:
         {"delta": arrays_to_record(result.delta), "metrics": metrics, "info": _info(device, client)}
     )
     return Message(content, reply_to=msg)
+
+
+def _secagg_stage(msg: Message, context: Context, device: Device, client: int) -> RecordDict:
+    """A secure-aggregation stage; the local training runs inside stage 3, right before masking."""
+    from fedpeft.secagg.flower import flatten, handle
+
+    def local_update():
+        result = device.fit(
+            client, record_to_arrays(msg.content["arrays"]), int(msg.content["task"]["round"])
+        )
+        metrics = {
+            "num-examples": float(result.num_examples),
+            "train_loss": result.train_loss,
+            "train_seconds": result.seconds,
+        }
+        return flatten(result.delta, device.keys), float(result.num_examples), metrics
+
+    reply = handle(dict(msg.content["task"]), msg.content, context.state, client, local_update)
+    extra = dict(reply["info"]) if "info" in reply else {}
+    reply["info"] = ConfigRecord({**extra, **dict(_info(device, client))})
+    return reply
 
 
 @app.evaluate()

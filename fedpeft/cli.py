@@ -260,6 +260,25 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run folder (default: a new runs/federation-YYYYmmdd-HHMMSS; an existing run needs --resume)",
     )
     g.add_argument(
+        "--secagg",
+        action="store_true",
+        help="secure aggregation (SecAgg+): the server learns only the sum of the clients' updates",
+    )
+    g.add_argument(
+        "--secagg-k",
+        type=int,
+        default=10,
+        metavar="K",
+        help="SecAgg+ neighbours per client (default: %(default)s)",
+    )
+    g.add_argument(
+        "--secagg-threshold",
+        type=int,
+        default=0,
+        metavar="T",
+        help="shares needed to recover a client's secret (default: a majority of its k + 1 holders)",
+    )
+    g.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out from its last complete round (also to extend it to more --rounds)",
@@ -358,6 +377,9 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
             split=getattr(a, "split", "natural"),
             dirichlet_alpha=getattr(a, "dirichlet_alpha", 0.5),
             seed=a.seed,
+            secagg=getattr(a, "secagg", False),
+            secagg_k=getattr(a, "secagg_k", 10),
+            secagg_threshold=getattr(a, "secagg_threshold", 0),
         ),
         server_opt=ServerOptConfig(name=getattr(a, "server_opt", "fedavg"), lr=getattr(a, "server_lr", None)),
     )

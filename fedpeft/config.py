@@ -96,6 +96,11 @@ class FederationConfig:
     split: str = "natural"  # natural (one user per client) | iid | dirichlet (over labels)
     dirichlet_alpha: float = 0.5
     seed: int = 0  # seeds sampling, local training and the adapter init
+    secagg: bool = False  # SecAgg+: the server learns only the sum of the sampled clients' updates
+    secagg_k: int = (
+        10  # neighbours per client; O(log n) suffices (Bell et al., CCS 2020); >= n-1: complete graph
+    )
+    secagg_threshold: int = 0  # shares needed to recover a secret; 0 -> a majority of its k + 1 holders
 
 
 @dataclass(frozen=True)

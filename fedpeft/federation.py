@@ -79,8 +79,12 @@ def aggregate_round(
     state: ServerState, deltas: list[Arrays], weights: list[float], cfg: RunConfig
 ) -> ServerState:
     """Weighted mean of the deltas (from their sum only) -> server optimizer -> the next state."""
-    mean = divide(weighted_sum(deltas, weights), float(sum(weights)))
-    arrays, opt_state = server_update(state.arrays, mean, cfg.server_opt, state.opt_state)
+    return apply_mean(state, divide(weighted_sum(deltas, weights), float(sum(weights))), cfg)
+
+
+def apply_mean(state: ServerState, mean_delta: Arrays, cfg: RunConfig) -> ServerState:
+    """The server optimizer's step on a mean delta (plain or from secure aggregation) -> the next state."""
+    arrays, opt_state = server_update(state.arrays, mean_delta, cfg.server_opt, state.opt_state)
     return ServerState(state.round + 1, arrays, opt_state, state.info, state.history)
 
 

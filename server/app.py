@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from fedpeft.errors import FedpeftError
 from fedpeft.federation import (
     ServerState,
     aggregate_round,
+    apply_mean,
     check_update,
     initial_state,
     latest_checkpoint,
@@ -36,6 +37,16 @@ from fedpeft.federation import (
 )
 
 log = logging.getLogger("fedpeft")
+
+
+@dataclass
+class Roster:
+    """What registration learned of each client (by client index)."""
+
+    node_of: dict[int, int] = field(default_factory=dict)  # Flower node id
+    names: dict[int, str] = field(default_factory=dict)
+    fingerprints: dict[int, str] = field(default_factory=dict)
+    examples: dict[int, float] = field(default_factory=dict)  # training tokens: the FedAvg weight
 
 
 @dataclass
@@ -68,10 +79,8 @@ def _error_text(reply: Message) -> str:
     return reply.error.reason.strip().splitlines()[-1][:300] if reply.has_error() else ""
 
 
-def _register(
-    grid: Grid, cfg: RunConfig, cfg_record: ConfigRecord
-) -> tuple[dict[int, int], dict[int, str], dict, dict]:
-    """Ask every node who it is. Returns client->node, client->name, description, initial arrays."""
+def _register(grid: Grid, cfg: RunConfig, cfg_record: ConfigRecord) -> tuple[Roster, dict, dict]:
+    """Ask every node who it is. Returns the roster, the adapter description, the initial arrays."""
     nodes = _wait_for_nodes(grid, cfg.federation.clients, timeout=600)
     if len(nodes) < cfg.federation.clients:
         raise FedpeftError(f"only {len(nodes)} of {cfg.federation.clients} clients connected")
@@ -83,14 +92,17 @@ def _register(
             ]
         )
     )
-    node_of, names, description, init = {}, {}, None, None
+    roster, description, init = Roster(), None, None
+    node_of, names = roster.node_of, roster.names
     for reply in replies:
         if reply.has_error():
             raise FedpeftError(f"a client failed to start: {_error_text(reply)}")
         info = reply.content["info"]
-        node_of[int(info["client"])], names[int(info["client"])] = (
-            reply.metadata.src_node_id,
-            str(info["name"]),
+        client = int(info["client"])
+        node_of[client], names[client] = reply.metadata.src_node_id, str(info["name"])
+        roster.fingerprints[client], roster.examples[client] = (
+            str(info["fingerprint"]),
+            float(info["num-examples"]),
         )
         if "description" in reply.content:
             description = json.loads(reply.content["description"]["json"])
@@ -104,7 +116,7 @@ def _register(
     ]
     if odd:
         log.warning("clients on another base (they will be refused every round): %s", ", ".join(odd))
-    return node_of, names, description, init
+    return roster, description, init
 
 
 def _evaluate(
@@ -146,9 +158,9 @@ def _train_round(
     cfg: RunConfig,
     cfg_record: ConfigRecord,
     state: ServerState,
-    node_of: dict[int, int],
-    names: dict[int, str],
+    roster: Roster,
 ) -> tuple[ServerState, dict[str, Any]]:
+    node_of, names = roster.node_of, roster.names
     rnd = state.round + 1
     f = cfg.federation
     sampled = sample_clients(f.clients, f.fraction, f.min_clients, f.seed, rnd)
@@ -211,12 +223,112 @@ def _train_round(
     return new, metrics
 
 
+def _secure_train_round(
+    grid: Grid,
+    cfg: RunConfig,
+    cfg_record: ConfigRecord,
+    state: ServerState,
+    roster: Roster,
+) -> tuple[ServerState, dict[str, Any]]:
+    """One round under SecAgg+: the server sees masked vectors and recovers only their sum."""
+    node_of, names = roster.node_of, roster.names
+    from fedpeft.secagg.flower import SecAggParams, secure_sum, unflatten
+    from fedpeft.secagg.protocol import SecAggAbort
+    from fedpeft.secagg.quantize import RingCode
+
+    rnd, f = state.round + 1, cfg.federation
+    sampled = sample_clients(f.clients, f.fraction, f.min_clients, f.seed, rnd)
+    rejected = [
+        {"client": names[c], "reason": "base fingerprint differs from the federation's"}
+        for c in sampled
+        if roster.fingerprints[c] != state.info["fingerprint"]
+    ]
+    members = [c for c in sampled if roster.fingerprints[c] == state.info["fingerprint"]]
+    arrays = state.travel_arrays()
+    client_of = {n: c for c, n in node_of.items()}
+    lr = cfg.train.learning_rate(cfg.adapter.kind)
+    # clip at twice what AdamW can move a coordinate in the local steps (fedpeft/secagg/quantize.py)
+    code = RingCode(
+        clip=2 * lr * f.local_steps,
+        max_clients=max(len(members), 1),
+        max_weight=max(roster.examples.values()),
+    )
+    dim = sum(a.size for a in arrays.values()) + 1
+
+    def send(payloads: dict[int, dict[str, Any]]) -> dict[int, Message]:
+        messages = []
+        for c, p in payloads.items():
+            stage3 = p["task"]["secagg-stage"] == 3
+            m = _message(
+                cfg_record,
+                node_of[c],
+                MessageType.TRAIN,
+                {**p["task"], "round": rnd},
+                arrays if stage3 else None,
+            )
+            for key, record in p.items():
+                if key != "task":
+                    m.content[key] = record
+            messages.append(m)
+        return {client_of[r.metadata.src_node_id]: r for r in grid.send_and_receive(messages)}
+
+    metrics: dict[str, Any] = {
+        "round": rnd,
+        "sampled": [names[c] for c in sampled],
+        "rejected": rejected,
+        "bytes_down": sum(a.nbytes for a in arrays.values()) * len(members),
+        "secagg": True,
+    }
+    tag = f"{state.info['fingerprint'][:16]}|seed-{f.seed}|round-{rnd}".encode()
+    try:
+        if len(members) < f.min_clients:
+            raise SecAggAbort(
+                f"{len(members)} clients on the federation's base < min_clients {f.min_clients}"
+            )
+        total, survivors, report = secure_sum(
+            send,
+            members,
+            dim,
+            code,
+            SecAggParams(f.secagg_k, f.secagg_threshold or None),
+            tag,
+            seed=f.seed + rnd,
+        )
+        if len(survivors) < f.min_clients:
+            raise SecAggAbort(f"{len(survivors)} survivors < min_clients {f.min_clients}")
+    except SecAggAbort as e:
+        log.warning("round %d: secure aggregation aborted (%s); global adapter unchanged", rnd, e)
+        metrics.update(skipped=True, train_loss=None, accepted=[], bytes_up=0, abort=str(e))
+        return ServerState(rnd, state.arrays, state.opt_state, state.info, state.history), metrics
+    for c, reason in {**report["dropped"], **report["excluded"]}.items():
+        rejected.append(
+            {"client": names[c], "reason": reason if "stage" not in reason else f"dropped at {reason}"}
+        )
+    weighted, weight = code.decode_sum(total)
+    new = apply_mean(state, unflatten(weighted / weight, state.info["schema"], state.travel_keys), cfg)
+    train = report["train_metrics"]
+    examples = {c: float(train[c]["num-examples"]) for c in survivors}
+    metrics.update(
+        skipped=False,
+        accepted=[names[c] for c in survivors],
+        secagg_k=report["k"],
+        secagg_t=report["t"],
+        bytes_up=4 * dim * len(survivors) + report["bytes_up_keys"],
+        train_loss=sum(float(train[c]["train_loss"]) * examples[c] for c in survivors)
+        / sum(examples.values()),
+        train_seconds_max=max(float(train[c]["train_seconds"]) for c in survivors),
+        train_seconds_sum=sum(float(train[c]["train_seconds"]) for c in survivors),
+    )
+    return new, metrics
+
+
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False) -> ServerState:
     """The whole federation; returns the final state. Raises FedpeftError on unrecoverable input."""
     from tqdm.auto import tqdm
 
     cfg_record = ConfigRecord(to_run_config(cfg))
-    node_of, names, description, init = _register(grid, cfg, cfg_record)
+    roster, description, init = _register(grid, cfg, cfg_record)
+    node_of, names = roster.node_of, roster.names
     if cfg.adapter.kind == "lora":
         log.info(
             "aggregation: %s",
@@ -251,7 +363,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
     bar.set_postfix(ppl=f"{state.history[-1]['eval_ppl']:.2f}")
     while state.round < cfg.federation.rounds:
         start = time.perf_counter()
-        state, metrics = _train_round(grid, cfg, cfg_record, state, node_of, names)
+        round_fn = _secure_train_round if cfg.federation.secagg else _train_round
+        state, metrics = round_fn(grid, cfg, cfg_record, state, roster)
         eval_start = time.perf_counter()
         metrics.update(_evaluate(grid, cfg_record, state, node_of, names))
         metrics["eval_seconds"] = time.perf_counter() - eval_start

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import struct
 from collections.abc import Callable
@@ -267,3 +268,40 @@ class SecAggServer:
             if valid(secret):
                 return secret
         raise SecAggAbort(f"no {self.t} consistent shares of client {owner}'s secret")
+
+
+def dump_client(c: SecAggClient) -> bytes:
+    """A client's state between stages as bytes, for Flower's per-node context.state (a SuperNode may run
+    each message in a fresh process). It holds private keys: it never leaves the device."""
+    doc = {
+        "me": c.me,
+        "neighbours": c.neighbours,
+        "t": c.t,
+        "tag": c.tag.hex(),
+        "c_sk": crypto.private_bytes(c._c_sk).hex() if c._c_sk else "",
+        "s_sk": crypto.private_bytes(c._s_sk).hex() if c._s_sk else "",
+        "keys": {str(j): [a.hex(), b.hex()] for j, (a, b) in c._keys.items()},
+        "b": c._b.hex(),
+        "held": {
+            str(j): [shamir.encode_share(b).hex(), shamir.encode_share(s).hex()]
+            for j, (b, s) in c._held.items()
+        },
+        "masked_with": c._masked_with,
+        "sent_input": c._sent_input,
+    }
+    return json.dumps(doc).encode()
+
+
+def load_client(data: bytes) -> SecAggClient:
+    d = json.loads(data)
+    c = SecAggClient(d["me"], d["neighbours"], d["t"], bytes.fromhex(d["tag"]))
+    c._c_sk = crypto.private_from_bytes(bytes.fromhex(d["c_sk"])) if d["c_sk"] else None
+    c._s_sk = crypto.private_from_bytes(bytes.fromhex(d["s_sk"])) if d["s_sk"] else None
+    c._keys = {int(j): (bytes.fromhex(a), bytes.fromhex(b)) for j, (a, b) in d["keys"].items()}
+    c._b = bytes.fromhex(d["b"])
+    c._held = {
+        int(j): (shamir.decode_share(bytes.fromhex(b), LIMBS), shamir.decode_share(bytes.fromhex(s), LIMBS))
+        for j, (b, s) in d["held"].items()
+    }
+    c._masked_with, c._sent_input = d["masked_with"], d["sent_input"]
+    return c

@@ -168,3 +168,26 @@ def test_a_bad_share_at_unmask_is_outvoted_by_the_commitment() -> None:
 
     total, _, survivors = run(inputs, k, t, tamper={"unmask": lie})
     np.testing.assert_array_equal(total, _expected(inputs, survivors))
+
+
+def test_client_state_survives_a_round_trip_through_bytes() -> None:
+    """Between stages the client's state lives in Flower's context.state as bytes."""
+    from fedpeft.secagg.protocol import dump_client, load_client
+
+    n, k = 5, 4
+    t = default_threshold(k, n)
+    inputs = _inputs(n, seed=2)
+    ids = list(range(n))
+    server = SecAggServer(ids, k, t, TAG, 1000, seed=1)
+    clients = {c: SecAggClient(c, server.graph[c], t, TAG) for c in ids}
+    hop = lambda c: load_client(dump_client(c))  # noqa: E731
+    keys_for = server.receive_keys({c: clients[c].advertise() for c in ids})
+    clients = {c: hop(v) for c, v in clients.items()}
+    routed = server.receive_shares({c: clients[c].share_keys(keys_for[c]) for c in ids})
+    clients = {c: hop(v) for c, v in clients.items()}
+    survivors, dropped = server.receive_inputs(
+        {c: clients[c].masked_input(*routed[c], inputs[c]) for c in ids}
+    )
+    clients = {c: hop(v) for c, v in clients.items()}
+    total = server.unmask(survivors, dropped, {c: clients[c].unmask(survivors, dropped) for c in ids})
+    np.testing.assert_array_equal(total, _expected(inputs, ids))

@@ -1,0 +1,227 @@
+"""SecAgg+ over Flower's Message API: the server's four stages as `train` messages, and the client's handler.
+
+Every stage message carries task["secagg-stage"] (1-4). The client keeps its protocol state in the node's
+context.state between stages (bytes; a SuperNode may use a fresh process per message). Training happens
+in stage 3, right before masking, so a client that drops during training is a stage-3 dropout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from fedpeft.secagg.protocol import (
+    SecAggAbort,
+    SecAggClient,
+    SecAggServer,
+    default_threshold,
+    dump_client,
+    load_client,
+)
+from fedpeft.secagg.quantize import RingCode
+
+log = logging.getLogger("fedpeft")
+STATE_KEY = "secagg"
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    k: int  # neighbours per client (k >= n - 1: complete graph)
+    threshold: int | None  # None -> a majority of each secret's k + 1 holders
+
+
+def flatten(arrays: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
+    return np.concatenate([arrays[k].ravel() for k in keys]).astype(np.float64)
+
+
+def unflatten(vector: np.ndarray, schema: list[list[Any]], keys: list[str]) -> dict[str, np.ndarray]:
+    shapes = {n: tuple(s) for n, s, _ in schema}
+    out, at = {}, 0
+    for k in keys:
+        size = int(np.prod(shapes[k]))
+        out[k] = vector[at : at + size].reshape(shapes[k]).astype(np.float32)
+        at += size
+    return out
+
+
+def ints(values: list[int]) -> str:
+    """Lists of ids travel as text: Flower records cannot hold an empty list."""
+    return ",".join(str(v) for v in values)
+
+
+def parse_ints(text: Any) -> list[int]:
+    return [int(v) for v in str(text).split(",") if v]
+
+
+def _bytes_record(d: dict[int, bytes]) -> ConfigRecord:
+    return ConfigRecord({str(k): v for k, v in d.items()})
+
+
+def _from_bytes_record(r: ConfigRecord) -> dict[int, bytes]:
+    return {int(k): bytes(v) for k, v in r.items()}
+
+
+# --- server ------------------------------------------------------------------------------------------
+
+
+def secure_sum(
+    send: Callable[[dict[int, dict[str, Any]]], dict[int, Message]],
+    clients: list[int],
+    dim: int,
+    code: RingCode,
+    params: SecAggParams,
+    tag: bytes,
+    seed: int,
+) -> tuple[np.ndarray, list[int], dict]:
+    """Run the four stages with `clients`; `send({client: records})` delivers one message per client and
+    returns the replies by client (an error reply counts as a dropout). Returns (ring sum of the survivors'
+    inputs [dim] uint32, survivors, report). Raises SecAggAbort when too few survive a stage."""
+    n = len(clients)
+    t = params.threshold or default_threshold(params.k, n)
+    server = SecAggServer(sorted(clients), params.k, t, tag, dim, seed)
+    report: dict[str, Any] = {"k": min(params.k, n - 1), "t": t, "dropped": {}, "bytes_up_keys": 0}
+
+    def ok(replies: dict[int, Message], stage: int) -> dict[int, Message]:
+        good = {c: m for c, m in replies.items() if not m.has_error()}
+        for c in set(clients) - set(good):
+            report["dropped"].setdefault(c, f"stage {stage}")
+        return good
+
+    base = {"tag": tag, "k": params.k, "t": t, "seed": seed}
+    r1 = ok(
+        send(
+            {c: {"task": {**base, "secagg-stage": 1, "neighbours": ints(server.graph[c])}} for c in clients}
+        ),
+        1,
+    )
+    keys = {c: (bytes(m.content["keys"]["c"]), bytes(m.content["keys"]["s"])) for c, m in r1.items()}
+    keys_for = server.receive_keys(keys)
+    report["bytes_up_keys"] += 64 * len(keys)
+
+    r2 = ok(
+        send(
+            {
+                c: {
+                    "task": {**base, "secagg-stage": 2},
+                    "pubkeys": ConfigRecord({str(j): c_pk + s_pk for j, (c_pk, s_pk) in keys_for[c].items()}),
+                }
+                for c in keys_for
+            }
+        ),
+        2,
+    )
+    shares = {
+        c: (_from_bytes_record(m.content["shares"]), bytes(m.content["commitment"]["b"]))
+        for c, m in r2.items()
+    }
+    report["bytes_up_keys"] += sum(len(ct) for out, _ in shares.values() for ct in out.values()) + 32 * len(
+        shares
+    )
+    routed = server.receive_shares(shares)
+
+    stage3 = {
+        "secagg-stage": 3,
+        "clip": code.clip,
+        "max-clients": code.max_clients,
+        "max-weight": float(code.max_weight),
+    }
+    r3 = ok(
+        send(
+            {
+                c: {"task": {**base, **stage3, "alive": ints(alive)}, "ciphertexts": _bytes_record(cts)}
+                for c, (cts, alive) in routed.items()
+            }
+        ),
+        3,
+    )
+    inputs = {}
+    for c, m in r3.items():
+        y = m.content["masked"]["y"].numpy() if "y" in m.content["masked"] else np.zeros(0, np.uint32)
+        inputs[c] = (y, parse_ints(m.content["info"]["malformed"]))
+    survivors, dropped = server.receive_inputs(inputs)
+    report["excluded"] = dict(server.excluded)
+    report["train_metrics"] = {c: r3[c].content["metrics"] for c in survivors}
+
+    r4 = ok(
+        send(
+            {
+                c: {
+                    "task": {
+                        **base,
+                        "secagg-stage": 4,
+                        "survivors": ints(survivors),
+                        "dropped": ints(dropped),
+                    }
+                }
+                for c in survivors
+            }
+        ),
+        4,
+    )
+    replies = {
+        c: (_from_bytes_record(m.content["b"]), _from_bytes_record(m.content["s"])) for c, m in r4.items()
+    }
+    report["bytes_up_keys"] += sum(len(v) for b, s in replies.values() for v in (*b.values(), *s.values()))
+    total = server.unmask(survivors, dropped, replies)
+    report["survivors"] = survivors
+    return total, survivors, report
+
+
+# --- client ------------------------------------------------------------------------------------------
+
+
+def handle(
+    task: dict[str, Any],
+    content: RecordDict,
+    state: RecordDict,
+    me: int,
+    local_update: Callable[[], tuple[np.ndarray, float, dict[str, float]]],
+) -> RecordDict:
+    """One stage on the client. `local_update()` trains and returns (flat delta [D], weight, metrics); it is
+    called in stage 3 only. Raises SecAggAbort on a protocol violation (the reply becomes an error)."""
+    stage = int(task["secagg-stage"])
+    tag = bytes(task["tag"])
+    if stage == 1:
+        client = SecAggClient(me, parse_ints(task["neighbours"]), int(task["t"]), tag)
+        c_pk, s_pk = client.advertise()
+        state[STATE_KEY] = ConfigRecord({"client": dump_client(client)})
+        return RecordDict({"keys": ConfigRecord({"c": c_pk, "s": s_pk})})
+    if STATE_KEY not in state:
+        raise SecAggAbort(f"client {me}: stage {stage} without stage 1")
+    client = load_client(bytes(state[STATE_KEY]["client"]))
+    if client.tag != tag:
+        raise SecAggAbort(f"client {me}: message from another round")
+    if stage == 2:
+        keys = {int(j): (bytes(v)[:32], bytes(v)[32:]) for j, v in content["pubkeys"].items()}
+        out, commitment = client.share_keys(keys)
+        reply = RecordDict({"shares": _bytes_record(out), "commitment": ConfigRecord({"b": commitment})})
+    elif stage == 3:
+        delta, weight, metrics = local_update()
+        if not np.all(np.isfinite(delta)):
+            raise SecAggAbort(f"client {me}: non-finite update, not sent")
+        code = RingCode(float(task["clip"]), int(task["max-clients"]), float(task["max-weight"]))
+        encoded = code.encode(delta, weight, np.random.default_rng())
+        y, malformed = client.masked_input(
+            _from_bytes_record(content["ciphertexts"]), parse_ints(task["alive"]), encoded
+        )
+        reply = RecordDict(
+            {
+                "masked": ArrayRecord({"y": Array(y)}),
+                "info": ConfigRecord({"malformed": ints(malformed)}),
+                "metrics": ConfigRecord(metrics),
+            }
+        )
+    elif stage == 4:
+        b, s = client.unmask(parse_ints(task["survivors"]), parse_ints(task["dropped"]))
+        reply = RecordDict({"b": _bytes_record(b), "s": _bytes_record(s)})
+        del state[STATE_KEY]  # the round is over: forget the keys
+        return reply
+    else:
+        raise SecAggAbort(f"unknown secagg stage {stage}")
+    state[STATE_KEY] = ConfigRecord({"client": dump_client(client)})
+    return reply
