@@ -301,9 +301,11 @@ def _secure_train_round(
         metrics.update(skipped=True, train_loss=None, accepted=[], bytes_up=0, abort=str(e))
         return ServerState(rnd, state.arrays, state.opt_state, state.info, state.history), metrics
     for c, reason in {**report["dropped"], **report["excluded"]}.items():
-        rejected.append(
-            {"client": names[c], "reason": reason if "stage" not in reason else f"dropped at {reason}"}
-        )
+        if c not in survivors:  # a client gone at stage 4 already sent its input: it still counts
+            rejected.append(
+                {"client": names[c], "reason": f"dropped at {reason}" if "stage" in reason else reason}
+            )
+    metrics["left_before_unmask"] = [names[c] for c in survivors if c in report["dropped"]]
     weighted, weight = code.decode_sum(total)
     new = apply_mean(state, unflatten(weighted / weight, state.info["schema"], state.travel_keys), cfg)
     train = report["train_metrics"]

@@ -30,3 +30,32 @@ def train(msg: Message, context: Context) -> Message:
         delta["base_model.model.extra.lora_A.weight"] = np.zeros(2, np.float32)
     reply.content["delta"] = real.arrays_to_record(delta)
     return reply
+
+
+# Secure aggregation: client 1 vanishes while training (stage 3), client 2 after sending its masked
+# input (stage 4), so the server must remove 1's pairwise masks and still unmask 2's input.
+secagg_dropouts = ClientApp()
+secagg_dropouts.query()(real.describe)
+secagg_dropouts.evaluate()(real.evaluate)
+
+
+@secagg_dropouts.train()
+def train_and_drop(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    stage = int(msg.content["task"].get("secagg-stage", 0))
+    if (pid, stage) in ((1, 3), (2, 4)) or (pid == 1 and stage == 0):
+        raise ConnectionError(f"client {pid} went away")
+    return real.train(msg, context)
+
+
+# All but two clients vanish before masking: fewer survivors than the threshold.
+secagg_mass_dropout = ClientApp()
+secagg_mass_dropout.query()(real.describe)
+secagg_mass_dropout.evaluate()(real.evaluate)
+
+
+@secagg_mass_dropout.train()
+def train_mostly_gone(msg: Message, context: Context) -> Message:
+    if int(context.node_config["partition-id"]) >= 2 and int(msg.content["task"].get("secagg-stage", 0)) == 3:
+        raise ConnectionError("gone")
+    return real.train(msg, context)

@@ -131,3 +131,61 @@ def test_corrupt_checkpoint_at_resume_stops_cleanly(
         )
     assert (tmp_path / "run" / "checkpoints" / "round-000" / "global.safetensors").read_bytes() == good
     assert not (tmp_path / "run" / "checkpoints" / "round-002").exists()
+
+
+def _secagg(cfg: RunConfig, **fed) -> RunConfig:
+    from dataclasses import replace
+
+    return replace(cfg, federation=replace(cfg.federation, **fed))
+
+
+def test_secagg_equals_plain_aggregation_within_quantization_error(
+    tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    cfg = _cfg(users, cache_dir, clients=5, fraction=1.0, rounds=2)
+    simulate(cfg, tmp_path / "plain")
+    state = simulate(_secagg(cfg, secagg=True, secagg_k=2), tmp_path / "secure")
+    assert state.history[-1]["secagg"] and state.history[-1]["secagg_k"] == 2
+    # 4 bytes per parameter plus O(k) key material
+    params = sum(v.size for v in _global(tmp_path / "plain").values())
+    assert state.history[-1]["bytes_up"] / 5 < 4 * (params + 1) + 2000
+    plain, secure = _global(tmp_path / "plain"), _global(tmp_path / "secure")
+    for k, v in plain.items():
+        np.testing.assert_allclose(secure[k], v, atol=1e-6)
+    assert not all(np.array_equal(secure[k], v) for k, v in plain.items())  # it did go through the ring code
+
+
+def test_secagg_survives_dropouts_in_training_and_at_unmask(
+    tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    from tests.faulty_client import secagg_dropouts
+
+    cfg = _cfg(users, cache_dir, clients=6, fraction=1.0, rounds=1)
+    plain = simulate(cfg, tmp_path / "plain", client_app=secagg_dropouts)  # client 1 fails to train
+    assert plain.history[-1]["accepted"] == ["user0", "user2", "user3", "user4", "user5"]
+    secure = simulate(_secagg(cfg, secagg=True, secagg_k=5), tmp_path / "secure", client_app=secagg_dropouts)
+    last = secure.history[-1]
+    assert last["accepted"] == [
+        "user0",
+        "user2",
+        "user3",
+        "user4",
+        "user5",
+    ]  # 2's input counts though it left
+    assert {r["client"]: r["reason"] for r in last["rejected"]} == {"user1": "dropped at stage 3"}
+    assert last["left_before_unmask"] == ["user2"]
+    for k, v in _global(tmp_path / "plain").items():
+        np.testing.assert_allclose(_global(tmp_path / "secure")[k], v, atol=1e-6)
+
+
+def test_secagg_with_too_few_survivors_aborts_the_round_cleanly(
+    tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    from tests.faulty_client import secagg_mass_dropout
+
+    cfg = _secagg(_cfg(users, cache_dir, clients=6, fraction=1.0, rounds=1), secagg=True, secagg_k=5)
+    state = simulate(cfg, tmp_path / "run", client_app=secagg_mass_dropout)
+    assert state.history[-1]["skipped"] and "threshold" in state.history[-1]["abort"]
+    init = load_file(tmp_path / "run" / "checkpoints" / "round-000" / "global.safetensors")
+    for k, v in _global(tmp_path / "run").items():
+        np.testing.assert_array_equal(v, init[k])
