@@ -95,7 +95,10 @@ def secure_sum(
     base = {"tag": tag, "k": params.k, "t": t, "seed": seed}
     r1 = ok(
         send(
-            {c: {"task": {**base, "secagg-stage": 1, "neighbours": ints(server.graph[c])}} for c in clients}
+            {
+                c: {"task": {**base, "secagg-stage": 1, "me": c, "neighbours": ints(server.graph[c])}}
+                for c in clients
+            }
         ),
         1,
     )
@@ -187,7 +190,8 @@ def handle(
     stage = int(task["secagg-stage"])
     tag = bytes(task["tag"])
     if stage == 1:
-        client = SecAggClient(me, parse_ints(task["neighbours"]), int(task["t"]), tag)
+        # the id this session's graph gives us (in fedpeft it is our client index anyway)
+        client = SecAggClient(int(task.get("me", me)), parse_ints(task["neighbours"]), int(task["t"]), tag)
         c_pk, s_pk = client.advertise()
         state[STATE_KEY] = ConfigRecord({"client": dump_client(client)})
         return RecordDict({"keys": ConfigRecord({"c": c_pk, "s": s_pk})})
