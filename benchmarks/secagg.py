@@ -254,7 +254,7 @@ def run_variant(variant: str, n: int, dim: int, k: int, t: int, work: Path) -> d
         "k": k,
         "t": t,
         "seconds": RESULT["seconds"],
-        "bytes_up_per_client": float(np.mean(list(per_client.values()))),
+        "bytes_up_per_client": float(np.mean(list(per_client.values()))) / ROUNDS,
         "max_abs_error": float(np.max(np.abs(np.asarray(RESULT["mean"], dtype=np.float64) - exact))),
     }
 
