@@ -109,6 +109,16 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_training_flags(g: argparse._ArgumentGroup, seed_help: str) -> None:
+    g.add_argument(
+        "--batch-size", type=int, default=4, metavar="B", help="sequences per step (default: %(default)s)"
+    )
+    g.add_argument(
+        "--lr", type=float, default=None, help="AdamW learning rate (default: 2e-4 LoRA, 5e-3 IA3)"
+    )
+    g.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: %(default)s)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description="Federated on-device adapter fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -133,28 +143,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=50, metavar="N", help="optimizer steps (default: %(default)s)"
     )
     g.add_argument(
-        "--batch-size",
-        type=int,
-        default=4,
-        metavar="B",
-        help="sequences per micro-batch (default: %(default)s)",
-    )
-    g.add_argument(
         "--grad-accum",
         type=int,
         default=1,
         metavar="K",
         help="micro-batches per optimizer step (default: %(default)s)",
     )
-    g.add_argument(
-        "--lr", type=float, default=None, help="AdamW learning rate (default: 2e-4 LoRA, 5e-3 IA3)"
-    )
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seeds adapter init, data order and dropout (default: %(default)s)",
-    )
+    _add_training_flags(g, "seeds adapter init, data order and dropout")
     g.add_argument(
         "--out", required=True, metavar="DIR", help="adapter folder to write (replaced only on success)"
     )
@@ -230,22 +225,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="A",
         help="Dirichlet concentration (default: %(default)s)",
     )
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=4,
-        metavar="B",
-        help="sequences per local step (default: %(default)s)",
-    )
-    g.add_argument(
-        "--lr", type=float, default=None, help="client AdamW learning rate (default: 2e-4 LoRA, 5e-3 IA3)"
-    )
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seeds sampling, local training and the adapter init (default: %(default)s)",
-    )
+    _add_training_flags(g, "seeds sampling, local training and the adapter init")
     g.add_argument(
         "--client-cpus",
         type=float,
