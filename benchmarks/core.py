@@ -77,7 +77,7 @@ def worker(job: dict) -> dict:
     out = {
         **job,
         "load_s": load_s,
-        "base_bytes": base.nbytes(),
+        "base_bytes": base.nbytes,
         "adapter_bytes": sum(v.nbytes for v in adapter_state(model).values()),
         "rss_after_load_mib": _rss_mib(),
     }

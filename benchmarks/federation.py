@@ -120,7 +120,7 @@ def _centralized(cfg: RunConfig, steps: int) -> dict:
         "ppl": after.ppl,
         "loss": after.loss,
         "train_s": result.seconds,
-        "base_bytes": base.nbytes(),
+        "base_bytes": base.nbytes,
     }
 
 

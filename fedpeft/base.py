@@ -53,10 +53,7 @@ class Base:
     path: Path  # a folder AutoModelForCausalLM.from_pretrained loads (PEFT's base_model_name_or_path)
     quant: str
     fingerprint: str
-
-    def nbytes(self) -> int:
-        """Bytes of the base's tensors as held in memory (after quantization)."""
-        return sum(t.numel() * t.element_size() for t in _unique_tensors(self.model.state_dict()))
+    nbytes: int = 0  # bytes of the base tensors in memory (after quantization), counted at load
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -200,11 +197,13 @@ def quant_settings(quant: str) -> dict[str, Any]:
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    seen: set[int] = set()
+    """Each storage once: tied weights (embeddings = lm_head) appear under two names."""
+    seen: set[tuple[int, int]] = set()
     out = []
     for t in state.values():
-        if t.data_ptr() not in seen or t.numel() == 0:
-            seen.add(t.data_ptr())
+        key = (t.data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
             out.append(t)
     return out
 
@@ -254,6 +253,7 @@ def load_base(cfg: BaseConfig) -> Base:
     model.eval()
     model.requires_grad_(False)
     return Base(
+        nbytes=sum(t.numel() * t.element_size() for t in _unique_tensors(model.state_dict())),
         model=model,
         tokenizer=tokenizer,
         path=path,

@@ -417,7 +417,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         "train_seconds": result.seconds,
         "train_tokens": result.tokens,
         "adapter_bytes": adapter_bytes,
-        "base_bytes": base.nbytes(),
+        "base_bytes": base.nbytes,
     }
     png = train_loss_png(
         result.losses,
@@ -436,7 +436,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     print(
         f"{cfg.adapter.kind} adapter for {data.user}: held-out ppl {before.ppl:.2f} -> {after.ppl:.2f} "
         f"after {cfg.train.steps} steps ({result.seconds:.1f} s); {adapter_bytes:,} bytes "
-        f"({adapter_bytes / base.nbytes():.2%} of the base); saved to {out}"
+        f"({adapter_bytes / base.nbytes:.2%} of the base); saved to {out}"
     )
 
 

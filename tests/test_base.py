@@ -36,7 +36,7 @@ def test_fingerprint_changes_with_one_weight(cache_dir: str, tiny_path: Path) ->
 
 def test_quantized_base_is_smaller(cache_dir: str, tiny_path: Path) -> None:
     sizes = {
-        q: load_base(BaseConfig(model="tiny", quant=q, cache_dir=cache_dir)).nbytes() for q in ("none", "nf4")
+        q: load_base(BaseConfig(model="tiny", quant=q, cache_dir=cache_dir)).nbytes for q in ("none", "nf4")
     }
     assert sizes["nf4"] < sizes["none"] * 0.5
 
