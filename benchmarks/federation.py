@@ -154,6 +154,11 @@ def quality(a: argparse.Namespace, work: Path) -> dict:
         runs[f"centralized-{split}"] = _centralized(
             replace(base, federation=replace(fed, split=split)), total_steps
         )
+    # FedAvg makes rounds x local_steps sequential steps of progress (its clients run in parallel): a
+    # centralized run with that many steps shows how much of the gap is sequential depth.
+    runs["centralized-iid-sequential"] = _centralized(
+        replace(base, federation=replace(fed, split="iid")), fed.rounds * fed.local_steps
+    )
     base_bytes = runs["centralized-iid"]["base_bytes"]
 
     print(
@@ -163,6 +168,8 @@ def quality(a: argparse.Namespace, work: Path) -> dict:
     print("| run | held-out ppl before | after | vs centralized (same text) |\n|---|---|---|---|")
     for name, r in runs.items():
         ref = runs["centralized-natural" if "natural" in name else "centralized-iid"]
+        if name == "centralized-iid-sequential":
+            name = f"centralized-iid, {fed.rounds * fed.local_steps} steps (= rounds x local steps)"
         print(f"| {name} | {r['ppl_start']:.2f} | {r['ppl']:.2f} | {r['ppl'] / ref['ppl'] - 1:+.1%} |")
     ffa_vs = runs["ffa-iid"]["ppl"] / runs["fedavg-iid"]["ppl"] - 1
     iid_vs = runs["fedavg-iid"]["ppl"] / runs["centralized-iid"]["ppl"] - 1
