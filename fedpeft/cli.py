@@ -114,7 +114,10 @@ def _add_training_flags(g: argparse._ArgumentGroup, seed_help: str) -> None:
         "--batch-size", type=int, default=4, metavar="B", help="sequences per step (default: %(default)s)"
     )
     g.add_argument(
-        "--lr", type=float, default=None, help="AdamW learning rate (default: 2e-4 LoRA, 5e-3 IA3)"
+        "--lr",
+        type=float,
+        default=None,
+        help="AdamW learning rate (default: 2e-4 LoRA, 5e-4 LoRA with A frozen, 5e-3 IA3)",
     )
     g.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: %(default)s)")
 
@@ -398,7 +401,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     model = inject(base, cfg.adapter)
     pad = base.tokenizer.pad_token_id
     before = evaluate(model, data.eval, pad, base.quant, cfg.train.eval_batch_size)
-    lr = cfg.train.learning_rate(cfg.adapter.kind)
+    lr = cfg.train.learning_rate(cfg.adapter.kind, cfg.adapter.freeze_a)
     result = train(model, data, cfg.train, lr, pad, base.quant, desc=f"train {cfg.adapter.kind}")
     after = evaluate(model, data.eval, pad, base.quant, cfg.train.eval_batch_size)
     adapter_bytes = sum(v.nbytes for v in adapter_state(model).values())

@@ -13,7 +13,7 @@ import numpy as np
 from fedpeft.adapters import adapter_state, inject, load_adapter_state, peft_config_dict, schema_of
 from fedpeft.aggregate import Arrays
 from fedpeft.base import Base, load_base
-from fedpeft.config import RunConfig
+from fedpeft.config import RunConfig, client_adapter, client_lr
 from fedpeft.data import UserData
 from fedpeft.partition import partition
 from fedpeft.train import evaluate, train
@@ -48,11 +48,7 @@ class Device:
         start = time.perf_counter()
         self.cfg = cfg
         self.base: Base = load_base(cfg.base)
-        adapter_cfg = replace(
-            cfg.adapter,
-            freeze_a=cfg.federation.lora_mode == "ffa" or cfg.adapter.freeze_a,
-            seed=cfg.federation.seed,
-        )
+        adapter_cfg = client_adapter(cfg)
         self.adapter_cfg = adapter_cfg
         self.model = inject(self.base, adapter_cfg)
         self.init_state = adapter_state(self.model)
@@ -97,7 +93,7 @@ class Device:
             self.model,
             data,
             tcfg,
-            tcfg.learning_rate(self.adapter_cfg.kind),
+            client_lr(self.cfg),
             self.base.tokenizer.pad_token_id,
             self.base.quant,
         )

@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from client.app import arrays_to_record, record_to_arrays
-from fedpeft.config import RunConfig, from_run_config, to_run_config
+from fedpeft.config import RunConfig, client_lr, from_run_config, to_run_config
 from fedpeft.errors import FedpeftError
 from fedpeft.federation import (
     ServerState,
@@ -246,7 +246,7 @@ def _secure_train_round(
     members = [c for c in sampled if roster.fingerprints[c] == state.info["fingerprint"]]
     arrays = state.travel_arrays()
     client_of = {n: c for c, n in node_of.items()}
-    lr = cfg.train.learning_rate(cfg.adapter.kind)
+    lr = client_lr(cfg)
     # clip at twice what AdamW can move a coordinate in the local steps (fedpeft/secagg/quantize.py)
     code = RingCode(
         clip=2 * lr * f.local_steps,
