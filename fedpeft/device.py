@@ -4,7 +4,6 @@ global adapter, train locally and return the delta, or evaluate. No Flower here 
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -45,7 +44,6 @@ class Device:
     """One process's base + adapter + data. Reused across messages and virtual clients (simulation)."""
 
     def __init__(self, cfg: RunConfig, clients: list[UserData] | None = None) -> None:
-        start = time.perf_counter()
         self.cfg = cfg
         self.base: Base = load_base(cfg.base)
         adapter_cfg = client_adapter(cfg)
@@ -59,7 +57,6 @@ class Device:
             if clients is not None
             else partition(cfg.data, self.base.tokenizer, f.clients, f.split, f.dirichlet_alpha, f.seed)
         )
-        self.load_seconds = time.perf_counter() - start
 
     @property
     def fingerprint(self) -> str:
