@@ -37,14 +37,15 @@ def _check_data(cfg: RunConfig) -> None:
     )
 
 
-def _ray_temp_dir(run_dir: Path) -> tuple[Path, bool]:
-    """Ray's temp folder under the run folder; Ray's Unix socket paths must stay under 107 bytes, so a
-    deep run folder falls back to a short temp folder (removed afterwards)."""
+def ray_temp_dir(run_dir: Path) -> Path:
+    """Ray's temp folder under the run folder. Ray puts Unix sockets at
+    <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store (62 more bytes) and refuses paths over
+    107 bytes, so a run folder deeper than 40 bytes gets a short temp folder instead (removed afterwards)."""
     candidate = run_dir.resolve() / "ray"
-    if len(str(candidate)) <= 60:
+    if len(str(candidate)) <= 40:
         candidate.mkdir(parents=True, exist_ok=True)
-        return candidate, False
-    return Path(tempfile.mkdtemp(prefix="fedpeft-ray-")), True
+        return candidate
+    return Path(tempfile.mkdtemp(prefix="fedpeft-ray-"))
 
 
 def quiet_environment() -> None:
@@ -91,7 +92,7 @@ def simulate(
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
     cpus = os.cpu_count() or 1
-    temp_dir, remove_temp = _ray_temp_dir(run_dir)
+    temp_dir = ray_temp_dir(run_dir)
     backend = {
         # One CPU share per client actor; by default one actor that owns every core and runs clients
         # one after another with all threads (on a small machine, parallel actors only thrash).

@@ -159,3 +159,15 @@ def test_resume_allows_more_rounds_but_nothing_else(tmp_path: Path) -> None:
         check_resume_config(tmp_path, RunConfig(federation=FederationConfig(clients=3)))
     with pytest.raises(FedpeftError, match="nothing to resume"):
         check_resume_config(tmp_path / "nope", cfg)
+
+
+def test_ray_temp_dir_stays_short_enough_for_rays_sockets(tmp_path: Path) -> None:
+    from fedpeft.simulate import ray_temp_dir
+
+    deep = ray_temp_dir(tmp_path / ("x" * 60))
+    assert len(str(deep)) + 62 <= 107 and not str(deep).startswith(str(tmp_path))
+    deep.rmdir()
+    short = Path("/tmp/fp-t")
+    assert ray_temp_dir(short) == short / "ray"
+    (short / "ray").rmdir()
+    short.rmdir()
