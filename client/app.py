@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedpeft.config import from_run_config
-from fedpeft.device import Device, get_device
+from fedpeft.device import Device, client_seed, get_device
 
 app = ClientApp()
 
@@ -90,7 +90,8 @@ def _secagg_stage(msg: Message, context: Context, device: Device, client: int) -
         }
         return flatten(result.delta, device.keys), float(result.num_examples), metrics
 
-    reply = handle(dict(msg.content["task"]), msg.content, context.state, client, local_update)
+    seed = client_seed(device.cfg.federation.seed, int(msg.content["task"]["round"]), client)
+    reply = handle(dict(msg.content["task"]), msg.content, context.state, client, local_update, seed)
     extra = dict(reply["info"]) if "info" in reply else {}
     reply["info"] = ConfigRecord({**extra, **dict(_info(device, client))})
     return reply

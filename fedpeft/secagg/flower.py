@@ -184,6 +184,7 @@ def handle(
     state: RecordDict,
     me: int,
     local_update: Callable[[], tuple[np.ndarray, float, dict[str, float]]],
+    rounding_seed: int | None = None,
 ) -> RecordDict:
     """One stage on the client. `local_update()` trains and returns (flat delta [D], weight, metrics); it is
     called in stage 3 only. Raises SecAggAbort on a protocol violation (the reply becomes an error)."""
@@ -209,7 +210,8 @@ def handle(
         if not np.all(np.isfinite(delta)):
             raise SecAggAbort(f"client {me}: non-finite update, not sent")
         code = RingCode(float(task["clip"]), int(task["max-clients"]), float(task["max-weight"]))
-        encoded = code.encode(delta, weight, np.random.default_rng())
+        # the stochastic rounding needs no secrecy (the masks hide the input); seeding it keeps runs reproducible
+        encoded = code.encode(delta, weight, np.random.default_rng(rounding_seed))
         y, malformed = client.masked_input(
             _from_bytes_record(content["ciphertexts"]), parse_ints(task["alive"]), encoded
         )
