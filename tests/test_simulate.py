@@ -15,6 +15,7 @@ from fedpeft.simulate import simulate
 from tests.conftest import make_text
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.simulation
 
 
 @pytest.fixture(scope="module")
