@@ -243,7 +243,8 @@ def read_adapter(path: Path) -> AdapterFiles:
         raise FedpeftError(f"adapter folder does not exist: {path}")
     for name in (CONFIG_FILE, WEIGHTS_FILE, META_FILE):
         if not (path / name).is_file():
-            raise FedpeftError(f"not a fedpeft adapter folder ({name} missing): {path}")
+            hint = f"; a federation's adapter is in {path / 'global'}" if (path / "global").is_dir() else ""
+            raise FedpeftError(f"not a fedpeft adapter folder ({name} missing): {path}{hint}")
     try:
         peft_config = json.loads((path / CONFIG_FILE).read_text())
         meta = json.loads((path / META_FILE).read_text())
