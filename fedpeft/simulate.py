@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -125,7 +124,8 @@ def simulate(
 
 def summary(state: ServerState) -> str:
     first, last = state.history[0], state.history[-1]
+    per_client = last.get("bytes_up", 0) // max(len(last.get("accepted", [])), 1)
     return (
         f"global adapter after round {state.round}: held-out ppl {first['eval_ppl']:.2f} -> {last['eval_ppl']:.2f}; "
-        f"bytes up per client per round {json.dumps(int(last.get('bytes_up', 0) / max(len(last.get('accepted', [])) or 1, 1)))}"
+        f"{per_client:,} bytes up per client in the last round"
     )

@@ -72,7 +72,6 @@ class SecAggClient:
     _held: dict[int, tuple[np.ndarray, np.ndarray]] = field(
         default_factory=dict
     )  # owner -> (b share, s share)
-    _masked_with: list[int] = field(default_factory=list)
     _sent_input: bool = False
 
     def advertise(self) -> tuple[bytes, bytes]:
@@ -126,8 +125,8 @@ class SecAggClient:
         y = x.astype(np.uint32) + crypto.mask(self._b, len(x))
         # No pairwise mask with a neighbour whose shares we cannot hold: if it is excluded later, its mask
         # key must be reconstructible from the shares of the clients that did mask with it.
-        self._masked_with = [j for j in self._keys if j in set(alive) and j not in malformed]
-        for j in self._masked_with:
+        masked_with = [j for j in self._keys if j in set(alive) and j not in malformed]
+        for j in masked_with:
             m = _pair_mask(self._s_sk, self._keys[j][1], self.tag, self.me, j, len(x))
             y = y + m if j > self.me else y - m  # uint32 arithmetic wraps: this is mod 2^32
         self._sent_input = True
@@ -286,7 +285,6 @@ def dump_client(c: SecAggClient) -> bytes:
             str(j): [shamir.encode_share(b).hex(), shamir.encode_share(s).hex()]
             for j, (b, s) in c._held.items()
         },
-        "masked_with": c._masked_with,
         "sent_input": c._sent_input,
     }
     return json.dumps(doc).encode()
@@ -303,5 +301,5 @@ def load_client(data: bytes) -> SecAggClient:
         int(j): (shamir.decode_share(bytes.fromhex(b), LIMBS), shamir.decode_share(bytes.fromhex(s), LIMBS))
         for j, (b, s) in d["held"].items()
     }
-    c._masked_with, c._sent_input = d["masked_with"], d["sent_input"]
+    c._sent_input = d["sent_input"]
     return c
