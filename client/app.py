@@ -1,40 +1,80 @@
 """Flower ClientApp: decode the message, call fedpeft.device, encode the reply. Nothing else.
 
 Every message carries the run's flat config (fedpeft.config.to_run_config), so the same app serves
-simulation and deployment. The base is loaded once per process (fedpeft.device.get_device).
+simulation and deployment:
+- simulation: node config `partition-id` picks this virtual client's share of the run's data;
+- deployment (`fedpeft client`): node config `data-path` is the device owner's own text, `name` its
+  user name, `cache-dir` the local store for the converted base and `model` an optional local copy of
+  the base. The server assigns the client index (task "client") after registration.
+The base is loaded once per process (fedpeft.device.get_device). A SuperNode starts a fresh process per
+message, so stages that need no model (secure-aggregation stages 1, 2, 4) never import torch.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft.config import from_run_config
-from fedpeft.device import Device, client_seed, get_device
+from client.records import arrays_to_record, record_to_arrays
+from fedpeft.config import RunConfig, from_run_config
+from fedpeft.errors import FedpeftError
+
+if TYPE_CHECKING:
+    from fedpeft.device import Device
 
 app = ClientApp()
+INFO_KEY = "fedpeft-info"  # context.state: what this node reported last (fingerprint, name)
 
 
-def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    """Named arrays travel under their names, in schema order (never as an unnamed list)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(arrays[k])) for k in sorted(arrays)})
-
-
-def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: record[k].numpy() for k in record}
-
-
-def _setup(msg: Message, context: Context) -> tuple[Device, int]:
+def _config(msg: Message, context: Context) -> RunConfig:
     cfg = from_run_config(dict(msg.content["config"]))
-    client = int(context.node_config["partition-id"])
-    return get_device(cfg), client
+    node = context.node_config
+    if "data-path" in node:  # a real device: its own copy of the base and its own cache
+        base = cfg.base
+        if node.get("model"):
+            base = replace(base, model=str(node["model"]))
+        if node.get("cache-dir"):
+            base = replace(base, cache_dir=str(node["cache-dir"]))
+        cfg = replace(cfg, base=base)
+    return cfg
 
 
-def _info(device: Device, client: int) -> ConfigRecord:
-    data = device.clients[client]
+def _setup(msg: Message, context: Context) -> tuple[Device, int, int]:
+    """(device, local data index, client index in the federation)."""
+    from fedpeft.device import get_device
+
+    cfg = _config(msg, context)
+    node = context.node_config
+    task = msg.content["task"]
+    if "data-path" in node:
+        device = get_device(cfg, data_path=str(node["data-path"]), name=str(node.get("name", "")))
+        local = 0
+    else:
+        device, local = get_device(cfg), int(node["partition-id"])
+    client = int(task.get("client", local))
+    context.state[INFO_KEY] = ConfigRecord(
+        {"fingerprint": device.fingerprint, "name": device.clients[local].user}
+    )
+    _check_base(task, device.fingerprint)
+    return device, local, client
+
+
+def _check_base(task: ConfigRecord, mine: str) -> None:
+    """Refuse before training: an update computed on another base would be meaningless to the federation."""
+    expected = task.get("fingerprint")
+    if expected and expected != mine:
+        raise FedpeftError(
+            f"refused: this device's base (fingerprint {mine[:16]}) differs from the federation's "
+            f"({str(expected)[:16]}); use the same model file and --quant as the server"
+        )
+
+
+def _info(device: Device, local: int, client: int) -> ConfigRecord:
+    data = device.clients[local]
     return ConfigRecord(
         {
             "fingerprint": device.fingerprint,
@@ -47,8 +87,11 @@ def _info(device: Device, client: int) -> ConfigRecord:
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
-    device, client = _setup(msg, context)
-    content = RecordDict({"info": _info(device, client)})
+    device, local, client = _setup(msg, context)
+    info = _info(device, local, client)
+    if "data-path" in context.node_config:
+        del info["client"]  # a device has no index until the server assigns one
+    content = RecordDict({"info": info})
     if msg.content["task"].get("with-init", False):
         content["description"] = ConfigRecord({"json": json.dumps(device.describe())})
         content["init"] = arrays_to_record(device.init_state)
@@ -57,11 +100,11 @@ def describe(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    device, client = _setup(msg, context)
     task = msg.content["task"]
     if "secagg-stage" in task:
-        return Message(_secagg_stage(msg, context, device, client), reply_to=msg)
-    result = device.fit(client, record_to_arrays(msg.content["arrays"]), int(task["round"]))
+        return Message(_secagg_stage(msg, context), reply_to=msg)
+    device, local, client = _setup(msg, context)
+    result = device.fit(local, record_to_arrays(msg.content["arrays"]), int(task["round"]), client)
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
@@ -70,19 +113,29 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     content = RecordDict(
-        {"delta": arrays_to_record(result.delta), "metrics": metrics, "info": _info(device, client)}
+        {
+            "delta": arrays_to_record(result.delta),
+            "metrics": metrics,
+            "info": _info(device, local, client),
+        }
     )
     return Message(content, reply_to=msg)
 
 
-def _secagg_stage(msg: Message, context: Context, device: Device, client: int) -> RecordDict:
-    """A secure-aggregation stage; the local training runs inside stage 3, right before masking."""
+def _secagg_stage(msg: Message, context: Context) -> RecordDict:
+    """A secure-aggregation stage; the local training runs inside stage 3, right before masking. Only
+    stage 3 loads the base; stage 1 checks the fingerprint this node reported last."""
+    from fedpeft.device import client_seed
     from fedpeft.secagg.flower import flatten, handle
 
+    task = msg.content["task"]
+    rnd, client = int(task["round"]), int(task["client"])
+    if int(task["secagg-stage"]) == 1 and INFO_KEY in context.state:
+        _check_base(task, str(context.state[INFO_KEY]["fingerprint"]))
+
     def local_update():
-        result = device.fit(
-            client, record_to_arrays(msg.content["arrays"]), int(msg.content["task"]["round"])
-        )
+        device, local, _ = _setup(msg, context)
+        result = device.fit(local, record_to_arrays(msg.content["arrays"]), rnd, client)
         metrics = {
             "num-examples": float(result.num_examples),
             "train_loss": result.train_loss,
@@ -90,18 +143,19 @@ def _secagg_stage(msg: Message, context: Context, device: Device, client: int) -
         }
         return flatten(result.delta, device.keys), float(result.num_examples), metrics
 
-    seed = client_seed(device.cfg.federation.seed, int(msg.content["task"]["round"]), client)
-    reply = handle(dict(msg.content["task"]), msg.content, context.state, client, local_update, seed)
-    extra = dict(reply["info"]) if "info" in reply else {}
-    reply["info"] = ConfigRecord({**extra, **dict(_info(device, client))})
-    return reply
+    cfg = from_run_config(dict(msg.content["config"]))
+    seed = client_seed(cfg.federation.seed, rnd, client)
+    return handle(dict(task), msg.content, context.state, client, local_update, seed)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    device, client = _setup(msg, context)
-    loss, tokens = device.evaluate(client, record_to_arrays(msg.content["arrays"]))
+    device, local, client = _setup(msg, context)
+    loss, tokens = device.evaluate(local, record_to_arrays(msg.content["arrays"]))
     content = RecordDict(
-        {"metrics": MetricRecord({"eval_loss": loss, "eval_tokens": tokens}), "info": _info(device, client)}
+        {
+            "metrics": MetricRecord({"eval_loss": loss, "eval_tokens": tokens}),
+            "info": _info(device, local, client),
+        }
     )
     return Message(content, reply_to=msg)

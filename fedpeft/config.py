@@ -105,6 +105,8 @@ class FederationConfig:
         10  # neighbours per client; O(log n) suffices (Bell et al., CCS 2020); >= n-1: complete graph
     )
     secagg_threshold: int = 0  # shares needed to recover a secret; 0 -> a majority of its k + 1 holders
+    connect_timeout: float = 600.0  # seconds the server waits for `clients` clients to connect
+    base_fingerprint: str = ""  # the federation's base (sha256); "" -> the one most registered clients hold
 
 
 @dataclass(frozen=True)

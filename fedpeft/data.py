@@ -98,6 +98,21 @@ def load_users(data: str) -> list[UserText]:
     return _read_default() if data == "default" else _read_folder(Path(data).expanduser())
 
 
+def load_device_user(path: str, name: str = "") -> UserText:
+    """A device owner's own text: one .txt file, or every .txt file under a folder (sorted, joined as a
+    sub-folder of a corpus folder is, so a user's text reads identically in simulation and deployment)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        text = _read_text(p)
+    elif p.is_dir():
+        text = "\n".join(_read_text(f) for f in sorted(p.rglob("*.txt")))
+    else:
+        raise FedpeftError(f"data path does not exist: {p}")
+    if not text.strip():
+        raise FedpeftError(f"no text in {p}: expected a .txt file or a folder of .txt files")
+    return UserText(_slug(name or (p.stem if p.is_file() else p.name)), text)
+
+
 def find_user(users: list[UserText], name: str) -> UserText:
     for u in users:
         if u.user == name or u.user == _slug(name):

@@ -13,7 +13,8 @@ from fedpeft.adapters import adapter_state, inject, load_adapter_state, peft_con
 from fedpeft.aggregate import Arrays
 from fedpeft.base import Base, load_base
 from fedpeft.config import RunConfig, client_adapter, client_lr
-from fedpeft.data import UserData
+from fedpeft.data import UserData, load_device_user, tokenize_user
+from fedpeft.federation import client_seed
 from fedpeft.partition import partition
 from fedpeft.train import evaluate, train
 
@@ -24,12 +25,6 @@ def travel_keys(names: list[str], lora_mode: str) -> list[str]:
     if lora_mode == "ffa":
         return [n for n in names if ".lora_B." in n]
     return list(names)
-
-
-def client_seed(seed: int, rnd: int, client: int) -> int:
-    """Each (round, client) trains with its own seed, independent of which process runs it: this is
-    what makes a resumed run equal an uninterrupted one."""
-    return int(np.random.default_rng([seed, rnd, client]).integers(2**31 - 1))
 
 
 @dataclass
@@ -43,7 +38,13 @@ class FitResult:
 class Device:
     """One process's base + adapter + data. Reused across messages and virtual clients (simulation)."""
 
-    def __init__(self, cfg: RunConfig, clients: list[UserData] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        clients: list[UserData] | None = None,
+        data_path: str | None = None,
+        name: str = "",
+    ) -> None:
         self.cfg = cfg
         self.base: Base = load_base(cfg.base)
         adapter_cfg = client_adapter(cfg)
@@ -52,6 +53,8 @@ class Device:
         self.init_state = adapter_state(self.model)
         self.keys = travel_keys(list(self.init_state), cfg.federation.lora_mode)
         f = cfg.federation
+        if data_path is not None:  # a real device: one user, its own text
+            clients = [tokenize_user(load_device_user(data_path, name), self.base.tokenizer, cfg.data)]
         self.clients = (
             clients
             if clients is not None
@@ -77,8 +80,10 @@ class Device:
     def _apply(self, global_arrays: Arrays) -> None:
         load_adapter_state(self.model, {**self.init_state, **global_arrays}, what="global adapter")
 
-    def fit(self, client: int, global_arrays: Arrays, rnd: int) -> FitResult:
-        data = self.clients[client]
+    def fit(self, local: int, global_arrays: Arrays, rnd: int, client: int | None = None) -> FitResult:
+        """Train data `local` of this process; `client` (the federation's index, default `local`) seeds it."""
+        data = self.clients[local]
+        client = local if client is None else client
         self._apply(global_arrays)
         tcfg = replace(
             self.cfg.train,
@@ -111,13 +116,18 @@ class Device:
         return r.loss, r.tokens
 
 
-_DEVICES: dict[RunConfig, Device] = {}
+_DEVICES: dict[tuple[RunConfig, str | None, str], Device] = {}
 
 
-def get_device(cfg: RunConfig) -> Device:
-    """A per-process cache: a Flower actor or SuperNode process loads the base once, not every round."""
-    key = replace(cfg, federation=replace(cfg.federation, rounds=0), server_opt=type(cfg.server_opt)())
+def get_device(cfg: RunConfig, data_path: str | None = None, name: str = "") -> Device:
+    """A per-process cache: a Flower actor loads the base once, not every round (a SuperNode runs each
+    message in a fresh process, so there it is loaded per message; see README, deployment)."""
+    key = (
+        replace(cfg, federation=replace(cfg.federation, rounds=0), server_opt=type(cfg.server_opt)()),
+        data_path,
+        name,
+    )
     if key not in _DEVICES:
         _DEVICES.clear()  # one base per process: memory is the edge device's scarcest resource
-        _DEVICES[key] = Device(cfg)
+        _DEVICES[key] = Device(cfg, data_path=data_path, name=name)
     return _DEVICES[key]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.adapters import adapter_meta, write_adapter_dir
+from fedpeft.adapter_files import adapter_meta, write_adapter_dir
 from fedpeft.aggregate import Arrays, divide, server_update, weighted_sum
 from fedpeft.checkpoint import atomic_dir, atomic_write_bytes
 from fedpeft.config import AdapterConfig, RunConfig
@@ -48,6 +48,12 @@ class ServerState:
 
 def initial_state(description: dict[str, Any], init: Arrays) -> ServerState:
     return ServerState(round=0, arrays=dict(sorted(init.items())), opt_state={}, info=description)
+
+
+def client_seed(seed: int, rnd: int, client: int) -> int:
+    """Each (round, client) trains with its own seed, independent of which process runs it: this is
+    what makes a resumed run equal an uninterrupted one."""
+    return int(np.random.default_rng([seed, rnd, client]).integers(2**31 - 1))
 
 
 def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: int, rnd: int) -> list[int]:

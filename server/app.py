@@ -19,8 +19,8 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from client.app import arrays_to_record, record_to_arrays
-from fedpeft.config import RunConfig, client_lr, from_run_config, to_run_config
+from client.records import arrays_to_record, record_to_arrays
+from fedpeft.config import FederationConfig, RunConfig, client_lr, from_run_config, to_run_config
 from fedpeft.errors import FedpeftError
 from fedpeft.federation import (
     ServerState,
@@ -47,6 +47,16 @@ class Roster:
     names: dict[int, str] = field(default_factory=dict)
     fingerprints: dict[int, str] = field(default_factory=dict)
     examples: dict[int, float] = field(default_factory=dict)  # training tokens: the FedAvg weight
+    fingerprint: str = ""  # the federation's base
+
+    def sample(self, f: FederationConfig, rnd: int) -> list[int]:
+        """This round's clients; indices into the registered clients (some devices may have failed)."""
+        ids = sorted(self.node_of)
+        return [ids[i] for i in sample_clients(len(ids), f.fraction, f.min_clients, f.seed, rnd)]
+
+    def on_base(self) -> list[int]:
+        """Clients whose base is the federation's (the others are refused, and refuse, every round)."""
+        return [c for c in sorted(self.node_of) if self.fingerprints[c] == self.fingerprint]
 
 
 @dataclass
@@ -60,6 +70,8 @@ class Outcome:
 def _message(
     cfg_record: ConfigRecord, node: int, kind: str, task: dict[str, Any], arrays: dict | None = None
 ) -> Message:
+    """Every task after registration names its client index and the federation's base fingerprint: a
+    device learns its index from it and refuses to train on another base."""
     content = RecordDict({"config": cfg_record, "task": ConfigRecord(task)})
     if arrays is not None:
         content["arrays"] = arrays_to_record(arrays)
@@ -79,54 +91,100 @@ def _error_text(reply: Message) -> str:
     return reply.error.reason.strip().splitlines()[-1][:300] if reply.has_error() else ""
 
 
-def _register(grid: Grid, cfg: RunConfig, cfg_record: ConfigRecord) -> tuple[Roster, dict, dict]:
-    """Ask every node who it is. Returns the roster, the adapter description, the initial arrays."""
-    nodes = _wait_for_nodes(grid, cfg.federation.clients, timeout=600)
-    if len(nodes) < cfg.federation.clients:
-        raise FedpeftError(f"only {len(nodes)} of {cfg.federation.clients} clients connected")
+def _register(
+    grid: Grid, cfg: RunConfig, cfg_record: ConfigRecord, pinned: str = ""
+) -> tuple[Roster, dict, dict]:
+    """Ask every node who it is, give each a client index, pick the federation's base, and have one client
+    on that base describe the adapter. Returns the roster, the adapter description, the initial arrays.
+
+    Simulated clients report their partition index; real devices report a name and are indexed in name
+    order (so a deployment of the same users as a simulation gets the same indices, hence seeds)."""
+    want = cfg.federation.clients
+    nodes = _wait_for_nodes(grid, want, timeout=cfg.federation.connect_timeout)
+    if len(nodes) < want:
+        raise FedpeftError(f"only {len(nodes)} of {want} clients connected")
     replies = list(
-        grid.send_and_receive(
-            [
-                _message(cfg_record, node, MessageType.QUERY, {"with-init": i == 0})
-                for i, node in enumerate(nodes)
-            ]
-        )
+        grid.send_and_receive([_message(cfg_record, node, MessageType.QUERY, {}) for node in nodes])
     )
-    roster, description, init = Roster(), None, None
-    node_of, names = roster.node_of, roster.names
+    good = []
     for reply in replies:
         if reply.has_error():
-            raise FedpeftError(f"a client failed to start: {_error_text(reply)}")
-        info = reply.content["info"]
-        client = int(info["client"])
-        node_of[client], names[client] = reply.metadata.src_node_id, str(info["name"])
-        roster.fingerprints[client], roster.examples[client] = (
-            str(info["fingerprint"]),
-            float(info["num-examples"]),
+            log.warning("a client failed to start and is left out: %s", _error_text(reply))
+        else:
+            good.append(reply)
+    if len(good) < len(replies) and all("client" in r.content["info"] for r in good):
+        # simulated clients share one data set: a failure there is the run's, not one device's
+        raise FedpeftError(
+            f"a client failed to start: {_error_text(next(r for r in replies if r.has_error()))}"
         )
-        if "description" in reply.content:
-            description = json.loads(reply.content["description"]["json"])
-            init = record_to_arrays(reply.content["init"])
-    if description is None or init is None:
-        raise FedpeftError("no client described the adapter")
-    odd = [
-        str(r.content["info"]["name"])
-        for r in replies
-        if r.content["info"]["fingerprint"] != description["fingerprint"]
-    ]
+    if len(good) < cfg.federation.min_clients:
+        raise FedpeftError(f"only {len(good)} clients started; --min-clients is {cfg.federation.min_clients}")
+
+    def key(r: Message) -> tuple:
+        info = r.content["info"]
+        return (int(info["client"]) if "client" in info else -1, str(info["name"]), r.metadata.src_node_id)
+
+    good.sort(key=key)
+    if len(good) > want:
+        log.warning("%d clients connected; the federation takes the first %d by name", len(good), want)
+        good = good[:want]
+    roster = Roster()
+    for index, reply in enumerate(good):
+        info = reply.content["info"]
+        client = int(info["client"]) if "client" in info else index
+        roster.node_of[client], roster.names[client] = reply.metadata.src_node_id, str(info["name"])
+        roster.fingerprints[client] = str(info["fingerprint"])
+        roster.examples[client] = float(info["num-examples"])
+    if len(set(roster.names.values())) < len(roster.names):
+        log.warning("two clients report the same name; they are told apart by node id")
+    counts: dict[str, int] = {}
+    for c in sorted(roster.node_of):  # most common base; ties go to the lowest client index
+        counts[roster.fingerprints[c]] = counts.get(roster.fingerprints[c], 0) + 1
+    roster.fingerprint = pinned or max(counts, key=lambda fp: counts[fp])
+    members = roster.on_base()
+    odd = [roster.names[c] for c in sorted(roster.node_of) if c not in members]
     if odd:
-        log.warning("clients on another base (they will be refused every round): %s", ", ".join(odd))
+        log.warning(
+            "clients on another base than the federation's (%s...); they are refused every round: %s",
+            roster.fingerprint[:16],
+            ", ".join(odd),
+        )
+    if not members:
+        raise FedpeftError(f"no client holds the federation's base {roster.fingerprint[:16]}...")
+    describer = members[0]
+    (reply,) = grid.send_and_receive(
+        [
+            _message(
+                cfg_record,
+                roster.node_of[describer],
+                MessageType.QUERY,
+                {"with-init": True, "client": describer, "fingerprint": roster.fingerprint},
+            )
+        ]
+    )
+    if reply.has_error():
+        raise FedpeftError(
+            f"client {roster.names[describer]} failed to describe the adapter: {_error_text(reply)}"
+        )
+    description = json.loads(reply.content["description"]["json"])
+    init = record_to_arrays(reply.content["init"])
     return roster, description, init
 
 
-def _evaluate(
-    grid: Grid, cfg_record: ConfigRecord, state: ServerState, node_of: dict[int, int], names: dict[int, str]
-) -> dict[str, Any]:
+def _task(roster: Roster, client: int, **task: Any) -> dict[str, Any]:
+    return {**task, "client": client, "fingerprint": roster.fingerprint}
+
+
+def _evaluate(grid: Grid, cfg_record: ConfigRecord, state: ServerState, roster: Roster) -> dict[str, Any]:
+    node_of, names = roster.node_of, roster.names
     arrays = state.travel_arrays()
+    members = roster.on_base()
     replies = grid.send_and_receive(
         [
-            _message(cfg_record, node_of[c], MessageType.EVALUATE, {"round": state.round}, arrays)
-            for c in sorted(node_of)
+            _message(
+                cfg_record, node_of[c], MessageType.EVALUATE, _task(roster, c, round=state.round), arrays
+            )
+            for c in members
         ]
     )
     per_client, nll, tokens = {}, 0.0, 0
@@ -149,7 +207,7 @@ def _evaluate(
         "eval_tokens": tokens,
         "eval_ppl_client_mean": sum(c["ppl"] for c in per_client.values()) / max(len(per_client), 1),
         "eval_per_client": dict(sorted(per_client.items())),
-        "bytes_down_eval": sum(a.nbytes for a in arrays.values()) * len(node_of),
+        "bytes_down_eval": sum(a.nbytes for a in arrays.values()) * len(members),
     }
 
 
@@ -163,10 +221,13 @@ def _train_round(
     node_of, names = roster.node_of, roster.names
     rnd = state.round + 1
     f = cfg.federation
-    sampled = sample_clients(f.clients, f.fraction, f.min_clients, f.seed, rnd)
+    sampled = roster.sample(f, rnd)
     arrays = state.travel_arrays()
     replies = grid.send_and_receive(
-        [_message(cfg_record, node_of[c], MessageType.TRAIN, {"round": rnd}, arrays) for c in sampled]
+        [
+            _message(cfg_record, node_of[c], MessageType.TRAIN, _task(roster, c, round=rnd), arrays)
+            for c in sampled
+        ]
     )
     accepted: dict[int, tuple[dict, float, float, float]] = {}
     rejected, bytes_up = [], 0
@@ -237,13 +298,9 @@ def _secure_train_round(
     from fedpeft.secagg.quantize import RingCode
 
     rnd, f = state.round + 1, cfg.federation
-    sampled = sample_clients(f.clients, f.fraction, f.min_clients, f.seed, rnd)
-    rejected = [
-        {"client": names[c], "reason": "base fingerprint differs from the federation's"}
-        for c in sampled
-        if roster.fingerprints[c] != state.info["fingerprint"]
-    ]
-    members = [c for c in sampled if roster.fingerprints[c] == state.info["fingerprint"]]
+    sampled = roster.sample(f, rnd)
+    rejected: list[dict[str, str]] = []
+    members = sampled  # a client on another base refuses at stage 1 and drops out there
     arrays = state.travel_arrays()
     client_of = {n: c for c, n in node_of.items()}
     lr = client_lr(cfg)
@@ -251,7 +308,7 @@ def _secure_train_round(
     code = RingCode(
         clip=2 * lr * f.local_steps,
         max_clients=max(len(members), 1),
-        max_weight=max(roster.examples.values()),
+        max_weight=max(roster.examples[c] for c in members),
     )
     dim = sum(a.size for a in arrays.values()) + 1
 
@@ -263,7 +320,7 @@ def _secure_train_round(
                 cfg_record,
                 node_of[c],
                 MessageType.TRAIN,
-                {**p["task"], "round": rnd},
+                _task(roster, c, **p["task"], round=rnd),
                 arrays if stage3 else None,
             )
             for key, record in p.items():
@@ -276,7 +333,7 @@ def _secure_train_round(
         "round": rnd,
         "sampled": [names[c] for c in sampled],
         "rejected": rejected,
-        "bytes_down": sum(a.nbytes for a in arrays.values()) * len(members),
+        "bytes_down": sum(a.nbytes for a in arrays.values()) * len(sampled),
         "secagg": True,
     }
     tag = f"{state.info['fingerprint'][:16]}|seed-{f.seed}|round-{rnd}".encode()
@@ -329,8 +386,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
     from tqdm.auto import tqdm
 
     cfg_record = ConfigRecord(to_run_config(cfg))
-    roster, description, init = _register(grid, cfg, cfg_record)
-    node_of, names = roster.node_of, roster.names
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    pinned = state.info["fingerprint"] if state is not None else cfg.federation.base_fingerprint
+    roster, description, init = _register(grid, cfg, cfg_record, pinned)
     if cfg.adapter.kind == "lora":
         log.info(
             "aggregation: %s",
@@ -338,9 +397,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
             if cfg.federation.lora_mode == "ffa"
             else "FedAvg of LoRA A and B separately (mean of B·A is not mean(B)·mean(A): an approximation)",
         )
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint)
+    if state is not None:
         if (
             state.info["fingerprint"] != description["fingerprint"]
             or state.info["schema"] != description["schema"]
@@ -349,9 +406,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
         log.info("resuming after round %d from %s", state.round, checkpoint)
     else:
         state = initial_state(description, init)
-        state.history = [
-            {"round": 0, **_evaluate(grid, cfg_record, state, node_of, names), "train_loss": None}
-        ]
+        state.history = [{"round": 0, **_evaluate(grid, cfg_record, state, roster), "train_loss": None}]
         save_checkpoint(run_dir, state, cfg)
         write_global(run_dir, state)
         write_metrics(run_dir, state.history)
@@ -368,7 +423,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
         round_fn = _secure_train_round if cfg.federation.secagg else _train_round
         state, metrics = round_fn(grid, cfg, cfg_record, state, roster)
         eval_start = time.perf_counter()
-        metrics.update(_evaluate(grid, cfg_record, state, node_of, names))
+        metrics.update(_evaluate(grid, cfg_record, state, roster))
         metrics["eval_seconds"] = time.perf_counter() - eval_start
         metrics["seconds"] = time.perf_counter() - start
         state.history = [*state.history, metrics]

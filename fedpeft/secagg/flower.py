@@ -89,7 +89,8 @@ def secure_sum(
     def ok(replies: dict[int, Message], stage: int) -> dict[int, Message]:
         good = {c: m for c, m in replies.items() if not m.has_error()}
         for c in set(clients) - set(good):
-            report["dropped"].setdefault(c, f"stage {stage}")
+            reason = replies[c].error.reason.strip().splitlines()[-1][:300] if c in replies else ""
+            report["dropped"].setdefault(c, f"stage {stage}" + (f" ({reason})" if reason else ""))
         return good
 
     base = {"tag": tag, "k": params.k, "t": t, "seed": seed}

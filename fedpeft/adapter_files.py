@@ -1,0 +1,83 @@
+"""Adapter files without a model: PEFT folders, our metadata, the schema. No torch, so the server (which
+never loads the base) writes global adapters and checkpoints with numpy and safetensors alone."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpeft.checkpoint import atomic_dir
+from fedpeft.config import AdapterConfig
+
+META_FILE = "fedpeft.json"  # our metadata beside PEFT's files; peft ignores it
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+Schema = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype), sorted by name
+
+
+def schema_of(arrays: dict[str, np.ndarray]) -> Schema:
+    return [(k, tuple(int(d) for d in arrays[k].shape), str(arrays[k].dtype)) for k in sorted(arrays)]
+
+
+def _jsonable(obj: Any) -> Any:
+    """peft configs hold sets (target_modules); JSON wants lists, sorted so files are reproducible."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "value") and type(obj).__module__.startswith("peft"):  # enums such as TaskType
+        return obj.value
+    return obj
+
+
+def adapter_meta(
+    fingerprint: str,
+    base_path: str,
+    quant: str,
+    cfg: AdapterConfig,
+    arrays: dict[str, np.ndarray],
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "base_fingerprint": fingerprint,
+        "base_path": base_path,
+        "quant": quant,
+        "adapter": _jsonable(asdict(cfg)),
+        "schema": [[n, list(s), d] for n, s, d in schema_of(arrays)],
+        "round": None,
+        **extra,
+    }
+
+
+def write_adapter_dir(
+    dest: Path,
+    arrays: dict[str, np.ndarray],
+    peft_config: dict[str, Any],
+    meta: dict[str, Any],
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write a PEFT folder (adapter_config.json + adapter_model.safetensors) plus fedpeft.json, atomically:
+    `dest` is replaced whole only once everything is written. Needs no model, so the server can use it."""
+    from safetensors.numpy import save_file
+
+    dest = Path(dest)
+    with atomic_dir(dest) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(_jsonable(peft_config), indent=2, sort_keys=True) + "\n")
+        save_file(
+            {k: np.ascontiguousarray(arrays[k]) for k in sorted(arrays)},
+            tmp / WEIGHTS_FILE,
+            metadata={"format": "pt"},
+        )
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return dest

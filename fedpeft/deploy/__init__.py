@@ -1,0 +1,1 @@
+"""Deployment over real Flower processes: certificates, `fedpeft server`, `fedpeft client`, local runs."""
