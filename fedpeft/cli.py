@@ -122,6 +122,103 @@ def _add_training_flags(g: argparse._ArgumentGroup, seed_help: str) -> None:
     g.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: %(default)s)")
 
 
+def _add_federation_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The federation's flags: shared by simulate, server and deploy-local (the same names everywhere)."""
+    g = p.add_argument_group("federation")
+    g.add_argument(
+        "--lora-mode",
+        default="fedavg",
+        choices=("fedavg", "ffa"),
+        help="fedavg: average LoRA A and B separately (approximate); ffa: FFA-LoRA, A frozen and shared, "
+        "only B trained and sent (exact) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--server-opt",
+        default="fedavg",
+        choices=SERVER_OPTS,
+        help="server update on the mean delta: fedavg, fedavgm, fedadam, fedyogi (default: %(default)s)",
+    )
+    g.add_argument(
+        "--server-lr",
+        type=float,
+        default=None,
+        help="server learning rate (default: 1.0 for fedavg/fedavgm, 1e-3 for fedadam/fedyogi)",
+    )
+    g.add_argument(
+        "--clients",
+        type=int,
+        default=10,
+        metavar="N",
+        help="clients: virtual (simulate) or devices to wait for (server) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--fraction",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="share of clients sampled to train each round (default: %(default)s)",
+    )
+    g.add_argument(
+        "--min-clients",
+        type=int,
+        default=2,
+        metavar="K",
+        help="fewer valid replies than this and the round is skipped (default: %(default)s)",
+    )
+    g.add_argument(
+        "--rounds", type=int, default=5, metavar="R", help="federated rounds (default: %(default)s)"
+    )
+    g.add_argument(
+        "--local-steps",
+        type=int,
+        default=5,
+        metavar="S",
+        help="optimizer steps per client per round (default: %(default)s)",
+    )
+    g.add_argument(
+        "--split",
+        default="natural",
+        choices=SPLITS,
+        help="natural: one user per client (the users with the most text); iid: all text shuffled evenly; "
+        "dirichlet: label shares per client from Dir(alpha) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--dirichlet-alpha",
+        type=float,
+        default=0.5,
+        metavar="A",
+        help="Dirichlet concentration (default: %(default)s)",
+    )
+    _add_training_flags(g, "seeds sampling, local training and the adapter init")
+    g.add_argument(
+        "--secagg",
+        action="store_true",
+        help="secure aggregation (SecAgg+): the server learns only the sum of the clients' updates",
+    )
+    g.add_argument(
+        "--secagg-k",
+        type=int,
+        default=10,
+        metavar="K",
+        help="SecAgg+ neighbours per client (default: %(default)s)",
+    )
+    g.add_argument(
+        "--secagg-threshold",
+        type=int,
+        default=0,
+        metavar="T",
+        help="shares needed to recover a client's secret (default: a majority of its k + 1 holders)",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last complete round (also to extend it to more --rounds)",
+    )
+
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return g
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description="Federated on-device adapter fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -167,68 +264,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_base_flags(s)
     _add_adapter_flags(s)
     _add_data_flags(s)
-    g = s.add_argument_group("federation")
-    g.add_argument(
-        "--lora-mode",
-        default="fedavg",
-        choices=("fedavg", "ffa"),
-        help="fedavg: average LoRA A and B separately (approximate); ffa: FFA-LoRA, A frozen and shared, "
-        "only B trained and sent (exact) (default: %(default)s)",
-    )
-    g.add_argument(
-        "--server-opt",
-        default="fedavg",
-        choices=SERVER_OPTS,
-        help="server update on the mean delta: fedavg, fedavgm, fedadam, fedyogi (default: %(default)s)",
-    )
-    g.add_argument(
-        "--server-lr",
-        type=float,
-        default=None,
-        help="server learning rate (default: 1.0 for fedavg/fedavgm, 1e-3 for fedadam/fedyogi)",
-    )
-    g.add_argument(
-        "--clients", type=int, default=10, metavar="N", help="virtual clients (default: %(default)s)"
-    )
-    g.add_argument(
-        "--fraction",
-        type=float,
-        default=0.5,
-        metavar="F",
-        help="share of clients sampled to train each round (default: %(default)s)",
-    )
-    g.add_argument(
-        "--min-clients",
-        type=int,
-        default=2,
-        metavar="K",
-        help="fewer valid replies than this and the round is skipped (default: %(default)s)",
-    )
-    g.add_argument(
-        "--rounds", type=int, default=5, metavar="R", help="federated rounds (default: %(default)s)"
-    )
-    g.add_argument(
-        "--local-steps",
-        type=int,
-        default=5,
-        metavar="S",
-        help="optimizer steps per client per round (default: %(default)s)",
-    )
-    g.add_argument(
-        "--split",
-        default="natural",
-        choices=SPLITS,
-        help="natural: one user per client (the users with the most text); iid: all text shuffled evenly; "
-        "dirichlet: label shares per client from Dir(alpha) (default: %(default)s)",
-    )
-    g.add_argument(
-        "--dirichlet-alpha",
-        type=float,
-        default=0.5,
-        metavar="A",
-        help="Dirichlet concentration (default: %(default)s)",
-    )
-    _add_training_flags(g, "seeds sampling, local training and the adapter init")
+    g = _add_federation_flags(s)
     g.add_argument(
         "--client-cpus",
         type=float,
@@ -242,31 +278,9 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="run folder (default: a new runs/federation-YYYYmmdd-HHMMSS; an existing run needs --resume)",
     )
-    g.add_argument(
-        "--secagg",
-        action="store_true",
-        help="secure aggregation (SecAgg+): the server learns only the sum of the clients' updates",
-    )
-    g.add_argument(
-        "--secagg-k",
-        type=int,
-        default=10,
-        metavar="K",
-        help="SecAgg+ neighbours per client (default: %(default)s)",
-    )
-    g.add_argument(
-        "--secagg-threshold",
-        type=int,
-        default=0,
-        metavar="T",
-        help="shares needed to recover a client's secret (default: a majority of its k + 1 holders)",
-    )
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --out from its last complete round (also to extend it to more --rounds)",
-    )
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from fedpeft.deploy.commands import add_deploy_commands
+
+    add_deploy_commands(sub, _add_base_flags, _add_adapter_flags, _add_data_flags, _add_federation_flags)
 
     e = sub.add_parser(
         "export",
@@ -363,6 +377,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
             secagg=getattr(a, "secagg", False),
             secagg_k=getattr(a, "secagg_k", 10),
             secagg_threshold=getattr(a, "secagg_threshold", 0),
+            connect_timeout=getattr(a, "connect_timeout", 600.0),
+            base_fingerprint=getattr(a, "base_fingerprint", "") or "",
         ),
         server_opt=ServerOptConfig(name=getattr(a, "server_opt", "fedavg"), lr=getattr(a, "server_lr", None)),
     )
@@ -495,7 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     _quiet_libraries()
     try:
-        {"train": cmd_train, "simulate": cmd_simulate, "export": cmd_export}[args.command](args)
+        from fedpeft.deploy.commands import COMMANDS
+
+        {"train": cmd_train, "simulate": cmd_simulate, "export": cmd_export, **COMMANDS}[args.command](args)
     except FedpeftError as e:
         print(f"fedpeft: error: {e}", file=sys.stderr)
         return 2

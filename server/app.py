@@ -463,8 +463,31 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for `flwr run .`: the config is Flower's run config ([tool.flwr.app.config])."""
+    """Entry point behind a SuperLink (`fedpeft server`, `flwr run`): the config is Flower's run config.
+    The outcome goes to RUN/status.json, which `fedpeft server` waits for (Flower's run status does not
+    carry our error message)."""
+    from fedpeft.checkpoint import atomic_write_json
+
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("fedpeft: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     run_config = dict(context.run_config)
     run_dir = Path(str(run_config.pop("out", "runs/flwr")))
     resume = bool(run_config.pop("resume", False))
-    run_federation(grid, from_run_config(run_config), run_dir, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state = run_federation(grid, from_run_config(run_config), run_dir, resume)
+    except FedpeftError as e:
+        log.error("%s", e)
+        atomic_write_json(run_dir / "status.json", {"state": "failed", "error": str(e)})
+        raise
+    except Exception as e:
+        log.exception("the federation failed")
+        atomic_write_json(
+            run_dir / "status.json",
+            {"state": "failed", "error": f"the federation failed: {type(e).__name__}: {e}"},
+        )
+        raise
+    atomic_write_json(run_dir / "status.json", {"state": "finished", "round": state.round})

@@ -1,0 +1,128 @@
+"""`fedpeft client`: a Flower SuperNode on an edge device, with the owner's own text as private data.
+
+The device needs no Ray and no GPU. What it keeps in its store (`--store`):
+  base/              the base model converted once from its packaged or given file (quantized at load)
+  node-config.toml   what our ClientApp reads: data path, user name, base location
+  supernode.log      (when started by `fedpeft deploy-local`)
+Flower's SuperNode runs each message in a fresh ClientApp process; that process loads the base from
+the store (about a second for the default model, see README) and exits, so between rounds the device
+holds only the SuperNode itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedpeft.checkpoint import atomic_write_bytes
+from fedpeft.deploy.processes import executable, flower_env, free_port, stop_tree
+from fedpeft.errors import FedpeftError
+
+log = logging.getLogger("fedpeft")
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    server: str  # HOST:PORT of the SuperLink
+    data: Path  # the owner's text: a .txt file or a folder of them
+    store: Path
+    root_cert: Path | None = None  # CA certificate that signed the server's (from `fedpeft certs`)
+    key: Path | None = None  # this device's node-authentication private key
+    name: str = ""  # user name reported to the server (default: the data file or folder name)
+    model: str = "default"  # default | tiny | PATH: this device's copy of the base
+    insecure: bool = False
+    max_wait: float | None = None  # give up reconnecting after this many seconds (default: never)
+
+
+def _check_server(address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FedpeftError(f"--server must be HOST:PORT, got {address!r}")
+
+
+def _check_key(path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    try:
+        key = load_ssh_private_key(path.read_bytes(), password=None)
+    except OSError as e:
+        raise FedpeftError(f"cannot read --key {path}: {e.strerror}") from None
+    except ValueError:
+        raise FedpeftError(
+            f"--key {path} is not an OpenSSH private key (use clients/NAME.key from `fedpeft certs`)"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise FedpeftError(f"--key {path} is not an ECDSA key")
+
+
+def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
+    """Check every input, convert the base into the store once, write the node config. Returns the node
+    config file and the flower-supernode command line."""
+    import tomli_w
+
+    from fedpeft.base import resolve_base_dir
+    from fedpeft.data import load_device_user
+
+    _check_server(opts.server)
+    if opts.insecure:
+        log.warning("--insecure: traffic to and from the server is NOT encrypted")
+    elif opts.root_cert is None or not opts.root_cert.is_file():
+        raise FedpeftError(
+            "TLS needs --root-cert (the ca.pem from `fedpeft certs`)"
+            if opts.root_cert is None
+            else f"--root-cert {opts.root_cert} does not exist"
+        )
+    if opts.key is not None:
+        _check_key(opts.key)
+    user = load_device_user(str(opts.data), opts.name)  # one-line error if there is no text
+    store = opts.store.resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    base_dir = resolve_base_dir(opts.model, str(store / "base"))
+    node = {
+        "data-path": str(opts.data.resolve()),
+        "name": user.user,
+        "model": str(base_dir),
+        "cache-dir": str(store / "base"),
+        "store": str(store),
+    }
+    node_file = store / "node-config.toml"
+    atomic_write_bytes(node_file, tomli_w.dumps(node).encode())
+    args = [
+        executable("flower-supernode"),
+        "--superlink",
+        opts.server,
+        "--node-config",
+        str(node_file),
+        # the SuperNode's own local API for its ClientApp processes: a free port, so several clients
+        # can share a machine
+        "--port",
+        str(free_port()),
+    ]
+    if opts.insecure:
+        args.append("--insecure")
+    else:
+        assert opts.root_cert is not None
+        args += ["--root-certificates", str(opts.root_cert.resolve())]
+    if opts.key is not None:
+        args += ["--auth-supernode-private-key", str(opts.key.resolve())]
+    if opts.max_wait is not None:
+        args += ["--max-wait-time", str(opts.max_wait)]
+    log.info("user %r, %d characters of text; base %s", user.user, len(user.text), base_dir)
+    return node_file, args
+
+
+def run_client(opts: ClientOptions) -> int:
+    """Run the SuperNode in the foreground until it exits or the user interrupts; returns its exit code."""
+    _, args = prepare(opts)
+    env = flower_env(opts.store.resolve() / "flwr")
+    log.info("connecting to %s (reconnects on its own if the server goes away)", opts.server)
+    proc = subprocess.Popen(args, env=env, start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stop_tree(proc.pid)

@@ -1,0 +1,229 @@
+"""`fedpeft certs | server | client | deploy-local`: flags -> fedpeft.deploy, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+
+from fedpeft.errors import FedpeftError
+
+log = logging.getLogger("fedpeft")
+Adder = Callable[[argparse.ArgumentParser], object]
+
+
+def add_deploy_commands(
+    sub, add_base: Adder, add_adapter: Adder, add_data: Adder, add_federation: Adder
+) -> None:
+    c = sub.add_parser(
+        "certs",
+        help="make a CA, a TLS server certificate and client key pairs for a deployment",
+        description="Create (or extend) a certificate folder: ca.pem/ca.key, server.pem/server.key with the "
+        "given names, clients/NAME.key (stays on the device) and clients/NAME.pub (registered by the "
+        "server). Existing files are never overwritten.",
+    )
+    c.add_argument("--out", default="certs", metavar="DIR", help="certificate folder (default: %(default)s)")
+    c.add_argument(
+        "--san",
+        action="append",
+        metavar="NAME",
+        help="an IP address or host name clients use to reach the server; repeat for several "
+        "(default: 127.0.0.1 and localhost)",
+    )
+    c.add_argument(
+        "--clients",
+        default="3",
+        metavar="N|NAME,NAME",
+        help="client key pairs to make: a count (client-1..client-N) or names (default: %(default)s)",
+    )
+
+    s = sub.add_parser(
+        "server",
+        help="start the aggregation server (Flower SuperLink + our ServerApp) and run a federation",
+        description="Start a Flower SuperLink (TLS and node authentication by default, state in SQLite under "
+        "--out), register the client keys, run the federation with our ServerApp until its last round, then "
+        "stop. Writes metrics.jsonl, plot.png, global/ and checkpoints/ to --out, as simulate does.",
+    )
+    add_base(s)
+    add_adapter(s)
+    add_data(s)
+    g = add_federation(s)
+    g.add_argument(
+        "--out", required=True, metavar="DIR", help="server folder (an existing one needs --resume)"
+    )
+    g.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds to wait for --clients clients to connect (default: %(default)s)",
+    )
+    g.add_argument(
+        "--base-fingerprint",
+        default="",
+        metavar="SHA256",
+        help="the federation's base; clients on another are refused (default: the one most clients hold)",
+    )
+    n = s.add_argument_group("network and security")
+    n.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 for clients on other machines (default: %(default)s)",
+    )
+    n.add_argument("--port", type=int, default=9092, help="port to listen on (default: %(default)s)")
+    n.add_argument(
+        "--certs",
+        default=None,
+        metavar="DIR",
+        help="folder from `fedpeft certs` (ca.pem, server.pem, server.key)",
+    )
+    n.add_argument(
+        "--insecure", action="store_true", help="no TLS: traffic in clear text (for local trials only)"
+    )
+    n.add_argument("--no-auth", action="store_true", help="let any client join (no node authentication)")
+    n.add_argument(
+        "--client-keys",
+        nargs="+",
+        default=None,
+        metavar="PUB",
+        help="client public keys to register (default: clients/*.pub in --certs)",
+    )
+    s.add_argument("--config-json", default=None, help=argparse.SUPPRESS)  # deploy-local passes its config
+
+    k = sub.add_parser(
+        "client",
+        help="run an edge client (Flower SuperNode + our ClientApp) on this device's own text",
+        description="Join a federation: fine-tune the adapter on this device's text when the server asks, send "
+        "only the (masked) adapter delta. CPU only; no Ray needed (pip install fedpeft without extras). "
+        "Reconnects when the server goes away and comes back.",
+    )
+    k.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address")
+    k.add_argument("--root-cert", default=None, metavar="PEM", help="ca.pem from `fedpeft certs` (TLS)")
+    k.add_argument(
+        "--key", default=None, metavar="KEY", help="this device's private key, clients/NAME.key (auth)"
+    )
+    k.add_argument(
+        "--data", required=True, metavar="PATH", help="this device's text: a .txt file or a folder of them"
+    )
+    k.add_argument(
+        "--store",
+        default="fedpeft-store",
+        metavar="DIR",
+        help="local store for the converted base and this client's state (default: %(default)s)",
+    )
+    k.add_argument(
+        "--name", default="", help="user name the server sees (default: the data file or folder name)"
+    )
+    k.add_argument(
+        "--model",
+        default="default",
+        metavar="default|tiny|PATH",
+        help="this device's copy of the base; it must match the server's fingerprint (default: %(default)s)",
+    )
+    k.add_argument(
+        "--insecure", action="store_true", help="no TLS (only against a server started with --insecure)"
+    )
+    k.add_argument(
+        "--max-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="give up after S seconds without the server (default: keep trying)",
+    )
+
+    d = sub.add_parser(
+        "deploy-local",
+        help="a real deployment on this machine: TLS server + N client processes on loopback",
+        description="Make certificates, start `fedpeft server` with TLS and node authentication and --clients "
+        "`fedpeft client` processes (one user's text each, natural split), run the federation, stop "
+        "everything. The quickest way to see a real deployment.",
+    )
+    add_base(d)
+    add_adapter(d)
+    add_data(d)
+    g = add_federation(d)
+    g.add_argument("--out", required=True, metavar="DIR", help="folder for certs/, server/ and clients/")
+    g.add_argument("--port", type=int, default=None, help="server port (default: a free one)")
+
+
+def cmd_certs(a: argparse.Namespace) -> None:
+    from fedpeft.deploy.certs import client_names, make_certs, server_cert_names
+
+    names = client_names(a.clients)
+    paths = make_certs(Path(a.out), a.san or ["127.0.0.1", "localhost"], names)
+    root = paths.root
+    print(
+        f"CA {paths.ca}; server certificate {paths.server_cert} for {', '.join(server_cert_names(paths.server_cert))}"
+    )
+    print(f"client keys in {root / 'clients'}: give each device its NAME.key and ca.pem, keep the .pub here")
+    print("start the server (it registers every clients/*.pub):")
+    print(f"  fedpeft server --certs {shlex.quote(str(root))} --out server --clients {len(names)} --secagg")
+    print("on each device:")
+    for name in names:
+        print(
+            f"  fedpeft client --server SERVER_HOST:9092 --root-cert ca.pem --key {name}.key "
+            f"--data MY_TEXT --name {name}"
+        )
+    print("to add a client to a running server:")
+    print(
+        f"  FLWR_HOME=server/superlink/flwr flwr supernode register {shlex.quote(str(root / 'clients'))}/NAME.pub fedpeft"
+    )
+
+
+def cmd_server(a: argparse.Namespace) -> None:
+    from fedpeft.cli import run_config_from_args
+    from fedpeft.config import from_run_config
+    from fedpeft.deploy.server import ServerOptions, run_server
+    from fedpeft.federation import ServerState
+    from fedpeft.simulate import summary
+
+    cfg = from_run_config(json.loads(a.config_json)) if a.config_json else run_config_from_args(a)
+    opts = ServerOptions(
+        host=a.host,
+        port=a.port,
+        certs=Path(a.certs) if a.certs else None,
+        insecure=a.insecure,
+        auth=not a.no_auth,
+        client_keys=tuple(Path(p) for p in a.client_keys or ()),
+    )
+    if not 0 < a.port < 65536:
+        raise FedpeftError(f"--port must be between 1 and 65535, got {a.port}")
+    result = run_server(cfg, Path(a.out), opts, resume=a.resume)
+    state = ServerState(result.rounds, {}, {}, {}, result.history)
+    print(summary(state) + f"; server folder {a.out} (metrics.jsonl, plot.png, global/)")
+
+
+def cmd_client(a: argparse.Namespace) -> None:
+    from fedpeft.deploy.client import ClientOptions, run_client
+
+    code = run_client(
+        ClientOptions(
+            server=a.server,
+            data=Path(a.data),
+            store=Path(a.store),
+            root_cert=Path(a.root_cert) if a.root_cert else None,
+            key=Path(a.key) if a.key else None,
+            name=a.name,
+            model=a.model,
+            insecure=a.insecure,
+            max_wait=a.max_wait,
+        )
+    )
+    if code not in (0, 130, -15):
+        raise FedpeftError(f"the SuperNode exited with code {code} (see the log above)")
+
+
+def cmd_deploy_local(a: argparse.Namespace) -> None:
+    from fedpeft.cli import run_config_from_args
+    from fedpeft.deploy.local import deploy_local
+
+    cfg = run_config_from_args(a)
+    code = deploy_local(cfg, Path(a.out), port=a.port, resume=a.resume)
+    if code != 0:
+        raise FedpeftError(f"the server failed (exit code {code}); see {Path(a.out) / 'server.log'}")
+
+
+COMMANDS = {"certs": cmd_certs, "server": cmd_server, "client": cmd_client, "deploy-local": cmd_deploy_local}

@@ -1,0 +1,152 @@
+"""`fedpeft deploy-local`: a real deployment on one machine. Certificates, a TLS + node-auth server and N
+clients, each a separate `fedpeft client` process with one user's text, all on loopback; everything
+started is stopped at the end (or on Ctrl-C).
+
+Folder (`--out`): certs/, the server folder (as `fedpeft server --out`), clients/NAME/{data.txt, store/,
+client.log}.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from fedpeft.config import RunConfig
+from fedpeft.deploy.certs import make_certs
+from fedpeft.deploy.processes import Child, flower_env, free_port, port_in_use
+from fedpeft.errors import FedpeftError
+
+log = logging.getLogger("fedpeft")
+
+
+def _users(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(name, text) of the users a natural-split simulation of this config would have as clients."""
+    from transformers import AutoTokenizer
+
+    from fedpeft.base import resolve_base_dir
+    from fedpeft.data import find_user, load_users
+    from fedpeft.partition import partition
+
+    if cfg.federation.split != "natural":
+        raise FedpeftError("deploy-local gives each client one user's own text: use --split natural")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_dir(cfg.base.model, cfg.base.cache_dir))
+    chosen = partition(cfg.data, tokenizer, cfg.federation.clients, "natural")
+    users = load_users(cfg.data.data)
+    return [(d.user, find_user(users, d.user).text) for d in chosen]
+
+
+def deploy_local(
+    cfg: RunConfig,
+    out: Path,
+    extra_server_args: list[str] | None = None,
+    port: int | None = None,
+    resume: bool = False,
+) -> int:
+    """Run the federation of `cfg` as a local deployment; returns the server's exit code."""
+    from fedpeft.base import resolve_base_dir
+    from fedpeft.config import to_run_config
+
+    out = Path(out).resolve()
+    users = _users(cfg)
+    base_dir = resolve_base_dir(cfg.base.model, cfg.base.cache_dir)  # convert once, shared by all clients
+    certs = make_certs(out / "certs", ["127.0.0.1", "localhost"], [name for name, _ in users])
+    port = port or free_port()
+    if port_in_use("127.0.0.1", port):
+        raise FedpeftError(f"port {port} is already in use")
+    server_dir = out / "server"
+    env = flower_env(out / "flwr")
+    flat = to_run_config(replace(cfg, train=replace(cfg.train, progress=False)))
+    server_args = [
+        sys.executable,
+        "-m",
+        "fedpeft.cli",
+        "server",
+        "--out",
+        str(server_dir),
+        "--certs",
+        str(certs.root),
+        "--port",
+        str(port),
+        "--config-json",
+        _json(flat),
+        *(["--resume"] if resume else []),
+        *(extra_server_args or []),
+    ]
+    children: list[Child] = []
+    server = Child(server_args, out / "server.log", env, "fedpeft server")
+    children.append(server)
+    try:
+        app = server_dir / "superlink" / "app" / "pyproject.toml"  # written once keys are registered
+        deadline = time.monotonic() + 120
+        while not (app.is_file() and port_in_use("127.0.0.1", port)):
+            if not server.alive():
+                raise FedpeftError(f"the server exited at start:\n{server.log_tail()}")
+            if time.monotonic() > deadline:
+                raise FedpeftError("the server did not start within 120 s")
+            time.sleep(0.3)
+        for name, text in users:
+            home = out / "clients" / name
+            home.mkdir(parents=True, exist_ok=True)
+            data = home / "data.txt"
+            data.write_text(text, encoding="utf-8")
+            args = [
+                sys.executable,
+                "-m",
+                "fedpeft.cli",
+                "client",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--root-cert",
+                str(certs.ca),
+                "--key",
+                str(certs.client_key(name)),
+                "--data",
+                str(data),
+                "--name",
+                name,
+                "--store",
+                str(home / "store"),
+                "--model",
+                str(base_dir),
+            ]
+            children.append(Child(args, home / "client.log", env, f"client {name}"))
+        log.info(
+            "server on 127.0.0.1:%d (TLS, node auth) and %d clients started; logs in %s",
+            port,
+            len(users),
+            out,
+        )
+        _follow(server)
+        return int(server.proc.returncode or 0)
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+def _json(obj: object) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True)
+
+
+def _follow(server: Child) -> None:
+    """Echo the server's output (round lines) until it exits."""
+    pos = 0
+    while True:
+        alive = server.alive()
+        try:
+            with open(server.log_path, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos += len(chunk)
+        except OSError:
+            chunk = b""
+        if chunk:
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        if not alive:
+            return
+        time.sleep(0.5)

@@ -1,0 +1,193 @@
+"""Start, watch and stop Flower's own executables (flower-superlink, flower-supernode, flwr) as child
+processes. Everything started here runs in its own process group and is stopped with it: Flower's
+launchers detach helpers (flower-superexec, flwr-serverapp, flwr-clientapp) that would otherwise
+outlive an interrupted command."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from fedpeft.errors import FedpeftError
+
+QUIET = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONWARNINGS": "ignore",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def executable(name: str) -> str:
+    """Flower's executables from this Python's environment first (a venv need not be activated)."""
+    here = Path(sys.executable).parent / name
+    if here.is_file():
+        return str(here)
+    found = shutil.which(name)
+    if found is None:
+        raise FedpeftError(f"{name} not found: install fedpeft (it brings flwr) in this environment")
+    return found
+
+
+def flower_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower's processes: our venv's bin first on PATH (the SuperLink starts
+    `flower-superexec` by name), Flower's home folder inside our own folder, telemetry off."""
+    env = dict(os.environ)
+    env.update(QUIET)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FLWR_HOME"] = str(home)
+    env.update(extra or {})
+    return env
+
+
+class Child:
+    """A child process in its own process group, output to a log file."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str], name: str) -> None:
+        self.name, self.log_path = name, log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM to the whole group and everything it spawned, then SIGKILL what is left."""
+        stop_tree(self.proc.pid, timeout)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=1)
+        self._log.close()
+
+
+def _children() -> dict[int, list[int]]:
+    """ppid -> pids, from /proc (Linux); empty elsewhere, where the process group must do."""
+    out: dict[int, list[int]] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        out.setdefault(int(fields[1]), []).append(int(d.name))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    tree, todo, seen = _children(), [pid], []
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            if child not in seen:
+                seen.append(child)
+                todo.append(child)
+    return seen
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, sig)
+
+
+def stop_tree(pid: int, timeout: float = 15.0) -> None:
+    """Stop a process, its process group and its descendants (some of Flower's start their own sessions)."""
+    pids = [pid, *descendants(pid)]
+    groups = set()
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            groups.add(os.getpgid(p))
+    for g in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(g, signal.SIGTERM)
+    _signal(pids, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.2)
+    for g in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(g, signal.SIGKILL)
+    _signal([p for p in pids if _running(p)], signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host if host not in ("0.0.0.0", "") else "127.0.0.1", port)) == 0
+
+
+def wait_listening(host: str, port: int, child: Child, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise FedpeftError(
+                f"{child.name} exited at start; its log ({child.log_path}) ends:\n{child.log_tail()}"
+            )
+        if port_in_use(host, port):
+            return
+        time.sleep(0.3)
+    raise FedpeftError(f"{child.name} did not listen on {host}:{port} within {timeout:.0f} s")
+
+
+def flwr(args: list[str], env: dict[str, str], timeout: float = 120.0) -> Any:
+    """Run the `flwr` CLI with --format json and return its parsed output; one-line error on failure."""
+    cmd = [executable("flwr"), *args, "--format", "json"]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise FedpeftError(f"flwr {args[0]} did not answer within {timeout:.0f} s") from None
+    text = done.stdout.strip()
+    start = text.find("{")
+    try:
+        out = json.loads(text[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        out = {}
+    if done.returncode != 0 or out.get("success") is False:
+        reason = out.get("error-message") or (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
+        raise FedpeftError(
+            f"flwr {' '.join(args[:2])} failed: {reason if isinstance(reason, str) else reason[0]}"
+        )
+    return out

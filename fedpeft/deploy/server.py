@@ -1,0 +1,316 @@
+"""`fedpeft server`: a real Flower SuperLink plus our ServerApp, supervised until the federation ends.
+
+Layout of the server folder (`--out`):
+  config.json, metrics.jsonl, plot.png, global/, checkpoints/   the federation, as in `fedpeft simulate`
+  status.json                                                 written by the ServerApp when it ends
+  superlink/state.db                                          SuperLink state (SQLite): runs, registered nodes
+  superlink/superlink.log, superlink/serverapp.log            logs
+  superlink/flwr/                                             FLWR_HOME: the flwr CLI's connection, apps
+  superlink/app/pyproject.toml                                the Flower app launched (our apps + this config)
+
+If the SuperLink process dies, it is restarted on the same database (registered clients and their node
+ids survive; SuperNodes reconnect on their own) and the federation resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedpeft.checkpoint import atomic_write_bytes, atomic_write_json
+from fedpeft.config import RunConfig, to_run_config
+from fedpeft.deploy.certs import CertPaths
+from fedpeft.deploy.processes import (
+    Child,
+    executable,
+    flower_env,
+    flwr,
+    port_in_use,
+    wait_listening,
+)
+from fedpeft.errors import FedpeftError
+from fedpeft.federation import check_resume_config, latest_checkpoint
+
+log = logging.getLogger("fedpeft")
+CONNECTION = "fedpeft"  # the flwr CLI's name for our SuperLink
+STATUS_FILE = "status.json"
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"  # 0.0.0.0 to accept clients from other machines
+    port: int = 9092
+    certs: Path | None = None  # a `fedpeft certs` folder: ca.pem, server.pem, server.key, clients/*.pub
+    insecure: bool = False  # plain HTTP: only for trying things out on one machine
+    auth: bool = True  # only registered client keys may join
+    client_keys: tuple[Path, ...] = field(default_factory=tuple)  # .pub files; default certs/clients/*.pub
+    restarts: int = 3  # SuperLink restarts before giving up
+    poll: float = 1.0
+
+
+@dataclass
+class ServerResult:
+    rounds: int
+    history: list[dict[str, Any]]
+    restarts: int
+
+
+def _dial_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+class Server:
+    """One SuperLink process on a folder; start() again after a crash reuses the database."""
+
+    def __init__(self, out: Path, opts: ServerOptions) -> None:
+        self.out, self.opts = out.resolve(), opts
+        self.dir = self.out / "superlink"
+        self.home = self.dir / "flwr"
+        self.env = flower_env(self.home)
+        self.child: Child | None = None
+        self.certs = CertPaths(opts.certs.resolve()) if opts.certs else None
+
+    def check(self) -> None:
+        o = self.opts
+        if not o.insecure:
+            if self.certs is None:
+                raise FedpeftError(
+                    "TLS needs --certs DIR (make one with `fedpeft certs`), or pass --insecure"
+                )
+            for p in (self.certs.ca, self.certs.server_cert, self.certs.server_key):
+                if not p.is_file():
+                    raise FedpeftError(
+                        f"missing {p}: make the certificates with `fedpeft certs --out {self.certs.root}`"
+                    )
+        if o.auth:
+            if not self.keys():
+                raise FedpeftError(
+                    "node authentication is on but there is no client public key to register "
+                    "(--client-keys, or clients/*.pub in --certs); --no-auth to let any client join"
+                )
+            if o.insecure:
+                raise FedpeftError("node authentication needs TLS; drop --insecure or pass --no-auth")
+        if port_in_use(o.host, o.port):
+            raise FedpeftError(f"port {o.port} on {o.host} is already in use (--port)")
+
+    def keys(self) -> list[Path]:
+        if self.opts.client_keys:
+            return list(self.opts.client_keys)
+        return self.certs.client_pubs() if self.certs else []
+
+    def start(self) -> None:
+        o = self.opts
+        self.dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            executable("flower-superlink"),
+            "--database",
+            str(self.dir / "state.db"),
+            "--host",
+            o.host,
+            "--port",
+            str(o.port),
+            # our ServerApp runs in this environment; never `uv sync` an app's dependencies at run time
+            "--disable-runtime-dependency-installation",
+        ]
+        if o.insecure:
+            args.append("--insecure")
+        else:
+            assert self.certs is not None
+            args += [
+                "--ssl-ca-certfile",
+                str(self.certs.ca),
+                "--ssl-certfile",
+                str(self.certs.server_cert),
+                "--ssl-keyfile",
+                str(self.certs.server_key),
+            ]
+        if o.auth:
+            args.append("--enable-supernode-auth")
+        self.child = Child(args, self.dir / "superlink.log", self.env, "flower-superlink")
+        wait_listening(_dial_host(o.host), o.port, self.child)
+        self._write_connection()
+
+    def _write_connection(self) -> None:
+        import tomli_w
+
+        conn: dict[str, Any] = {"address": f"{_dial_host(self.opts.host)}:{self.opts.port}"}
+        if self.opts.insecure:
+            conn["insecure"] = True
+        else:
+            assert self.certs is not None
+            conn["root-certificates"] = str(self.certs.ca)
+        self.home.mkdir(parents=True, exist_ok=True)
+        doc = {"superlink": {"default": CONNECTION, CONNECTION: conn}}
+        atomic_write_bytes(self.home / "config.toml", tomli_w.dumps(doc).encode())
+
+    def register(self) -> int:
+        """Register every client public key not yet known (the database keeps earlier registrations)."""
+        known = {str(n.get("public-key", "")).strip() for n in self.nodes()}
+        added = 0
+        for pub in self.keys():
+            try:
+                text = pub.read_text().strip()
+            except OSError as e:
+                raise FedpeftError(f"cannot read client key {pub}: {e.strerror}") from None
+            if any(text.split()[:2] == k.split()[:2] for k in known if k):
+                continue
+            try:
+                flwr(["supernode", "register", str(pub), CONNECTION], self.env)
+            except FedpeftError as e:
+                if "already" not in str(e).lower():
+                    raise
+            added += 1
+        return added
+
+    def nodes(self) -> list[dict[str, Any]]:
+        try:
+            out = flwr(["supernode", "list", CONNECTION], self.env)
+        except FedpeftError:
+            return []
+        return list(out.get("nodes", []))
+
+    def launch(self, cfg: RunConfig, resume: bool) -> int:
+        """Launch the federation as a Flower run of our apps with this config; returns the run id."""
+        import tomli_w
+
+        app = self.dir / "app"
+        app.mkdir(parents=True, exist_ok=True)
+        config = {k: v for k, v in to_run_config(cfg).items()}
+        config.update(out=str(self.out), resume=resume)
+        doc = {
+            "project": {
+                "name": "fedpeft-federation",
+                "version": "1.0.0",
+                "description": "fedpeft federation launched by `fedpeft server`",
+                "license": "Apache-2.0",
+            },
+            "tool": {
+                "flwr": {
+                    "app": {
+                        "publisher": "fedpeft",
+                        # the apps are imported from the installed fedpeft; the bundle carries only config
+                        "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+                        "config": config,
+                    }
+                }
+            },
+        }
+        atomic_write_bytes(app / "pyproject.toml", tomli_w.dumps(doc).encode())
+        out = flwr(["run", str(app), CONNECTION], self.env)
+        run_id = int(out["run-id"])
+        self._stream_log(run_id)
+        return run_id
+
+    def _stream_log(self, run_id: int) -> None:
+        args = [executable("flwr"), "log", str(run_id), CONNECTION, "--stream"]
+        self.log_child = Child(args, self.dir / "serverapp.log", self.env, "flwr log")
+
+    def stop_run(self, run_id: int) -> None:
+        with contextlib.suppress(FedpeftError):
+            flwr(["stop", str(run_id), CONNECTION], self.env, timeout=30)
+
+    def stop(self) -> None:
+        for child in (getattr(self, "log_child", None), self.child):
+            if child is not None:
+                child.stop()
+
+
+def _round_line(m: dict[str, Any]) -> str:
+    text = f"round {m['round']}: held-out ppl {m['eval_ppl']:.2f} (loss {m['eval_loss']:.3f})"
+    if m["round"] > 0:
+        text += f", {len(m.get('accepted', []))}/{len(m.get('sampled', []))} clients, {m.get('seconds', math.nan):.1f} s"
+        if m.get("skipped"):
+            text += " [skipped]"
+        for r in m.get("rejected", []):
+            text += f"\n  refused {r['client']}: {r['reason']}"
+    return text
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
+def run_server(cfg: RunConfig, out: Path, opts: ServerOptions, resume: bool = False) -> ServerResult:
+    """Start the SuperLink, register the clients, run the federation to its end, stop everything."""
+    out = Path(out)
+    if resume:
+        check_resume_config(out, cfg)
+    elif latest_checkpoint(out) is not None:
+        raise FedpeftError(
+            f"{out} already holds a federation; pass --resume to continue it or use a new --out"
+        )
+    server = Server(out, opts)
+    server.check()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", to_run_config(cfg))
+    status = out / STATUS_FILE
+    status.unlink(missing_ok=True)
+    if opts.insecure:
+        log.warning(
+            "--insecure: traffic to and from clients is NOT encrypted; use it only on a trusted machine"
+        )
+    if not opts.auth:
+        log.warning("--no-auth: any client that reaches the server may join the federation")
+    restarts, printed, run_id = 0, 0, None
+    try:
+        server.start()
+        if opts.auth:
+            added = server.register()
+            log.info("%d client keys registered (%d new)", len(server.keys()), added)
+        run_id = server.launch(cfg, resume)
+        log.info(
+            "SuperLink on %s:%d (%s%s); waiting for %d clients; logs in %s",
+            opts.host,
+            opts.port,
+            "plain HTTP" if opts.insecure else "TLS",
+            ", node authentication" if opts.auth else "",
+            cfg.federation.clients,
+            server.dir,
+        )
+        while True:
+            history = _read_lines(out / "metrics.jsonl")
+            for m in history[printed:]:
+                print(_round_line(m), flush=True)
+            printed = max(printed, len(history))
+            if status.is_file():
+                break
+            assert server.child is not None
+            if not server.child.alive():
+                if restarts >= opts.restarts:
+                    raise FedpeftError(
+                        f"the SuperLink exited {restarts + 1} times; its log ({server.child.log_path}) ends:\n"
+                        + server.child.log_tail()
+                    )
+                restarts += 1
+                log.warning(
+                    "the SuperLink exited (code %s); restarting it on the same state (%d/%d)",
+                    server.child.proc.returncode,
+                    restarts,
+                    opts.restarts,
+                )
+                server.stop()  # whatever it left behind (its ServerApp) must not write to `out` any more
+                server.start()
+                server.stop_run(run_id)
+                resume_now = latest_checkpoint(out) is not None
+                run_id = server.launch(cfg, resume_now)
+                if resume_now:
+                    log.info("federation resumed from %s", latest_checkpoint(out))
+            time.sleep(opts.poll)
+    finally:
+        server.stop()
+    result = json.loads(status.read_text())
+    history = _read_lines(out / "metrics.jsonl")
+    for m in history[printed:]:
+        print(_round_line(m), flush=True)
+    if result.get("state") != "finished":
+        raise FedpeftError(result.get("error") or "the federation failed (see superlink/serverapp.log)")
+    return ServerResult(int(result.get("round", 0)), history, restarts)
