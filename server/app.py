@@ -101,8 +101,12 @@ def _register(
     order (so a deployment of the same users as a simulation gets the same indices, hence seeds)."""
     want = cfg.federation.clients
     nodes = _wait_for_nodes(grid, want, timeout=cfg.federation.connect_timeout)
+    if len(nodes) < max(cfg.federation.min_clients, 1):
+        raise FedpeftError(
+            f"only {len(nodes)} of {want} clients connected within {cfg.federation.connect_timeout:.0f} s"
+        )
     if len(nodes) < want:
-        raise FedpeftError(f"only {len(nodes)} of {want} clients connected")
+        log.warning("%d of %d clients connected; going on without the others", len(nodes), want)
     replies = list(
         grid.send_and_receive([_message(cfg_record, node, MessageType.QUERY, {}) for node in nodes])
     )

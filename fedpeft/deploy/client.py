@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,14 +116,36 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
 
 
 def run_client(opts: ClientOptions) -> int:
-    """Run the SuperNode in the foreground until it exits or the user interrupts; returns its exit code."""
+    """Run the SuperNode in the foreground until the user interrupts; returns its exit code.
+
+    Flower's SuperNode retries a lost connection itself, but exits when its first activation fails (the
+    server is not up yet, or has not registered this key yet); we start it again with a growing pause,
+    so a device may come up before its server and rides out server restarts."""
     _, args = prepare(opts)
     env = flower_env(opts.store.resolve() / "flwr")
     log.info("connecting to %s (reconnects on its own if the server goes away)", opts.server)
-    proc = subprocess.Popen(args, env=env, start_new_session=True)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        stop_tree(proc.pid)
+    start, pause = time.monotonic(), 2.0
+    while True:
+        proc = subprocess.Popen(args, env=env, start_new_session=True)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            stop_tree(proc.pid)
+        if code == 0:
+            return 0
+        if opts.max_wait is not None and time.monotonic() - start + pause > opts.max_wait:
+            log.error("gave up after --max-wait %.0f s", opts.max_wait)
+            return code
+        log.warning(
+            "the server at %s did not accept this device (not reachable, or this key is not registered "
+            "there); trying again in %.0f s",
+            opts.server,
+            pause,
+        )
+        try:
+            time.sleep(pause)
+        except KeyboardInterrupt:
+            return 130
+        pause = min(pause * 2, 30.0)

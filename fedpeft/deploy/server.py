@@ -28,10 +28,12 @@ from fedpeft.config import RunConfig, to_run_config
 from fedpeft.deploy.certs import CertPaths
 from fedpeft.deploy.processes import (
     Child,
+    descendants,
     executable,
     flower_env,
     flwr,
     port_in_use,
+    stop_tree,
     wait_listening,
 )
 from fedpeft.errors import FedpeftError
@@ -74,6 +76,7 @@ class Server:
         self.home = self.dir / "flwr"
         self.env = flower_env(self.home)
         self.child: Child | None = None
+        self.tree: list[int] = []  # the SuperLink's descendants, last seen (they outlive a killed SuperLink)
         self.certs = CertPaths(opts.certs.resolve()) if opts.certs else None
 
     def check(self) -> None:
@@ -215,10 +218,21 @@ class Server:
         with contextlib.suppress(FedpeftError):
             flwr(["stop", str(run_id), CONNECTION], self.env, timeout=30)
 
+    def watch(self) -> bool:
+        """Is the SuperLink alive? Remembers its process tree while it is."""
+        assert self.child is not None
+        if self.child.alive():
+            self.tree = descendants(self.child.pid) or self.tree
+            return True
+        return False
+
     def stop(self) -> None:
         for child in (getattr(self, "log_child", None), self.child):
             if child is not None:
                 child.stop()
+        for pid in self.tree:  # a killed SuperLink's SuperExec and ServerApp: they must not write to `out`
+            stop_tree(pid, timeout=5)
+        self.tree = []
 
 
 def _round_line(m: dict[str, Any]) -> str:
@@ -283,8 +297,8 @@ def run_server(cfg: RunConfig, out: Path, opts: ServerOptions, resume: bool = Fa
             printed = max(printed, len(history))
             if status.is_file():
                 break
-            assert server.child is not None
-            if not server.child.alive():
+            if not server.watch():
+                assert server.child is not None
                 if restarts >= opts.restarts:
                     raise FedpeftError(
                         f"the SuperLink exited {restarts + 1} times; its log ({server.child.log_path}) ends:\n"

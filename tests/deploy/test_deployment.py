@@ -1,0 +1,218 @@
+"""Real deployments on 127.0.0.1: `fedpeft server` and `fedpeft client` processes (Flower SuperLink and
+SuperNodes) with TLS and node authentication, bounded in time, and nothing left running afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from fedpeft.cli import main as fedpeft_main
+from fedpeft.deploy.certs import make_certs
+from fedpeft.deploy.processes import Child, descendants, flower_env, free_port
+from tests.conftest import make_text
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.deployment
+
+
+@pytest.fixture(scope="module")
+def users(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("dep-users")
+    (root / "alice.txt").write_text(make_text(11, 500))
+    (root / "bob.txt").write_text(make_text(12, 450))
+    (root / "carol").mkdir()  # a device whose text is a folder of files
+    (root / "carol" / "a.txt").write_text(make_text(13, 250))
+    (root / "carol" / "b.txt").write_text(make_text(14, 250))
+    return root
+
+
+def _flags(users: Path, cache_dir: str, *extra: str) -> list[str]:
+    return [
+        "--model", "tiny", "--cache-dir", cache_dir, "--lora-r", "4", "--data", str(users),
+        "--block-size", "32", "--lr", "5e-3", "--fraction", "1", "--local-steps", "2", "--seed", "1",
+        "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+class Deployment:
+    """Processes started by one test; all stopped (with whatever they spawned) at teardown."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.children = root, []
+        self.env = flower_env(root / "flwr", {"PYTHONPATH": str(ROOT)})
+        self.port = free_port()
+
+    def fedpeft(self, name: str, *args: str) -> Child:
+        child = Child([sys.executable, "-m", "fedpeft.cli", *args], self.root / f"{name}.log", self.env, name)
+        self.children.append(child)
+        return child
+
+    def server(self, certs: Path, *flags: str) -> Child:
+        return self.fedpeft(
+            "server",
+            "server",
+            "--out",
+            str(self.root / "server"),
+            "--certs",
+            str(certs),
+            "--port",
+            str(self.port),
+            *flags,
+        )
+
+    def client(self, name: str, data: Path, certs: Path, model: str, key_name: str | None = None) -> Child:
+        return self.fedpeft(
+            name, "client", "--server", f"127.0.0.1:{self.port}", "--root-cert", str(certs / "ca.pem"),
+            "--key", str(certs / "clients" / f"{key_name or name}.key"), "--data", str(data), "--name", name,
+            "--store", str(self.root / "stores" / name), "--model", model,
+        )  # fmt: skip
+
+    def wait(self, child: Child, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while child.alive():
+            assert time.monotonic() < deadline, (
+                f"{child.name} still running after {timeout} s:\n{child.log_tail(20)}"
+            )
+            time.sleep(1)
+        return int(child.proc.returncode)
+
+    def metrics(self) -> list[dict]:
+        path = self.root / "server" / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+
+
+def _ours_running(root: Path) -> list[str]:
+    """Command lines of live processes that mention this test's folder (should be none at the end)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if str(root) in cmd and state != "Z" and int(proc.name) != os.getpid():
+            found.append(cmd[:200])
+    return found
+
+
+@pytest.fixture
+def deployment(tmp_path: Path):
+    d = Deployment(tmp_path)
+    yield d
+    d.stop()
+    time.sleep(1)
+    assert _ours_running(tmp_path) == [], "processes left running"
+
+
+def _other_base(tiny_path: Path, dest: Path) -> Path:
+    """The tiny model with one weight nudged: another base fingerprint."""
+    shutil.copytree(tiny_path, dest)
+    weights = dest / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in sorted(tensors) if k.endswith("q_proj.weight"))
+    tensors[name] = tensors[name] + np.float32(0.01).astype(tensors[name].dtype)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return dest
+
+
+def test_secure_federation_over_tls_equals_simulation_and_refuses_strangers(
+    deployment: Deployment, tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    certs = make_certs(tmp_path / "certs", ["127.0.0.1"], ["alice", "bob", "carol", "zz-other"]).root
+    intruder = make_certs(tmp_path / "intruder-certs", ["127.0.0.1"], ["intruder"]).root  # never registered
+    other = _other_base(tiny_path, tmp_path / "other-base")
+
+    server = deployment.server(
+        certs, *_flags(users, cache_dir, "--clients", "4", "--rounds", "2", "--secagg")
+    )
+    time.sleep(3)
+    for name, data in (
+        ("alice", users / "alice.txt"),
+        ("bob", users / "bob.txt"),
+        ("carol", users / "carol"),
+    ):
+        deployment.client(name, data, certs, str(tiny_path))
+    deployment.client("zz-other", users / "alice.txt", certs, str(other))
+    stranger = deployment.client("intruder", users / "bob.txt", intruder, str(tiny_path))
+    assert deployment.wait(server, 420) == 0, server.log_tail(30)
+
+    # the global adapter equals a simulation of the same three users with the same seed
+    fedpeft_main(["simulate", *_flags(users, cache_dir, "--clients", "3", "--rounds", "2", "--secagg"),
+                  "--out", str(tmp_path / "sim")])  # fmt: skip
+    sim = load_file(tmp_path / "sim" / "global" / "adapter_model.safetensors")
+    dep = load_file(tmp_path / "server" / "global" / "adapter_model.safetensors")
+    assert sim.keys() == dep.keys()
+    for k in sim:
+        np.testing.assert_allclose(dep[k], sim[k], atol=1e-6)  # the ring code's quantization error at most
+    history = deployment.metrics()
+    assert [h["round"] for h in history] == [0, 1, 2]
+    for h in history[1:]:
+        assert h["accepted"] == ["alice", "bob", "carol"] and not h["skipped"]
+        (refused,) = h["rejected"]
+        assert refused["client"] == "zz-other" and "differs from the federation's" in refused["reason"]
+    assert set(history[-1]["eval_per_client"]) == {"alice", "bob", "carol"}
+    # the device itself said why, before any training
+    other_log = (tmp_path / "zz-other.log").read_text()
+    assert "refused: this device's base" in other_log
+    # the unregistered key never joined
+    assert all("intruder" not in json.dumps(h) for h in history)
+    assert "did not accept this device" in stranger.log_path.read_text()
+    assert (tmp_path / "server" / "superlink" / "state.db").is_file()
+
+
+def test_client_killed_mid_round_and_superlink_restart(
+    deployment: Deployment, tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    certs = make_certs(tmp_path / "certs", ["127.0.0.1"], ["alice", "bob", "carol"]).root
+    server = deployment.server(
+        certs,
+        *_flags(users, cache_dir, "--clients", "3", "--rounds", "3", "--secagg", "--connect-timeout", "20"),
+    )
+    clients = {
+        name: deployment.client(name, data, certs, str(tiny_path))
+        for name, data in (
+            ("alice", users / "alice.txt"),
+            ("bob", users / "bob.txt"),
+            ("carol", users / "carol"),
+        )
+    }
+    # carol vanishes once round 1's third stage (local training, then masking) has reached her
+    deadline = time.monotonic() + 300
+    while clients["carol"].log_path.read_text(errors="replace").count("Receiving: train message") < 3:
+        assert time.monotonic() < deadline and server.alive(), server.log_tail(20)
+        time.sleep(0.2)
+    clients["carol"].stop(timeout=0)
+    # the SuperLink dies right after round 1 is checkpointed
+    while len(deployment.metrics()) < 2:
+        assert time.monotonic() < deadline and server.alive(), server.log_tail(20)
+        time.sleep(0.5)
+    superlinks = [
+        p for p in descendants(server.pid) if b"flower-superlink" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
+    assert len(superlinks) == 1
+    os.kill(superlinks[0], signal.SIGKILL)
+    assert deployment.wait(server, 600) == 0, server.log_tail(30)
+
+    history = deployment.metrics()
+    assert [h["round"] for h in history] == [0, 1, 2, 3]
+    one = history[1]
+    assert not one["skipped"] and one["accepted"] == ["alice", "bob"]  # the survivors' sum, unmasked
+    assert [r["client"] for r in one["rejected"]] == ["carol"] and "stage 3" in one["rejected"][0]["reason"]
+    assert all(not h["skipped"] and h["accepted"] == ["alice", "bob"] for h in history[2:])
+    assert history[-1]["eval_ppl"] < history[0]["eval_ppl"]
+    log = server.log_path.read_text()
+    assert "restarting it on the same state" in log and "resumed from" in log
+    assert json.loads((tmp_path / "server" / "status.json").read_text())["state"] == "finished"
