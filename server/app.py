@@ -78,6 +78,18 @@ def _message(
     return Message(content, dst_node_id=node, message_type=kind)
 
 
+def _exchange(grid: Grid, messages: dict[int, Message]) -> dict[int, Message]:
+    """Send, wait, and key each reply as its message was keyed. A reply is matched by the message it
+    answers, not by its sender: an error reply the SuperLink makes for a node that stopped sending
+    heartbeats (a device gone mid-round) comes from the SuperLink's own node id."""
+    order = list(messages.items())
+    replies = grid.send_and_receive([m for _, m in order])
+    key_of = {m.metadata.message_id: k for k, m in order}
+    return {
+        key_of[r.metadata.reply_to_message_id]: r for r in replies if r.metadata.reply_to_message_id in key_of
+    }
+
+
 def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
@@ -107,9 +119,9 @@ def _register(
         )
     if len(nodes) < want:
         log.warning("%d of %d clients connected; going on without the others", len(nodes), want)
-    replies = list(
-        grid.send_and_receive([_message(cfg_record, node, MessageType.QUERY, {}) for node in nodes])
-    )
+    answers = _exchange(grid, {node: _message(cfg_record, node, MessageType.QUERY, {}) for node in nodes})
+    replies = [answers[n] for n in nodes if n in answers]
+    node_of_reply = {id(answers[n]): n for n in answers}
     good = []
     for reply in replies:
         if reply.has_error():
@@ -126,7 +138,7 @@ def _register(
 
     def key(r: Message) -> tuple:
         info = r.content["info"]
-        return (int(info["client"]) if "client" in info else -1, str(info["name"]), r.metadata.src_node_id)
+        return (int(info["client"]) if "client" in info else -1, str(info["name"]), node_of_reply[id(r)])
 
     good.sort(key=key)
     if len(good) > want:
@@ -136,7 +148,7 @@ def _register(
     for index, reply in enumerate(good):
         info = reply.content["info"]
         client = int(info["client"]) if "client" in info else index
-        roster.node_of[client], roster.names[client] = reply.metadata.src_node_id, str(info["name"])
+        roster.node_of[client], roster.names[client] = node_of_reply[id(reply)], str(info["name"])
         roster.fingerprints[client] = str(info["fingerprint"])
         roster.examples[client] = float(info["num-examples"])
     if len(set(roster.names.values())) < len(roster.names):
@@ -183,18 +195,19 @@ def _evaluate(grid: Grid, cfg_record: ConfigRecord, state: ServerState, roster: 
     node_of, names = roster.node_of, roster.names
     arrays = state.travel_arrays()
     members = roster.on_base()
-    replies = grid.send_and_receive(
-        [
-            _message(
+    replies = _exchange(
+        grid,
+        {
+            c: _message(
                 cfg_record, node_of[c], MessageType.EVALUATE, _task(roster, c, round=state.round), arrays
             )
             for c in members
-        ]
+        },
     )
     per_client, nll, tokens = {}, 0.0, 0
-    for reply in replies:
+    for c, reply in sorted(replies.items()):
         if reply.has_error():
-            log.warning("evaluation failed on a client: %s", _error_text(reply))
+            log.warning("evaluation failed on %s: %s", names[c], _error_text(reply))
             continue
         m = reply.content["metrics"]
         loss, n = float(m["eval_loss"]), int(m["eval_tokens"])
@@ -227,16 +240,16 @@ def _train_round(
     f = cfg.federation
     sampled = roster.sample(f, rnd)
     arrays = state.travel_arrays()
-    replies = grid.send_and_receive(
-        [
-            _message(cfg_record, node_of[c], MessageType.TRAIN, _task(roster, c, round=rnd), arrays)
+    replies = _exchange(
+        grid,
+        {
+            c: _message(cfg_record, node_of[c], MessageType.TRAIN, _task(roster, c, round=rnd), arrays)
             for c in sampled
-        ]
+        },
     )
     accepted: dict[int, tuple[dict, float, float, float]] = {}
     rejected, bytes_up = [], 0
-    for reply in replies:
-        client = next((c for c, n in node_of.items() if n == reply.metadata.src_node_id), -1)
+    for client, reply in sorted(replies.items()):
         if reply.has_error():
             rejected.append(
                 {"client": names.get(client, str(client)), "reason": f"client error: {_error_text(reply)}"}
@@ -306,7 +319,6 @@ def _secure_train_round(
     rejected: list[dict[str, str]] = []
     members = sampled  # a client on another base refuses at stage 1 and drops out there
     arrays = state.travel_arrays()
-    client_of = {n: c for c, n in node_of.items()}
     lr = client_lr(cfg)
     # clip at twice what AdamW can move a coordinate in the local steps (fedpeft/secagg/quantize.py)
     code = RingCode(
@@ -317,7 +329,7 @@ def _secure_train_round(
     dim = sum(a.size for a in arrays.values()) + 1
 
     def send(payloads: dict[int, dict[str, Any]]) -> dict[int, Message]:
-        messages = []
+        messages = {}
         for c, p in payloads.items():
             stage3 = p["task"]["secagg-stage"] == 3
             m = _message(
@@ -330,8 +342,8 @@ def _secure_train_round(
             for key, record in p.items():
                 if key != "task":
                     m.content[key] = record
-            messages.append(m)
-        return {client_of[r.metadata.src_node_id]: r for r in grid.send_and_receive(messages)}
+            messages[c] = m
+        return _exchange(grid, messages)
 
     metrics: dict[str, Any] = {
         "round": rnd,
