@@ -13,6 +13,7 @@ message, so stages that need no model (secure-aggregation stages 1, 2, 4) never 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from fedpeft.device import Device
 
 app = ClientApp()
+_LOAD_SECONDS = 0.0
 INFO_KEY = "fedpeft-info"  # context.state: what this node reported last (fingerprint, name)
 
 
@@ -44,7 +46,10 @@ def _config(msg: Message, context: Context) -> RunConfig:
 
 
 def _setup(msg: Message, context: Context) -> tuple[Device, int, int]:
-    """(device, local data index, client index in the federation)."""
+    """(device, local data index, client index in the federation). Records the seconds spent loading
+    the base in this message (0 when this process already holds it) in `_LOAD_SECONDS`."""
+    global _LOAD_SECONDS
+    start = time.perf_counter()
     from fedpeft.device import get_device
 
     cfg = _config(msg, context)
@@ -56,6 +61,7 @@ def _setup(msg: Message, context: Context) -> tuple[Device, int, int]:
     else:
         device, local = get_device(cfg), int(node["partition-id"])
     client = int(task.get("client", local))
+    _LOAD_SECONDS = time.perf_counter() - start
     context.state[INFO_KEY] = ConfigRecord(
         {"fingerprint": device.fingerprint, "name": device.clients[local].user}
     )
@@ -110,6 +116,7 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": result.num_examples,
             "train_loss": result.train_loss,
             "train_seconds": result.seconds,
+            "load_seconds": _LOAD_SECONDS,
         }
     )
     content = RecordDict(
@@ -140,12 +147,18 @@ def _secagg_stage(msg: Message, context: Context) -> RecordDict:
             "num-examples": float(result.num_examples),
             "train_loss": result.train_loss,
             "train_seconds": result.seconds,
+            "load_seconds": _LOAD_SECONDS,
         }
         return flatten(result.delta, device.keys), float(result.num_examples), metrics
 
     cfg = from_run_config(dict(msg.content["config"]))
     seed = client_seed(cfg.federation.seed, rnd, client)
-    return handle(dict(task), msg.content, context.state, client, local_update, seed)
+    start = time.perf_counter()
+    reply = handle(dict(task), msg.content, context.state, client, local_update, seed)
+    if "metrics" in reply:  # stage 3: what is left after loading and training is encoding and masking
+        m = reply["metrics"]
+        m["mask_seconds"] = time.perf_counter() - start - float(m["load_seconds"]) - float(m["train_seconds"])
+    return reply
 
 
 @app.evaluate()

@@ -247,7 +247,7 @@ def _train_round(
             for c in sampled
         },
     )
-    accepted: dict[int, tuple[dict, float, float, float]] = {}
+    accepted: dict[int, tuple[dict, float, float, float, float]] = {}
     rejected, bytes_up = [], 0
     for client, reply in sorted(replies.items()):
         if reply.has_error():
@@ -269,6 +269,7 @@ def _train_round(
             float(m["num-examples"]),
             float(m["train_loss"]),
             float(m["train_seconds"]),
+            float(m.get("load_seconds", 0.0)),
         )
     for r in rejected:
         log.warning("round %d: refused %s: %s", rnd, r["client"], r["reason"])
@@ -297,6 +298,7 @@ def _train_round(
         train_loss=sum(accepted[c][2] * w for c, w in zip(order, weights, strict=True)) / sum(weights),
         train_seconds_max=max(accepted[c][3] for c in order),
         train_seconds_sum=sum(accepted[c][3] for c in order),
+        client_seconds={names[c]: {"load": accepted[c][4], "train": accepted[c][3]} for c in order},
     )
     return new, metrics
 
@@ -393,6 +395,11 @@ def _secure_train_round(
         / sum(examples.values()),
         train_seconds_max=max(float(train[c]["train_seconds"]) for c in survivors),
         train_seconds_sum=sum(float(train[c]["train_seconds"]) for c in survivors),
+        # where a device's time goes: loading the base, training, encoding + masking (stage 3)
+        client_seconds={
+            names[c]: {k: float(train[c].get(f"{k}_seconds", 0.0)) for k in ("load", "train", "mask")}
+            for c in survivors
+        },
     )
     return new, metrics
 

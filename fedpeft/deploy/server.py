@@ -92,13 +92,13 @@ class Server:
                         f"missing {p}: make the certificates with `fedpeft certs --out {self.certs.root}`"
                     )
         if o.auth:
+            if o.insecure:
+                raise FedpeftError("node authentication needs TLS; drop --insecure or pass --no-auth")
             if not self.keys():
                 raise FedpeftError(
                     "node authentication is on but there is no client public key to register "
                     "(--client-keys, or clients/*.pub in --certs); --no-auth to let any client join"
                 )
-            if o.insecure:
-                raise FedpeftError("node authentication needs TLS; drop --insecure or pass --no-auth")
         if port_in_use(o.host, o.port):
             raise FedpeftError(f"port {o.port} on {o.host} is already in use (--port)")
 

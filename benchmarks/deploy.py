@@ -1,0 +1,227 @@
+"""Deployment benchmark: real SuperLink/SuperNode processes on loopback (TLS + node auth), one run.
+
+    python benchmarks/deploy.py            # everything below, ~15 min on 2 cores
+    python benchmarks/deploy.py --quick    # tiny model only (a smoke run of this script)
+
+1. New client, default model: seconds to convert the packaged base into an empty store, then to load
+   it quantized (what a device pays before its first round).
+2. Client side, default model, 3 clients, 2 secure rounds (`fedpeft deploy-local`): peak RSS of one
+   client's whole process tree (fedpeft client + SuperNode + SuperExec + the ClientApp process) and of
+   its ClientApp process alone; per-round device seconds split into base load, training and
+   encoding + masking (from the replies' metrics).
+3. Server side: peak RSS of the server's process tree (fedpeft server + SuperLink + SuperExec +
+   ServerApp) with 3 and 20 clients on the tiny model, and with 3 clients on the default model.
+4. Round time of the deployment vs a simulation of the same config (ratio of medians).
+Prints a markdown table; writes benchmarks/results/deploy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fedpeft.config import BaseConfig, FederationConfig, RunConfig, TrainConfig  # noqa: E402
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _procs() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, rss bytes, cmdline)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            out[int(entry)] = (int(fields[1]), int(fields[21]) * PAGE, cmd)
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _tree(procs: dict, root: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        kids.setdefault(ppid, []).append(pid)
+    out, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        out.append(pid)
+        stack.extend(kids.get(pid, []))
+    return out
+
+
+class Sampler:
+    """Every 0.3 s: RSS of the server tree, of each client tree and of each client's ClientApp process."""
+
+    def __enter__(self) -> Sampler:
+        self.server = 0
+        self.client: dict[str, int] = {}
+        self.clientapp: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            procs = _procs()
+            for pid, (_, _, cmd) in procs.items():
+                if "fedpeft.cli server" in cmd:
+                    self.server = max(self.server, sum(procs[p][1] for p in _tree(procs, pid) if p in procs))
+                elif "fedpeft.cli client" in cmd and " --name " in cmd:
+                    name = cmd.split(" --name ")[1].split()[0]
+                    tree = [p for p in _tree(procs, pid) if p in procs]
+                    self.client[name] = max(self.client.get(name, 0), sum(procs[p][1] for p in tree))
+                    app = sum(procs[p][1] for p in tree if "flwr-clientapp" in procs[p][2])
+                    self.clientapp[name] = max(self.clientapp.get(name, 0), app)
+            time.sleep(0.3)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def _mib(b: float) -> float:
+    return round(b / 2**20, 1)
+
+
+def _history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def deployment(cfg: RunConfig, out: Path) -> dict:
+    from fedpeft.deploy.local import deploy_local
+
+    start = time.perf_counter()
+    with Sampler() as s:
+        code = deploy_local(cfg, out)
+    if code != 0:
+        raise SystemExit(f"deployment failed ({code}); see {out}/server.log")
+    history = _history(out / "server")
+    split = [c for h in history[1:] for c in h.get("client_seconds", {}).values()]
+    return {
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "round_seconds": [round(h["seconds"], 2) for h in history[1:]],
+        "round_seconds_median": statistics.median(h["seconds"] for h in history[1:]),
+        "ppl": [round(h["eval_ppl"], 3) for h in history],
+        "device_seconds_median": {
+            k: round(statistics.median(c.get(k, 0.0) for c in split), 3) for k in ("load", "train", "mask")
+        },
+        "server_peak_rss_mib": _mib(s.server),
+        "client_peak_rss_mib": {k: _mib(v) for k, v in sorted(s.client.items())},
+        "clientapp_peak_rss_mib": {k: _mib(v) for k, v in sorted(s.clientapp.items())},
+    }
+
+
+def simulation(cfg: RunConfig, out: Path) -> dict:
+    from fedpeft.simulate import simulate
+
+    state = simulate(cfg, out)
+    return {
+        "round_seconds": [round(h["seconds"], 2) for h in state.history[1:]],
+        "round_seconds_median": statistics.median(h["seconds"] for h in state.history[1:]),
+        "ppl": [round(h["eval_ppl"], 3) for h in state.history],
+    }
+
+
+def new_client(cache: Path) -> dict:
+    from fedpeft.base import load_base, resolve_base_dir
+
+    t0 = time.perf_counter()
+    resolve_base_dir("default", str(cache))
+    t1 = time.perf_counter()
+    base = load_base(BaseConfig(model="default", quant="nf4", cache_dir=str(cache)))
+    t2 = time.perf_counter()
+    return {
+        "convert_seconds": round(t1 - t0, 1),
+        "load_seconds": round(t2 - t1, 2),
+        "base_mib": _mib(base.nbytes),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny model only")
+    a = p.parse_args()
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    work = Path(tempfile.mkdtemp(prefix="fedpeft-bench-"))
+    cache = os.environ.get("FEDPEFT_CACHE")
+    results: dict = {"cpus": os.cpu_count()}
+
+    def cfg(model: str, clients: int, rounds: int, secagg: bool, fraction: float = 1.0) -> RunConfig:
+        return RunConfig(
+            base=BaseConfig(model=model, cache_dir=cache),
+            train=TrainConfig(progress=False),
+            federation=FederationConfig(
+                clients=clients, fraction=fraction, rounds=rounds, local_steps=5, secagg=secagg, min_clients=2
+            ),
+        )
+
+    try:
+        tiny3 = cfg("tiny", 3, 2, True)
+        results["tiny_3_deploy"] = deployment(tiny3, work / "tiny3")
+        results["tiny_3_sim"] = simulation(tiny3, work / "tiny3-sim")
+        results["tiny_20_deploy"] = deployment(cfg("tiny", 20, 1, False, fraction=0.2), work / "tiny20")
+        if not a.quick:
+            results["new_client"] = new_client(work / "empty-store")
+            default3 = cfg("default", 3, 2, True)
+            results["default_3_deploy"] = deployment(default3, work / "default3")
+            results["default_3_sim"] = simulation(default3, work / "default3-sim")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    rows = ["| measure | value |", "|---|---|"]
+    for model in ("tiny", "default"):
+        d, s = results.get(f"{model}_3_deploy"), results.get(f"{model}_3_sim")
+        if d and s:
+            ratio = d["round_seconds_median"] / s["round_seconds_median"]
+            rows.append(
+                f"| {model}, 3 clients, secure round: deployment / simulation | {d['round_seconds_median']:.1f} s / "
+                f"{s['round_seconds_median']:.1f} s = {ratio:.1f}x |"
+            )
+            results[f"{model}_overhead_ratio"] = round(ratio, 2)
+    for key in ("tiny_3_deploy", "tiny_20_deploy", "default_3_deploy"):
+        if key in results:
+            rows.append(
+                f"| server peak RSS, {key.replace('_deploy', '').replace('_', ' ')} clients | "
+                f"{results[key]['server_peak_rss_mib']:.0f} MiB |"
+            )
+    if "default_3_deploy" in results:
+        d = results["default_3_deploy"]
+        rows.append(
+            f"| client peak RSS (whole tree), default model | {max(d['client_peak_rss_mib'].values()):.0f} MiB |"
+        )
+        rows.append(
+            f"| ClientApp process peak RSS, default model | {max(d['clientapp_peak_rss_mib'].values()):.0f} MiB |"
+        )
+        sec = d["device_seconds_median"]
+        rows.append(
+            f"| device seconds per round (median): load / train / mask | {sec['load']:.2f} / {sec['train']:.2f} / {sec['mask']:.2f} |"
+        )
+    if "new_client" in results:
+        n = results["new_client"]
+        rows.append(
+            f"| new client: convert the base / first quantized load | {n['convert_seconds']:.1f} s / {n['load_seconds']:.2f} s |"
+        )
+    print("\n".join(rows))
+    dest = Path(__file__).resolve().parent / "results" / ("deploy-quick.json" if a.quick else "deploy.json")
+    dest.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {dest}")
+
+
+if __name__ == "__main__":
+    main()
