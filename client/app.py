@@ -132,7 +132,7 @@ def train(msg: Message, context: Context) -> Message:
 def _secagg_stage(msg: Message, context: Context) -> RecordDict:
     """A secure-aggregation stage; the local training runs inside stage 3, right before masking. Only
     stage 3 loads the base; stage 1 checks the fingerprint this node reported last."""
-    from fedpeft.device import client_seed
+    from fedpeft.federation import client_seed
     from fedpeft.secagg.flower import flatten, handle
 
     task = msg.content["task"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 import warnings
@@ -503,6 +504,10 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     handler = logging.StreamHandler()
@@ -510,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     _quiet_libraries()
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops what we started, as Ctrl-C does
     try:
         from fedpeft.deploy.commands import COMMANDS
 
@@ -518,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedpeft: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedpeft: interrupted; nothing was written", file=sys.stderr)
+        print("fedpeft: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -99,3 +99,21 @@ def test_device_text_reads_as_in_a_corpus_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FedpeftError, match="no text"):
         load_device_user(str(tmp_path / "empty"))
+
+
+def test_server_and_cheap_client_stages_never_import_torch() -> None:
+    """The server never loads a model, and a SuperNode starts a process per message: stages that need no
+    model must not pay for importing torch."""
+    code = (
+        "import sys, client.app, server.app, fedpeft.secagg.flower, fedpeft.deploy.server, fedpeft.federation;"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'ray') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_a_client_install_needs_no_ray() -> None:
+    from importlib.metadata import requires
+
+    ray = [r for r in requires("fedpeft") or [] if "simulation" in r or r.startswith("ray")]
+    assert ray and all('extra == "simulation"' in r for r in ray)
