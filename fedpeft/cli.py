@@ -16,6 +16,7 @@ from fedpeft.config import (
     ADAPTERS,
     LORA_TARGETS,
     QUANTS,
+    SPLITS,
     AdapterConfig,
     BaseConfig,
     DataConfig,
@@ -25,7 +26,6 @@ from fedpeft.config import (
     TrainConfig,
 )
 from fedpeft.errors import FedpeftError
-from fedpeft.partition import SPLITS
 
 log = logging.getLogger("fedpeft")
 
@@ -504,6 +504,19 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
+def resolve_base_main(argv: list[str]) -> int:
+    """`fedpeft client`'s helper process: convert or build a base into a cache and print its folder."""
+    from fedpeft.base import resolve_base_dir
+
+    _quiet_libraries()
+    try:
+        print(resolve_base_dir(argv[0], argv[1]))
+    except FedpeftError as e:
+        print(f"fedpeft: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -514,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("fedpeft: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    _quiet_libraries()
+    if args.command not in ("server", "client", "certs"):  # these never load a model in this process
+        _quiet_libraries()
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops what we started, as Ctrl-C does
     try:
         from fedpeft.deploy.commands import COMMANDS

@@ -89,6 +89,9 @@ class ServerOptConfig:
     tau: float = 1e-3  # adaptivity floor; Reddi et al. (ICLR 2021) tune it in [1e-5, 1e-1]
 
 
+SPLITS: tuple[str, ...] = ("natural", "iid", "dirichlet")
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     clients: int = 10  # virtual clients (simulation) / expected clients (deployment)

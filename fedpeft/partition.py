@@ -11,11 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.config import DataConfig
+from fedpeft.config import SPLITS, DataConfig
 from fedpeft.data import UserData, load_users, tokenize_user
 from fedpeft.errors import FedpeftError
-
-SPLITS: tuple[str, ...] = ("natural", "iid", "dirichlet")
 
 
 def _usable(cfg: DataConfig, tokenizer: Any) -> list[tuple[UserData, str | None]]:

@@ -59,12 +59,26 @@ def _check_key(path: Path) -> None:
         raise FedpeftError(f"--key {path} is not an ECDSA key")
 
 
+def _resolve_base(model: str, cache: Path) -> Path:
+    """Convert or build the base into the store, in a child process: this process then runs for days
+    beside the SuperNode and should not hold torch and transformers in a small device's memory."""
+    import sys
+
+    code = "import sys; from fedpeft.cli import resolve_base_main; sys.exit(resolve_base_main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, model, str(cache)], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.startswith("fedpeft: error: ")]
+        raise FedpeftError(
+            lines[-1].removeprefix("fedpeft: error: ") if lines else done.stderr.strip()[-300:]
+        )
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
 def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
     """Check every input, convert the base into the store once, write the node config. Returns the node
     config file and the flower-supernode command line."""
     import tomli_w
 
-    from fedpeft.base import resolve_base_dir
     from fedpeft.data import load_device_user
 
     _check_server(opts.server)
@@ -81,7 +95,7 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
     user = load_device_user(str(opts.data), opts.name)  # one-line error if there is no text
     store = opts.store.resolve()
     store.mkdir(parents=True, exist_ok=True)
-    base_dir = resolve_base_dir(opts.model, str(store / "base"))
+    base_dir = _resolve_base(opts.model, store / "base")
     node = {
         "data-path": str(opts.data.resolve()),
         "name": user.user,
