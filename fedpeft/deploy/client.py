@@ -35,6 +35,7 @@ class ClientOptions:
     model: str = "default"  # default | tiny | PATH: this device's copy of the base
     insecure: bool = False
     max_wait: float | None = None  # give up reconnecting after this many seconds (default: never)
+    threads: int | None = None  # CPU threads for training (default: all cores)
 
 
 def _check_server(address: str) -> None:
@@ -136,7 +137,10 @@ def run_client(opts: ClientOptions) -> int:
     server is not up yet, or has not registered this key yet); we start it again with a growing pause,
     so a device may come up before its server and rides out server restarts."""
     _, args = prepare(opts)
-    env = flower_env(opts.store.resolve() / "flwr")
+    extra = {}
+    if opts.threads:  # read by torch in every ClientApp process the SuperNode starts
+        extra = {"OMP_NUM_THREADS": str(opts.threads), "MKL_NUM_THREADS": str(opts.threads)}
+    env = flower_env(opts.store.resolve() / "flwr", extra)
     log.info("connecting to %s (reconnects on its own if the server goes away)", opts.server)
     start, pause = time.monotonic(), 2.0
     while True:

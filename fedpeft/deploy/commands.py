@@ -127,6 +127,13 @@ def add_deploy_commands(
         "--insecure", action="store_true", help="no TLS (only against a server started with --insecure)"
     )
     k.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for training (default: all cores; set it when devices share a machine)",
+    )
+    k.add_argument(
         "--max-wait",
         type=float,
         default=None,
@@ -199,6 +206,8 @@ def cmd_server(a: argparse.Namespace) -> None:
 def cmd_client(a: argparse.Namespace) -> None:
     from fedpeft.deploy.client import ClientOptions, run_client
 
+    if a.threads is not None and a.threads < 1:
+        raise FedpeftError(f"--threads must be at least 1, got {a.threads}")
     code = run_client(
         ClientOptions(
             server=a.server,
@@ -210,6 +219,7 @@ def cmd_client(a: argparse.Namespace) -> None:
             model=a.model,
             insecure=a.insecure,
             max_wait=a.max_wait,
+            threads=a.threads,
         )
     )
     if code not in (0, 130, -15):

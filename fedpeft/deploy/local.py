@@ -9,6 +9,7 @@ client.log}.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import replace
@@ -75,6 +76,9 @@ def deploy_local(
         *(["--resume"] if resume else []),
         *(extra_server_args or []),
     ]
+    # N devices on one machine: each gets its share of the cores, as a real device has its own. Without
+    # this, N processes x all-core OpenMP pools oversubscribe the CPU and training slows down ~20x.
+    threads = max(1, (os.cpu_count() or 1) // len(users))
     children: list[Child] = []
     server = Child(server_args, out / "server.log", env, "fedpeft server")
     children.append(server)
@@ -111,6 +115,8 @@ def deploy_local(
                 str(home / "store"),
                 "--model",
                 str(base_dir),
+                "--threads",
+                str(threads),
             ]
             children.append(Child(args, home / "client.log", env, f"client {name}"))
         log.info(

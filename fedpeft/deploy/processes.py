@@ -186,8 +186,7 @@ def flwr(args: list[str], env: dict[str, str], timeout: float = 120.0) -> Any:
     except json.JSONDecodeError:
         out = {}
     if done.returncode != 0 or out.get("success") is False:
-        reason = out.get("error-message") or (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
-        raise FedpeftError(
-            f"flwr {' '.join(args[:2])} failed: {reason if isinstance(reason, str) else reason[0]}"
-        )
+        text = out.get("error-message") or done.stderr or done.stdout or "?"
+        lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+        raise FedpeftError(f"flwr {' '.join(args[:2])} failed: {lines[-1] if lines else '?'}")
     return out

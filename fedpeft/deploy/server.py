@@ -153,30 +153,20 @@ class Server:
         atomic_write_bytes(self.home / "config.toml", tomli_w.dumps(doc).encode())
 
     def register(self) -> int:
-        """Register every client public key not yet known (the database keeps earlier registrations)."""
-        known = {str(n.get("public-key", "")).strip() for n in self.nodes()}
+        """Register every client public key; the database keeps earlier registrations (a key registered
+        before is answered "already in use"). Returns how many are new."""
         added = 0
         for pub in self.keys():
-            try:
-                text = pub.read_text().strip()
-            except OSError as e:
-                raise FedpeftError(f"cannot read client key {pub}: {e.strerror}") from None
-            if any(text.split()[:2] == k.split()[:2] for k in known if k):
-                continue
+            if not pub.is_file():
+                raise FedpeftError(f"client key {pub} does not exist")
             try:
                 flwr(["supernode", "register", str(pub), CONNECTION], self.env)
             except FedpeftError as e:
-                if "already" not in str(e).lower():
+                if "already in use" not in str(e):
                     raise
+                continue
             added += 1
         return added
-
-    def nodes(self) -> list[dict[str, Any]]:
-        try:
-            out = flwr(["supernode", "list", CONNECTION], self.env)
-        except FedpeftError:
-            return []
-        return list(out.get("nodes", []))
 
     def launch(self, cfg: RunConfig, resume: bool) -> int:
         """Launch the federation as a Flower run of our apps with this config; returns the run id."""
