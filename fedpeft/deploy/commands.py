@@ -153,6 +153,13 @@ def add_deploy_commands(
     add_data(d)
     g = add_federation(d)
     g.add_argument("--out", required=True, metavar="DIR", help="folder for certs/, server/ and clients/")
+    g.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds the server waits for the clients to connect (default: %(default)s)",
+    )
     g.add_argument("--port", type=int, default=None, help="server port (default: a free one)")
 
 

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from fedpeft.cli import main as fedpeft_main
 from fedpeft.deploy.certs import make_certs
-from fedpeft.deploy.processes import Child, descendants, flower_env, free_port
+from fedpeft.deploy.processes import Child, flower_env, free_port, stop_tree
 from tests.conftest import make_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,46 +173,47 @@ def test_secure_federation_over_tls_equals_simulation_and_refuses_strangers(
     assert (tmp_path / "server" / "superlink" / "state.db").is_file()
 
 
-def test_client_killed_mid_round_and_superlink_restart(
+def _pid_of(*needles: str) -> int:
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if all(n in cmd for n in needles):
+            return int(proc.name)
+    raise AssertionError(f"no process with {needles}")
+
+
+def test_deploy_local_survives_a_client_killed_mid_round_and_a_superlink_restart(
     deployment: Deployment, tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
 ) -> None:
-    certs = make_certs(tmp_path / "certs", ["127.0.0.1"], ["alice", "bob", "carol"]).root
-    server = deployment.server(
-        certs,
-        *_flags(users, cache_dir, "--clients", "3", "--rounds", "3", "--secagg", "--connect-timeout", "20"),
-    )
-    clients = {
-        name: deployment.client(name, data, certs, str(tiny_path))
-        for name, data in (
-            ("alice", users / "alice.txt"),
-            ("bob", users / "bob.txt"),
-            ("carol", users / "carol"),
-        )
-    }
+    out = tmp_path / "dl"
+    flags = _flags(users, cache_dir, "--clients", "3", "--rounds", "3", "--secagg", "--connect-timeout", "20")
+    local = deployment.fedpeft("deploy-local", "deploy-local", *flags, "--out", str(out))
+    carol_log = out / "clients" / "carol" / "client.log"
+    metrics = out / "server" / "metrics.jsonl"
     # carol vanishes once round 1's third stage (local training, then masking) has reached her
     deadline = time.monotonic() + 300
-    while clients["carol"].log_path.read_text(errors="replace").count("Receiving: train message") < 3:
-        assert time.monotonic() < deadline and server.alive(), server.log_tail(20)
+    while (
+        not carol_log.is_file() or carol_log.read_text(errors="replace").count("Receiving: train message") < 3
+    ):
+        assert time.monotonic() < deadline and local.alive(), local.log_tail(20)
         time.sleep(0.2)
-    clients["carol"].stop(timeout=0)
+    stop_tree(_pid_of("fedpeft.cli client", "--name carol"), timeout=0)
     # the SuperLink dies right after round 1 is checkpointed
-    while len(deployment.metrics()) < 2:
-        assert time.monotonic() < deadline and server.alive(), server.log_tail(20)
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < 2:
+        assert time.monotonic() < deadline and local.alive(), local.log_tail(20)
         time.sleep(0.5)
-    superlinks = [
-        p for p in descendants(server.pid) if b"flower-superlink" in Path(f"/proc/{p}/cmdline").read_bytes()
-    ]
-    assert len(superlinks) == 1
-    os.kill(superlinks[0], signal.SIGKILL)
-    assert deployment.wait(server, 600) == 0, server.log_tail(30)
+    os.kill(_pid_of("flower-superlink", str(out)), signal.SIGKILL)
+    assert deployment.wait(local, 600) == 0, local.log_tail(30)
 
-    history = deployment.metrics()
+    history = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [h["round"] for h in history] == [0, 1, 2, 3]
     one = history[1]
     assert not one["skipped"] and one["accepted"] == ["alice", "bob"]  # the survivors' sum, unmasked
     assert [r["client"] for r in one["rejected"]] == ["carol"] and "stage 3" in one["rejected"][0]["reason"]
     assert all(not h["skipped"] and h["accepted"] == ["alice", "bob"] for h in history[2:])
     assert history[-1]["eval_ppl"] < history[0]["eval_ppl"]
-    log = server.log_path.read_text()
+    log = local.log_path.read_text()
     assert "restarting it on the same state" in log and "resumed from" in log
-    assert json.loads((tmp_path / "server" / "status.json").read_text())["state"] == "finished"
+    assert json.loads((out / "server" / "status.json").read_text())["state"] == "finished"
