@@ -77,7 +77,7 @@ def deploy_local(
         *(extra_server_args or []),
     ]
     # N devices on one machine: each gets its share of the cores, as a real device has its own. Without
-    # this, N processes x all-core OpenMP pools oversubscribe the CPU and training slows down ~20x.
+    # this, N processes x all-core OpenMP pools oversubscribe the CPU: training was ~7x slower (benchmarks/deploy.py).
     threads = max(1, (os.cpu_count() or 1) // len(users))
     children: list[Child] = []
     server = Child(server_args, out / "server.log", env, "fedpeft server")
