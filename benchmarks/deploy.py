@@ -31,37 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedpeft.config import BaseConfig, FederationConfig, RunConfig, TrainConfig  # noqa: E402
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _procs() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, rss bytes, cmdline)."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            out[int(entry)] = (int(fields[1]), int(fields[21]) * PAGE, cmd)
-        except (OSError, IndexError, ValueError):
-            continue
-    return out
-
-
-def _tree(procs: dict, root: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in procs.items():
-        kids.setdefault(ppid, []).append(pid)
-    out, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        out.append(pid)
-        stack.extend(kids.get(pid, []))
-    return out
+from fedpeft.deploy.processes import descendants, process_table  # noqa: E402
 
 
 class Sampler:
@@ -78,15 +48,18 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            procs = _procs()
-            for pid, (_, _, cmd) in procs.items():
-                if "fedpeft.cli server" in cmd:
-                    self.server = max(self.server, sum(procs[p][1] for p in _tree(procs, pid) if p in procs))
-                elif "fedpeft.cli client" in cmd and " --name " in cmd:
-                    name = cmd.split(" --name ")[1].split()[0]
-                    tree = [p for p in _tree(procs, pid) if p in procs]
-                    self.client[name] = max(self.client.get(name, 0), sum(procs[p][1] for p in tree))
-                    app = sum(procs[p][1] for p in tree if "flwr-clientapp" in procs[p][2])
+            procs = process_table()
+            for pid, proc in procs.items():
+                is_client = "fedpeft.cli client" in proc.cmdline and " --name " in proc.cmdline
+                if not is_client and "fedpeft.cli server" not in proc.cmdline:
+                    continue
+                tree = [procs[p] for p in [pid, *descendants(pid, procs)] if p in procs]
+                if not is_client:
+                    self.server = max(self.server, sum(p.rss for p in tree))
+                else:
+                    name = proc.cmdline.split(" --name ")[1].split()[0]
+                    self.client[name] = max(self.client.get(name, 0), sum(p.rss for p in tree))
+                    app = sum(p.rss for p in tree if "flwr-clientapp" in p.cmdline)
                     self.clientapp[name] = max(self.clientapp.get(name, 0), app)
             time.sleep(0.3)
 

@@ -27,28 +27,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedpeft.config import AdapterConfig, BaseConfig, DataConfig, FederationConfig, RunConfig, TrainConfig  # noqa: E402
+from fedpeft.deploy.processes import descendants, process_table  # noqa: E402
 
 
 def _tree_rss_mib(root: int) -> float:
     """RSS of a process and all its descendants (the simulation's Ray processes included)."""
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            parents[int(entry)] = int(fields[1])
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
-            continue
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(c for c, p in parents.items() if p == pid)
-    return total / 2**20
+    procs = process_table()
+    return sum(procs[p].rss for p in [root, *descendants(root, procs)] if p in procs) / 2**20
 
 
 class TreePeak:

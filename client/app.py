@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from fedpeft.device import Device
 
 app = ClientApp()
-_LOAD_SECONDS = 0.0
 INFO_KEY = "fedpeft-info"  # context.state: what this node reported last (fingerprint, name)
 
 
@@ -45,10 +44,14 @@ def _config(msg: Message, context: Context) -> RunConfig:
     return cfg
 
 
-def _setup(msg: Message, context: Context) -> tuple[Device, int, int]:
-    """(device, local data index, client index in the federation). Records the seconds spent loading
-    the base in this message (0 when this process already holds it) in `_LOAD_SECONDS`."""
-    global _LOAD_SECONDS
+class Setup(NamedTuple):
+    device: Device
+    local: int  # this process's data index
+    client: int  # the client's index in the federation
+    load_seconds: float  # spent loading the base for this message (0 when the process already held it)
+
+
+def _setup(msg: Message, context: Context) -> Setup:
     start = time.perf_counter()
     from fedpeft.device import get_device
 
@@ -61,12 +64,12 @@ def _setup(msg: Message, context: Context) -> tuple[Device, int, int]:
     else:
         device, local = get_device(cfg), int(node["partition-id"])
     client = int(task.get("client", local))
-    _LOAD_SECONDS = time.perf_counter() - start
+    load_seconds = time.perf_counter() - start
     context.state[INFO_KEY] = ConfigRecord(
         {"fingerprint": device.fingerprint, "name": device.clients[local].user}
     )
     _check_base(task, device.fingerprint)
-    return device, local, client
+    return Setup(device, local, client, load_seconds)
 
 
 def _check_base(task: ConfigRecord, mine: str) -> None:
@@ -93,7 +96,7 @@ def _info(device: Device, local: int, client: int) -> ConfigRecord:
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
-    device, local, client = _setup(msg, context)
+    device, local, client, _ = _setup(msg, context)
     info = _info(device, local, client)
     if "data-path" in context.node_config:
         del info["client"]  # a device has no index until the server assigns one
@@ -109,14 +112,14 @@ def train(msg: Message, context: Context) -> Message:
     task = msg.content["task"]
     if "secagg-stage" in task:
         return Message(_secagg_stage(msg, context), reply_to=msg)
-    device, local, client = _setup(msg, context)
+    device, local, client, load_seconds = _setup(msg, context)
     result = device.fit(local, record_to_arrays(msg.content["arrays"]), int(task["round"]), client)
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
             "train_loss": result.train_loss,
             "train_seconds": result.seconds,
-            "load_seconds": _LOAD_SECONDS,
+            "load_seconds": load_seconds,
         }
     )
     content = RecordDict(
@@ -141,13 +144,13 @@ def _secagg_stage(msg: Message, context: Context) -> RecordDict:
         _check_base(task, str(context.state[INFO_KEY]["fingerprint"]))
 
     def local_update():
-        device, local, _ = _setup(msg, context)
+        device, local, _, load_seconds = _setup(msg, context)
         result = device.fit(local, record_to_arrays(msg.content["arrays"]), rnd, client)
         metrics = {
             "num-examples": float(result.num_examples),
             "train_loss": result.train_loss,
             "train_seconds": result.seconds,
-            "load_seconds": _LOAD_SECONDS,
+            "load_seconds": load_seconds,
         }
         return flatten(result.delta, device.keys), float(result.num_examples), metrics
 
@@ -163,7 +166,7 @@ def _secagg_stage(msg: Message, context: Context) -> RecordDict:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    device, local, client = _setup(msg, context)
+    device, local, client, _ = _setup(msg, context)
     loss, tokens = device.evaluate(local, record_to_arrays(msg.content["arrays"]))
     content = RecordDict(
         {

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -189,6 +190,8 @@ def make_certs(out: Path, sans: list[str], clients: list[str]) -> CertPaths:
     """Create (or extend) a certificate folder. An existing CA, server certificate or client key is never
     overwritten: re-running adds only what is missing, so registered clients keep working."""
     paths = CertPaths(Path(out))
+    if paths.root.exists() and not paths.root.is_dir():
+        raise FedpeftError(f"--out exists and is not a folder: {paths.root}")
     paths.root.mkdir(parents=True, exist_ok=True)
     (paths.root / CLIENTS).mkdir(exist_ok=True)
     if paths.ca.exists():
@@ -201,6 +204,29 @@ def make_certs(out: Path, sans: list[str], clients: list[str]) -> CertPaths:
         if not paths.client_key(name).exists():
             make_client_key(paths, name)
     return paths
+
+
+def check_server_files(paths: CertPaths) -> None:
+    """The CA and the server's certificate and key load, belong together, and are in date: a broken file
+    is reported here in one line rather than as the SuperLink's TLS traceback."""
+    try:
+        ca = x509.load_pem_x509_certificate(paths.ca.read_bytes())
+        cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+        key = serialization.load_pem_private_key(paths.server_key.read_bytes(), password=None)
+    except (OSError, ValueError) as e:
+        raise FedpeftError(f"unreadable certificate files in {paths.root}: {e}") from None
+    if key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        raise FedpeftError(f"{paths.server_key} is not the key of {paths.server_cert}")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise FedpeftError(f"{paths.server_cert} is not signed by {paths.ca}") from None
+    if cert.not_valid_after_utc < _now():
+        raise FedpeftError(f"{paths.server_cert} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
 
 
 def server_cert_names(path: Path) -> list[str]:

@@ -15,6 +15,16 @@ log = logging.getLogger("fedpeft")
 Adder = Callable[[argparse.ArgumentParser], object]
 
 
+def _add_connect_timeout(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds the server waits for --clients clients to connect (default: %(default)s)",
+    )
+
+
 def add_deploy_commands(
     sub, add_base: Adder, add_adapter: Adder, add_data: Adder, add_federation: Adder
 ) -> None:
@@ -54,13 +64,7 @@ def add_deploy_commands(
     g.add_argument(
         "--out", required=True, metavar="DIR", help="server folder (an existing one needs --resume)"
     )
-    g.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=600.0,
-        metavar="S",
-        help="seconds to wait for --clients clients to connect (default: %(default)s)",
-    )
+    _add_connect_timeout(g)
     g.add_argument(
         "--base-fingerprint",
         default="",
@@ -153,13 +157,7 @@ def add_deploy_commands(
     add_data(d)
     g = add_federation(d)
     g.add_argument("--out", required=True, metavar="DIR", help="folder for certs/, server/ and clients/")
-    g.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=600.0,
-        metavar="S",
-        help="seconds the server waits for the clients to connect (default: %(default)s)",
-    )
+    _add_connect_timeout(g)
     g.add_argument("--port", type=int, default=None, help="server port (default: a free one)")
 
 

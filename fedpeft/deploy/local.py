@@ -8,6 +8,7 @@ client.log}.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -72,7 +73,7 @@ def deploy_local(
         "--port",
         str(port),
         "--config-json",
-        _json(flat),
+        json.dumps(flat, sort_keys=True),
         *(["--resume"] if resume else []),
         *(extra_server_args or []),
     ]
@@ -130,12 +131,6 @@ def deploy_local(
     finally:
         for child in reversed(children):
             child.stop()
-
-
-def _json(obj: object) -> str:
-    import json
-
-    return json.dumps(obj, sort_keys=True)
 
 
 def _follow(server: Child) -> None:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -85,22 +86,36 @@ class Child:
         self._log.close()
 
 
-def _children() -> dict[int, list[int]]:
-    """ppid -> pids, from /proc (Linux); empty elsewhere, where the process group must do."""
-    out: dict[int, list[int]] = {}
+@dataclass(frozen=True)
+class Proc:
+    ppid: int
+    rss: int  # bytes
+    cmdline: str
+
+
+def process_table() -> dict[int, Proc]:
+    """Every live process from /proc (Linux); empty elsewhere, where the process group must do."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    table = {}
     for d in Path("/proc").glob("[0-9]*"):
         try:
             fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except (OSError, IndexError):
             continue
-        out.setdefault(int(fields[1]), []).append(int(d.name))
-    return out
+        if fields[0] != "Z":
+            table[int(d.name)] = Proc(int(fields[1]), int(fields[21]) * page, cmd)
+    return table
 
 
-def descendants(pid: int) -> list[int]:
-    tree, todo, seen = _children(), [pid], []
+def descendants(pid: int, table: dict[int, Proc] | None = None) -> list[int]:
+    table = process_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for p, proc in table.items():
+        children.setdefault(proc.ppid, []).append(p)
+    todo, seen = [pid], []
     while todo:
-        for child in tree.get(todo.pop(), []):
+        for child in children.get(todo.pop(), []):
             if child not in seen:
                 seen.append(child)
                 todo.append(child)
@@ -163,9 +178,7 @@ def wait_listening(host: str, port: int, child: Child, timeout: float = 60.0) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not child.alive():
-            raise FedpeftError(
-                f"{child.name} exited at start; its log ({child.log_path}) ends:\n{child.log_tail()}"
-            )
+            raise FedpeftError(f"{child.name} exited at start ({child.log_tail(1)}); see {child.log_path}")
         if port_in_use(host, port):
             return
         time.sleep(0.3)

@@ -25,7 +25,7 @@ from typing import Any
 
 from fedpeft.checkpoint import atomic_write_bytes, atomic_write_json
 from fedpeft.config import RunConfig, to_run_config
-from fedpeft.deploy.certs import CertPaths
+from fedpeft.deploy.certs import CertPaths, check_server_files
 from fedpeft.deploy.processes import (
     Child,
     descendants,
@@ -76,6 +76,7 @@ class Server:
         self.home = self.dir / "flwr"
         self.env = flower_env(self.home)
         self.child: Child | None = None
+        self.log_child: Child | None = None  # `flwr log --stream` into superlink/serverapp.log
         self.tree: list[int] = []  # the SuperLink's descendants, last seen (they outlive a killed SuperLink)
         self.certs = CertPaths(opts.certs.resolve()) if opts.certs else None
 
@@ -91,6 +92,7 @@ class Server:
                     raise FedpeftError(
                         f"missing {p}: make the certificates with `fedpeft certs --out {self.certs.root}`"
                     )
+            check_server_files(self.certs)
         if o.auth:
             if o.insecure:
                 raise FedpeftError("node authentication needs TLS; drop --insecure or pass --no-auth")
@@ -174,7 +176,7 @@ class Server:
 
         app = self.dir / "app"
         app.mkdir(parents=True, exist_ok=True)
-        config = {k: v for k, v in to_run_config(cfg).items()}
+        config = to_run_config(cfg)
         config.update(out=str(self.out), resume=resume)
         doc = {
             "project": {
@@ -208,6 +210,15 @@ class Server:
         with contextlib.suppress(FedpeftError):
             flwr(["stop", str(run_id), CONNECTION], self.env, timeout=30)
 
+    def run_status(self, run_id: int) -> tuple[str, str]:
+        """Flower's status of a run ("running", "finished:failed", ...) and its details; ("", "") if unknown."""
+        try:
+            out = flwr(["list", CONNECTION, "--run-id", str(run_id)], self.env, timeout=30)
+        except FedpeftError:
+            return "", ""
+        runs = out.get("runs") or [{}]
+        return str(runs[0].get("status", "")), str(runs[0].get("status-details", ""))
+
     def watch(self) -> bool:
         """Is the SuperLink alive? Remembers its process tree while it is."""
         assert self.child is not None
@@ -217,7 +228,7 @@ class Server:
         return False
 
     def stop(self) -> None:
-        for child in (getattr(self, "log_child", None), self.child):
+        for child in (self.log_child, self.child):
             if child is not None:
                 child.stop()
         for pid in self.tree:  # a killed SuperLink's SuperExec and ServerApp: they must not write to `out`
@@ -264,7 +275,7 @@ def run_server(cfg: RunConfig, out: Path, opts: ServerOptions, resume: bool = Fa
         )
     if not opts.auth:
         log.warning("--no-auth: any client that reaches the server may join the federation")
-    restarts, printed, run_id = 0, 0, None
+    restarts, printed, run_id, last_check = 0, 0, None, time.monotonic()
     try:
         server.start()
         if opts.auth:
@@ -287,6 +298,14 @@ def run_server(cfg: RunConfig, out: Path, opts: ServerOptions, resume: bool = Fa
             printed = max(printed, len(history))
             if status.is_file():
                 break
+            if time.monotonic() - last_check > 15:  # a ServerApp that died before writing status.json
+                last_check = time.monotonic()
+                flower_status, details = server.run_status(run_id)
+                if flower_status.startswith("finished") and not status.is_file():
+                    raise FedpeftError(
+                        f"the federation's run ended ({flower_status}{': ' + details if details else ''}) "
+                        f"without a result; see {server.dir / 'serverapp.log'}"
+                    )
             if not server.watch():
                 assert server.child is not None
                 if restarts >= opts.restarts:

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_public_key,
 )
 
-from fedpeft.deploy.certs import client_names, make_certs, server_cert_names
+from fedpeft.deploy.certs import check_server_files, client_names, make_certs, server_cert_names
 from fedpeft.errors import FedpeftError
 
 
@@ -55,3 +55,22 @@ def test_bad_client_names_are_refused(spec: str) -> None:
 def test_a_bad_san_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FedpeftError, match="not an IP address or host name"):
         make_certs(tmp_path / "c", ["no spaces allowed"], [])
+
+
+def test_a_file_in_the_way_is_refused_untouched(tmp_path: Path) -> None:
+    (tmp_path / "c").write_text("keep me")
+    with pytest.raises(FedpeftError, match="not a folder"):
+        make_certs(tmp_path / "c", ["127.0.0.1"], ["a"])
+    assert (tmp_path / "c").read_text() == "keep me"
+
+
+def test_broken_or_mismatched_server_files_are_caught_before_tls_starts(tmp_path: Path) -> None:
+    paths = make_certs(tmp_path / "c", ["127.0.0.1"], [])
+    check_server_files(paths)  # a fresh folder is fine
+    other = make_certs(tmp_path / "other", ["127.0.0.1"], [])
+    paths.ca.write_bytes(other.ca.read_bytes())
+    with pytest.raises(FedpeftError, match="is not signed by"):
+        check_server_files(paths)
+    paths.server_cert.write_text("garbage")
+    with pytest.raises(FedpeftError, match="unreadable certificate files"):
+        check_server_files(paths)
