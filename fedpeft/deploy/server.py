@@ -33,6 +33,7 @@ from fedpeft.deploy.processes import (
     flower_env,
     flwr,
     port_in_use,
+    process_table,
     stop_tree,
     wait_listening,
 )
@@ -78,6 +79,7 @@ class Server:
         self.child: Child | None = None
         self.log_child: Child | None = None  # `flwr log --stream` into superlink/serverapp.log
         self.tree: list[int] = []  # the SuperLink's descendants, last seen (they outlive a killed SuperLink)
+        self.serverapp = "not yet"  # our ServerApp process: "not yet" started, "running", or "gone"
         self.certs = CertPaths(opts.certs.resolve()) if opts.certs else None
 
     def check(self) -> None:
@@ -210,22 +212,17 @@ class Server:
         with contextlib.suppress(FedpeftError):
             flwr(["stop", str(run_id), CONNECTION], self.env, timeout=30)
 
-    def run_status(self, run_id: int) -> tuple[str, str]:
-        """Flower's status of a run ("running", "finished:failed", ...) and its details; ("", "") if unknown."""
-        try:
-            out = flwr(["list", CONNECTION, "--run-id", str(run_id)], self.env, timeout=30)
-        except FedpeftError:
-            return "", ""
-        runs = out.get("runs") or [{}]
-        return str(runs[0].get("status", "")), str(runs[0].get("status-details", ""))
-
     def watch(self) -> bool:
-        """Is the SuperLink alive? Remembers its process tree while it is."""
+        """Is the SuperLink alive? Remembers its process tree while it is, and whether our ServerApp
+        process (a descendant, started per run) has been seen and is still there."""
         assert self.child is not None
-        if self.child.alive():
-            self.tree = descendants(self.child.pid) or self.tree
-            return True
-        return False
+        if not self.child.alive():
+            return False
+        table = process_table()
+        self.tree = descendants(self.child.pid, table) or self.tree
+        running = any("flwr-serverapp" in table[p].cmdline for p in self.tree if p in table)
+        self.serverapp = "running" if running else ("gone" if self.serverapp != "not yet" else "not yet")
+        return True
 
     def stop(self) -> None:
         for child in (self.log_child, self.child):
@@ -275,7 +272,7 @@ def run_server(cfg: RunConfig, out: Path, opts: ServerOptions, resume: bool = Fa
         )
     if not opts.auth:
         log.warning("--no-auth: any client that reaches the server may join the federation")
-    restarts, printed, run_id, last_check = 0, 0, None, time.monotonic()
+    restarts, printed, run_id = 0, 0, None
     try:
         server.start()
         if opts.auth:
@@ -298,15 +295,14 @@ def run_server(cfg: RunConfig, out: Path, opts: ServerOptions, resume: bool = Fa
             printed = max(printed, len(history))
             if status.is_file():
                 break
-            if time.monotonic() - last_check > 15:  # a ServerApp that died before writing status.json
-                last_check = time.monotonic()
-                flower_status, details = server.run_status(run_id)
-                if flower_status.startswith("finished") and not status.is_file():
+            alive = server.watch()
+            if server.serverapp == "gone" and not status.is_file():  # it died without writing its outcome
+                time.sleep(opts.poll)  # (status.json is written before the process exits)
+                if not status.is_file():
                     raise FedpeftError(
-                        f"the federation's run ended ({flower_status}{': ' + details if details else ''}) "
-                        f"without a result; see {server.dir / 'serverapp.log'}"
+                        f"the ServerApp ended without a result; see {server.dir / 'serverapp.log'}"
                     )
-            if not server.watch():
+            if not alive:
                 assert server.child is not None
                 if restarts >= opts.restarts:
                     raise FedpeftError(
@@ -321,6 +317,7 @@ def run_server(cfg: RunConfig, out: Path, opts: ServerOptions, resume: bool = Fa
                     opts.restarts,
                 )
                 server.stop()  # whatever it left behind (its ServerApp) must not write to `out` any more
+                server.serverapp = "not yet"
                 server.start()
                 server.stop_run(run_id)
                 resume_now = latest_checkpoint(out) is not None

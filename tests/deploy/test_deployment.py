@@ -217,3 +217,25 @@ def test_deploy_local_survives_a_client_killed_mid_round_and_a_superlink_restart
     log = local.log_path.read_text()
     assert "restarting it on the same state" in log and "resumed from" in log
     assert json.loads((out / "server" / "status.json").read_text())["state"] == "finished"
+
+
+def test_a_serverapp_that_dies_is_reported_and_everything_stops(
+    deployment: Deployment, tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    out = tmp_path / "dl"
+    local = deployment.fedpeft(
+        "deploy-local",
+        "deploy-local",
+        *_flags(users, cache_dir, "--clients", "3", "--rounds", "3"),
+        "--out",
+        str(out),
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "server" / "metrics.jsonl").is_file():
+        assert time.monotonic() < deadline and local.alive(), local.log_tail(20)
+        time.sleep(0.5)
+    os.kill(_pid_of("flwr-serverapp", "--runtime-api-address"), signal.SIGKILL)
+    assert deployment.wait(local, 120) == 2
+    assert "the ServerApp ended without a result" in local.log_path.read_text()
+    # what it had checkpointed is still there to --resume from
+    assert (out / "server" / "checkpoints" / "round-000").is_dir()
