@@ -4,8 +4,10 @@ Every message carries the run's flat config (fedpeft.config.to_run_config), so t
 simulation and deployment:
 - simulation: node config `partition-id` picks this virtual client's share of the run's data;
 - deployment (`fedpeft client`): node config `data-path` is the device owner's own text, `name` its
-  user name, `cache-dir` the local store for the converted base and `model` an optional local copy of
-  the base. The server assigns the client index (task "client") after registration.
+  user name, `cache-dir` the local store for the converted base, `personal-dir` the store of the
+  user's personal adapter and `model` an optional local copy of the base. The server assigns the client
+  index (task "client") after registration.
+Personal adapters stay in the store: replies carry the shared keys' delta and scalar metrics only.
 The base is loaded once per process (fedpeft.device.get_device). A SuperNode starts a fresh process per
 message, so stages that need no model (secure-aggregation stages 1, 2, 4) never import torch.
 """
@@ -40,7 +42,8 @@ def _config(msg: Message, context: Context) -> RunConfig:
             base = replace(base, model=str(node["model"]))
         if node.get("cache-dir"):
             base = replace(base, cache_dir=str(node["cache-dir"]))
-        cfg = replace(cfg, base=base)
+        # the server's path means nothing here: a device keeps its personal adapters in its own store
+        cfg = replace(cfg, base=base, personal=replace(cfg.personal, store=str(node.get("personal-dir", ""))))
     return cfg
 
 
@@ -120,6 +123,7 @@ def train(msg: Message, context: Context) -> Message:
             "train_loss": result.train_loss,
             "train_seconds": result.seconds,
             "load_seconds": load_seconds,
+            "personal_seconds": result.personal_seconds,
         }
     )
     content = RecordDict(
@@ -151,6 +155,7 @@ def _secagg_stage(msg: Message, context: Context) -> RecordDict:
             "train_loss": result.train_loss,
             "train_seconds": result.seconds,
             "load_seconds": load_seconds,
+            "personal_seconds": result.personal_seconds,
         }
         return flatten(result.delta, device.keys), float(result.num_examples), metrics
 
@@ -167,11 +172,14 @@ def _secagg_stage(msg: Message, context: Context) -> RecordDict:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     device, local, client, _ = _setup(msg, context)
-    loss, tokens = device.evaluate(local, record_to_arrays(msg.content["arrays"]))
-    content = RecordDict(
-        {
-            "metrics": MetricRecord({"eval_loss": loss, "eval_tokens": tokens}),
-            "info": _info(device, local, client),
-        }
-    )
+    task = msg.content["task"]
+    arrays = record_to_arrays(msg.content["arrays"])
+    content = RecordDict({"info": _info(device, local, client)})
+    if task.get("personal", False) and device.method != "none":
+        result = device.personalize(local, arrays, int(task["round"]), client)
+        loss, tokens = result.pop("eval_loss"), result.pop("eval_tokens")
+        content["personal"] = ConfigRecord(result)  # scalars and short strings: nothing of the adapter
+    else:
+        loss, tokens = device.evaluate(local, arrays)
+    content["metrics"] = MetricRecord({"eval_loss": loss, "eval_tokens": tokens})
     return Message(content, reply_to=msg)

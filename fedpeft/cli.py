@@ -15,12 +15,14 @@ from fedpeft.aggregate import SERVER_OPTS
 from fedpeft.config import (
     ADAPTERS,
     LORA_TARGETS,
+    PERSONALIZE,
     QUANTS,
     SPLITS,
     AdapterConfig,
     BaseConfig,
     DataConfig,
     FederationConfig,
+    PersonalConfig,
     RunConfig,
     ServerOptConfig,
     TrainConfig,
@@ -215,6 +217,37 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup
         action="store_true",
         help="continue the run in --out from its last complete round (also to extend it to more --rounds)",
     )
+    pg = p.add_argument_group("personalization (personal adapters stay on the device)")
+    pg.add_argument(
+        "--personalize",
+        default="none",
+        choices=PERSONALIZE,
+        help="finetune: a few local steps from the final global adapter; fedsa: LoRA A shared, B personal "
+        "(FedSA-LoRA); ditto: a personal adapter pulled toward the global one (Ditto) (default: %(default)s)",
+    )
+    pg.add_argument(
+        "--personal-steps",
+        type=int,
+        default=5,
+        metavar="S",
+        help="personal optimizer steps: at the last round (finetune) or each sampled round (ditto) "
+        "(default: %(default)s)",
+    )
+    pg.add_argument(
+        "--ditto-lambda",
+        type=float,
+        default=0.1,
+        metavar="L",
+        help="Ditto's pull toward the global adapter, lambda/2 ||v - w||^2 (default: %(default)s)",
+    )
+    pg.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="tail of each user's training text that picks the better of global and personal "
+        "(default: %(default)s)",
+    )
 
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return g
@@ -278,6 +311,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="run folder (default: a new runs/federation-YYYYmmdd-HHMMSS; an existing run needs --resume)",
+    )
+    g.add_argument(
+        "--store",
+        default=None,
+        metavar="DIR",
+        help="personal adapters, one folder per virtual client (default: OUT/personal)",
     )
     from fedpeft.deploy.commands import add_deploy_commands
 
@@ -345,7 +384,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         raise FedpeftError("--lora-mode ffa applies to LoRA only")
     if getattr(a, "min_clients", 1) > getattr(a, "clients", 1):
         raise FedpeftError(f"--min-clients {a.min_clients} exceeds --clients {a.clients}")
-    return RunConfig(
+    cfg = RunConfig(
         base=BaseConfig(model=a.model, quant=a.quant, cache_dir=a.cache_dir),
         adapter=AdapterConfig(
             kind=a.adapter,
@@ -382,7 +421,18 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
             base_fingerprint=getattr(a, "base_fingerprint", "") or "",
         ),
         server_opt=ServerOptConfig(name=getattr(a, "server_opt", "fedavg"), lr=getattr(a, "server_lr", None)),
+        personal=PersonalConfig(
+            method=getattr(a, "personalize", "none"),
+            steps=getattr(a, "personal_steps", 5),
+            lam=getattr(a, "ditto_lambda", 0.1),
+            val_fraction=getattr(a, "val_fraction", 0.1),
+            store=str(Path(a.store).expanduser().resolve()) if getattr(a, "store", None) else "",
+        ),
     )
+    from fedpeft.personalize import check_method
+
+    check_method(cfg)
+    return cfg
 
 
 def _check_out(out: Path, *sources: Path) -> None:
@@ -469,7 +519,7 @@ def cmd_simulate(a: argparse.Namespace) -> None:
     out = Path(a.out or time.strftime("runs/federation-%Y%m%d-%H%M%S"))
     _check_out(out)
     state = simulate(cfg, out, resume=a.resume, client_cpus=a.client_cpus)
-    print(summary(state) + f"; run folder {out} (metrics.jsonl, plot.png, global/)")
+    print(summary(state, cfg.personal.method) + f"\nrun folder {out} (metrics.jsonl, plot.png, global/)")
 
 
 def cmd_export(a: argparse.Namespace) -> None:

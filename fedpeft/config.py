@@ -112,6 +112,22 @@ class FederationConfig:
     base_fingerprint: str = ""  # the federation's base (sha256); "" -> the one most registered clients hold
 
 
+PERSONALIZE: tuple[str, ...] = ("none", "finetune", "fedsa", "ditto")
+
+
+@dataclass(frozen=True)
+class PersonalConfig:
+    """Personal adapters that never leave the device (fedpeft.personalize)."""
+
+    method: str = "none"  # none | finetune | fedsa | ditto
+    steps: int = 5  # personal optimizer steps: per evaluation (finetune) or per sampled round (ditto)
+    # Ditto's proximal weight (Li et al., ICML 2021, eq. 2: lambda/2 ||v - w||^2); the paper tunes it in
+    # {0.01, 0.1, 1, 2}.
+    lam: float = 0.1
+    val_fraction: float = 0.1  # tail of each user's training blocks that picks global vs personal
+    store: str = ""  # root of the per-user stores ("" in simulation -> RUN/personal; a device: --store)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     base: BaseConfig = field(default_factory=BaseConfig)
@@ -120,6 +136,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
 
 
 def client_adapter(cfg: RunConfig) -> AdapterConfig:

@@ -1,30 +1,44 @@
 """What runs on a device in a federation: load the base once per process, then per message apply the
 global adapter, train locally and return the delta, or evaluate. No Flower here (client/ is the glue).
+
+With personalization (fedpeft.personalize) the device also keeps one personal adapter per user in its
+store: it is read and written here and nothing of it goes into a reply (only the shared keys' delta and
+scalar metrics do).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from fedpeft.adapters import adapter_state, inject, load_adapter_state, peft_config_dict, schema_of
+from fedpeft.adapters import (
+    adapter_state,
+    inject,
+    load_adapter_state,
+    peft_config_dict,
+    schema_of,
+    trainable_parameters,
+)
 from fedpeft.aggregate import Arrays
 from fedpeft.base import Base, load_base
 from fedpeft.config import RunConfig, client_adapter, client_lr
 from fedpeft.data import UserData, load_device_user, tokenize_user
+from fedpeft.errors import FedpeftError
 from fedpeft.federation import client_seed
 from fedpeft.partition import partition
+from fedpeft.personalize import (
+    GLOBAL,
+    PERSONAL,
+    PersonalStore,
+    choose,
+    personal_seed,
+    shared_keys,
+    split_validation,
+)
 from fedpeft.train import evaluate, train
-
-
-def travel_keys(names: list[str], lora_mode: str) -> list[str]:
-    """The adapter tensors that clients train and exchange: all of them, or LoRA B only under FFA-LoRA
-    (A stays at the seeded init every client builds identically)."""
-    if lora_mode == "ffa":
-        return [n for n in names if ".lora_B." in n]
-    return list(names)
 
 
 @dataclass
@@ -33,6 +47,7 @@ class FitResult:
     num_examples: int  # training tokens of this client: the FedAvg weight n_k
     train_loss: float  # mean over the local steps
     seconds: float
+    personal_seconds: float = 0.0  # on top of the federated training: the personal adapter's (ditto, fedsa)
 
 
 class Device:
@@ -51,7 +66,8 @@ class Device:
         self.adapter_cfg = adapter_cfg
         self.model = inject(self.base, adapter_cfg)
         self.init_state = adapter_state(self.model)
-        self.keys = travel_keys(list(self.init_state), cfg.federation.lora_mode)
+        self.method = cfg.personal.method
+        self.keys = shared_keys(list(self.init_state), cfg.federation.lora_mode, self.method)
         f = cfg.federation
         if data_path is not None:  # a real device: one user, its own text
             clients = [tokenize_user(load_device_user(data_path, name), self.base.tokenizer, cfg.data)]
@@ -60,6 +76,19 @@ class Device:
             if clients is not None
             else partition(cfg.data, self.base.tokenizer, f.clients, f.split, f.dirichlet_alpha, f.seed)
         )
+        self.val: list[list] = [[] for _ in self.clients]  # validation blocks: global vs personal
+        self.stores: list[PersonalStore] = []
+        if self.method != "none":
+            parts = [
+                split_validation(d, cfg.personal.val_fraction, cfg.data.min_eval_tokens) for d in self.clients
+            ]
+            self.clients, self.val = [p[0] for p in parts], [p[1] for p in parts]
+            if not cfg.personal.store:
+                raise FedpeftError("personalization needs a store for the personal adapters (--store)")
+            schema = [[n, list(s), d] for n, s, d in schema_of(self.init_state)]
+            self.stores = [PersonalStore(cfg.personal.store, d.user) for d in self.clients]
+            for store in self.stores:  # refuse a foreign store before anything could write to it
+                store.check(self.fingerprint, schema)
 
     @property
     def fingerprint(self) -> str:
@@ -84,7 +113,9 @@ class Device:
         """Train data `local` of this process; `client` (the federation's index, default `local`) seeds it."""
         data = self.clients[local]
         client = local if client is None else client
-        self._apply(global_arrays)
+        personal = self.stores[local].load() if self.method == "fedsa" else None
+        # FedSA: this user's own B under the shared A (the global arrays hold A only)
+        self._apply({**(personal or {}), **global_arrays})
         tcfg = replace(
             self.cfg.train,
             steps=self.cfg.federation.local_steps,
@@ -99,21 +130,127 @@ class Device:
             self.base.tokenizer.pad_token_id,
             self.base.quant,
         )
-        local = adapter_state(self.model)
-        delta = {k: (local[k] - global_arrays[k]).astype(np.float32) for k in self.keys}
-        return FitResult(delta, data.train_tokens, float(np.mean(result.losses)), result.seconds)
+        trained = adapter_state(self.model)
+        delta = {k: (trained[k] - global_arrays[k]).astype(np.float32) for k in self.keys}
+        start = time.perf_counter()
+        if self.method == "fedsa":
+            self._save(local, PERSONAL, trained, rnd - 1)
+        elif self.method == "ditto":
+            self._ditto(local, client, global_arrays, rnd)
+        return FitResult(
+            delta,
+            data.train_tokens,
+            float(np.mean(result.losses)),
+            result.seconds,
+            time.perf_counter() - start,
+        )
 
-    def evaluate(self, client: int, global_arrays: Arrays) -> tuple[float, int]:
-        """Held-out loss of the global adapter on this client's text: (mean loss, tokens)."""
-        self._apply(global_arrays)
-        r = evaluate(
+    def _train_personal(
+        self, local: int, client: int, rnd: int, prox: tuple[float, list] | None = None
+    ) -> None:
+        tcfg = replace(
+            self.cfg.train,
+            steps=self.cfg.personal.steps,
+            seed=personal_seed(self.cfg.federation.seed, rnd, client),
+            progress=False,
+        )
+        train(
             self.model,
-            self.clients[client].eval,
+            self.clients[local],
+            tcfg,
+            client_lr(self.cfg),
+            self.base.tokenizer.pad_token_id,
+            self.base.quant,
+            prox=prox,
+        )
+
+    def _ditto(self, local: int, client: int, global_arrays: Arrays, rnd: int) -> None:
+        """Ditto's personal step (Li et al., ICML 2021, Algorithm 1): from the stored personal adapter (the
+        global one the first time), `steps` steps on loss + lam/2 ||v - w||^2, w the global adapter the
+        round started from."""
+        self._apply(global_arrays)
+        ref = [p.detach().clone() for p in trainable_parameters(self.model)]
+        personal = self.stores[local].load()
+        if personal is not None:
+            load_adapter_state(self.model, personal, what=f"personal adapter in {self.stores[local].dir}")
+        self._train_personal(local, client, rnd, prox=(self.cfg.personal.lam, ref))
+        self._save(local, PERSONAL, adapter_state(self.model), rnd - 1)
+
+    def _save(self, local: int, which: str, arrays: Arrays, global_round: int) -> None:
+        self.stores[local].save(
+            which,
+            arrays,
+            peft_config_dict(self.model),
+            (self.fingerprint, str(self.base.path), self.base.quant),
+            self.adapter_cfg,
+            global_round,
+            self.method,
+        )
+
+    def _eval(self, blocks: list) -> Any:
+        return evaluate(
+            self.model,
+            blocks,
             self.base.tokenizer.pad_token_id,
             self.base.quant,
             self.cfg.train.eval_batch_size,
         )
+
+    def evaluate(self, local: int, global_arrays: Arrays) -> tuple[float, int]:
+        """Held-out loss of the global adapter on this client's text: (mean loss, tokens)."""
+        self._apply(global_arrays)
+        r = self._eval(self.clients[local].eval)
         return r.loss, r.tokens
+
+    def personalize(
+        self, local: int, global_arrays: Arrays, rnd: int, client: int | None = None
+    ) -> dict[str, Any]:
+        """Held-out loss of the global and the personal adapter after global round `rnd`; keep the better
+        one on the validation part (choice.json). Makes the personal adapter first under finetune. Returns
+        scalars and short strings only: this is all that leaves the device."""
+        client = local if client is None else client
+        store, val = self.stores[local], self.val[local]
+        full_global = {**self.init_state, **global_arrays}
+        self._apply(global_arrays)
+        held_out = self._eval(self.clients[local].eval)
+        out: dict[str, Any] = {"eval_loss": held_out.loss, "eval_tokens": held_out.tokens}
+        start = time.perf_counter()  # what follows is personalization's extra on-device time
+        val_global = self._eval(val).loss if val else None
+        if self.method == "finetune":  # from the latest global adapter
+            self._train_personal(local, client, rnd)
+            personal = adapter_state(self.model)
+        else:
+            personal = store.load()
+            if personal is not None and self.method == "fedsa":
+                personal = {**personal, **global_arrays}  # the latest shared A under this user's own B
+        note = ""
+        if personal is None:
+            note = "no personal adapter yet (not sampled so far)"
+        else:
+            load_adapter_state(self.model, personal, what=f"personal adapter in {store.dir}")
+            out["personal_eval_loss"] = self._eval(self.clients[local].eval).loss
+            if val:
+                out["val_loss_personal"] = self._eval(val).loss
+            else:
+                note = "too little text for a validation part; keeping the global adapter"
+            self._save(local, PERSONAL, personal, rnd)
+        if val_global is not None:
+            out["val_loss_global"] = val_global
+        kept = choose(val_global, out["val_loss_personal"]) if "val_loss_personal" in out else GLOBAL
+        self._save(local, GLOBAL, full_global, rnd)
+        store.save_choice(
+            {
+                "user": store.user,
+                "use": kept,
+                "method": self.method,
+                "global_round": rnd,
+                "note": note,
+                **{k: v for k, v in out.items() if k not in ("eval_loss", "eval_tokens")},
+                "eval_loss_global": out["eval_loss"],
+            }
+        )
+        out.update(kept=kept, note=note, personal_seconds=time.perf_counter() - start)
+        return out
 
 
 _DEVICES: dict[tuple[RunConfig, str | None, str], Device] = {}

@@ -15,6 +15,8 @@ from fedpeft.config import SPLITS, DataConfig
 from fedpeft.data import UserData, load_users, tokenize_user
 from fedpeft.errors import FedpeftError
 
+DIRICHLET_DRAWS = 1000  # redraws allowed until every client gets training and held-out text
+
 
 def _usable(cfg: DataConfig, tokenizer: Any) -> list[tuple[UserData, str | None]]:
     out = []
@@ -59,13 +61,19 @@ def partition(
         if not labels or any(label is None for _, label in users):
             raise FedpeftError(f"a Dirichlet split needs labelled users; {cfg.data} has none")
         t_own, e_own = np.empty(len(train), int), np.empty(len(held), int)
-        for label in labels:
-            shares = rng.dirichlet(np.full(n, alpha))
-            for items, own in ((train, t_own), (held, e_own)):
-                idx = rng.permutation([i for i, (_, lab) in enumerate(items) if lab == label])
-                cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
-                for client, part in enumerate(np.split(idx, cuts)):
-                    own[part] = client
+        # A small alpha leaves some clients without any block; draw again, as NIID-Bench does (Li et al.,
+        # ICDE 2022: redraw until every party has a minimum of samples). The first draw is kept when it
+        # already gives every client text, so such splits are unchanged.
+        for _ in range(DIRICHLET_DRAWS):
+            for label in labels:
+                shares = rng.dirichlet(np.full(n, alpha))
+                for items, own in ((train, t_own), (held, e_own)):
+                    idx = rng.permutation([i for i, (_, lab) in enumerate(items) if lab == label])
+                    cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
+                    for client, part in enumerate(np.split(idx, cuts)):
+                        own[part] = client
+            if len(set(t_own.tolist())) == n and len(set(e_own.tolist())) == n:
+                break
     clients = [
         UserData(f"{split}-{i:03d}", t, e)
         for i, (t, e) in enumerate(
@@ -76,6 +84,7 @@ def partition(
     if empty:
         raise FedpeftError(
             f"{len(empty)} of {n} clients get no text under the {split} split "
-            f"(e.g. {empty[0]}); use fewer --clients or a larger Dirichlet alpha"
+            f"(e.g. {empty[0]}{f' in {DIRICHLET_DRAWS} draws' if split == 'dirichlet' else ''}); "
+            "use fewer --clients or a larger Dirichlet alpha"
         )
     return clients

@@ -36,6 +36,18 @@ def _check_data(cfg: RunConfig) -> None:
     )
 
 
+def with_store(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """Personalization without --store keeps one personal store per virtual client in RUN/personal."""
+    from dataclasses import replace
+
+    from fedpeft.personalize import check_method
+
+    check_method(cfg)
+    if cfg.personal.method == "none" or cfg.personal.store:
+        return cfg
+    return replace(cfg, personal=replace(cfg.personal, store=str(Path(run_dir).resolve() / "personal")))
+
+
 def ray_temp_dir(run_dir: Path) -> Path:
     """Ray's temp folder under the run folder. Ray puts Unix sockets at
     <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store (62 more bytes) and refuses paths over
@@ -71,6 +83,7 @@ def simulate(
     """Run (or resume) a federation; `client_app` replaces our ClientApp (tests inject faulty clients)."""
     quiet_environment()
     run_dir = Path(run_dir)
+    cfg = with_store(cfg, run_dir)
     if resume:
         check_resume_config(run_dir, cfg)
         if latest_checkpoint(run_dir) is None:
@@ -122,10 +135,15 @@ def simulate(
     return outcome.state
 
 
-def summary(state: ServerState) -> str:
+def summary(state: ServerState, method: str = "none") -> str:
     first, last = state.history[0], state.history[-1]
     per_client = last.get("bytes_up", 0) // max(len(last.get("accepted", [])), 1)
-    return (
+    line = (
         f"global adapter after round {state.round}: held-out ppl {first['eval_ppl']:.2f} -> {last['eval_ppl']:.2f}; "
         f"{per_client:,} bytes up per client in the last round"
     )
+    if "personal" in last:
+        from fedpeft.personalize import summary_line
+
+        line += "\n" + summary_line(last["personal"], method)
+    return line

@@ -46,12 +46,24 @@ def _block_stream(n: int, seed: int):
 
 
 def train(
-    model: Any, data: UserData, cfg: TrainConfig, lr: float, pad_id: int, quant: str, desc: str = "train"
+    model: Any,
+    data: UserData,
+    cfg: TrainConfig,
+    lr: float,
+    pad_id: int,
+    quant: str,
+    desc: str = "train",
+    prox: tuple[float, list[torch.Tensor]] | None = None,
 ) -> TrainResult:
-    """AdamW on the trainable adapter parameters only; `cfg.grad_accum` micro-batches per step."""
+    """AdamW on the trainable adapter parameters only; `cfg.grad_accum` micro-batches per step.
+
+    `prox=(lam, ref)` adds lam/2 * ||params - ref||^2 to the loss (Ditto's personal objective; `ref` holds
+    one tensor per trainable parameter, in trainable_parameters order)."""
     params = trainable_parameters(model)
     if not params:
         raise ValueError("no trainable parameters: was the adapter injected?")
+    if prox is not None and len(prox[1]) != len(params):
+        raise ValueError(f"prox reference has {len(prox[1])} tensors for {len(params)} parameters")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     stream = _block_stream(len(data.train), cfg.seed)
     result = TrainResult()
@@ -66,7 +78,13 @@ def train(
             for _ in range(cfg.grad_accum):
                 batch = collate([data.train[next(stream)] for _ in range(cfg.batch_size)], pad_id)
                 with autocast_for(quant):
-                    loss = model(**batch).loss / cfg.grad_accum
+                    loss = model(**batch).loss
+                if prox is not None:
+                    lam, ref = prox
+                    loss = loss + lam / 2 * sum(
+                        ((p - r) ** 2).sum() for p, r in zip(params, ref, strict=True)
+                    )
+                loss = loss / cfg.grad_accum
                 loss.backward()
                 step_loss += loss.item()
                 result.tokens += int(batch["attention_mask"].sum())

@@ -191,16 +191,19 @@ def _task(roster: Roster, client: int, **task: Any) -> dict[str, Any]:
     return {**task, "client": client, "fingerprint": roster.fingerprint}
 
 
-def _evaluate(grid: Grid, cfg_record: ConfigRecord, state: ServerState, roster: Roster) -> dict[str, Any]:
+def _evaluate(
+    grid: Grid, cfg_record: ConfigRecord, state: ServerState, roster: Roster, personal: bool = False
+) -> dict[str, Any]:
+    """The global adapter on every client's held-out text; with `personal`, each client also evaluates its
+    personal adapter and reports which of the two it keeps (scalars only)."""
     node_of, names = roster.node_of, roster.names
     arrays = state.travel_arrays()
     members = roster.on_base()
+    task = {"round": state.round, **({"personal": True} if personal else {})}
     replies = _exchange(
         grid,
         {
-            c: _message(
-                cfg_record, node_of[c], MessageType.EVALUATE, _task(roster, c, round=state.round), arrays
-            )
+            c: _message(cfg_record, node_of[c], MessageType.EVALUATE, _task(roster, c, **task), arrays)
             for c in members
         },
     )
@@ -211,11 +214,10 @@ def _evaluate(grid: Grid, cfg_record: ConfigRecord, state: ServerState, roster: 
             continue
         m = reply.content["metrics"]
         loss, n = float(m["eval_loss"]), int(m["eval_tokens"])
-        per_client[names[int(reply.content["info"]["client"])]] = {
-            "loss": loss,
-            "ppl": math.exp(min(loss, 50)),
-            "tokens": n,
-        }
+        entry: dict[str, Any] = {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": n}
+        if "personal" in reply.content:
+            entry.update(_personal_entry(reply.content["personal"], entry["ppl"]))
+        per_client[names[int(reply.content["info"]["client"])]] = entry
         nll, tokens = nll + loss * n, tokens + n
     mean = nll / max(tokens, 1)
     return {
@@ -226,6 +228,43 @@ def _evaluate(grid: Grid, cfg_record: ConfigRecord, state: ServerState, roster: 
         "eval_per_client": dict(sorted(per_client.items())),
         "bytes_down_eval": sum(a.nbytes for a in arrays.values()) * len(members),
     }
+
+
+def _personal_entry(record: ConfigRecord, global_ppl: float) -> dict[str, Any]:
+    p = dict(record)
+    entry: dict[str, Any] = {
+        "kept": str(p["kept"]),
+        "note": str(p.get("note", "")),
+        "personal_seconds": float(p["personal_seconds"]),
+    }
+    if "personal_eval_loss" in p:
+        entry["personal_ppl"] = math.exp(min(float(p["personal_eval_loss"]), 50))
+    entry["kept_ppl"] = entry["personal_ppl"] if entry["kept"] == "personal" else global_ppl
+    for key in ("val_loss_global", "val_loss_personal"):
+        if key in p:
+            entry[key] = float(p[key])
+    return entry
+
+
+def _personal_round(cfg: RunConfig, rnd: int) -> bool:
+    """fedsa and ditto hold personal adapters from their first sampled round on: evaluate them every
+    round; finetune makes its personal adapters at the federation's last round only."""
+    method = cfg.personal.method
+    return method != "none" and rnd >= 1 and (method != "finetune" or rnd == cfg.federation.rounds)
+
+
+def _add_base(metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """Each client's base-model perplexity, from round 0: the initial adapter is the identity (LoRA B = 0,
+    IA3 vectors = 1; tests/test_personalize.py checks it against the base with the adapter disabled)."""
+    from fedpeft.personalize import summarize
+
+    base = history[0]["eval_per_client"] if history else {}
+    for user, entry in metrics["eval_per_client"].items():
+        if "kept" in entry and user in base:
+            entry["base_ppl"] = base[user]["ppl"]
+    summary = summarize(metrics["eval_per_client"])
+    if summary is not None:
+        metrics["personal"] = summary
 
 
 def _train_round(
@@ -247,7 +286,7 @@ def _train_round(
             for c in sampled
         },
     )
-    accepted: dict[int, tuple[dict, float, float, float, float]] = {}
+    accepted: dict[int, tuple[dict, float, float, float, float, float]] = {}
     rejected, bytes_up = [], 0
     for client, reply in sorted(replies.items()):
         if reply.has_error():
@@ -270,6 +309,7 @@ def _train_round(
             float(m["train_loss"]),
             float(m["train_seconds"]),
             float(m.get("load_seconds", 0.0)),
+            float(m.get("personal_seconds", 0.0)),
         )
     for r in rejected:
         log.warning("round %d: refused %s: %s", rnd, r["client"], r["reason"])
@@ -298,7 +338,10 @@ def _train_round(
         train_loss=sum(accepted[c][2] * w for c, w in zip(order, weights, strict=True)) / sum(weights),
         train_seconds_max=max(accepted[c][3] for c in order),
         train_seconds_sum=sum(accepted[c][3] for c in order),
-        client_seconds={names[c]: {"load": accepted[c][4], "train": accepted[c][3]} for c in order},
+        client_seconds={
+            names[c]: {"load": accepted[c][4], "train": accepted[c][3], "personal": accepted[c][5]}
+            for c in order
+        },
     )
     return new, metrics
 
@@ -397,7 +440,9 @@ def _secure_train_round(
         train_seconds_sum=sum(float(train[c]["train_seconds"]) for c in survivors),
         # where a device's time goes: loading the base, training, encoding + masking (stage 3)
         client_seconds={
-            names[c]: {k: float(train[c].get(f"{k}_seconds", 0.0)) for k in ("load", "train", "mask")}
+            names[c]: {
+                k: float(train[c].get(f"{k}_seconds", 0.0)) for k in ("load", "train", "mask", "personal")
+            }
             for c in survivors
         },
     )
@@ -446,8 +491,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
         round_fn = _secure_train_round if cfg.federation.secagg else _train_round
         state, metrics = round_fn(grid, cfg, cfg_record, state, roster)
         eval_start = time.perf_counter()
-        metrics.update(_evaluate(grid, cfg_record, state, roster))
+        metrics.update(_evaluate(grid, cfg_record, state, roster, _personal_round(cfg, state.round)))
         metrics["eval_seconds"] = time.perf_counter() - eval_start
+        _add_base(metrics, state.history)
         metrics["seconds"] = time.perf_counter() - start
         state.history = [*state.history, metrics]
         save_checkpoint(run_dir, state, cfg)
@@ -460,6 +506,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
             f"{len(metrics['accepted'])}/{len(metrics['sampled'])} clients, {metrics['seconds']:.1f} s"
             + (" [skipped]" if metrics.get("skipped") else "")
         )
+        if "personal" in metrics:
+            from fedpeft.personalize import summary_line
+
+            tqdm.write(f"round {state.round}: " + summary_line(metrics["personal"], cfg.personal.method))
     bar.close()
     return state
 

@@ -3,6 +3,8 @@
 The device needs no Ray and no GPU. What it keeps in its store (`--store`):
   base/              the base model converted once from its packaged or given file (quantized at load)
   node-config.toml   what our ClientApp reads: data path, user name, base location
+  personal/<user>/   the personal adapter, the last global adapter and choice.json, when the federation
+                     personalizes (--personalize); never sent anywhere
   supernode.log      (when started by `fedpeft deploy-local`)
 Flower's SuperNode runs each message in a fresh ClientApp process; that process loads the base from
 the store (about a second for the default model, see README) and exits, so between rounds the device
@@ -103,6 +105,7 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
         "model": str(base_dir),
         "cache-dir": str(store / "base"),
         "store": str(store),
+        "personal-dir": str(store / "personal"),
     }
     node_file = store / "node-config.toml"
     atomic_write_bytes(node_file, tomli_w.dumps(node).encode())

@@ -205,7 +205,7 @@ def cmd_server(a: argparse.Namespace) -> None:
         raise FedpeftError(f"--port must be between 1 and 65535, got {a.port}")
     result = run_server(cfg, Path(a.out), opts, resume=a.resume)
     state = ServerState(result.rounds, {}, {}, {}, result.history)
-    print(summary(state) + f"; server folder {a.out} (metrics.jsonl, plot.png, global/)")
+    print(summary(state, cfg.personal.method) + f"\nserver folder {a.out} (metrics.jsonl, plot.png, global/)")
 
 
 def cmd_client(a: argparse.Namespace) -> None:

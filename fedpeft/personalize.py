@@ -1,0 +1,223 @@
+"""Personal adapters that never leave the device: the per-user store, the methods' shared/personal split,
+the validation part that decides between global and personal, and the per-user summary.
+
+Methods (their training runs in fedpeft.device):
+- finetune: the latest global adapter plus a few local steps, made at the federation's last evaluation;
+- fedsa: FedSA-LoRA (Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated Learning",
+  ICLR 2025): LoRA A is shared and aggregated, B never leaves the device. Alone, the global adapter
+  (A with B at its zero init) computes exactly the base model;
+- ditto: Ditto (Li et al., ICML 2021): the global adapter trains as usual, and each time a client is
+  sampled it also trains its personal adapter v on lam/2 ||v - w||^2 + its loss, w the global adapter.
+
+Store, one folder per user: ROOT/<user>/personal/ and ROOT/<user>/global/ (PEFT folders with fedpeft.json,
+tagged with the base fingerprint and the global round) and ROOT/<user>/choice.json (which of the two the
+user keeps, with the losses that decided it). This module imports no torch: the server summarizes with it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedpeft.adapter_files import META_FILE, adapter_meta, write_adapter_dir
+from fedpeft.checkpoint import atomic_write_json
+from fedpeft.config import PERSONALIZE, AdapterConfig, RunConfig
+from fedpeft.errors import FedpeftError
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedpeft.data import UserData
+
+PERSONAL, GLOBAL = "personal", "global"
+CHOICE_FILE = "choice.json"
+
+
+def check_method(cfg: RunConfig) -> None:
+    """Combinations that cannot work, as one-line errors before anything starts."""
+    p = cfg.personal
+    if p.method not in PERSONALIZE:
+        raise FedpeftError(f"unknown --personalize {p.method!r}; choose one of {', '.join(PERSONALIZE)}")
+    if p.method == "fedsa" and cfg.adapter.kind != "lora":
+        raise FedpeftError("--personalize fedsa splits LoRA's A and B; it needs --adapter lora")
+    if p.method == "fedsa" and (cfg.federation.lora_mode == "ffa" or cfg.adapter.freeze_a):
+        raise FedpeftError(
+            "--personalize fedsa shares A and keeps B personal; FFA-LoRA freezes A: use --lora-mode fedavg"
+        )
+    if p.method != "none" and not 0.0 < p.val_fraction < 1.0:
+        raise FedpeftError(f"--val-fraction must be between 0 and 1, got {p.val_fraction}")
+    if p.method != "none" and (p.steps < 1 or p.lam < 0):
+        raise FedpeftError("--personal-steps must be positive and --ditto-lambda not negative")
+
+
+def shared_keys(names: list[str], lora_mode: str, method: str) -> list[str]:
+    """The adapter tensors that clients train and exchange: all of them; LoRA B only under FFA-LoRA (A stays
+    at the seeded init every client builds identically); LoRA A only under FedSA (B is personal)."""
+    if lora_mode == "ffa":
+        return [n for n in names if ".lora_B." in n]
+    if method == "fedsa":
+        return [n for n in names if ".lora_A." in n]
+    return list(names)
+
+
+def personal_seed(seed: int, rnd: int, client: int) -> int:
+    """Seeds personal training apart from the client's federated training of the same round."""
+    return int(np.random.default_rng([seed, rnd, client, 1]).integers(2**31 - 1))
+
+
+def split_validation(data: UserData, fraction: float, min_tokens: int) -> tuple[UserData, list[torch.Tensor]]:
+    """The tail `fraction` of a user's training blocks becomes the validation part (time order, as with the
+    held-out part); it is no longer trained on. Too little text for `min_tokens`, or nothing left to
+    train on: no validation part (the user then keeps the global adapter)."""
+    from fedpeft.data import UserData
+
+    n = max(1, round(len(data.train) * fraction))
+    val = data.train[-n:]
+    if len(data.train) - n < 1 or sum(len(b) for b in val) < min_tokens:
+        return data, []
+    return UserData(data.user, data.train[:-n], data.eval), val
+
+
+def choose(val_global: float, val_personal: float) -> str:
+    """Keep the personal adapter only if it is better on the validation part (ties keep the global one)."""
+    return PERSONAL if val_personal < val_global else GLOBAL
+
+
+class PersonalStore:
+    """One user's folder of the store. `check` refuses a store made for another base or adapter schema
+    before anything is written, so such a store is never overwritten."""
+
+    def __init__(self, root: str | Path, user: str) -> None:
+        self.dir = Path(root).expanduser() / user
+        self.user = user
+
+    def _meta(self, which: str) -> dict[str, Any] | None:
+        path = self.dir / which / META_FILE
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise FedpeftError(f"unreadable personal store {path}: {e}; left untouched") from None
+
+    def check(self, fingerprint: str, schema: list[list[Any]]) -> None:
+        for which in (PERSONAL, GLOBAL):
+            meta = self._meta(which)
+            if meta is None:
+                continue
+            where = self.dir / which
+            if meta.get("base_fingerprint") != fingerprint:
+                raise FedpeftError(
+                    f"personal store {where} was made for another base (fingerprint "
+                    f"{str(meta.get('base_fingerprint'))[:12]}, this base is {fingerprint[:12]}); "
+                    "left untouched: move it away or use another --store"
+                )
+            if meta.get("schema") != schema:
+                raise FedpeftError(
+                    f"personal store {where} holds another adapter schema (other adapter, rank or "
+                    "targets); left untouched: move it away or use another --store"
+                )
+
+    def load(self, which: str = PERSONAL) -> dict[str, np.ndarray] | None:
+        from safetensors.numpy import load_file
+
+        from fedpeft.adapter_files import WEIGHTS_FILE
+
+        if self._meta(which) is None:
+            return None
+        try:
+            arrays = load_file(self.dir / which / WEIGHTS_FILE)
+        except Exception as e:  # truncated or foreign file
+            raise FedpeftError(
+                f"corrupt personal store {self.dir / which}: {str(e).splitlines()[0]}"
+            ) from None
+        return dict(sorted(arrays.items()))
+
+    def save(
+        self,
+        which: str,
+        arrays: dict[str, np.ndarray],
+        peft_config: dict[str, Any],
+        base: tuple[str, str, str],
+        adapter: AdapterConfig,
+        global_round: int,
+        method: str,
+    ) -> Path:
+        fingerprint, base_path, quant = base
+        meta = adapter_meta(
+            fingerprint,
+            base_path,
+            quant,
+            adapter,
+            arrays,
+            round=global_round,
+            personal={"user": self.user, "kind": which, "method": method, "global_round": global_round},
+        )
+        return write_adapter_dir(self.dir / which, arrays, peft_config, meta)
+
+    def save_choice(self, doc: dict[str, Any]) -> None:
+        atomic_write_json(self.dir / CHOICE_FILE, doc)
+
+    def choice(self) -> dict[str, Any] | None:
+        path = self.dir / CHOICE_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
+def find_store(src: str | Path, user: str) -> PersonalStore:
+    """A user's store from a run folder (RUN/personal/<user>), a device store (STORE/personal/<user>) or
+    the store root itself (ROOT/<user>)."""
+    src = Path(src).expanduser()
+    for root in (src / "personal", src):
+        if (root / user).is_dir():
+            return PersonalStore(root, user)
+    roots = [r for r in (src / "personal", src) if r.is_dir()]
+    known = sorted(p.name for r in roots for p in r.iterdir() if (p / CHOICE_FILE).is_file())
+    hint = f" (users there: {', '.join(known[:5])}{', ...' if len(known) > 5 else ''})" if known else ""
+    raise FedpeftError(f"no personal adapter for user {user!r} under {src}{hint}")
+
+
+# --- reports (server side) --------------------------------------------------------------------------
+
+
+def relative_change(personal_ppl: float, global_ppl: float) -> float:
+    return personal_ppl / global_ppl - 1.0
+
+
+def summarize(per_client: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """For the users with a personal evaluation: how many the personal adapter beats the global one for,
+    the median and worst relative perplexity change, and which adapter each user kept."""
+    rows = {u: c for u, c in per_client.items() if c.get("personal_ppl") is not None}
+    if not rows:
+        return None
+    changes = {u: relative_change(c["personal_ppl"], c["ppl"]) for u, c in rows.items()}
+    kept = {u: c["kept"] for u, c in per_client.items() if "kept" in c}
+    return {
+        "users": len(rows),
+        "beats_global": sum(ch < 0 for ch in changes.values()),
+        "median_change": statistics.median(changes.values()),
+        "worst_change": max(changes.values()),
+        "worst_user": max(changes, key=lambda u: changes[u]),
+        "kept_personal": sum(k == PERSONAL for k in kept.values()),
+        "kept_global": sum(k == GLOBAL for k in kept.values()),
+        "kept_change_median": statistics.median(
+            relative_change(c["kept_ppl"], c["ppl"]) for c in per_client.values() if "kept_ppl" in c
+        ),
+        "no_validation": sorted(
+            u for u, c in per_client.items() if c.get("note", "").startswith("too little")
+        ),
+    }
+
+
+def summary_line(s: dict[str, Any], method: str) -> str:
+    line = (
+        f"personal ({method}) beats global for {s['beats_global']}/{s['users']} users: median "
+        f"{s['median_change']:+.1%}, worst {s['worst_change']:+.1%} ({s['worst_user']}) in held-out perplexity; "
+        f"kept personal for {s['kept_personal']}, global for {s['kept_global']}"
+    )
+    if s["no_validation"]:
+        line += f" ({len(s['no_validation'])} with too little text for a validation part)"
+    return line
