@@ -14,12 +14,15 @@ message, so stages that need no model (secure-aggregation stages 1, 2, 4) never 
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.records import arrays_to_record, record_to_arrays
@@ -31,6 +34,24 @@ if TYPE_CHECKING:
 
 app = ClientApp()
 INFO_KEY = "fedpeft-info"  # context.state: what this node reported last (fingerprint, name)
+CLIENT_ERROR = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+def user_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """A refusal for a reason the user can fix (another base, a foreign personal store) goes back as an error
+    reply carrying its one-line reason, not as a traceback; a device also prints it to its own log.
+    Anything else is a bug and keeps Flower's traceback."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except FedpeftError as e:
+            if "data-path" in context.node_config:
+                print(f"fedpeft: error: {e}", file=sys.stderr, flush=True)
+            return Message(Error(code=CLIENT_ERROR, reason=str(e)), reply_to=msg)
+
+    return wrapped
 
 
 def _config(msg: Message, context: Context) -> RunConfig:
@@ -98,6 +119,7 @@ def _info(device: Device, local: int, client: int) -> ConfigRecord:
 
 
 @app.query()
+@user_errors
 def describe(msg: Message, context: Context) -> Message:
     device, local, client, _ = _setup(msg, context)
     info = _info(device, local, client)
@@ -111,6 +133,7 @@ def describe(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@user_errors
 def train(msg: Message, context: Context) -> Message:
     task = msg.content["task"]
     if "secagg-stage" in task:
@@ -170,6 +193,7 @@ def _secagg_stage(msg: Message, context: Context) -> RecordDict:
 
 
 @app.evaluate()
+@user_errors
 def evaluate(msg: Message, context: Context) -> Message:
     device, local, client, _ = _setup(msg, context)
     task = msg.content["task"]

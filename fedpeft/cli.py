@@ -328,9 +328,13 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Export an adapter folder written by fedpeft.",
     )
     e.add_argument(
-        "adapter_dir", metavar="ADAPTER_DIR", help="a folder written by `fedpeft train` (or a federation)"
+        "adapter_dir",
+        metavar="ADAPTER_DIR",
+        help="a folder written by `fedpeft train` (or a federation); with --user: a run folder or a device's "
+        "--store",
     )
     e.add_argument("--out", required=True, metavar="DIR", help="folder to write (replaced only on success)")
+    _add_user_flags(e, "export")
     e.add_argument(
         "--merge",
         action="store_true",
@@ -349,7 +353,47 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the base model, if it is no longer where the adapter says (default: from the adapter)",
     )
     e.add_argument("--cache-dir", default=None, metavar="DIR", help="cache of converted bases")
+
+    gen = sub.add_parser(
+        "generate",
+        help="one user's base, global and personal adapters continuing the same prompt, side by side",
+        description="Greedy continuations of --prompt by the base model, the global adapter and the user's "
+        "personal adapter, read from a run folder (RUN/personal/USER) or a device store (STORE/personal/USER).",
+    )
+    gen.add_argument("source", metavar="RUN_OR_STORE", help="a run folder or a device's --store")
+    gen.add_argument("--user", required=True, metavar="NAME", help="whose personal adapter")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=40,
+        metavar="N",
+        help="tokens to generate (default: %(default)s)",
+    )
+    gen.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH",
+        help="the base model, if it is no longer where the adapter says (default: from the adapter)",
+    )
+    gen.add_argument("--cache-dir", default=None, metavar="DIR", help="cache of converted bases")
     return parser
+
+
+def _add_user_flags(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument(
+        "--user",
+        default=None,
+        metavar="NAME",
+        help=f"{verb} this user's adapter from the personal store under ADAPTER_DIR: the one the device kept "
+        "(personal or global), or --which",
+    )
+    p.add_argument(
+        "--which",
+        default="kept",
+        choices=("kept", "personal", "global"),
+        help="with --user: which of the user's adapters (default: %(default)s)",
+    )
 
 
 def _positive(name: str, value: float) -> None:
@@ -527,10 +571,14 @@ def cmd_export(a: argparse.Namespace) -> None:
 
     src, out = Path(a.adapter_dir), Path(a.out)
     _check_out(out, src)
+    what = "adapter"
+    if a.user is not None:
+        src, what = _user_adapter(src, a.user, a.which)
+        _check_out(out, src)
     files = read_adapter(src)
     if not a.merge:
         export_adapter(files, out)
-        print(f"adapter copied to {out} (load with peft.PeftModel.from_pretrained)")
+        print(f"{what} copied to {out} (load with peft.PeftModel.from_pretrained)")
         return
     import torch
 
@@ -541,6 +589,60 @@ def cmd_export(a: argparse.Namespace) -> None:
     )
     export_merged(base, files, out, dtype=getattr(torch, a.dtype))
     print(f"merged model written to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+
+
+def _user_adapter(src: Path, user: str, which: str) -> tuple[Path, str]:
+    """The folder of a user's personal or global adapter in a personal store, and a phrase saying which."""
+    from fedpeft.personalize import GLOBAL, PERSONAL, find_store
+
+    store = find_store(src, user)
+    choice = store.choice() or {}
+    if which == "kept":
+        which = choice.get("use", PERSONAL if (store.dir / PERSONAL).is_dir() else GLOBAL)
+        why = f"kept by the device after round {choice.get('global_round')}" if choice else "kept"
+    else:
+        why = "as asked"
+    if not (store.dir / which).is_dir():
+        raise FedpeftError(f"user {store.user} has no {which} adapter in {store.dir}")
+    note = f"; {choice['note']}" if choice.get("note") else ""
+    return store.dir / which, f"{store.user}'s {which} adapter ({why}{note})"
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from fedpeft.adapters import inject, load_adapter_state, read_adapter
+    from fedpeft.base import load_base
+    from fedpeft.personalize import GLOBAL, PERSONAL, find_store
+    from fedpeft.train import generate
+
+    _positive("--max-new-tokens", a.max_new_tokens)
+    if not a.prompt.strip():
+        raise FedpeftError("--prompt is empty")
+    store = find_store(Path(a.source), a.user)
+    adapters = {w: read_adapter(store.dir / w) for w in (GLOBAL, PERSONAL) if (store.dir / w).is_dir()}
+    if not adapters:
+        raise FedpeftError(f"user {store.user} has no adapters in {store.dir} yet")
+    first = next(iter(adapters.values()))
+    base = load_base(
+        BaseConfig(model=a.model or first.meta["base_path"], quant=first.meta["quant"], cache_dir=a.cache_dir)
+    )
+    for files in adapters.values():
+        if files.fingerprint != base.fingerprint:
+            raise FedpeftError(
+                f"adapter {files.path} was trained on another base (fingerprint {files.fingerprint[:12]}, "
+                f"this base is {base.fingerprint[:12]}); pass --model with the federation's base"
+            )
+    model = inject(base, first.adapter_config)
+    kept = (store.choice() or {}).get("use")
+    outputs = []
+    with model.disable_adapter():
+        outputs.append(("base", generate(model, base.tokenizer, a.prompt, a.max_new_tokens, base.quant)))
+    for which, files in adapters.items():
+        load_adapter_state(model, files.arrays, what=f"adapter {files.path}")
+        label = f"{which} (round {files.meta.get('round')}{', kept' if which == kept else ''})"
+        outputs.append((label, generate(model, base.tokenizer, a.prompt, a.max_new_tokens, base.quant)))
+    print(f"user {store.user}, prompt: {a.prompt!r}")
+    for label, text in outputs:
+        print(f"\n--- {label} ---\n{text.strip()}")
 
 
 def _quiet_libraries() -> None:
@@ -583,7 +685,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from fedpeft.deploy.commands import COMMANDS
 
-        {"train": cmd_train, "simulate": cmd_simulate, "export": cmd_export, **COMMANDS}[args.command](args)
+        {
+            "train": cmd_train,
+            "simulate": cmd_simulate,
+            "export": cmd_export,
+            "generate": cmd_generate,
+            **COMMANDS,
+        }[args.command](args)
     except FedpeftError as e:
         print(f"fedpeft: error: {e}", file=sys.stderr)
         return 2

@@ -194,21 +194,19 @@ def summarize(per_client: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     if not rows:
         return None
     changes = {u: relative_change(c["personal_ppl"], c["ppl"]) for u, c in rows.items()}
-    kept = {u: c["kept"] for u, c in per_client.items() if "kept" in c}
     return {
         "users": len(rows),
         "beats_global": sum(ch < 0 for ch in changes.values()),
         "median_change": statistics.median(changes.values()),
         "worst_change": max(changes.values()),
         "worst_user": max(changes, key=lambda u: changes[u]),
-        "kept_personal": sum(k == PERSONAL for k in kept.values()),
-        "kept_global": sum(k == GLOBAL for k in kept.values()),
+        "kept_personal": sum(c["kept"] == PERSONAL for c in rows.values()),
         "kept_change_median": statistics.median(
-            relative_change(c["kept_ppl"], c["ppl"]) for c in per_client.values() if "kept_ppl" in c
+            relative_change(c["kept_ppl"], c["ppl"]) for c in rows.values()
         ),
-        "no_validation": sorted(
-            u for u, c in per_client.items() if c.get("note", "").startswith("too little")
-        ),
+        "kept_change_worst": max(relative_change(c["kept_ppl"], c["ppl"]) for c in rows.values()),
+        "without_personal": sorted(u for u, c in per_client.items() if "kept" in c and u not in rows),
+        "no_validation": sorted(u for u, c in rows.items() if c.get("note", "").startswith("too little")),
     }
 
 
@@ -216,8 +214,11 @@ def summary_line(s: dict[str, Any], method: str) -> str:
     line = (
         f"personal ({method}) beats global for {s['beats_global']}/{s['users']} users: median "
         f"{s['median_change']:+.1%}, worst {s['worst_change']:+.1%} ({s['worst_user']}) in held-out perplexity; "
-        f"kept personal for {s['kept_personal']}, global for {s['kept_global']}"
+        f"kept personal for {s['kept_personal']}/{s['users']} (kept vs global: median "
+        f"{s['kept_change_median']:+.1%}, worst {s['kept_change_worst']:+.1%})"
     )
     if s["no_validation"]:
-        line += f" ({len(s['no_validation'])} with too little text for a validation part)"
+        line += f"; {len(s['no_validation'])} with too little text for a validation part keep global"
+    if s["without_personal"]:
+        line += f"; {len(s['without_personal'])} not sampled yet (no personal adapter)"
     return line

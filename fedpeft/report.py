@@ -37,7 +37,16 @@ def federation_png(history: list[dict]) -> bytes:
     import matplotlib.pyplot as plt
 
     rounds = [h["round"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    personal = next((h for h in reversed(history) if "personal" in h), None)
+    if personal is None:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    else:
+        fig, axes = plt.subplots(2, 2, figsize=(10, 7.6), dpi=110, gridspec_kw={"height_ratios": [1, 1.1]})
+        ax1, ax2 = axes[0]
+        gs = axes[1, 0].get_gridspec()
+        axes[1, 0].remove()
+        axes[1, 1].remove()
+        _per_client_bars(fig.add_subplot(gs[1, :]), personal)
     ax1.plot(rounds, [h["eval_loss"] for h in history], "o-", label="global adapter, held-out")
     trained = [h for h in history if h.get("train_loss") is not None]
     ax1.plot(
@@ -64,3 +73,34 @@ def federation_png(history: list[dict]) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _per_client_bars(ax, h: dict) -> None:
+    """Per user after round h: base, global and personal held-out perplexity; the kept one outlined."""
+    users = sorted(h["eval_per_client"])
+    rows = [h["eval_per_client"][u] for u in users]
+    x = list(range(len(users)))
+    width = 0.27
+    series = (
+        ("base", "base_ppl", "tab:gray"),
+        ("global", "ppl", "tab:blue"),
+        ("personal", "personal_ppl", "tab:orange"),
+    )
+    for i, (label, key, color) in enumerate(series):
+        values = [r.get(key) or 0.0 for r in rows]
+        bars = ax.bar([p + (i - 1) * width for p in x], values, width, label=label, color=color)
+        for bar, r in zip(bars, rows, strict=True):
+            if label == r.get("kept"):
+                bar.set_edgecolor("black")
+                bar.set_linewidth(1.5)
+    s = h["personal"]
+    ax.set_title(
+        f"round {h['round']}: personal beats global for {s['beats_global']}/{s['users']} users "
+        f"(median {s['median_change']:+.1%}); outlined: the adapter each user keeps",
+        fontsize=9,
+    )
+    ax.set_xticks(x)
+    ax.set_xticklabels(users, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("held-out perplexity")
+    ax.legend(fontsize=8, ncol=3)
+    ax.grid(alpha=0.3, axis="y")

@@ -119,3 +119,18 @@ def evaluate(
         tokens += int((labels != -100).sum())
     loss = nll / max(tokens, 1)
     return EvalResult(loss=loss, ppl=math.exp(min(loss, 50.0)), tokens=tokens)
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, quant: str) -> str:
+    """Greedy continuation of `prompt` (deterministic, so outputs of two adapters compare directly)."""
+    model.eval()
+    ids = tokenizer(prompt, return_tensors="pt")
+    with autocast_for(quant):
+        out = model.generate(
+            **ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)

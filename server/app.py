@@ -463,6 +463,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
             "aggregation: %s",
             "FFA-LoRA (A frozen and shared, B averaged: exact)"
             if cfg.federation.lora_mode == "ffa"
+            else "FedSA-LoRA (A averaged, B personal: stays on each device)"
+            if cfg.personal.method == "fedsa"
             else "FedAvg of LoRA A and B separately (mean of B·A is not mean(B)·mean(A): an approximation)",
         )
     if state is not None:
