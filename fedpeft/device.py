@@ -233,7 +233,10 @@ class Device:
                 out["val_loss_personal"] = self._eval(val).loss
             else:
                 note = "too little text for a validation part; keeping the global adapter"
-            self._save(local, PERSONAL, personal, rnd)
+            if (
+                self.method != "ditto"
+            ):  # new (finetune) or under the latest shared A (fedsa); Ditto's is as trained
+                self._save(local, PERSONAL, personal, rnd)
         if val_global is not None:
             out["val_loss_global"] = val_global
         kept = choose(val_global, out["val_loss_personal"]) if "val_loss_personal" in out else GLOBAL

@@ -60,3 +60,17 @@ def test_dirichlet_skews_labels_on_the_default_corpus(tokenizer) -> None:
 def test_dirichlet_needs_labels(labelled_dir: Path, tokenizer) -> None:
     with pytest.raises(FedpeftError, match="labelled"):
         partition(DataConfig(data=str(labelled_dir)), tokenizer, 2, "dirichlet")
+
+
+def test_dirichlet_redraws_until_no_client_is_empty(tokenizer) -> None:
+    """Two labels, alpha 0.1, ten clients: single draws starve some clients; the split draws again."""
+    import numpy as np
+
+    cfg = DataConfig(block_size=128)
+    rng = np.random.default_rng([0, 1234])
+    first = rng.dirichlet(np.full(10, 0.1))
+    assert (first < 1e-3).sum() >= 3  # what one draw looks like: most clients with (almost) nothing
+    clients = partition(cfg, tokenizer, 10, "dirichlet", alpha=0.1, seed=0)
+    assert all(c.train and c.eval for c in clients)
+    sizes = sorted(c.train_tokens for c in clients)
+    assert sizes[-1] > 20 * sizes[0]  # still strongly skewed

@@ -72,3 +72,32 @@ def test_train_save_and_peft_reload_on_real_model(tmp_path: Path, quant: str, ki
 
     again = apply_adapter(load_base(BaseConfig(model="default", quant=quant)), read_adapter(out))
     assert evaluate(again, held_out, pad, quant).loss == pytest.approx(after.loss, rel=1e-6)
+
+
+def test_fedsa_personal_adapter_on_the_real_model_and_generate(tmp_path: Path, capsys) -> None:
+    """One FedSA round on two real speakers: the personal B helps its own speaker's held-out text, the store
+    is a PEFT folder, and `fedpeft generate` shows base, global and personal continuations."""
+    from fedpeft.cli import main
+    from fedpeft.config import FederationConfig, PersonalConfig, RunConfig
+    from fedpeft.device import Device
+
+    cfg = RunConfig(
+        federation=FederationConfig(clients=2, local_steps=5),
+        train=TrainConfig(progress=False),
+        personal=PersonalConfig(method="fedsa", store=str(tmp_path / "personal")),
+    )
+    device = Device(cfg)
+    shared = {k: device.init_state[k] for k in device.keys}
+    fit = device.fit(0, shared, rnd=1)
+    out = device.personalize(0, {k: shared[k] + fit.delta[k] for k in device.keys}, rnd=1)
+    assert out["personal_eval_loss"] < out["eval_loss"] - 0.01, out
+    user = device.clients[0].user
+    assert read_adapter(tmp_path / "personal" / user / "personal").meta["personal"]["method"] == "fedsa"
+
+    capsys.readouterr()
+    assert (
+        main(["generate", str(tmp_path), "--user", user, "--prompt", PROMPT, "--max-new-tokens", "12"]) == 0
+    )
+    printed = capsys.readouterr().out
+    blocks = printed.split("\n--- ")
+    assert [b.split(" ")[0] for b in blocks[1:]] == ["base", "global", "personal"], printed
