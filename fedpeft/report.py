@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 
 def train_loss_png(losses: list[float], eval_before: float, eval_after: float, title: str) -> bytes:
@@ -64,6 +65,11 @@ def federation_png(history: list[dict]) -> bytes:
     lo = [c[0]["ppl"] for c in per_client]
     hi = [c[-1]["ppl"] for c in per_client]
     ax2.fill_between(rounds, lo, hi, color="tab:green", alpha=0.15, label="per-client min-max")
+    kept = [(h["round"], _kept_ppl(h)) for h in history if "personal" in h]
+    if kept:
+        ax2.plot(*zip(*kept, strict=True), "D-", color="tab:orange", label="adapters the users keep")
+    for ax in (ax1, ax2):
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax2.set_xlabel("round")
     ax2.set_ylabel("perplexity")
     ax2.legend(fontsize=8)
@@ -99,8 +105,17 @@ def _per_client_bars(ax, h: dict) -> None:
         f"(median {s['median_change']:+.1%}); outlined: the adapter each user keeps",
         fontsize=9,
     )
+    shown = [v for r in rows for k in ("base_ppl", "ppl", "personal_ppl") if (v := r.get(k))]
+    ax.set_ylim(0.8 * min(shown), 1.05 * max(shown))  # differences of a few percent stay visible
     ax.set_xticks(x)
     ax.set_xticklabels(users, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("held-out perplexity")
     ax.legend(fontsize=8, ncol=3)
     ax.grid(alpha=0.3, axis="y")
+
+
+def _kept_ppl(h: dict) -> float:
+    """Perplexity over all held-out tokens when every user runs the adapter it keeps."""
+    rows = list(h["eval_per_client"].values())
+    nll = sum(math.log(r.get("kept_ppl", r["ppl"])) * r["tokens"] for r in rows)
+    return math.exp(nll / max(sum(r["tokens"] for r in rows), 1))

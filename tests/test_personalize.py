@@ -410,3 +410,17 @@ def test_simulate_export_generate_and_a_foreign_store_on_resume(
     )
     assert_user_error(proc, "was made for another base")
     assert _tree_hash(run / "personal") == before
+
+
+def test_plot_line_of_kept_adapters_weights_users_by_tokens() -> None:
+    import math
+
+    from fedpeft.report import _kept_ppl
+
+    h = {
+        "eval_per_client": {
+            "a": {"ppl": 10.0, "kept_ppl": 5.0, "tokens": 300},
+            "b": {"ppl": 20.0, "tokens": 100},  # no personal evaluation: its global adapter counts
+        }
+    }
+    assert _kept_ppl(h) == pytest.approx(math.exp((300 * math.log(5) + 100 * math.log(20)) / 400))
