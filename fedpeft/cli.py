@@ -641,8 +641,23 @@ def cmd_generate(a: argparse.Namespace) -> None:
         label = f"{which} (round {files.meta.get('round')}{', kept' if which == kept else ''})"
         outputs.append((label, generate(model, base.tokenizer, a.prompt, a.max_new_tokens, base.quant)))
     print(f"user {store.user}, prompt: {a.prompt!r}")
-    for label, text in outputs:
-        print(f"\n--- {label} ---\n{text.strip()}")
+    print(_side_by_side(outputs))
+
+
+def _side_by_side(outputs: list[tuple[str, str]]) -> str:
+    """Columns on a terminal wide enough for three readable ones; labelled blocks otherwise (pipes, files)."""
+    import shutil
+    import textwrap
+
+    width = shutil.get_terminal_size((0, 0)).columns
+    col = (width - 3 * (len(outputs) - 1)) // len(outputs)
+    if not sys.stdout.isatty() or col < 36:
+        return "".join(f"\n--- {label} ---\n{text.strip()}\n" for label, text in outputs)
+    cols = [[label.ljust(col), "-" * col, *textwrap.wrap(text.strip(), col)] for label, text in outputs]
+    rows = max(len(c) for c in cols)
+    return "\n" + "\n".join(
+        " | ".join((c[i] if i < len(c) else "").ljust(col) for c in cols) for i in range(rows)
+    )
 
 
 def _quiet_libraries() -> None:

@@ -424,3 +424,20 @@ def test_plot_line_of_kept_adapters_weights_users_by_tokens() -> None:
         }
     }
     assert _kept_ppl(h) == pytest.approx(math.exp((300 * math.log(5) + 100 * math.log(20)) / 400))
+
+
+def test_generate_prints_columns_on_a_wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import shutil
+    import sys
+
+    from fedpeft.cli import _side_by_side
+
+    outputs = [("base", "one two three " * 8), ("global", "four"), ("personal", "five six")]
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback: os.terminal_size((130, 40)))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    lines = _side_by_side(outputs).strip("\n").splitlines()
+    assert lines[0].split(" | ")[0].strip() == "base" and len(lines) > 3
+    assert all(line.count(" | ") == 2 for line in lines)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert "--- personal ---\nfive six" in _side_by_side(outputs)
