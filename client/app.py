@@ -186,9 +186,17 @@ def _secagg_stage(msg: Message, context: Context) -> RecordDict:
     seed = client_seed(cfg.federation.seed, rnd, client)
     start = time.perf_counter()
     reply = handle(dict(task), msg.content, context.state, client, local_update, seed)
-    if "metrics" in reply:  # stage 3: what is left after loading and training is encoding and masking
+    if (
+        "metrics" in reply
+    ):  # stage 3: what is left after loading and (personal) training is encoding and masking
         m = reply["metrics"]
-        m["mask_seconds"] = time.perf_counter() - start - float(m["load_seconds"]) - float(m["train_seconds"])
+        m["mask_seconds"] = (
+            time.perf_counter()
+            - start
+            - float(m["load_seconds"])
+            - float(m["train_seconds"])
+            - float(m["personal_seconds"])
+        )
     return reply
 
 
