@@ -164,16 +164,24 @@ class PersonalStore:
 
     def choice(self) -> dict[str, Any] | None:
         path = self.dir / CHOICE_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise FedpeftError(f"unreadable {path}: {e}") from None
 
 
 def find_store(src: str | Path, user: str) -> PersonalStore:
     """A user's store from a run folder (RUN/personal/<user>), a device store (STORE/personal/<user>) or
     the store root itself (ROOT/<user>)."""
+    from fedpeft.data import _slug
+
     src = Path(src).expanduser()
     for root in (src / "personal", src):
-        if (root / user).is_dir():
-            return PersonalStore(root, user)
+        for name in (user, _slug(user)):  # "Barack Obama" finds barack-obama, the id the data gives that user
+            if (root / name).is_dir():
+                return PersonalStore(root, name)
     roots = [r for r in (src / "personal", src) if r.is_dir()]
     known = sorted(p.name for r in roots for p in r.iterdir() if (p / CHOICE_FILE).is_file())
     hint = f" (users there: {', '.join(known[:5])}{', ...' if len(known) > 5 else ''})" if known else ""

@@ -441,3 +441,15 @@ def test_generate_prints_columns_on_a_wide_terminal(monkeypatch: pytest.MonkeyPa
     assert all(line.count(" | ") == 2 for line in lines)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
     assert "--- personal ---\nfive six" in _side_by_side(outputs)
+
+
+def test_find_store_by_name_or_id_and_a_corrupt_choice(tmp_path: Path) -> None:
+    from fedpeft.personalize import find_store
+
+    (tmp_path / "run" / "personal" / "barack-obama").mkdir(parents=True)
+    assert find_store(tmp_path / "run", "Barack Obama").dir.name == "barack-obama"
+    (tmp_path / "run" / "personal" / "barack-obama" / "choice.json").write_text("{not json")
+    with pytest.raises(FedpeftError, match="unreadable"):
+        find_store(tmp_path / "run", "barack-obama").choice()
+    with pytest.raises(FedpeftError, match="users there: barack-obama"):
+        find_store(tmp_path / "run", "nobody")
