@@ -216,7 +216,10 @@ def _evaluate(
         loss, n = float(m["eval_loss"]), int(m["eval_tokens"])
         entry: dict[str, Any] = {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": n}
         if "personal" in reply.content:
-            entry.update(_personal_entry(reply.content["personal"], entry["ppl"]))
+            try:
+                entry.update(_personal_entry(reply.content["personal"], entry["ppl"]))
+            except (KeyError, TypeError, ValueError) as e:  # a device's bad report must not stop the run
+                log.warning("ignored a malformed personal report from %s: %r", names[c], e)
         per_client[names[int(reply.content["info"]["client"])]] = entry
         nll, tokens = nll + loss * n, tokens + n
     mean = nll / max(tokens, 1)

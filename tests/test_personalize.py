@@ -453,3 +453,14 @@ def test_find_store_by_name_or_id_and_a_corrupt_choice(tmp_path: Path) -> None:
         find_store(tmp_path / "run", "barack-obama").choice()
     with pytest.raises(FedpeftError, match="users there: barack-obama"):
         find_store(tmp_path / "run", "nobody")
+
+
+def test_a_malformed_personal_report_is_ignored_not_fatal() -> None:
+    from flwr.app import ConfigRecord
+
+    from server.app import _personal_entry
+
+    good = _personal_entry(ConfigRecord({"kept": "global", "personal_seconds": 1.0, "note": ""}), 30.0)
+    assert good["kept_ppl"] == 30.0 and "personal_ppl" not in good
+    with pytest.raises(KeyError):  # _evaluate catches this and logs a warning
+        _personal_entry(ConfigRecord({"note": "x"}), 30.0)
