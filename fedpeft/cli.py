@@ -609,7 +609,7 @@ def _user_adapter(src: Path, user: str, which: str) -> tuple[Path, str]:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    from fedpeft.adapters import inject, load_adapter_state, read_adapter
+    from fedpeft.adapters import check_fingerprint, inject, load_adapter_state, read_adapter
     from fedpeft.base import load_base
     from fedpeft.personalize import GLOBAL, PERSONAL, find_store
     from fedpeft.train import generate
@@ -626,11 +626,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
         BaseConfig(model=a.model or first.meta["base_path"], quant=first.meta["quant"], cache_dir=a.cache_dir)
     )
     for files in adapters.values():
-        if files.fingerprint != base.fingerprint:
-            raise FedpeftError(
-                f"adapter {files.path} was trained on another base (fingerprint {files.fingerprint[:12]}, "
-                f"this base is {base.fingerprint[:12]}); pass --model with the federation's base"
-            )
+        check_fingerprint(files.fingerprint, base, f"adapter {files.path}")
     model = inject(base, first.adapter_config)
     kept = (store.choice() or {}).get("use")
     outputs = []

@@ -233,9 +233,8 @@ class Device:
                 out["val_loss_personal"] = self._eval(val).loss
             else:
                 note = "too little text for a validation part; keeping the global adapter"
-            if (
-                self.method != "ditto"
-            ):  # new (finetune) or under the latest shared A (fedsa); Ditto's is as trained
+            # new (finetune) or under the latest shared A (fedsa); Ditto's stays as it was trained
+            if self.method != "ditto":
                 self._save(local, PERSONAL, personal, rnd)
         if val_global is not None:
             out["val_loss_global"] = val_global

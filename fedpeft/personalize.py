@@ -123,19 +123,12 @@ class PersonalStore:
                 )
 
     def load(self, which: str = PERSONAL) -> dict[str, np.ndarray] | None:
-        from safetensors.numpy import load_file
-
-        from fedpeft.adapter_files import WEIGHTS_FILE
+        """The stored arrays (validated as any adapter folder is), or None if there are none yet."""
+        from fedpeft.adapters import read_adapter  # device side only: it imports torch
 
         if self._meta(which) is None:
             return None
-        try:
-            arrays = load_file(self.dir / which / WEIGHTS_FILE)
-        except Exception as e:  # truncated or foreign file
-            raise FedpeftError(
-                f"corrupt personal store {self.dir / which}: {str(e).splitlines()[0]}"
-            ) from None
-        return dict(sorted(arrays.items()))
+        return read_adapter(self.dir / which).arrays
 
     def save(
         self,

@@ -332,21 +332,29 @@ def test_simulate_export_generate_and_a_foreign_store_on_resume(
     root = Path(__file__).resolve().parents[1]
     monkeypatch.setenv("PYTHONPATH", f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     run = tmp_path / "run"
-    flags = ["--model", "tiny", "--data", str(users), "--clients", "3", "--block-size", "32", "--lr", "5e-3"]
-    proc = fedpeft(
-        "simulate",
-        *flags,
-        "--rounds",
-        "2",
-        "--local-steps",
-        "3",
-        "--personalize",
-        "ditto",
-        "--out",
-        str(run),
-        "--no-progress",
-        cache_dir=cache_dir,
-    )
+
+    def simulate(rounds: int, *extra: str):
+        return fedpeft(
+            "simulate",
+            *(
+                "--model",
+                "tiny",
+                "--data",
+                str(users),
+                "--clients",
+                "3",
+                "--block-size",
+                "32",
+                "--lr",
+                "5e-3",
+            ),
+            *("--rounds", str(rounds), "--local-steps", "3", "--personalize", "ditto", "--out", str(run)),
+            "--no-progress",
+            *extra,
+            cache_dir=cache_dir,
+        )
+
+    proc = simulate(2)
     assert proc.returncode == 0, proc.stderr
     assert "personal (ditto) beats global for" in proc.stdout
     users_with_personal = sorted(p.parent.name for p in (run / "personal").glob("*/personal"))
@@ -393,21 +401,7 @@ def test_simulate_export_generate_and_a_foreign_store_on_resume(
     meta["base_fingerprint"] = "0" * 64
     meta_path.write_text(json.dumps(meta))
     before = _tree_hash(run / "personal")
-    proc = fedpeft(
-        "simulate",
-        *flags,
-        "--rounds",
-        "3",
-        "--local-steps",
-        "3",
-        "--personalize",
-        "ditto",
-        "--out",
-        str(run),
-        "--resume",
-        "--no-progress",
-        cache_dir=cache_dir,
-    )
+    proc = simulate(3, "--resume")
     assert_user_error(proc, "was made for another base")
     assert _tree_hash(run / "personal") == before
 
@@ -456,11 +450,35 @@ def test_find_store_by_name_or_id_and_a_corrupt_choice(tmp_path: Path) -> None:
 
 
 def test_a_malformed_personal_report_is_ignored_not_fatal() -> None:
-    from flwr.app import ConfigRecord
+    """One device sends a personal report without its fields: the round's evaluation goes on, that user
+    simply has no personal figures, the other user's are read."""
+    from flwr.app import ConfigRecord, MetricRecord
 
-    from server.app import _personal_entry
+    from fedpeft.federation import ServerState
+    from server.app import Roster, _evaluate
 
-    good = _personal_entry(ConfigRecord({"kept": "global", "personal_seconds": 1.0, "note": ""}), 30.0)
-    assert good["kept_ppl"] == 30.0 and "personal_ppl" not in good
-    with pytest.raises(KeyError):  # _evaluate catches this and logs a warning
-        _personal_entry(ConfigRecord({"note": "x"}), 30.0)
+    class Grid:
+        def send_and_receive(self, messages: list[Message]) -> list[Message]:
+            replies = []
+            for m in messages:
+                m.metadata.__dict__["_message_id"] = str(uuid4())
+                client = int(m.content["task"]["client"])
+                personal = {"kept": "global", "personal_seconds": 0.5} if client == 0 else {"note": "x"}
+                content = RecordDict(
+                    {
+                        "info": ConfigRecord({"client": client}),
+                        "metrics": MetricRecord({"eval_loss": 3.0, "eval_tokens": 10}),
+                        "personal": ConfigRecord(personal),
+                    }
+                )
+                replies.append(Message(content, reply_to=m))
+            return replies
+
+    roster = Roster(
+        node_of={0: 1, 1: 2}, names={0: "ann", 1: "bob"}, fingerprints={0: "f", 1: "f"}, fingerprint="f"
+    )
+    arrays = {"x": np.zeros(2, np.float32)}
+    state = ServerState(1, arrays, {}, {"travel_keys": ["x"], "fingerprint": "f"})
+    result = _evaluate(Grid(), ConfigRecord({}), state, roster, personal=True)
+    assert result["eval_per_client"]["ann"]["kept"] == "global"
+    assert "kept" not in result["eval_per_client"]["bob"] and result["eval_tokens"] == 20
