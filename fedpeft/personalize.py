@@ -52,6 +52,8 @@ def check_method(cfg: RunConfig) -> None:
         raise FedpeftError(f"--val-fraction must be between 0 and 1, got {p.val_fraction}")
     if p.method != "none" and (p.steps < 1 or p.lam < 0):
         raise FedpeftError("--personal-steps must be positive and --ditto-lambda not negative")
+    if p.method != "none" and p.store and Path(p.store).exists() and not Path(p.store).is_dir():
+        raise FedpeftError(f"--store is a file, not a folder: {p.store}")
 
 
 def shared_keys(names: list[str], lora_mode: str, method: str) -> list[str]:
@@ -150,10 +152,16 @@ class PersonalStore:
             round=global_round,
             personal={"user": self.user, "kind": which, "method": method, "global_round": global_round},
         )
-        return write_adapter_dir(self.dir / which, arrays, peft_config, meta)
+        try:
+            return write_adapter_dir(self.dir / which, arrays, peft_config, meta)
+        except OSError as e:  # full disk, no permission: the device says why in one line
+            raise FedpeftError(f"cannot write the personal store {self.dir / which}: {e.strerror}") from None
 
     def save_choice(self, doc: dict[str, Any]) -> None:
-        atomic_write_json(self.dir / CHOICE_FILE, doc)
+        try:
+            atomic_write_json(self.dir / CHOICE_FILE, doc)
+        except OSError as e:
+            raise FedpeftError(f"cannot write the personal store {self.dir}: {e.strerror}") from None
 
     def choice(self) -> dict[str, Any] | None:
         path = self.dir / CHOICE_FILE

@@ -61,10 +61,12 @@ def federation_png(history: list[dict]) -> bytes:
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
     ax2.plot(rounds, [h["eval_ppl"] for h in history], "o-", color="tab:green", label="all held-out tokens")
-    per_client = [sorted(h["eval_per_client"].values(), key=lambda c: c["ppl"]) for h in history]
-    lo = [c[0]["ppl"] for c in per_client]
-    hi = [c[-1]["ppl"] for c in per_client]
-    ax2.fill_between(rounds, lo, hi, color="tab:green", alpha=0.15, label="per-client min-max")
+    # a round in which no client could evaluate has no spread to draw (its failures are in the log)
+    spread = [(h["round"], [c["ppl"] for c in h["eval_per_client"].values()]) for h in history]
+    spread = [(r, min(p), max(p)) for r, p in spread if p]
+    if spread:
+        r, lo, hi = zip(*spread, strict=True)
+        ax2.fill_between(r, lo, hi, color="tab:green", alpha=0.15, label="per-client min-max")
     kept = [(h["round"], _kept_ppl(h)) for h in history if "personal" in h]
     if kept:
         ax2.plot(*zip(*kept, strict=True), "D-", color="tab:orange", label="adapters the users keep")

@@ -482,3 +482,24 @@ def test_a_malformed_personal_report_is_ignored_not_fatal() -> None:
     result = _evaluate(Grid(), ConfigRecord({}), state, roster, personal=True)
     assert result["eval_per_client"]["ann"]["kept"] == "global"
     assert "kept" not in result["eval_per_client"]["bob"] and result["eval_tokens"] == 20
+
+
+def test_a_store_that_cannot_be_written_is_a_one_line_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(FedpeftError, match="--store is a file"):
+        check_method(RunConfig(personal=PersonalConfig(method="ditto", store=str(blocker))))
+    store = PersonalStore(blocker, "ann")  # a device whose store root turned into a file mid-run
+    with pytest.raises(FedpeftError, match="cannot write the personal store"):
+        store.save_choice({"use": "global"})
+
+
+def test_plot_survives_a_round_that_no_client_could_evaluate() -> None:
+    from fedpeft.report import federation_png
+
+    ok = {"round": 0, "eval_loss": 3.0, "eval_ppl": 20.0, "train_loss": None}
+    history = [
+        {**ok, "eval_per_client": {"a": {"ppl": 20.0, "tokens": 5}}},
+        {**ok, "round": 1, "eval_per_client": {}},
+    ]
+    assert federation_png(history)[:4] == b"\x89PNG"
