@@ -6,7 +6,9 @@ simulation and deployment:
 - deployment (`fedpeft client`): node config `data-path` is the device owner's own text, `name` its
   user name, `cache-dir` the local store for the converted base, `personal-dir` the store of the
   user's personal adapter and `model` an optional local copy of the base. The server assigns the client
-  index (task "client") after registration.
+  index (task "client") after registration. The device's own security policy is node config too:
+  `require-secagg` (refuse plain training rounds) and `min-neighbours` (the fewest neighbours it masks its
+  update with); nothing the server sends can lower either.
 Personal adapters stay in the store: replies carry the shared keys' delta and scalar metrics only.
 The base is loaded once per process (fedpeft.device.get_device). A SuperNode starts a fresh process per
 message, so stages that need no model (secure-aggregation stages 1, 2, 4) never import torch.
@@ -132,12 +134,23 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def _min_neighbours(context: Context) -> int:
+    from fedpeft.secagg.protocol import MIN_NEIGHBOURS
+
+    return int(context.node_config.get("min-neighbours", MIN_NEIGHBOURS))
+
+
 @app.train()
 @user_errors
 def train(msg: Message, context: Context) -> Message:
     task = msg.content["task"]
     if "secagg-stage" in task:
         return Message(_secagg_stage(msg, context), reply_to=msg)
+    if context.node_config.get("require-secagg", False):
+        raise FedpeftError(
+            "refused: a plain training round; this device sends its update only under secure aggregation "
+            "(--require-secagg)"
+        )
     device, local, client, load_seconds = _setup(msg, context)
     result = device.fit(local, record_to_arrays(msg.content["arrays"]), int(task["round"]), client)
     metrics = MetricRecord(
@@ -185,7 +198,9 @@ def _secagg_stage(msg: Message, context: Context) -> RecordDict:
     cfg = from_run_config(dict(msg.content["config"]))
     seed = client_seed(cfg.federation.seed, rnd, client)
     start = time.perf_counter()
-    reply = handle(dict(task), msg.content, context.state, client, local_update, seed)
+    reply = handle(
+        dict(task), msg.content, context.state, client, local_update, seed, _min_neighbours(context)
+    )
     if (
         "metrics" in reply
     ):  # stage 3: what is left after loading and (personal) training is encoding and masking

@@ -26,6 +26,7 @@ from fedpeft.config import (
     RunConfig,
     ServerOptConfig,
     TrainConfig,
+    validate,
 )
 from fedpeft.errors import FedpeftError
 
@@ -403,31 +404,7 @@ def _positive(name: str, value: float) -> None:
 
 def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     """The only mapping from CLI flags to the config tree (train and simulate share it)."""
-    for name in (
-        "steps",
-        "batch_size",
-        "grad_accum",
-        "lora_r",
-        "block_size",
-        "clients",
-        "rounds",
-        "local_steps",
-        "min_clients",
-        "dirichlet_alpha",
-    ):
-        if hasattr(a, name):
-            _positive("--" + name.replace("_", "-"), getattr(a, name))
-    if hasattr(a, "fraction") and not 0.0 < a.fraction <= 1.0:
-        raise FedpeftError(f"--fraction must be in (0, 1], got {a.fraction}")
-    if not 0.0 < a.eval_fraction < 1.0:
-        raise FedpeftError(f"--eval-fraction must be between 0 and 1, got {a.eval_fraction}")
     targets = tuple(t.strip() for t in a.targets.split(",") if t.strip()) if a.targets else LORA_TARGETS
-    if a.freeze_a and a.adapter != "lora":
-        raise FedpeftError("--freeze-a applies to LoRA only")
-    if getattr(a, "lora_mode", "fedavg") == "ffa" and a.adapter != "lora":
-        raise FedpeftError("--lora-mode ffa applies to LoRA only")
-    if getattr(a, "min_clients", 1) > getattr(a, "clients", 1):
-        raise FedpeftError(f"--min-clients {a.min_clients} exceeds --clients {a.clients}")
     cfg = RunConfig(
         base=BaseConfig(model=a.model, quant=a.quant, cache_dir=a.cache_dir),
         adapter=AdapterConfig(
@@ -475,6 +452,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     )
     from fedpeft.personalize import check_method
 
+    validate(cfg)
     check_method(cfg)
     return cfg
 

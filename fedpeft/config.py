@@ -1,8 +1,9 @@
-"""One typed configuration tree. CLI flags (and, later, Flower's flat run config) map onto it."""
+"""One typed configuration tree. CLI flags and Flower's flat run config map onto it; validate() checks it."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -139,6 +140,87 @@ class RunConfig:
     personal: PersonalConfig = field(default_factory=PersonalConfig)
 
 
+def sampled_per_round(clients: int, fraction: float, min_clients: int) -> int:
+    """How many clients a round samples: ceil(fraction x clients), at least min_clients, at most all."""
+    return min(clients, max(min_clients, math.ceil(fraction * clients)))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        from fedpeft.errors import FedpeftError
+
+        raise FedpeftError(message)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """The checks every entry runs (CLI flags, Flower's run config, saved config files, a device reading
+    the server's config): one-line FedpeftErrors naming the flag. Returns cfg."""
+    from fedpeft.aggregate import SERVER_OPTS
+
+    f, t = cfg.federation, cfg.train
+    for flag, value in (
+        ("--steps", t.steps),
+        ("--batch-size", t.batch_size),
+        ("--grad-accum", t.grad_accum),
+        ("--lora-r", cfg.adapter.r),
+        ("--block-size", cfg.data.block_size),
+        ("--clients", f.clients),
+        ("--rounds", f.rounds),
+        ("--local-steps", f.local_steps),
+        ("--min-clients", f.min_clients),
+        ("--dirichlet-alpha", f.dirichlet_alpha),
+    ):
+        _check(value > 0, f"{flag} must be positive, got {value}")
+    for flag, value, choices in (
+        ("--quant", cfg.base.quant, QUANTS),
+        ("--adapter", cfg.adapter.kind, ADAPTERS),
+        ("--lora-mode", f.lora_mode, ("fedavg", "ffa")),
+        ("--split", f.split, SPLITS),
+        ("--server-opt", cfg.server_opt.name, SERVER_OPTS),
+        ("--personalize", cfg.personal.method, PERSONALIZE),
+    ):
+        _check(value in choices, f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+    _check(t.lr is None or t.lr > 0, f"--lr must be positive, got {t.lr}")
+    _check(0.0 < f.fraction <= 1.0, f"--fraction must be in (0, 1], got {f.fraction}")
+    _check(
+        0.0 < cfg.data.eval_fraction < 1.0,
+        f"--eval-fraction must be between 0 and 1, got {cfg.data.eval_fraction}",
+    )
+    _check(not cfg.adapter.freeze_a or cfg.adapter.kind == "lora", "--freeze-a applies to LoRA only")
+    _check(f.lora_mode != "ffa" or cfg.adapter.kind == "lora", "--lora-mode ffa applies to LoRA only")
+    _check(f.min_clients <= f.clients, f"--min-clients {f.min_clients} exceeds --clients {f.clients}")
+    if f.secagg:
+        _validate_secagg(f)
+    return cfg
+
+
+def _validate_secagg(f: FederationConfig) -> None:
+    """Parameters under which SecAgg+ protects each client (Bell et al., CCS 2020): every update masked with
+    at least MIN_NEIGHBOURS others, and each secret reconstructible only by a strict majority of its holders.
+    k = 0 gave no neighbours, and the server read every update from its own stage-5 request."""
+    from fedpeft.secagg.graph import degree
+    from fedpeft.secagg.protocol import MIN_NEIGHBOURS, min_threshold
+
+    n = sampled_per_round(f.clients, f.fraction, f.min_clients)
+    _check(
+        f.secagg_k >= MIN_NEIGHBOURS,
+        f"--secagg-k must be at least {MIN_NEIGHBOURS}, got {f.secagg_k}: each client masks its update with "
+        f"its k neighbours (k >= sampled clients - 1 is the complete graph)",
+    )
+    _check(
+        n >= MIN_NEIGHBOURS + 1,
+        f"--secagg needs at least {MIN_NEIGHBOURS + 1} clients a round to mask each update with "
+        f"{MIN_NEIGHBOURS} others; this configuration samples {n} (raise --fraction or --min-clients)",
+    )
+    holders = degree(f.secagg_k, n) + 1
+    lo = min_threshold(holders)
+    _check(
+        f.secagg_threshold == 0 or lo <= f.secagg_threshold <= holders,
+        f"--secagg-threshold must be a strict majority of each secret's {holders} holders ({lo} to {holders}) "
+        f"or 0 for {lo}, got {f.secagg_threshold}",
+    )
+
+
 def client_adapter(cfg: RunConfig) -> AdapterConfig:
     """The adapter every client of a federation builds: seeded by the federation's seed (so all build the
     same init), with A frozen under FFA-LoRA. Clients and server both derive it from here."""
@@ -198,4 +280,4 @@ def from_run_config(flat: dict[str, Any]) -> RunConfig:
         if name not in hints:
             raise ValueError(f"unknown run config key {key!r}")
         sections.setdefault(section, {})[name] = _parse(raw, hints[name])
-    return RunConfig(**{s: typing.get_type_hints(RunConfig)[s](**kw) for s, kw in sections.items()})
+    return validate(RunConfig(**{s: typing.get_type_hints(RunConfig)[s](**kw) for s, kw in sections.items()}))

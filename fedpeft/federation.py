@@ -19,7 +19,7 @@ import numpy as np
 from fedpeft.adapter_files import adapter_meta, write_adapter_dir
 from fedpeft.aggregate import Arrays, divide, server_update, weighted_sum
 from fedpeft.checkpoint import atomic_dir, atomic_write_bytes
-from fedpeft.config import AdapterConfig, RunConfig
+from fedpeft.config import AdapterConfig, RunConfig, sampled_per_round
 from fedpeft.errors import FedpeftError
 
 CHECKPOINTS = "checkpoints"
@@ -58,7 +58,7 @@ def client_seed(seed: int, rnd: int, client: int) -> int:
 
 def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: int, rnd: int) -> list[int]:
     """Client indices for round `rnd`: a function of (seed, round) only, so a resumed run samples the same."""
-    k = min(num_clients, max(min_clients, math.ceil(fraction * num_clients)))
+    k = sampled_per_round(num_clients, fraction, min_clients)
     rng = np.random.default_rng([seed, rnd, 7])
     return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
 

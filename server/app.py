@@ -419,13 +419,13 @@ def _secure_train_round(
             raise SecAggAbort(f"{len(survivors)} survivors < min_clients {f.min_clients}")
     except SecAggAbort as e:
         log.warning("round %d: secure aggregation aborted (%s); global adapter unchanged", rnd, e)
+        # who dropped or refused, and why (a device's refusal says which of its limits the round broke)
+        rejected.extend(_secagg_rejections(getattr(e, "report", {}), [], names))
+        for r in rejected:
+            log.warning("round %d: %s: %s", rnd, r["client"], r["reason"])
         metrics.update(skipped=True, train_loss=None, accepted=[], bytes_up=0, abort=str(e))
         return ServerState(rnd, state.arrays, state.opt_state, state.info, state.history), metrics
-    for c, reason in {**report["dropped"], **report["excluded"]}.items():
-        if c not in survivors:  # a client gone at stage 4 already sent its input: it still counts
-            rejected.append(
-                {"client": names[c], "reason": f"dropped at {reason}" if "stage" in reason else reason}
-            )
+    rejected.extend(_secagg_rejections(report, survivors, names))
     metrics["left_before_unmask"] = [names[c] for c in survivors if c in report["dropped"]]
     weighted, weight = code.decode_sum(total)
     new = apply_mean(state, unflatten(weighted / weight, state.info["schema"], state.travel_keys), cfg)
@@ -450,6 +450,18 @@ def _secure_train_round(
         },
     )
     return new, metrics
+
+
+def _secagg_rejections(report: dict[str, Any], survivors: list[int], names: dict[int, str]) -> list[dict]:
+    """Metrics entries for the clients whose input is not in the sum: dropped (with their own error reply,
+    a refusal included) or excluded. A client gone after stage 3 already sent its input: it still counts."""
+    out = []
+    for c, reason in {**report.get("dropped", {}), **report.get("excluded", {})}.items():
+        if c not in survivors:
+            out.append(
+                {"client": names[c], "reason": f"dropped at {reason}" if "stage" in reason else reason}
+            )
+    return out
 
 
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False) -> ServerState:

@@ -211,3 +211,34 @@ def test_simulate_ffa_needs_lora(tmp_path: Path, cache_dir: str) -> None:
         cache_dir=cache_dir,
     )
     assert_user_error(proc, "applies to LoRA only")
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--secagg-k", "0"], "--secagg-k must be at least 2"),
+        (
+            ["--secagg-threshold", "1"],
+            "--secagg-threshold must be a strict majority of each secret's 5 holders",
+        ),
+        (["--secagg-threshold", "9"], "(3 to 5)"),
+        (["--clients", "4", "--fraction", "0.5"], "needs at least 3 clients a round"),
+    ],
+)
+def test_simulate_refuses_secagg_parameters_that_do_not_protect(
+    flags: list[str], match: str, tmp_path: Path, cache_dir: str
+) -> None:
+    out = tmp_path / "x"
+    proc = fedpeft("simulate", "--model", "tiny", "--secagg", *flags, "--out", str(out), cache_dir=cache_dir)
+    assert_user_error(proc, match)
+    assert not out.exists()
+
+
+def test_client_refuses_a_floor_of_no_neighbours(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedpeft.cli", "client", "--server", "127.0.0.1:9092", "--insecure"]
+        + ["--data", str(tmp_path), "--min-neighbours", "0", "--store", str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+    )
+    assert_user_error(proc, "--min-neighbours must be at least 1")

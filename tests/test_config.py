@@ -13,7 +13,7 @@ from fedpeft.config import (
 
 def test_flat_run_config_round_trips() -> None:
     cfg = RunConfig(
-        adapter=AdapterConfig(kind="ia3", target_modules=("k_proj", "v_proj")),
+        adapter=AdapterConfig(kind="lora", target_modules=("k_proj", "v_proj")),
         train=TrainConfig(lr=1e-3),
         federation=FederationConfig(lora_mode="ffa", rounds=7),
         server_opt=ServerOptConfig("fedyogi"),
@@ -32,3 +32,21 @@ def test_partial_and_string_values() -> None:
 def test_unknown_key() -> None:
     with pytest.raises(ValueError, match="unknown run config key"):
         from_run_config({"federation.roundz": 3})
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("federation.fraction", 2.5, "--fraction must be in"),
+        ("federation.lora_mode", "bogus", "--lora-mode must be one of"),
+        ("adapter.kind", "nope", "--adapter must be one of"),
+        ("federation.min_clients", 50, "--min-clients 50 exceeds"),
+        ("federation.secagg_k", 1, "--secagg-k must be at least 2"),
+    ],
+)
+def test_flower_run_config_is_validated_as_the_cli_is(key: str, value: object, match: str) -> None:
+    from fedpeft.errors import FedpeftError
+
+    flat = {**to_run_config(RunConfig(federation=FederationConfig(secagg=True))), key: value}
+    with pytest.raises(FedpeftError, match=match):
+        from_run_config(flat)

@@ -22,6 +22,7 @@ from pathlib import Path
 from fedpeft.checkpoint import atomic_write_bytes
 from fedpeft.deploy.processes import executable, flower_env, free_port, stop_tree
 from fedpeft.errors import FedpeftError
+from fedpeft.secagg.protocol import MIN_NEIGHBOURS
 
 log = logging.getLogger("fedpeft")
 
@@ -38,6 +39,10 @@ class ClientOptions:
     insecure: bool = False
     max_wait: float | None = None  # give up reconnecting after this many seconds (default: never)
     threads: int | None = None  # CPU threads for training (default: all cores)
+    # The device's own security policy (never lowered by the server): send updates only masked, and
+    # mask them with at least this many neighbours.
+    require_secagg: bool = False
+    min_neighbours: int = MIN_NEIGHBOURS
 
 
 def _check_server(address: str) -> None:
@@ -85,6 +90,13 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
     from fedpeft.data import load_device_user
 
     _check_server(opts.server)
+    if opts.min_neighbours < 1:
+        raise FedpeftError(
+            f"--min-neighbours must be at least 1, got {opts.min_neighbours}: with no neighbour the server "
+            "alone could remove the only mask left on the update"
+        )
+    if opts.min_neighbours == 1:
+        log.warning("--min-neighbours 1: the server and one colluding client could unmask this device's update")
     if opts.insecure:
         log.warning("--insecure: traffic to and from the server is NOT encrypted")
     elif opts.root_cert is None or not opts.root_cert.is_file():
@@ -106,6 +118,8 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
         "cache-dir": str(store / "base"),
         "store": str(store),
         "personal-dir": str(store / "personal"),
+        "require-secagg": opts.require_secagg,
+        "min-neighbours": opts.min_neighbours,
     }
     node_file = store / "node-config.toml"
     atomic_write_bytes(node_file, tomli_w.dumps(node).encode())

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedpeft.errors import FedpeftError
+from fedpeft.secagg.protocol import MIN_NEIGHBOURS
 
 log = logging.getLogger("fedpeft")
 Adder = Callable[[argparse.ArgumentParser], object]
@@ -137,6 +138,20 @@ def add_deploy_commands(
         metavar="N",
         help="CPU threads for training (default: all cores; set it when devices share a machine)",
     )
+    sec = k.add_argument_group("this device's protection (the server cannot lower it)")
+    sec.add_argument(
+        "--require-secagg",
+        action="store_true",
+        help="refuse plain training rounds: an update leaves this device only masked by secure aggregation",
+    )
+    sec.add_argument(
+        "--min-neighbours",
+        type=int,
+        default=MIN_NEIGHBOURS,
+        metavar="K",
+        help="refuse a secure round that would mask this device's update with fewer than K other clients "
+        "(and a threshold below a strict majority of its share holders) (default: %(default)s)",
+    )
     k.add_argument(
         "--max-wait",
         type=float,
@@ -225,6 +240,8 @@ def cmd_client(a: argparse.Namespace) -> None:
             insecure=a.insecure,
             max_wait=a.max_wait,
             threads=a.threads,
+            require_secagg=a.require_secagg,
+            min_neighbours=a.min_neighbours,
         )
     )
     if code not in (0, 130, -15):

@@ -118,6 +118,8 @@ def deploy_local(
                 str(base_dir),
                 "--threads",
                 str(threads),
+                # the devices of a secure federation send their updates only masked
+                *(["--require-secagg"] if cfg.federation.secagg else []),
             ]
             children.append(Child(args, home / "client.log", env, f"client {name}"))
         log.info(

@@ -1,5 +1,6 @@
 """The cryptographic primitives of SecAgg+, all from `cryptography`: X25519 key agreement, HKDF-SHA256,
-AES-GCM for shares that travel through the server, and AES-256-CTR as the mask generator.
+AES-GCM for shares that travel through the server, AES-256-CTR as the mask generator, and Ed25519
+signatures for the consistency check against a server that shows clients different survivor sets.
 
 Masks are expanded from full 256-bit seeds by AES-CTR (a PRF in counter mode); no seed ever passes
 through a non-cryptographic generator.
@@ -10,7 +11,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -24,11 +27,28 @@ def new_keypair() -> tuple[X25519PrivateKey, bytes]:
     return key, public_bytes(key)
 
 
-def public_bytes(key: X25519PrivateKey) -> bytes:
+def new_signing_key() -> tuple[Ed25519PrivateKey, bytes]:
+    key = Ed25519PrivateKey.generate()
+    return key, public_bytes(key)
+
+
+def signing_key_from_bytes(raw: bytes) -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.from_private_bytes(raw)
+
+
+def verify(public: bytes, signature: bytes, message: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def public_bytes(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def private_bytes(key: X25519PrivateKey) -> bytes:
+def private_bytes(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )

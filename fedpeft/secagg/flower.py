@@ -1,8 +1,9 @@
-"""SecAgg+ over Flower's Message API: the server's four stages as `train` messages, and the client's handler.
+"""SecAgg+ over Flower's Message API: the server's five stages as `train` messages, and the client's handler.
 
-Every stage message carries task["secagg-stage"] (1-4). The client keeps its protocol state in the node's
+Every stage message carries task["secagg-stage"] (1-5). The client keeps its protocol state in the node's
 context.state between stages (bytes; a SuperNode may use a fresh process per message). Training happens
-in stage 3, right before masking, so a client that drops during training is a stage-3 dropout.
+in stage 3, right after the client has checked it will mask with enough live neighbours and right before
+masking, so a client that drops during training is a stage-3 dropout.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedpeft.secagg.protocol import (
+    MIN_NEIGHBOURS,
     SecAggAbort,
     SecAggClient,
     SecAggServer,
@@ -80,11 +82,30 @@ def secure_sum(
 ) -> tuple[np.ndarray, list[int], dict]:
     """Run the four stages with `clients`; `send({client: records})` delivers one message per client and
     returns the replies by client (an error reply counts as a dropout). Returns (ring sum of the survivors'
-    inputs [dim] uint32, survivors, report). Raises SecAggAbort when too few survive a stage."""
+    inputs [dim] uint32, survivors, report). Raises SecAggAbort when too few survive a stage; the exception
+    carries the report so far (`.report`: who dropped or refused, at which stage, and why)."""
+    report: dict[str, Any] = {"dropped": {}, "bytes_up_keys": 0, "excluded": {}}
+    try:
+        return _stages(send, clients, dim, code, params, tag, seed, report)
+    except SecAggAbort as e:
+        e.report = report  # type: ignore[attr-defined]
+        raise
+
+
+def _stages(
+    send: Callable[[dict[int, dict[str, Any]]], dict[int, Message]],
+    clients: list[int],
+    dim: int,
+    code: RingCode,
+    params: SecAggParams,
+    tag: bytes,
+    seed: int,
+    report: dict[str, Any],
+) -> tuple[np.ndarray, list[int], dict]:
     n = len(clients)
     t = params.threshold or default_threshold(params.k, n)
     server = SecAggServer(sorted(clients), params.k, t, tag, dim, seed)
-    report: dict[str, Any] = {"k": min(params.k, n - 1), "t": t, "dropped": {}, "bytes_up_keys": 0}
+    report.update(k=min(params.k, n - 1), t=t)
 
     def ok(replies: dict[int, Message], stage: int) -> dict[int, Message]:
         good = {c: m for c, m in replies.items() if not m.has_error()}
@@ -103,16 +124,16 @@ def secure_sum(
         ),
         1,
     )
-    keys = {c: (bytes(m.content["keys"]["c"]), bytes(m.content["keys"]["s"])) for c, m in r1.items()}
+    keys = {c: tuple(bytes(m.content["keys"][x]) for x in "csv") for c, m in r1.items()}
     keys_for = server.receive_keys(keys)
-    report["bytes_up_keys"] += 64 * len(keys)
+    report["bytes_up_keys"] += 96 * len(keys)
 
     r2 = ok(
         send(
             {
                 c: {
                     "task": {**base, "secagg-stage": 2},
-                    "pubkeys": ConfigRecord({str(j): c_pk + s_pk for j, (c_pk, s_pk) in keys_for[c].items()}),
+                    "pubkeys": ConfigRecord({str(j): b"".join(pk) for j, pk in keys_for[c].items()}),
                 }
                 for c in keys_for
             }
@@ -151,24 +172,20 @@ def secure_sum(
     report["excluded"] = dict(server.excluded)
     report["train_metrics"] = {c: r3[c].content["metrics"] for c in survivors}
 
+    # stage 4: every survivor signs the survivor set; a survivor gone from here on still counts in the sum
     r4 = ok(
-        send(
-            {
-                c: {
-                    "task": {
-                        **base,
-                        "secagg-stage": 4,
-                        "survivors": ints(survivors),
-                        "dropped": ints(dropped),
-                    }
-                }
-                for c in survivors
-            }
-        ),
-        4,
+        send({c: {"task": {**base, "secagg-stage": 4, "survivors": ints(survivors)}} for c in survivors}), 4
+    )
+    signatures = server.receive_signatures(
+        survivors, {c: bytes(m.content["consistency"]["signature"]) for c, m in r4.items()}
+    )
+    report["bytes_up_keys"] += 64 * len(r4)
+    stage5 = {**base, "secagg-stage": 5, "survivors": ints(survivors), "dropped": ints(dropped)}
+    r5 = ok(
+        send({c: {"task": stage5, "signatures": _bytes_record(signatures)} for c in r4 if c in signatures}), 5
     )
     replies = {
-        c: (_from_bytes_record(m.content["b"]), _from_bytes_record(m.content["s"])) for c, m in r4.items()
+        c: (_from_bytes_record(m.content["b"]), _from_bytes_record(m.content["s"])) for c, m in r5.items()
     }
     report["bytes_up_keys"] += sum(len(v) for b, s in replies.values() for v in (*b.values(), *s.values()))
     total = server.unmask(survivors, dropped, replies)
@@ -186,36 +203,44 @@ def handle(
     me: int,
     local_update: Callable[[], tuple[np.ndarray, float, dict[str, float]]],
     rounding_seed: int | None = None,
+    min_neighbours: int = MIN_NEIGHBOURS,
 ) -> RecordDict:
     """One stage on the client. `local_update()` trains and returns (flat delta [D], weight, metrics); it is
-    called in stage 3 only. Raises SecAggAbort on a protocol violation (the reply becomes an error)."""
+    called in stage 3 only, after the device's own checks. `min_neighbours` is the device's floor, never
+    the server's. Raises SecAggRefused (a one-line refusal, nothing sent) when a request would weaken this
+    device's protection, SecAggAbort on other protocol violations (the reply becomes an error)."""
     stage = int(task["secagg-stage"])
     tag = bytes(task["tag"])
     if stage == 1:
+        state.pop(STATE_KEY, None)  # a new round: forget anything left of an unfinished one
         # the id this session's graph gives us (in fedpeft it is our client index anyway)
-        client = SecAggClient(int(task.get("me", me)), parse_ints(task["neighbours"]), int(task["t"]), tag)
-        c_pk, s_pk = client.advertise()
+        client = SecAggClient(
+            int(task.get("me", me)), parse_ints(task["neighbours"]), int(task["t"]), tag, min_neighbours
+        )
+        c_pk, s_pk, v_pk = client.advertise()
         state[STATE_KEY] = ConfigRecord({"client": dump_client(client)})
-        return RecordDict({"keys": ConfigRecord({"c": c_pk, "s": s_pk})})
+        return RecordDict({"keys": ConfigRecord({"c": c_pk, "s": s_pk, "v": v_pk})})
     if STATE_KEY not in state:
         raise SecAggAbort(f"client {me}: stage {stage} without stage 1")
     client = load_client(bytes(state[STATE_KEY]["client"]))
     if client.tag != tag:
         raise SecAggAbort(f"client {me}: message from another round")
     if stage == 2:
-        keys = {int(j): (bytes(v)[:32], bytes(v)[32:]) for j, v in content["pubkeys"].items()}
+        keys = {
+            int(j): (bytes(v)[:32], bytes(v)[32:64], bytes(v)[64:]) for j, v in content["pubkeys"].items()
+        }
         out, commitment = client.share_keys(keys)
         reply = RecordDict({"shares": _bytes_record(out), "commitment": ConfigRecord({"b": commitment})})
     elif stage == 3:
+        malformed = client.accept_shares(
+            _from_bytes_record(content["ciphertexts"]), parse_ints(task["alive"])
+        )
         delta, weight, metrics = local_update()
         if not np.all(np.isfinite(delta)):
             raise SecAggAbort(f"client {me}: non-finite update, not sent")
         code = RingCode(float(task["clip"]), int(task["max-clients"]), float(task["max-weight"]))
         # the stochastic rounding needs no secrecy (the masks hide the input); seeding it keeps runs reproducible
-        encoded = code.encode(delta, weight, np.random.default_rng(rounding_seed))
-        y, malformed = client.masked_input(
-            _from_bytes_record(content["ciphertexts"]), parse_ints(task["alive"]), encoded
-        )
+        y = client.mask(code.encode(delta, weight, np.random.default_rng(rounding_seed)))
         reply = RecordDict(
             {
                 "masked": ArrayRecord({"y": Array(y)}),
@@ -224,7 +249,11 @@ def handle(
             }
         )
     elif stage == 4:
-        b, s = client.unmask(parse_ints(task["survivors"]), parse_ints(task["dropped"]))
+        signature = client.sign_survivors(parse_ints(task["survivors"]))
+        reply = RecordDict({"consistency": ConfigRecord({"signature": signature})})
+    elif stage == 5:
+        signatures = _from_bytes_record(content["signatures"])
+        b, s = client.unmask(parse_ints(task["survivors"]), parse_ints(task["dropped"]), signatures)
         reply = RecordDict({"b": _bytes_record(b), "s": _bytes_record(s)})
         del state[STATE_KEY]  # the round is over: forget the keys
         return reply

@@ -28,3 +28,8 @@ def neighbours(clients: list[int], k: int, seed: int) -> dict[int, list[int]]:
             graph[c].add(d)
             graph[d].add(c)
     return {c: sorted(v) for c, v in graph.items()}
+
+
+def degree(k: int, n: int) -> int:
+    """The number of neighbours `neighbours(clients, k, seed)` gives each of n clients."""
+    return n - 1 if k >= n - 1 else min(2 * ((k + 1) // 2), n - 1)

@@ -1,17 +1,26 @@
 """SecAgg+ as two state machines, one per client and one for the server, without any transport.
 
 Stages (Bell et al., CCS 2020, Fig. 1; Bonawitz et al., CCS 2017, Fig. 4):
-  1. advertise keys   client -> server: two X25519 public keys (c: share encryption, s: masks)
+  1. advertise keys   client -> server: two X25519 public keys (c: share encryption, s: masks) and an
+                      Ed25519 verification key (v: the consistency check), all fresh for this round
   2. share keys       server forwards neighbours' keys; client Shamir-shares its self-mask seed b and its
                       mask private key s_sk among itself and its neighbours (threshold t) and sends each
                       neighbour's shares AES-GCM-encrypted under their c-key agreement, through the server
   3. masked input     client receives the ciphertexts addressed to it and sends
                         y_i = x_i + PRG(b_i) + sum_{j in N(i), j > i} PRG(k_ij) - sum_{j in N(i), j < i} PRG(k_ij)  (mod 2^32)
-  4. unmask           for each surviving client the server collects t shares of b_i, for each client that
-                      dropped after stage 2 t shares of s_sk (never both for one client), and removes the masks.
+  4. consistency      the server announces the survivors (whose inputs it sums); each client signs that set
+                      once (Bonawitz et al., Fig. 4, ConsistencyCheck; Bell et al., active adversaries)
+  5. unmask           a client that sees t valid signatures of its share holders on the very set it signed
+                      reveals shares of b for the survivors and of s_sk for clients that dropped after
+                      stage 2 (never both for one client); the server removes every mask.
+
+The device decides what protects it: a client refuses (SecAggRefused, nothing sent) a graph with fewer
+neighbours than its own minimum, a threshold that is not a strict majority of each secret's holders,
+and a masking step with fewer live neighbours than its minimum, whatever the server's parameters say.
 
 Clients are integer ids; Shamir points are id + 1. The server sees only public keys, ciphertexts, masked
-vectors and the shares it asks for in stage 4; the sum is all it can compute (see README, threat model).
+vectors, signatures and the shares it asks for in stage 5; the sum is all it can compute (README, threat
+model, which also lists what stays out of scope).
 """
 
 from __future__ import annotations
@@ -27,20 +36,57 @@ from dataclasses import dataclass, field
 import numpy as np
 from cryptography.exceptions import InvalidTag
 
+from fedpeft.errors import FedpeftError
 from fedpeft.secagg import crypto, shamir
+from fedpeft.secagg.graph import degree
 from fedpeft.secagg.graph import neighbours as make_graph
 
 LIMBS = crypto.SEED_BYTES // 2  # a 32-byte secret is 16 limbs
+# A device's default floor: its update is masked with at least two other clients, so neither the server
+# alone nor the server with one colluding client can remove its masks.
+MIN_NEIGHBOURS = 2
+Keys = tuple[bytes, bytes, bytes]  # (c_pk, s_pk, v_pk) of one client
 
 
 class SecAggAbort(Exception):
     """Too few clients survived a stage for the sum to be recovered; nothing about any input is revealed."""
 
 
-def default_threshold(k: int, n: int) -> int:
-    """A majority of the k + 1 holders of each secret (a client and its neighbours)."""
-    holders = min(k, n - 1) + 1
+class SecAggRefused(FedpeftError):
+    """A device refused a request that would weaken its own protection; it sent nothing for it."""
+
+
+def min_threshold(holders: int) -> int:
+    """A strict majority of a secret's holders (a client and its neighbours): two disjoint groups of honest
+    holders can never both reach it, so asking different holders cannot yield both secrets of one client."""
     return holders // 2 + 1
+
+
+def default_threshold(k: int, n: int) -> int:
+    """The smallest safe threshold for the graph of n clients with k neighbours each."""
+    return min_threshold(degree(k, n) + 1)
+
+
+def check_graph(me: int, neighbours: list[int], t: int, min_neighbours: int) -> None:
+    """The device's own check of a stage-1 request; raises SecAggRefused."""
+    if me in neighbours or len(set(neighbours)) != len(neighbours):
+        raise SecAggRefused(f"refused: a malformed neighbour list for client {me}")
+    if len(neighbours) < min_neighbours:
+        raise SecAggRefused(
+            f"refused: secure aggregation with {len(neighbours)} neighbour(s); this device masks its update "
+            f"with at least {min_neighbours} (--min-neighbours)"
+        )
+    holders = len(neighbours) + 1
+    if not min_threshold(holders) <= t <= holders:
+        raise SecAggRefused(
+            f"refused: threshold {t} for {holders} share holders; this device needs a strict majority "
+            f"({min_threshold(holders)} to {holders})"
+        )
+
+
+def survivors_message(tag: bytes, survivors: list[int]) -> bytes:
+    """What a client signs in stage 4: this round's tag and the survivor set, in one canonical form."""
+    return b"fedpeft-secagg-survivors|" + tag + b"|" + ",".join(map(str, sorted(survivors))).encode()
 
 
 def _info(purpose: str, tag: bytes, a: int, b: int) -> bytes:
@@ -49,7 +95,7 @@ def _info(purpose: str, tag: bytes, a: int, b: int) -> bytes:
 
 
 def commit(tag: bytes, seed: bytes) -> bytes:
-    """A hash commitment to a 256-bit random seed: reveals nothing usable about it, binds it for stage 4."""
+    """A hash commitment to a 256-bit random seed: reveals nothing usable about it, binds it for stage 5."""
     return hashlib.sha256(b"fedpeft-secagg-b|" + tag + seed).digest()
 
 
@@ -64,24 +110,32 @@ class SecAggClient:
     me: int
     neighbours: list[int]
     t: int
-    tag: bytes  # binds keys, ciphertexts and masks to one run and round
+    tag: bytes  # binds keys, ciphertexts, masks and signatures to one run and round
+    min_neighbours: int = MIN_NEIGHBOURS  # this device's floor, from its own configuration
     _c_sk: crypto.X25519PrivateKey | None = None
     _s_sk: crypto.X25519PrivateKey | None = None
-    _keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # neighbour -> (c_pk, s_pk)
+    _v_sk: crypto.Ed25519PrivateKey | None = None
+    _keys: dict[int, Keys] = field(default_factory=dict)  # neighbour -> its public keys
     _b: bytes = b""
     _held: dict[int, tuple[np.ndarray, np.ndarray]] = field(
         default_factory=dict
     )  # owner -> (b share, s share)
+    _partners: list[int] = field(default_factory=list)  # neighbours whose pairwise masks we add
     _sent_input: bool = False
+    _signed: list[int] | None = None  # the one survivor set this client signed this round
 
-    def advertise(self) -> tuple[bytes, bytes]:
+    def __post_init__(self) -> None:
+        check_graph(self.me, self.neighbours, self.t, self.min_neighbours)
+
+    def advertise(self) -> Keys:
         self._c_sk, c_pk = crypto.new_keypair()
         self._s_sk, s_pk = crypto.new_keypair()
-        return c_pk, s_pk
+        self._v_sk, v_pk = crypto.new_signing_key()
+        return c_pk, s_pk, v_pk
 
-    def share_keys(self, keys: dict[int, tuple[bytes, bytes]]) -> tuple[dict[int, bytes], bytes]:
+    def share_keys(self, keys: dict[int, Keys]) -> tuple[dict[int, bytes], bytes]:
         """keys: the public keys of the neighbours that advertised. Returns ({neighbour: ciphertext}, a hash
-        commitment to the self-mask seed, which lets the server tell a bad share from a good one in stage 4)."""
+        commitment to the self-mask seed, which lets the server tell a bad share from a good one in stage 5)."""
         self._keys = {j: keys[j] for j in self.neighbours if j in keys}
         holders = sorted([self.me, *self._keys])
         if len(holders) < self.t:
@@ -101,11 +155,10 @@ class SecAggClient:
             out[j] = crypto.encrypt(key, plain, self.tag)
         return out, commit(self.tag, self._b)
 
-    def masked_input(
-        self, ciphertexts: dict[int, bytes], alive: list[int], x: np.ndarray
-    ) -> tuple[np.ndarray, list[int]]:
-        """ciphertexts: {sender: share ciphertext for me}; alive: clients that completed stage 2; x: the ring-
-        encoded input [D] uint32. Returns (masked vector, neighbours whose shares were malformed)."""
+    def accept_shares(self, ciphertexts: dict[int, bytes], alive: list[int]) -> list[int]:
+        """Stage 3, before any training: decrypt the shares addressed to us (ciphertexts: {sender: bytes})
+        and fix the neighbours we will mask with (those in `alive` whose shares we hold). Refuses when they
+        are fewer than this device's minimum. Returns the neighbours whose shares were malformed."""
         malformed = []
         for j, ct in ciphertexts.items():
             if j not in self._keys:
@@ -122,23 +175,66 @@ class SecAggClient:
                 self._held[j] = (b, s)
             except (InvalidTag, ValueError, struct.error):
                 malformed.append(j)
-        y = x.astype(np.uint32) + crypto.mask(self._b, len(x))
         # No pairwise mask with a neighbour whose shares we cannot hold: if it is excluded later, its mask
         # key must be reconstructible from the shares of the clients that did mask with it.
-        masked_with = [j for j in self._keys if j in set(alive) and j not in malformed]
-        for j in masked_with:
+        self._partners = sorted(j for j in self._keys if j in set(alive) and j not in malformed)
+        if len(self._partners) < self.min_neighbours:
+            raise SecAggRefused(
+                f"refused: only {len(self._partners)} live neighbour(s) to mask with; this device masks its "
+                f"update with at least {self.min_neighbours} (--min-neighbours)"
+            )
+        return sorted(malformed)
+
+    def mask(self, x: np.ndarray) -> np.ndarray:
+        """The masked input for the ring-encoded x [D] uint32 (after accept_shares)."""
+        y = x.astype(np.uint32) + crypto.mask(self._b, len(x))
+        for j in self._partners:
             m = _pair_mask(self._s_sk, self._keys[j][1], self.tag, self.me, j, len(x))
             y = y + m if j > self.me else y - m  # uint32 arithmetic wraps: this is mod 2^32
         self._sent_input = True
-        return y, sorted(malformed)
+        return y
 
-    def unmask(self, survivors: list[int], dropped: list[int]) -> tuple[dict[int, bytes], dict[int, bytes]]:
-        """Shares of b for survivors and of s_sk for dropped clients, for the owners whose shares this client
-        holds. Refuses any request that would reveal both secrets of one client."""
-        if not self._sent_input:
-            raise SecAggAbort(f"client {self.me}: unmask before masked input")
+    def masked_input(
+        self, ciphertexts: dict[int, bytes], alive: list[int], x: np.ndarray
+    ) -> tuple[np.ndarray, list[int]]:
+        """accept_shares then mask: (masked vector, neighbours whose shares were malformed)."""
+        malformed = self.accept_shares(ciphertexts, alive)
+        return self.mask(x), malformed
+
+    def sign_survivors(self, survivors: list[int]) -> bytes:
+        """Stage 4: sign the survivor set, once per round (an honest client never signs two sets)."""
+        survivors = sorted(survivors)
+        if not self._sent_input or self.me not in survivors:
+            raise SecAggAbort(f"client {self.me}: asked to confirm survivors it is not part of")
+        if self._signed is not None and self._signed != survivors:
+            raise SecAggRefused(f"refused: client {self.me} was asked to sign two different survivor sets")
+        self._signed = survivors
+        return self._v_sk.sign(survivors_message(self.tag, survivors))
+
+    def unmask(
+        self, survivors: list[int], dropped: list[int], signatures: dict[int, bytes]
+    ) -> tuple[dict[int, bytes], dict[int, bytes]]:
+        """Stage 5: shares of b for survivors and of s_sk for dropped clients, for the owners whose shares
+        this client holds; only for the survivor set it signed, and only once t of its share holders
+        (itself and its neighbours) have signed that same set. Never both secrets of one client."""
+        if self._signed is None or sorted(survivors) != self._signed:
+            raise SecAggRefused(
+                f"refused: client {self.me} was asked to unmask a survivor set it did not sign"
+            )
         if set(survivors) & set(dropped):
-            raise SecAggAbort(f"client {self.me}: a client cannot both survive and drop")
+            raise SecAggRefused(f"refused: client {self.me} was told a client both survived and dropped")
+        message = survivors_message(self.tag, self._signed)
+        verify_keys = {self.me: crypto.public_bytes(self._v_sk), **{j: k[2] for j, k in self._keys.items()}}
+        valid = [
+            j
+            for j, sig in signatures.items()
+            if j in verify_keys and j in self._signed and crypto.verify(verify_keys[j], sig, message)
+        ]
+        if len(valid) < self.t:
+            raise SecAggRefused(
+                f"refused: {len(valid)} of client {self.me}'s share holders signed the survivor set, "
+                f"fewer than the threshold {self.t}"
+            )
         b = {j: shamir.encode_share(self._held[j][0]) for j in survivors if j in self._held}
         s = {j: shamir.encode_share(self._held[j][1]) for j in dropped if j in self._held and j != self.me}
         return b, s
@@ -153,7 +249,7 @@ class SecAggServer:
     dim: int  # length of every masked vector (entries, weight included)
     seed: int = 0
     graph: dict[int, list[int]] = field(init=False)
-    keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    keys: dict[int, Keys] = field(default_factory=dict)
     routed: dict[int, dict[int, bytes]] = field(default_factory=dict)  # receiver -> sender -> ciphertext
     commitments: dict[int, bytes] = field(default_factory=dict)
     u2: list[int] = field(default_factory=list)
@@ -164,9 +260,11 @@ class SecAggServer:
     def __post_init__(self) -> None:
         self.graph = make_graph(sorted(self.clients), self.k, self.seed)
 
-    def receive_keys(self, keys: dict[int, tuple[bytes, bytes]]) -> dict[int, dict[int, tuple[bytes, bytes]]]:
+    def receive_keys(self, keys: dict[int, Keys]) -> dict[int, dict[int, Keys]]:
         """Stage 1 -> 2: the keys each client gets (its neighbours' that advertised)."""
-        self.keys = {c: v for c, v in keys.items() if c in self.graph and len(v[0]) == 32 and len(v[1]) == 32}
+        self.keys = {
+            c: v for c, v in keys.items() if c in self.graph and len(v) == 3 and all(len(x) == 32 for x in v)
+        }
         if len(self.keys) < self.t:
             raise SecAggAbort(f"{len(self.keys)} clients advertised keys < threshold {self.t}")
         return {c: {j: self.keys[j] for j in self.graph[c] if j in self.keys} for c in self.keys}
@@ -213,13 +311,26 @@ class SecAggServer:
             raise SecAggAbort(f"{len(survivors)} valid masked inputs < threshold {self.t}")
         return survivors, sorted(set(self.u2) - set(survivors))
 
+    def receive_signatures(self, survivors: list[int], signatures: dict[int, bytes]) -> dict[int, bytes]:
+        """Stage 4 -> 5: the survivors' valid signatures on the survivor set, relayed to every survivor (each
+        checks those of its own share holders itself)."""
+        message = survivors_message(self.tag, survivors)
+        valid = {
+            c: sig
+            for c, sig in sorted(signatures.items())
+            if c in survivors and crypto.verify(self.keys[c][2], sig, message)
+        }
+        if len(valid) < self.t:
+            raise SecAggAbort(f"{len(valid)} clients confirmed the survivor set < threshold {self.t}")
+        return valid
+
     def unmask(
         self,
         survivors: list[int],
         dropped: list[int],
         replies: dict[int, tuple[dict[int, bytes], dict[int, bytes]]],
     ) -> np.ndarray:
-        """Stage 4: reconstruct and remove every mask; returns the sum of the survivors' inputs mod 2^32."""
+        """Stage 5: reconstruct and remove every mask; returns the sum of the survivors' inputs mod 2^32."""
         if len([c for c in replies if c in survivors]) < self.t:
             raise SecAggAbort(f"{len(replies)} clients answered the unmask request < threshold {self.t}")
         total = np.zeros(self.dim, dtype=np.uint32)
@@ -277,29 +388,36 @@ def dump_client(c: SecAggClient) -> bytes:
         "neighbours": c.neighbours,
         "t": c.t,
         "tag": c.tag.hex(),
+        "min_neighbours": c.min_neighbours,
         "c_sk": crypto.private_bytes(c._c_sk).hex() if c._c_sk else "",
         "s_sk": crypto.private_bytes(c._s_sk).hex() if c._s_sk else "",
-        "keys": {str(j): [a.hex(), b.hex()] for j, (a, b) in c._keys.items()},
+        "v_sk": crypto.private_bytes(c._v_sk).hex() if c._v_sk else "",
+        "keys": {str(j): [x.hex() for x in keys] for j, keys in c._keys.items()},
         "b": c._b.hex(),
         "held": {
             str(j): [shamir.encode_share(b).hex(), shamir.encode_share(s).hex()]
             for j, (b, s) in c._held.items()
         },
+        "partners": c._partners,
         "sent_input": c._sent_input,
+        "signed": c._signed,
     }
     return json.dumps(doc).encode()
 
 
 def load_client(data: bytes) -> SecAggClient:
     d = json.loads(data)
-    c = SecAggClient(d["me"], d["neighbours"], d["t"], bytes.fromhex(d["tag"]))
+    c = SecAggClient(d["me"], d["neighbours"], d["t"], bytes.fromhex(d["tag"]), d["min_neighbours"])
     c._c_sk = crypto.private_from_bytes(bytes.fromhex(d["c_sk"])) if d["c_sk"] else None
     c._s_sk = crypto.private_from_bytes(bytes.fromhex(d["s_sk"])) if d["s_sk"] else None
-    c._keys = {int(j): (bytes.fromhex(a), bytes.fromhex(b)) for j, (a, b) in d["keys"].items()}
+    c._v_sk = crypto.signing_key_from_bytes(bytes.fromhex(d["v_sk"])) if d["v_sk"] else None
+    c._keys = {int(j): tuple(bytes.fromhex(x) for x in keys) for j, keys in d["keys"].items()}
     c._b = bytes.fromhex(d["b"])
     c._held = {
         int(j): (shamir.decode_share(bytes.fromhex(b), LIMBS), shamir.decode_share(bytes.fromhex(s), LIMBS))
         for j, (b, s) in d["held"].items()
     }
+    c._partners = d["partners"]
     c._sent_input = d["sent_input"]
+    c._signed = d["signed"]
     return c

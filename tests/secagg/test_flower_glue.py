@@ -75,3 +75,73 @@ def test_flatten_and_unflatten_keep_names_and_shapes() -> None:
     back = unflatten(flatten(arrays, ["a", "b"]), schema, ["a", "b"])
     for k in arrays:
         np.testing.assert_array_equal(back[k], arrays[k])
+
+
+def test_the_k0_t1_attack_is_refused_before_any_update_leaves_a_client() -> None:
+    """k = 0 gave every client no neighbours and t = 1 let the server rebuild each self-mask seed from its
+    normal stage-4 request: it read every delta exactly. Now no entry accepts those parameters, and a server
+    that sends them anyway gets one-line refusals from the real ClientApp and nothing else."""
+    from flwr.app import Context
+
+    from client.app import train
+    from fedpeft.config import FederationConfig, RunConfig, from_run_config, to_run_config
+    from fedpeft.errors import FedpeftError
+
+    bad = {**to_run_config(RunConfig(federation=FederationConfig(secagg=True))), "federation.secagg_k": 0}
+    with pytest.raises(FedpeftError, match="--secagg-k must be at least 2"):
+        from_run_config(bad)
+    bad = {
+        **to_run_config(RunConfig(federation=FederationConfig(secagg=True))),
+        "federation.secagg_threshold": 1,
+    }
+    with pytest.raises(FedpeftError, match="strict majority"):
+        from_run_config(bad)
+
+    # a server that skips our checks: a valid run config, crafted stage messages
+    config = ConfigRecord(to_run_config(RunConfig(federation=FederationConfig(clients=5, secagg=True))))
+    states = {c: RecordDict() for c in range(5)}
+    received: list[Message] = []
+
+    def send(payloads: dict[int, dict]) -> dict[int, Message]:
+        out = {}
+        for c, p in payloads.items():
+            content = RecordDict(
+                {"config": config, "task": ConfigRecord({**p["task"], "round": 1, "client": c})}
+            )
+            for key, record in p.items():
+                if key != "task":
+                    content[key] = record
+            msg = Message(content, dst_node_id=c + 1, message_type="train")
+            out[c] = train(msg, Context(1, c + 1, {"partition-id": c}, states[c], {}))
+            received.append(out[c])
+        return out
+
+    code = RingCode(clip=0.01, max_clients=5, max_weight=1.0)
+    for k, t in ((0, 1), (4, 1), (4, 2)):
+        received.clear()
+        with pytest.raises(SecAggAbort):
+            secure_sum(send, list(range(5)), 11, code, SecAggParams(k, t), b"tag", 0)
+        assert len(received) == 5  # stage 1 only: nothing was trained, masked or revealed
+        for reply in received:
+            assert reply.has_error() and reply.error.reason.startswith("refused:"), reply.error.reason
+            assert "\n" not in reply.error.reason  # one line, no traceback
+
+
+def test_a_device_that_requires_secagg_refuses_a_plain_round() -> None:
+    from flwr.app import Context
+
+    from client.app import train
+    from fedpeft.config import RunConfig, to_run_config
+
+    content = RecordDict(
+        {
+            "config": ConfigRecord(to_run_config(RunConfig())),
+            "task": ConfigRecord({"round": 1, "client": 0}),
+        }
+    )
+    node = {"data-path": "/nonexistent", "require-secagg": True}
+    reply = train(
+        Message(content, dst_node_id=1, message_type="train"), Context(1, 1, node, RecordDict(), {})
+    )
+    assert reply.has_error() and "refused: a plain training round" in reply.error.reason
+    assert not reply.has_content()

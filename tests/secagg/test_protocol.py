@@ -3,20 +3,31 @@
 import numpy as np
 import pytest
 
-from fedpeft.secagg.protocol import SecAggAbort, SecAggClient, SecAggServer, default_threshold
+from fedpeft.secagg.protocol import (
+    SecAggAbort,
+    SecAggClient,
+    SecAggRefused,
+    SecAggServer,
+    default_threshold,
+)
 
 TAG = b"run-1|round-3"
 
 
 def run(
-    inputs: dict[int, np.ndarray], k: int, t: int, drop: dict[int, set[int]] | None = None, tamper=None
+    inputs: dict[int, np.ndarray],
+    k: int,
+    t: int,
+    drop: dict[int, set[int]] | None = None,
+    tamper=None,
+    min_neighbours: int = 2,
 ) -> tuple[np.ndarray, SecAggServer, list[int]]:
-    """Drive all four stages; drop[s] = clients that vanish before answering stage s (1..4)."""
+    """Drive all five stages; drop[s] = clients that vanish before answering stage s (1..5)."""
     drop = {s: set(v) for s, v in (drop or {}).items()}
     ids = sorted(inputs)
     dim = len(next(iter(inputs.values())))
     server = SecAggServer(ids, k, t, TAG, dim, seed=5)
-    clients = {c: SecAggClient(c, server.graph[c], t, TAG) for c in ids}
+    clients = {c: SecAggClient(c, server.graph[c], t, TAG, min_neighbours) for c in ids}
     gone: set[int] = set()
 
     def alive(stage: int) -> list[int]:
@@ -34,7 +45,9 @@ def run(
     if tamper and "inputs" in tamper:
         tamper["inputs"](masked)
     survivors, dropped = server.receive_inputs(masked)
-    replies = {c: clients[c].unmask(survivors, dropped) for c in alive(4) if c in survivors}
+    signed = {c: clients[c].sign_survivors(survivors) for c in alive(4) if c in survivors}
+    relayed = server.receive_signatures(survivors, signed)
+    replies = {c: clients[c].unmask(survivors, dropped, relayed) for c in alive(5) if c in signed}
     if tamper and "unmask" in tamper:
         tamper["unmask"](replies)
     return server.unmask(survivors, dropped, replies), server, survivors
@@ -56,19 +69,19 @@ def _expected(inputs: dict[int, np.ndarray], survivors: list[int]) -> np.ndarray
 def test_exact_sum_without_dropouts(n: int, k: int) -> None:
     inputs = _inputs(n)
     t = default_threshold(k, n)
-    total, _, survivors = run(inputs, k, t)
+    total, _, survivors = run(inputs, k, t, min_neighbours=min(2, n - 1))
     assert survivors == list(range(n))
     np.testing.assert_array_equal(total, _expected(inputs, survivors))
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+@pytest.mark.parametrize("stage", [1, 2, 3, 4, 5])
 def test_dropouts_at_each_stage_up_to_n_minus_t(stage: int) -> None:
     n, k = 8, 7  # complete graph: each secret has n holders, t of them suffice
     t = default_threshold(k, n)  # 5
     inputs = _inputs(n, seed=stage)
     dropped = set(range(n - t))  # n - t = 3 clients vanish before this stage
     total, _, survivors = run(inputs, k, t, drop={stage: dropped})
-    expected_survivors = [c for c in range(n) if stage == 4 or c not in dropped]
+    expected_survivors = [c for c in range(n) if stage >= 4 or c not in dropped]
     assert survivors == expected_survivors
     np.testing.assert_array_equal(total, _expected(inputs, survivors))
 
@@ -123,8 +136,9 @@ def test_client_refuses_to_reveal_both_secrets_of_one_client() -> None:
     client = SecAggClient(0, [1, 2], 2, TAG)
     client.advertise()
     client._sent_input = True
-    with pytest.raises(SecAggAbort, match="both survive and drop"):
-        client.unmask([1], [1])
+    client.sign_survivors([0, 1])
+    with pytest.raises(SecAggRefused, match="both survived and dropped"):
+        client.unmask([0, 1], [1], {})
 
 
 def test_malformed_shares_exclude_their_sender() -> None:
@@ -189,5 +203,7 @@ def test_client_state_survives_a_round_trip_through_bytes() -> None:
         {c: clients[c].masked_input(*routed[c], inputs[c]) for c in ids}
     )
     clients = {c: hop(v) for c, v in clients.items()}
-    total = server.unmask(survivors, dropped, {c: clients[c].unmask(survivors, dropped) for c in ids})
+    signed = server.receive_signatures(survivors, {c: clients[c].sign_survivors(survivors) for c in ids})
+    clients = {c: hop(v) for c, v in clients.items()}
+    total = server.unmask(survivors, dropped, {c: clients[c].unmask(survivors, dropped, signed) for c in ids})
     np.testing.assert_array_equal(total, _expected(inputs, ids))
