@@ -8,6 +8,7 @@ deleted after the new one is in place, so a failure at any point leaves the old 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+MANIFEST = "manifest.json"
 
 
 def _fsync_file(path: Path) -> None:
@@ -71,3 +74,39 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, dest)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json: the sha256 of every other file in `folder`; write it last, inside atomic_dir."""
+    files = {
+        p.name: sha256_file(p) for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != MANIFEST
+    }
+    (Path(folder) / MANIFEST).write_text(json.dumps({"sha256": files}, indent=1, sort_keys=True) + "\n")
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """Why `folder` does not match its manifest (the first file that differs), or None when every file does.
+    Catches what a structural check cannot: flipped bytes inside tensor data (bit rot, a bad copy)."""
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["sha256"]
+        names = sorted(files)
+    except FileNotFoundError:
+        return f"no {MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    for name in names:
+        path = folder / name
+        if "/" in name or name in ("", ".", "..") or not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != files[name]:
+            return f"{name} does not match its sha256"
+    return None

@@ -218,6 +218,13 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup
         action="store_true",
         help="continue the run in --out from its last complete round (also to extend it to more --rounds)",
     )
+    g.add_argument(
+        "--resume-from",
+        type=int,
+        default=None,
+        metavar="N",
+        help="continue from round N's checkpoint instead of the last one (e.g. when the last does not verify)",
+    )
     pg = p.add_argument_group("personalization (personal adapters stay on the device)")
     pg.add_argument(
         "--personalize",
@@ -536,11 +543,11 @@ def cmd_simulate(a: argparse.Namespace) -> None:
     from fedpeft.simulate import simulate, summary
 
     cfg = run_config_from_args(a)
-    if a.out is None and a.resume:
+    if a.out is None and (a.resume or a.resume_from is not None):
         raise FedpeftError("--resume needs the --out of the run to continue")
     out = Path(a.out or time.strftime("runs/federation-%Y%m%d-%H%M%S"))
     _check_out(out)
-    state = simulate(cfg, out, resume=a.resume, client_cpus=a.client_cpus)
+    state = simulate(cfg, out, resume=a.resume, client_cpus=a.client_cpus, resume_from=a.resume_from)
     print(summary(state, cfg.personal.method) + f"\nrun folder {out} (metrics.jsonl, plot.png, global/)")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from fedpeft.adapter_files import adapter_meta, write_adapter_dir
 from fedpeft.aggregate import Arrays, divide, server_update, weighted_sum
-from fedpeft.checkpoint import atomic_dir, atomic_write_bytes
+from fedpeft.checkpoint import atomic_dir, atomic_write_bytes, manifest_problem, write_manifest
 from fedpeft.config import AdapterConfig, RunConfig, sampled_per_round
 from fedpeft.errors import FedpeftError
 
@@ -122,7 +122,7 @@ def save_checkpoint(run_dir: Path, state: ServerState, cfg: RunConfig) -> Path:
     """checkpoints/round-NNN/: global adapter, optimizer state, round, RNG seed, history; atomic."""
     from safetensors.numpy import save_file
 
-    dest = run_dir / CHECKPOINTS / f"round-{state.round:03d}"
+    dest = checkpoint_path(run_dir, state.round)
     with atomic_dir(dest) as tmp:
         save_file(state.arrays, tmp / GLOBAL_FILE)
         save_file(state.opt_state, tmp / OPT_FILE)
@@ -134,23 +134,61 @@ def save_checkpoint(run_dir: Path, state: ServerState, cfg: RunConfig) -> Path:
             "rng": {"seed": cfg.federation.seed, "next_round": state.round + 1},
         }
         (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        write_manifest(tmp)  # the sha256 of each file, verified before a resume trains on any of them
     return dest
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    root = run_dir / CHECKPOINTS
-    rounds = (
-        sorted(p for p in root.glob("round-*") if re.fullmatch(r"round-\d{3,}", p.name))
-        if root.is_dir()
-        else []
+def _checkpoints(run_dir: Path) -> dict[int, Path]:
+    root = Path(run_dir) / CHECKPOINTS
+    found = (
+        [p for p in root.glob("round-*") if re.fullmatch(r"round-\d{3,}", p.name)] if root.is_dir() else []
     )
-    return rounds[-1] if rounds else None
+    return {int(p.name.removeprefix("round-")): p for p in sorted(found, key=lambda p: int(p.name[6:]))}
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    rounds = _checkpoints(run_dir)
+    return rounds[max(rounds)] if rounds else None
+
+
+def resume_round(run_dir: Path, wanted: int | None = None) -> int:
+    """The round a resume starts from (`wanted`, or the latest), after its checkpoint verified against its
+    manifest. Raises a one-line FedpeftError naming the damaged file and the last round that verifies;
+    reads only, so a refused resume leaves every file as it was."""
+    rounds = _checkpoints(run_dir)
+    if not rounds:
+        raise FedpeftError(f"no checkpoint to resume in {run_dir}")
+    rnd = max(rounds) if wanted is None else wanted
+    if rnd not in rounds:
+        raise FedpeftError(
+            f"no checkpoint of round {rnd} in {run_dir} (it has rounds {min(rounds)} to {max(rounds)})"
+        )
+    problem = manifest_problem(rounds[rnd])
+    if problem is None:
+        return rnd
+    intact = next(
+        (r for r in sorted(rounds, reverse=True) if r < rnd and manifest_problem(rounds[r]) is None), None
+    )
+    hint = (
+        f"the last round that verifies is {intact}: resume from it with --resume-from {intact}"
+        if intact is not None
+        else "no earlier round verifies"
+    )
+    raise FedpeftError(f"corrupt checkpoint {rounds[rnd]}: {problem}; {hint}")
+
+
+def checkpoint_path(run_dir: Path, rnd: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"round-{rnd:03d}"
 
 
 def load_checkpoint(path: Path) -> ServerState:
-    """Read one checkpoint; any defect is a one-line FedpeftError (the files are left as they are)."""
+    """Read one checkpoint after verifying every file's sha256; any defect is a one-line FedpeftError (the
+    files are left as they are)."""
     from safetensors.numpy import load_file
 
+    problem = manifest_problem(path)
+    if problem is not None:
+        raise FedpeftError(f"corrupt checkpoint {path}: {problem}")
     try:
         doc = json.loads((path / STATE_FILE).read_text())
         arrays = load_file(path / GLOBAL_FILE)

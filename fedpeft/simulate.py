@@ -12,7 +12,7 @@ from typing import Any
 from fedpeft.checkpoint import atomic_write_json
 from fedpeft.config import RunConfig, to_run_config
 from fedpeft.errors import FedpeftError
-from fedpeft.federation import ServerState, check_resume_config, latest_checkpoint
+from fedpeft.federation import ServerState, check_resume_config, latest_checkpoint, resume_round
 
 log = logging.getLogger("fedpeft")
 
@@ -79,15 +79,18 @@ def simulate(
     resume: bool = False,
     client_cpus: float | None = None,
     client_app: Any = None,
+    resume_from: int | None = None,
 ) -> ServerState:
-    """Run (or resume) a federation; `client_app` replaces our ClientApp (tests inject faulty clients)."""
+    """Run (or resume) a federation; `client_app` replaces our ClientApp (tests inject faulty clients).
+    `resume_from` continues from that round's checkpoint instead of the latest (implies resume). Nothing
+    is written before the configuration and the checkpoint verify."""
     quiet_environment()
     run_dir = Path(run_dir)
     cfg = with_store(cfg, run_dir)
-    if resume:
+    start_round = None
+    if resume or resume_from is not None:
         check_resume_config(run_dir, cfg)
-        if latest_checkpoint(run_dir) is None:
-            raise FedpeftError(f"no checkpoint to resume in {run_dir}")
+        start_round = resume_round(run_dir, resume_from)
     elif latest_checkpoint(run_dir) is not None:
         raise FedpeftError(
             f"{run_dir} already holds a federation; pass --resume to continue it or use a new --out"
@@ -121,7 +124,7 @@ def simulate(
     outcome = Outcome()
     try:
         run_simulation(
-            server_app=make_server_app(cfg, run_dir, resume, outcome),
+            server_app=make_server_app(cfg, run_dir, start_round, outcome),
             client_app=client_app or default_client_app,
             num_supernodes=cfg.federation.clients,
             backend_config=backend,

@@ -27,8 +27,8 @@ from fedpeft.federation import (
     aggregate_round,
     apply_mean,
     check_update,
+    checkpoint_path,
     initial_state,
-    latest_checkpoint,
     load_checkpoint,
     sample_clients,
     save_checkpoint,
@@ -464,12 +464,14 @@ def _secagg_rejections(report: dict[str, Any], survivors: list[int], names: dict
     return out
 
 
-def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False) -> ServerState:
-    """The whole federation; returns the final state. Raises FedpeftError on unrecoverable input."""
+def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None = None) -> ServerState:
+    """The whole federation, or its continuation from the checkpoint of round `resume` (which the entry
+    point verified before writing anything); returns the final state. Raises FedpeftError on
+    unrecoverable input."""
     from tqdm.auto import tqdm
 
     cfg_record = ConfigRecord(to_run_config(cfg))
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoint = checkpoint_path(run_dir, resume) if resume is not None else None
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     pinned = state.info["fingerprint"] if state is not None else cfg.federation.base_fingerprint
     roster, description, init = _register(grid, cfg, cfg_record, pinned)
@@ -531,7 +533,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
     return state
 
 
-def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool, outcome: Outcome) -> ServerApp:
+def make_server_app(cfg: RunConfig, run_dir: Path, resume: int | None, outcome: Outcome) -> ServerApp:
     """The ServerApp for `fedpeft simulate`: the config comes from our CLI, not Flower's run config."""
     server_app = ServerApp()
 
@@ -565,7 +567,8 @@ def main(grid: Grid, context: Context) -> None:
         log.setLevel(logging.INFO)
     run_config = dict(context.run_config)
     run_dir = Path(str(run_config.pop("out", "runs/flwr")))
-    resume = bool(run_config.pop("resume", False))
+    resume_round = int(run_config.pop("resume-round", -1))  # -1: a new federation
+    resume = resume_round if resume_round >= 0 else None
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         state = run_federation(grid, from_run_config(run_config), run_dir, resume)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.checkpoint import atomic_dir, atomic_write_json
+from fedpeft.checkpoint import atomic_dir, atomic_write_json, manifest_problem, write_manifest
 
 
 def test_atomic_dir_replaces_whole_folder_on_success(tmp_path: Path) -> None:
@@ -39,3 +39,17 @@ def test_atomic_write_json(tmp_path: Path) -> None:
     p = tmp_path / "a" / "m.json"
     atomic_write_json(p, {"b": 1})
     assert p.read_text() == '{\n  "b": 1\n}\n'
+
+
+def test_manifest_names_the_file_that_changed(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"\x00" * 100)
+    (tmp_path / "b.json").write_text("{}")
+    assert manifest_problem(tmp_path) == "no manifest.json"
+    write_manifest(tmp_path)
+    assert manifest_problem(tmp_path) is None
+    (tmp_path / "a.bin").write_bytes(b"\x00" * 50 + b"\x01" + b"\x00" * 49)
+    assert manifest_problem(tmp_path) == "a.bin does not match its sha256"
+    (tmp_path / "a.bin").unlink()
+    assert manifest_problem(tmp_path) == "a.bin is missing"
+    (tmp_path / "manifest.json").write_text("[")
+    assert manifest_problem(tmp_path) == "manifest.json is unreadable"

@@ -122,6 +122,40 @@ def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path: Path) -> None:
     assert weights.read_bytes() == before
 
 
+def _flip_tensor_byte(path: Path) -> None:
+    """Flip one bit inside the tensor data (past the safetensors header): a file that still parses."""
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header + (len(data) - header) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_tensor_data_is_caught_and_names_the_last_intact_round(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    from fedpeft.federation import resume_round
+
+    state = _state()
+    for _ in range(3):
+        save_checkpoint(tmp_path, state, RunConfig())
+        state = aggregate_round(state, [_delta()], [1.0], RunConfig())
+    weights = tmp_path / "checkpoints" / "round-002" / "global.safetensors"
+    _flip_tensor_byte(weights)
+    load_file(weights)  # still well-formed: only the manifest's sha256 tells
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(FedpeftError, match=r"global.safetensors does not match its sha256; the last round that "
+                       r"verifies is 1: resume from it with --resume-from 1"):  # fmt: skip
+        resume_round(tmp_path)
+    with pytest.raises(FedpeftError, match="corrupt checkpoint"):
+        load_checkpoint(weights.parent)
+    assert (
+        resume_round(tmp_path, 1) == 1 and load_checkpoint(tmp_path / "checkpoints" / "round-001").round == 1
+    )
+    with pytest.raises(FedpeftError, match="no checkpoint of round 7"):
+        resume_round(tmp_path, 7)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+
+
 def test_write_global_is_a_peft_folder_read_adapter_accepts(tmp_path: Path) -> None:
     from fedpeft.adapters import read_adapter
 

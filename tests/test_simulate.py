@@ -117,21 +117,25 @@ def test_too_few_clients_for_the_data(tmp_path: Path, users: Path, cache_dir: st
 def test_corrupt_checkpoint_at_resume_stops_cleanly(
     tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
 ) -> None:
+    from dataclasses import replace
+
+    from fedpeft.federation import resume_round
+    from tests.test_federation import _flip_tensor_byte
+
     cfg = _cfg(users, cache_dir, rounds=1)
-    simulate(cfg, tmp_path / "run")
-    weights = tmp_path / "run" / "checkpoints" / "round-001" / "global.safetensors"
-    weights.write_bytes(weights.read_bytes()[:50])
-    good = (tmp_path / "run" / "checkpoints" / "round-000" / "global.safetensors").read_bytes()
-    with pytest.raises(FedpeftError, match="corrupt checkpoint"):
-        simulate(
-            RunConfig(
-                **{**cfg.__dict__, "federation": FederationConfig(**{**cfg.federation.__dict__, "rounds": 2})}
-            ),
-            tmp_path / "run",
-            resume=True,
-        )
-    assert (tmp_path / "run" / "checkpoints" / "round-000" / "global.safetensors").read_bytes() == good
-    assert not (tmp_path / "run" / "checkpoints" / "round-002").exists()
+    run = tmp_path / "run"
+    simulate(cfg, run)
+    _flip_tensor_byte(run / "checkpoints" / "round-001" / "global.safetensors")  # still parses
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    longer = replace(cfg, federation=replace(cfg.federation, rounds=2))
+    with pytest.raises(FedpeftError, match="round-001: global.safetensors does not match its sha256; the last "
+                       "round that verifies is 0"):  # fmt: skip
+        simulate(longer, run, resume=True)
+    # refused before anything was written: config.json, checkpoints, metrics all byte-identical
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    state = simulate(longer, run, resume_from=0)  # the intact round: rounds 1 and 2 are trained again
+    assert [h["round"] for h in state.history] == [0, 1, 2]
+    assert resume_round(run) == 2  # round 1 rewritten, round 2 written, both verify
 
 
 def _secagg(cfg: RunConfig, **fed) -> RunConfig:

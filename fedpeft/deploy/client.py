@@ -96,7 +96,9 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
             "alone could remove the only mask left on the update"
         )
     if opts.min_neighbours == 1:
-        log.warning("--min-neighbours 1: the server and one colluding client could unmask this device's update")
+        log.warning(
+            "--min-neighbours 1: the server and one colluding client could unmask this device's update"
+        )
     if opts.insecure:
         log.warning("--insecure: traffic to and from the server is NOT encrypted")
     elif opts.root_cert is None or not opts.root_cert.is_file():

@@ -218,7 +218,7 @@ def cmd_server(a: argparse.Namespace) -> None:
     )
     if not 0 < a.port < 65536:
         raise FedpeftError(f"--port must be between 1 and 65535, got {a.port}")
-    result = run_server(cfg, Path(a.out), opts, resume=a.resume)
+    result = run_server(cfg, Path(a.out), opts, resume=a.resume, resume_from=a.resume_from)
     state = ServerState(result.rounds, {}, {}, {}, result.history)
     print(summary(state, cfg.personal.method) + f"\nserver folder {a.out} (metrics.jsonl, plot.png, global/)")
 
@@ -253,7 +253,7 @@ def cmd_deploy_local(a: argparse.Namespace) -> None:
     from fedpeft.deploy.local import deploy_local
 
     cfg = run_config_from_args(a)
-    code = deploy_local(cfg, Path(a.out), port=a.port, resume=a.resume)
+    code = deploy_local(cfg, Path(a.out), port=a.port, resume=a.resume, resume_from=a.resume_from)
     if code != 0:
         raise FedpeftError(f"the server failed (exit code {code}); see {Path(a.out) / 'server.log'}")
 

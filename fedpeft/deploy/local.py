@@ -46,6 +46,7 @@ def deploy_local(
     extra_server_args: list[str] | None = None,
     port: int | None = None,
     resume: bool = False,
+    resume_from: int | None = None,
 ) -> int:
     """Run the federation of `cfg` as a local deployment; returns the server's exit code."""
     from fedpeft.base import resolve_base_dir
@@ -75,6 +76,7 @@ def deploy_local(
         "--config-json",
         json.dumps(flat, sort_keys=True),
         *(["--resume"] if resume else []),
+        *(["--resume-from", str(resume_from)] if resume_from is not None else []),
         *(extra_server_args or []),
     ]
     # N devices on one machine: each gets its share of the cores, as a real device has its own. Without

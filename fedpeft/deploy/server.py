@@ -38,7 +38,7 @@ from fedpeft.deploy.processes import (
     wait_listening,
 )
 from fedpeft.errors import FedpeftError
-from fedpeft.federation import check_resume_config, latest_checkpoint
+from fedpeft.federation import check_resume_config, latest_checkpoint, resume_round
 
 log = logging.getLogger("fedpeft")
 CONNECTION = "fedpeft"  # the flwr CLI's name for our SuperLink
@@ -172,14 +172,15 @@ class Server:
             added += 1
         return added
 
-    def launch(self, cfg: RunConfig, resume: bool) -> int:
-        """Launch the federation as a Flower run of our apps with this config; returns the run id."""
+    def launch(self, cfg: RunConfig, resume: int | None) -> int:
+        """Launch the federation as a Flower run of our apps with this config, continuing from the (verified)
+        checkpoint of round `resume` if given; returns the run id."""
         import tomli_w
 
         app = self.dir / "app"
         app.mkdir(parents=True, exist_ok=True)
         config = to_run_config(cfg)
-        config.update(out=str(self.out), resume=resume)
+        config.update({"out": str(self.out), "resume-round": -1 if resume is None else resume})
         doc = {
             "project": {
                 "name": "fedpeft-federation",
@@ -251,11 +252,16 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
         return []
 
 
-def run_server(cfg: RunConfig, out: Path, opts: ServerOptions, resume: bool = False) -> ServerResult:
-    """Start the SuperLink, register the clients, run the federation to its end, stop everything."""
+def run_server(
+    cfg: RunConfig, out: Path, opts: ServerOptions, resume: bool = False, resume_from: int | None = None
+) -> ServerResult:
+    """Start the SuperLink, register the clients, run the federation to its end, stop everything.
+    Nothing is written before the configuration and the checkpoint to resume from verify."""
     out = Path(out)
-    if resume:
+    start_round = None
+    if resume or resume_from is not None:
         check_resume_config(out, cfg)
+        start_round = resume_round(out, resume_from)
     elif latest_checkpoint(out) is not None:
         raise FedpeftError(
             f"{out} already holds a federation; pass --resume to continue it or use a new --out"
@@ -278,7 +284,7 @@ def run_server(cfg: RunConfig, out: Path, opts: ServerOptions, resume: bool = Fa
         if opts.auth:
             added = server.register()
             log.info("%d client keys registered (%d new)", len(server.keys()), added)
-        run_id = server.launch(cfg, resume)
+        run_id = server.launch(cfg, start_round)
         log.info(
             "SuperLink on %s:%d (%s%s); waiting for %d clients; logs in %s",
             opts.host,
@@ -320,9 +326,10 @@ def run_server(cfg: RunConfig, out: Path, opts: ServerOptions, resume: bool = Fa
                 server.serverapp = "not yet"
                 server.start()
                 server.stop_run(run_id)
-                resume_now = latest_checkpoint(out) is not None
+                # the checkpoints this run wrote itself; one the restart damaged stops with its reason
+                resume_now = resume_round(out) if latest_checkpoint(out) is not None else None
                 run_id = server.launch(cfg, resume_now)
-                if resume_now:
+                if resume_now is not None:
                     log.info("federation resumed from %s", latest_checkpoint(out))
             time.sleep(opts.poll)
     finally:
