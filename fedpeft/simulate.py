@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from fedpeft.checkpoint import atomic_write_json
 from fedpeft.config import RunConfig, to_run_config
+from fedpeft.engine import reap_stale, run_engine
 from fedpeft.errors import FedpeftError
 from fedpeft.federation import ServerState, check_resume_config, latest_checkpoint, resume_round
 
@@ -48,17 +46,6 @@ def with_store(cfg: RunConfig, run_dir: Path) -> RunConfig:
     return replace(cfg, personal=replace(cfg.personal, store=str(Path(run_dir).resolve() / "personal")))
 
 
-def ray_temp_dir(run_dir: Path) -> Path:
-    """Ray's temp folder under the run folder. Ray puts Unix sockets at
-    <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store (62 more bytes) and refuses paths over
-    107 bytes, so a run folder deeper than 40 bytes gets a short temp folder instead (removed afterwards)."""
-    candidate = run_dir.resolve() / "ray"
-    if len(str(candidate)) <= 40:
-        candidate.mkdir(parents=True, exist_ok=True)
-        return candidate
-    return Path(tempfile.mkdtemp(prefix="fedpeft-ray-"))
-
-
 def quiet_environment() -> None:
     """Read at import time by Flower, transformers and Python in Ray's worker processes, which inherit it."""
     for key, value in (
@@ -78,14 +65,16 @@ def simulate(
     run_dir: Path,
     resume: bool = False,
     client_cpus: float | None = None,
-    client_app: Any = None,
+    client_app: str = "client.app:app",
     resume_from: int | None = None,
 ) -> ServerState:
-    """Run (or resume) a federation; `client_app` replaces our ClientApp (tests inject faulty clients).
+    """Run (or resume) a federation; `client_app` ("module:attribute") replaces our ClientApp (tests
+    inject faulty clients).
     `resume_from` continues from that round's checkpoint instead of the latest (implies resume). Nothing
     is written before the configuration and the checkpoint verify."""
     quiet_environment()
     run_dir = Path(run_dir)
+    reap_stale(run_dir)  # an earlier run of this folder that was killed may have left Ray running
     cfg = with_store(cfg, run_dir)
     start_round = None
     if resume or resume_from is not None:
@@ -99,43 +88,10 @@ def simulate(
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", to_run_config(cfg))
     os.environ.setdefault("FLWR_HOME", str(run_dir.resolve() / "flwr"))
-
-    from flwr.simulation import run_simulation
-
-    from client.app import app as default_client_app
-    from server.app import Outcome, make_server_app
-
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    cpus = os.cpu_count() or 1
-    temp_dir = ray_temp_dir(run_dir)
-    backend = {
-        # One CPU share per client actor; by default one actor that owns every core and runs clients
-        # one after another with all threads (on a small machine, parallel actors only thrash).
-        "client_resources": {"num_cpus": client_cpus or cpus, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": cpus,
-            "num_gpus": 0,
-            "_temp_dir": str(temp_dir),
-            "include_dashboard": False,
-            "logging_level": "error",
-            "log_to_driver": True,
-        },
-    }
-    outcome = Outcome()
-    try:
-        run_simulation(
-            server_app=make_server_app(cfg, run_dir, start_round, outcome),
-            client_app=client_app or default_client_app,
-            num_supernodes=cfg.federation.clients,
-            backend_config=backend,
-        )
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    if outcome.error:
-        raise FedpeftError(outcome.error)
-    if outcome.state is None:
-        raise FedpeftError("the simulation ended without a result (see the log above)")
-    return outcome.state
+    state, error = run_engine(cfg, run_dir, start_round, client_cpus, client_app)
+    if error:
+        raise FedpeftError(error)
+    return state
 
 
 def summary(state: ServerState, method: str = "none") -> str:

@@ -196,7 +196,7 @@ def test_resume_allows_more_rounds_but_nothing_else(tmp_path: Path) -> None:
 
 
 def test_ray_temp_dir_stays_short_enough_for_rays_sockets(tmp_path: Path) -> None:
-    from fedpeft.simulate import ray_temp_dir
+    from fedpeft.engine import ray_temp_dir
 
     deep = ray_temp_dir(tmp_path / ("x" * 60))
     assert len(str(deep)) + 62 <= 107 and not str(deep).startswith(str(tmp_path))

@@ -90,10 +90,8 @@ def test_ffa_only_b_travels_and_a_stays_at_the_shared_init(
 def test_bad_clients_are_refused_and_the_round_goes_on(
     tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
 ) -> None:
-    from tests.faulty_client import app as faulty
-
     cfg = _cfg(users, cache_dir, clients=6, fraction=1.0, rounds=1)
-    state = simulate(cfg, tmp_path / "faulty", client_app=faulty)
+    state = simulate(cfg, tmp_path / "faulty", client_app="tests.faulty_client:app")
     last = state.history[-1]
     reasons = {r["client"]: r["reason"] for r in last["rejected"]}
     assert sorted(last["accepted"]) == ["user0"]  # not enough valid replies? see min_clients below
@@ -163,12 +161,16 @@ def test_secagg_equals_plain_aggregation_within_quantization_error(
 def test_secagg_survives_dropouts_in_training_and_at_unmask(
     tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
 ) -> None:
-    from tests.faulty_client import secagg_dropouts
-
     cfg = _cfg(users, cache_dir, clients=6, fraction=1.0, rounds=1)
-    plain = simulate(cfg, tmp_path / "plain", client_app=secagg_dropouts)  # client 1 fails to train
+    plain = simulate(
+        cfg, tmp_path / "plain", client_app="tests.faulty_client:secagg_dropouts"
+    )  # client 1 fails to train
     assert plain.history[-1]["accepted"] == ["user0", "user2", "user3", "user4", "user5"]
-    secure = simulate(_secagg(cfg, secagg=True, secagg_k=5), tmp_path / "secure", client_app=secagg_dropouts)
+    secure = simulate(
+        _secagg(cfg, secagg=True, secagg_k=5),
+        tmp_path / "secure",
+        client_app="tests.faulty_client:secagg_dropouts",
+    )
     last = secure.history[-1]
     assert last["accepted"] == [
         "user0",
@@ -188,10 +190,8 @@ def test_secagg_survives_dropouts_in_training_and_at_unmask(
 def test_secagg_with_too_few_survivors_aborts_the_round_cleanly(
     tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
 ) -> None:
-    from tests.faulty_client import secagg_mass_dropout
-
     cfg = _secagg(_cfg(users, cache_dir, clients=6, fraction=1.0, rounds=1), secagg=True, secagg_k=5)
-    state = simulate(cfg, tmp_path / "run", client_app=secagg_mass_dropout)
+    state = simulate(cfg, tmp_path / "run", client_app="tests.faulty_client:secagg_mass_dropout")
     assert state.history[-1]["skipped"] and "threshold" in state.history[-1]["abort"]
     init = load_file(tmp_path / "run" / "checkpoints" / "round-000" / "global.safetensors")
     for k, v in _global(tmp_path / "run").items():

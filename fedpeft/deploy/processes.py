@@ -91,6 +91,7 @@ class Proc:
     ppid: int
     rss: int  # bytes
     cmdline: str
+    session: int = 0  # session id (setsid)
 
 
 def process_table() -> dict[int, Proc]:
@@ -104,8 +105,37 @@ def process_table() -> dict[int, Proc]:
         except (OSError, IndexError):
             continue
         if fields[0] != "Z":
-            table[int(d.name)] = Proc(int(fields[1]), int(fields[21]) * page, cmd)
+            table[int(d.name)] = Proc(int(fields[1]), int(fields[21]) * page, cmd, int(fields[3]))
     return table
+
+
+def session_members(sid: int) -> list[int]:
+    """This user's live processes in session `sid` (all that a session leader and its children started,
+    even after the leader died and they were re-parented)."""
+    uid = os.getuid()
+    members = []
+    for pid, proc in process_table().items():
+        if proc.session == sid:
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}").stat().st_uid == uid:
+                    members.append(pid)
+    return members
+
+
+def stop_session(sid: int, timeout: float = 10.0, spare: int | None = None) -> int:
+    """Stop every process of session `sid` (but `spare`); returns how many there were."""
+    pids = [p for p in session_members(sid) if p != spare]
+    stop_processes(pids, timeout)
+    return len(pids)
+
+
+def stop_processes(pids: list[int], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL what is left after `timeout` seconds."""
+    _signal(pids, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.1)
+    _signal([p for p in pids if _running(p)], signal.SIGKILL)
 
 
 def descendants(pid: int, table: dict[int, Proc] | None = None) -> list[int]:

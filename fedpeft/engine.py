@@ -1,0 +1,187 @@
+"""Flower's simulation engine (Ray) in a session of its own, so that nothing it starts outlives the run.
+
+`ray.init` starts a GCS server, a raylet, agents and worker processes as children of the driver, in the
+driver's session. Killed with SIGKILL, a driver cannot stop them, and Ray's agents (DashboardAgent,
+RuntimeEnvAgent) stay behind. So the driver runs in a child process that leads a new session, and every
+process Ray starts belongs to that session:
+- the command (the child's parent) stops the whole session when the run ends, fails or is interrupted;
+- the driver watches its parent and stops its own session when the parent is gone (kill -9 of the command);
+- RUN/ray-session.json names the session while it runs; the next start in the same run folder stops what
+  an earlier run left (command and driver killed at once), by that session id and a marker in the
+  processes' environment, never by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fedpeft.checkpoint import atomic_write_json
+from fedpeft.config import RunConfig
+from fedpeft.deploy.processes import session_members, stop_processes, stop_session
+
+log = logging.getLogger("fedpeft")
+SESSION_FILE = "ray-session.json"
+MARKER = "FEDPEFT_RAY_TEMP_DIR"  # set in the driver's environment; every process Ray starts inherits it
+
+
+def ray_temp_dir(run_dir: Path) -> Path:
+    """Ray's temp folder under the run folder. Ray puts Unix sockets at
+    <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store (62 more bytes) and refuses paths over
+    107 bytes, so a run folder deeper than 40 bytes gets a short temp folder instead (removed afterwards)."""
+    candidate = run_dir.resolve() / "ray"
+    if len(str(candidate)) <= 40:
+        candidate.mkdir(parents=True, exist_ok=True)
+        return candidate
+    return Path(tempfile.mkdtemp(prefix="fedpeft-ray-"))
+
+
+def reap_stale(run_dir: Path) -> int:
+    """Stop the processes an earlier, killed run of this folder left; returns how many. Only members of
+    the session it recorded that show they are that run's Ray (_belongs) are stopped: a reused session id
+    is not ours to stop."""
+    path = Path(run_dir) / SESSION_FILE
+    try:
+        record = json.loads(path.read_text())
+        sid, temp_dir = int(record["session"]), str(record["ray_temp_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    ours = [p for p in session_members(sid) if _belongs(p, temp_dir)] if sid != os.getsid(0) else []
+    if ours:
+        stop_processes(ours)
+        log.warning("stopped %d processes left in %s by an earlier run that was killed", len(ours), run_dir)
+    path.unlink(missing_ok=True)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return len(ours)
+
+
+def _belongs(pid: int, temp_dir: str) -> bool:
+    """The process is this run's Ray: its environment carries the marker, or its command line or one of
+    its open files (Ray's logs) is under the run's Ray temp folder. setproctitle rewrites the command line
+    of Ray's agents and may blank their environment, but their log files stay open."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        if f"{MARKER}={temp_dir}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+            return True
+        if temp_dir.encode() in (proc / "cmdline").read_bytes():
+            return True
+        return any(os.readlink(fd).startswith(temp_dir + "/") for fd in (proc / "fd").iterdir())
+    except OSError:
+        return False
+
+
+def run_engine(
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: int | None,
+    client_cpus: float | None,
+    client_app: str,
+) -> tuple[Any, str | None]:
+    """Run the federation on Flower's simulation engine in its own session; returns (ServerState or None,
+    error message or None). `client_app` is a "module:attribute" reference."""
+    temp_dir = ray_temp_dir(run_dir)
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads or sockets
+    receive, send = ctx.Pipe(duplex=False)
+    level = log.level or logging.INFO
+    args = (send, cfg, run_dir, resume, client_cpus, client_app, str(temp_dir), os.getpid(), level)
+    driver = ctx.Process(target=_drive, args=args, name="fedpeft-simulation")
+    driver.start()
+    send.close()
+    result: tuple[Any, str | None] | None = None
+    try:
+        atomic_write_json(run_dir / SESSION_FILE, {"session": driver.pid, "ray_temp_dir": str(temp_dir)})
+        while result is None and (driver.is_alive() or receive.poll(0)):
+            if receive.poll(0.5):
+                try:
+                    result = receive.recv()
+                except EOFError:  # the driver died without a word
+                    break
+        driver.join(timeout=60)
+    finally:
+        stop_session(driver.pid)  # the driver (if still there) and whatever Ray left
+        (run_dir / SESSION_FILE).unlink(missing_ok=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    if result is None:
+        return None, f"the simulation ended without a result (exit code {driver.exitcode}; see the log above)"
+    return result
+
+
+def _watch_parent(parent: int, run_dir: Path, temp_dir: str) -> None:
+    """In the driver: when the command that started us is gone (killed), stop this whole session."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    stop_session(os.getsid(0), timeout=5.0, spare=os.getpid())
+    (run_dir / SESSION_FILE).unlink(missing_ok=True)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    os._exit(137)
+
+
+def _load(reference: str) -> Any:
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _drive(
+    send: Any,
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: int | None,
+    client_cpus: float | None,
+    client_app: str,
+    temp_dir: str,
+    parent: int,
+    level: int,
+) -> None:
+    """The driver process: leads a new session, runs Flower's simulation, sends back (state, error)."""
+    os.setsid()
+    os.environ[MARKER] = temp_dir
+    threading.Thread(target=_watch_parent, args=(parent, run_dir, temp_dir), daemon=True).start()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("fedpeft: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+    from fedpeft.simulate import quiet_environment
+
+    quiet_environment()
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    try:
+        from flwr.simulation import run_simulation
+
+        from server.app import Outcome, make_server_app
+
+        cpus = os.cpu_count() or 1
+        backend = {
+            # One CPU share per client actor; by default one actor that owns every core and runs clients
+            # one after another with all threads (on a small machine, parallel actors only thrash).
+            "client_resources": {"num_cpus": client_cpus or cpus, "num_gpus": 0.0},
+            "init_args": {
+                "num_cpus": cpus,
+                "num_gpus": 0,
+                "_temp_dir": temp_dir,
+                "include_dashboard": False,
+                "logging_level": "error",
+                "log_to_driver": True,
+            },
+        }
+        outcome = Outcome()
+        run_simulation(
+            server_app=make_server_app(cfg, run_dir, resume, outcome),
+            client_app=_load(client_app),
+            num_supernodes=cfg.federation.clients,
+            backend_config=backend,
+        )
+        send.send((outcome.state, outcome.error))
+    except KeyboardInterrupt:
+        send.send((None, "interrupted"))
+    except Exception as e:  # reported by the command, which exits non-zero
+        log.exception("the simulation failed")
+        send.send((None, f"the simulation failed: {type(e).__name__}: {e}"))

@@ -1,0 +1,94 @@
+"""No orphans: `fedpeft simulate` killed with SIGKILL leaves no process of its run behind (real Ray)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedpeft.deploy.processes import session_members
+from fedpeft.engine import SESSION_FILE
+from tests.conftest import make_text
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.simulation
+
+
+def _start(tmp_path: Path, cache_dir: str) -> tuple[subprocess.Popen, Path, int]:
+    """A long federation on the tiny model; returns once its rounds are running on Ray."""
+    users = tmp_path / "users"
+    users.mkdir()
+    for i in range(4):
+        (users / f"u{i}.txt").write_text(make_text(i, 400))
+    run = tmp_path / "run"
+    args = ["simulate", "--model", "tiny", "--cache-dir", cache_dir, "--data", str(users), "--clients", "4"]
+    args += [
+        "--rounds",
+        "5000",
+        "--block-size",
+        "32",
+        "--local-steps",
+        "1",
+        "--no-progress",
+        "--out",
+        str(run),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedpeft.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    metrics = run / "metrics.jsonl"
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.5)
+    sid = json.loads((run / SESSION_FILE).read_text())["session"]
+    assert len(session_members(sid)) >= 4  # the driver, Ray's GCS, raylet, agents, the client actor
+    return proc, run, sid
+
+
+def _gone(sid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while session_members(sid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not session_members(sid)
+
+
+def test_kill_9_of_simulate_leaves_no_process_of_the_run(
+    tmp_path: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    proc, run, sid = _start(tmp_path, cache_dir)
+    proc.kill()
+    proc.wait()
+    assert _gone(sid, 30), [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in session_members(sid)]
+    assert not (run / SESSION_FILE).exists() and not (run / "ray").exists()
+
+
+def test_what_a_killed_run_left_is_stopped_at_the_next_start_in_its_folder(
+    tmp_path: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    proc, run, sid = _start(tmp_path, cache_dir)
+    os.kill(sid, signal.SIGKILL)  # the driver (which would stop its session) and the command at once
+    proc.kill()
+    proc.wait()
+    time.sleep(3)
+    left = session_members(sid)
+    assert left  # Ray's agents outlive their driver: this is what the next start must stop
+    again = subprocess.run(
+        [sys.executable, "-m", "fedpeft.cli", "simulate", "--model", "tiny", "--cache-dir", cache_dir]
+        + ["--out", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 2 and "already holds a federation" in again.stderr
+    assert f"stopped {len(left)} processes left in {run}" in again.stderr
+    assert _gone(sid, 5)
+    assert not (run / SESSION_FILE).exists()
