@@ -192,7 +192,7 @@ def cmd_certs(a: argparse.Namespace) -> None:
     for name in names:
         print(
             f"  fedpeft client --server SERVER_HOST:9092 --root-cert ca.pem --key {name}.key "
-            f"--data MY_TEXT --name {name}"
+            f"--data MY_TEXT --name {name} --require-secagg"
         )
     print("to add a client to a running server:")
     print(

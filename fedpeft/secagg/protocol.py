@@ -125,6 +125,9 @@ class SecAggClient:
     _signed: list[int] | None = None  # the one survivor set this client signed this round
 
     def __post_init__(self) -> None:
+        # a hard floor whatever the device's setting says: with no neighbour the self-mask alone hides the
+        # update, and the server rebuilds it in stage 5 by design
+        self.min_neighbours = max(self.min_neighbours, 1)
         check_graph(self.me, self.neighbours, self.t, self.min_neighbours)
 
     def advertise(self) -> Keys:
@@ -178,7 +181,7 @@ class SecAggClient:
         # No pairwise mask with a neighbour whose shares we cannot hold: if it is excluded later, its mask
         # key must be reconstructible from the shares of the clients that did mask with it.
         self._partners = sorted(j for j in self._keys if j in set(alive) and j not in malformed)
-        if len(self._partners) < self.min_neighbours:
+        if len(self._partners) < max(self.min_neighbours, 1):
             raise SecAggRefused(
                 f"refused: only {len(self._partners)} live neighbour(s) to mask with; this device masks its "
                 f"update with at least {self.min_neighbours} (--min-neighbours)"

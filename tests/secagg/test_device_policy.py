@@ -97,3 +97,12 @@ def test_forged_or_foreign_signatures_do_not_count() -> None:
     forged = {2: bytes(64), 3: real[1]}  # garbage, and client 1's signature passed off as client 3's
     with pytest.raises(SecAggRefused, match="2 of client 0's share holders"):
         clients[0].unmask(everyone, [], real | forged)
+
+
+def test_no_setting_lets_an_update_go_out_under_its_self_mask_alone() -> None:
+    with pytest.raises(SecAggRefused, match="0 neighbour"):
+        SecAggClient(0, [], 1, TAG, min_neighbours=0)
+    _, clients, routed = _through_stage_two(3, 2)
+    clients[0].min_neighbours = 0  # as if the device's own node config said 0
+    with pytest.raises(SecAggRefused, match="live neighbour"):
+        clients[0].accept_shares(routed[0][0], [])
