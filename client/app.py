@@ -11,7 +11,7 @@ simulation and deployment:
   update with); nothing the server sends can lower either.
 Personal adapters stay in the store: replies carry the shared keys' delta and scalar metrics only.
 The base is loaded once per process (fedpeft.device.get_device). A SuperNode starts a fresh process per
-message, so stages that need no model (secure-aggregation stages 1, 2, 4) never import torch.
+message, so stages that need no model (secure-aggregation stages 1, 2, 4, 5) never import torch.
 """
 
 from __future__ import annotations
