@@ -195,9 +195,10 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 def _validate_secagg(f: FederationConfig) -> None:
-    """Parameters under which SecAgg+ protects each client (Bell et al., CCS 2020): every update masked with
-    at least MIN_NEIGHBOURS others, and each secret reconstructible only by a strict majority of its holders.
-    k = 0 gave no neighbours, and the server read every update from its own stage-5 request."""
+    """Parameters under which SecAgg+ protects each client (Bell et al., CCS 2020), as a device with the
+    default minimum checks them (fedpeft.secagg.protocol): every update masked with at least MIN_NEIGHBOURS
+    others, and a threshold no server with one colluding client can split. k = 0 gave no neighbours, and
+    the server read every update from its own unmask request."""
     from fedpeft.secagg.graph import degree
     from fedpeft.secagg.protocol import MIN_NEIGHBOURS, min_threshold
 
@@ -216,8 +217,8 @@ def _validate_secagg(f: FederationConfig) -> None:
     lo = min_threshold(holders)
     _check(
         f.secagg_threshold == 0 or lo <= f.secagg_threshold <= holders,
-        f"--secagg-threshold must be a strict majority of each secret's {holders} holders ({lo} to {holders}) "
-        f"or 0 for {lo}, got {f.secagg_threshold}",
+        f"--secagg-threshold must be {lo} to {holders} for each secret's {holders} holders (what a device with "
+        f"the default --min-neighbours accepts), or 0 for {lo}; got {f.secagg_threshold}",
     )
 
 

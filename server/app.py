@@ -437,10 +437,10 @@ def _secure_train_round(
         secagg_k=report["k"],
         secagg_t=report["t"],
         bytes_up=4 * dim * len(survivors) + report["bytes_up_keys"],
-        train_loss=sum(float(train[c]["train_loss"]) * examples[c] for c in survivors)
+        train_loss=sum(float(train[c].get("train_loss", 0.0)) * examples[c] for c in survivors)
         / sum(examples.values()),
-        train_seconds_max=max(float(train[c]["train_seconds"]) for c in survivors),
-        train_seconds_sum=sum(float(train[c]["train_seconds"]) for c in survivors),
+        train_seconds_max=max(float(train[c].get("train_seconds", 0.0)) for c in survivors),
+        train_seconds_sum=sum(float(train[c].get("train_seconds", 0.0)) for c in survivors),
         # where a device's time goes: loading the base, training, encoding + masking (stage 3)
         client_seconds={
             names[c]: {

@@ -20,6 +20,7 @@ from fedpeft.secagg.protocol import (
     MIN_NEIGHBOURS,
     SecAggAbort,
     SecAggClient,
+    SecAggRefused,
     SecAggServer,
     default_threshold,
     dump_client,
@@ -29,6 +30,7 @@ from fedpeft.secagg.quantize import RingCode
 
 log = logging.getLogger("fedpeft")
 STATE_KEY = "secagg"
+SENT_KEY = "secagg-sent"  # the rounds of this run this node sent a masked input for (kept across rounds)
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,18 @@ def _stages(
             report["dropped"].setdefault(c, f"stage {stage}" + (f" ({reason})" if reason else ""))
         return good
 
+    def parsed(replies: dict[int, Message], stage: int, read: Callable[[RecordDict], Any]) -> dict[int, Any]:
+        """What each reply carries; a malformed reply drops its client, not the round."""
+        out = {}
+        for c, m in replies.items():
+            try:
+                out[c] = read(m.content)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                report["dropped"].setdefault(
+                    c, f"stage {stage} (malformed reply: {type(e).__name__} {e})"[:300]
+                )
+        return out
+
     base = {"tag": tag, "k": params.k, "t": t, "seed": seed}
     r1 = ok(
         send(
@@ -124,7 +138,7 @@ def _stages(
         ),
         1,
     )
-    keys = {c: tuple(bytes(m.content["keys"][x]) for x in "csv") for c, m in r1.items()}
+    keys = parsed(r1, 1, lambda content: tuple(bytes(content["keys"][x]) for x in "csv"))
     keys_for = server.receive_keys(keys)
     report["bytes_up_keys"] += 96 * len(keys)
 
@@ -140,10 +154,9 @@ def _stages(
         ),
         2,
     )
-    shares = {
-        c: (_from_bytes_record(m.content["shares"]), bytes(m.content["commitment"]["b"]))
-        for c, m in r2.items()
-    }
+    shares = parsed(
+        r2, 2, lambda content: (_from_bytes_record(content["shares"]), bytes(content["commitment"]["b"]))
+    )
     report["bytes_up_keys"] += sum(len(ct) for out, _ in shares.values() for ct in out.values()) + 32 * len(
         shares
     )
@@ -164,29 +177,33 @@ def _stages(
         ),
         3,
     )
-    inputs = {}
-    for c, m in r3.items():
-        y = m.content["masked"]["y"].numpy() if "y" in m.content["masked"] else np.zeros(0, np.uint32)
-        inputs[c] = (y, parse_ints(m.content["info"]["malformed"]))
-    survivors, dropped = server.receive_inputs(inputs)
+
+    def read_input(content: RecordDict) -> tuple[np.ndarray, list[int], dict[str, float]]:
+        metrics = {k: float(v) for k, v in content["metrics"].items()}
+        if not all(np.isfinite(v) for v in metrics.values()) or not metrics["num-examples"] > 0:
+            raise ValueError(f"metrics {metrics}")
+        return content["masked"]["y"].numpy(), parse_ints(content["info"]["malformed"]), metrics
+
+    read = parsed(r3, 3, read_input)
+    survivors, dropped = server.receive_inputs({c: (y, bad) for c, (y, bad, _) in read.items()})
     report["excluded"] = dict(server.excluded)
-    report["train_metrics"] = {c: r3[c].content["metrics"] for c in survivors}
+    report["train_metrics"] = {c: read[c][2] for c in survivors}
 
     # stage 4: every survivor signs the survivor set; a survivor gone from here on still counts in the sum
     r4 = ok(
         send({c: {"task": {**base, "secagg-stage": 4, "survivors": ints(survivors)}} for c in survivors}), 4
     )
     signatures = server.receive_signatures(
-        survivors, {c: bytes(m.content["consistency"]["signature"]) for c, m in r4.items()}
+        survivors, parsed(r4, 4, lambda content: bytes(content["consistency"]["signature"]))
     )
     report["bytes_up_keys"] += 64 * len(r4)
     stage5 = {**base, "secagg-stage": 5, "survivors": ints(survivors), "dropped": ints(dropped)}
     r5 = ok(
         send({c: {"task": stage5, "signatures": _bytes_record(signatures)} for c in r4 if c in signatures}), 5
     )
-    replies = {
-        c: (_from_bytes_record(m.content["b"]), _from_bytes_record(m.content["s"])) for c, m in r5.items()
-    }
+    replies = parsed(
+        r5, 5, lambda content: (_from_bytes_record(content["b"]), _from_bytes_record(content["s"]))
+    )
     report["bytes_up_keys"] += sum(len(v) for b, s in replies.values() for v in (*b.values(), *s.values()))
     total = server.unmask(survivors, dropped, replies)
     report["survivors"] = survivors
@@ -212,6 +229,8 @@ def handle(
     stage = int(task["secagg-stage"])
     tag = bytes(task["tag"])
     if stage == 1:
+        if STATE_KEY in state and load_client(bytes(state[STATE_KEY]["client"])).tag == tag:
+            raise SecAggRefused(f"refused: stage 1 of a round client {me} has already begun")
         state.pop(STATE_KEY, None)  # a new round: forget anything left of an unfinished one
         # the id this session's graph gives us (in fedpeft it is our client index anyway)
         client = SecAggClient(
@@ -225,6 +244,9 @@ def handle(
     client = load_client(bytes(state[STATE_KEY]["client"]))
     if client.tag != tag:
         raise SecAggAbort(f"client {me}: message from another round")
+    if stage != client.stage + 1:
+        raise SecAggRefused(f"refused: stage {stage} after stage {client.stage} (each runs once, in order)")
+    client.stage = stage
     if stage == 2:
         keys = {
             int(j): (bytes(v)[:32], bytes(v)[32:64], bytes(v)[64:]) for j, v in content["pubkeys"].items()
@@ -232,15 +254,24 @@ def handle(
         out, commitment = client.share_keys(keys)
         reply = RecordDict({"shares": _bytes_record(out), "commitment": ConfigRecord({"b": commitment})})
     elif stage == 3:
+        rnd = str(task.get("round", ""))
+        sent = parse_ints(state[SENT_KEY]["rounds"]) if SENT_KEY in state else []
+        if rnd and int(rnd) in sent:  # another session of the same round could difference our inputs
+            raise SecAggRefused(f"refused: client {me} already sent a masked input for round {rnd}")
+        code = RingCode(float(task["clip"]), int(task["max-clients"]), float(task["max-weight"]))
+        if not (code.clip > 0 and 1 <= code.max_clients < 2**30 and code.max_weight > 0):
+            raise SecAggRefused(f"refused: invalid encoding parameters (clip {code.clip}, max-clients "
+                                f"{code.max_clients}, max-weight {code.max_weight})")  # fmt: skip
         malformed = client.accept_shares(
             _from_bytes_record(content["ciphertexts"]), parse_ints(task["alive"])
         )
         delta, weight, metrics = local_update()
         if not np.all(np.isfinite(delta)):
             raise SecAggAbort(f"client {me}: non-finite update, not sent")
-        code = RingCode(float(task["clip"]), int(task["max-clients"]), float(task["max-weight"]))
         # the stochastic rounding needs no secrecy (the masks hide the input); seeding it keeps runs reproducible
         y = client.mask(code.encode(delta, weight, np.random.default_rng(rounding_seed)))
+        if rnd:
+            state[SENT_KEY] = ConfigRecord({"rounds": ints([*sent, int(rnd)][-64:])})
         reply = RecordDict(
             {
                 "masked": ArrayRecord({"y": Array(y)}),

@@ -14,9 +14,17 @@ Stages (Bell et al., CCS 2020, Fig. 1; Bonawitz et al., CCS 2017, Fig. 4):
                       reveals shares of b for the survivors and of s_sk for clients that dropped after
                       stage 2 (never both for one client); the server removes every mask.
 
-The device decides what protects it: a client refuses (SecAggRefused, nothing sent) a graph with fewer
-neighbours than its own minimum, a threshold that is not a strict majority of each secret's holders,
-and a masking step with fewer live neighbours than its minimum, whatever the server's parameters say.
+The device decides what protects it. With its own minimum m (--min-neighbours, default 2) it resists the
+server together with c = m - 1 colluding clients, whatever the server's parameters and messages say; it
+refuses (SecAggRefused, nothing sent):
+- a graph with fewer than m neighbours, or a threshold t with 2t <= holders + c (a server showing holders
+  different survivor sets could then collect t shares of both secrets of one client: each honest holder
+  reveals one of the two, a colluder both) or t <= m;
+- a masking step with fewer live partners (neighbours it masks with) than max(m, t - 1);
+- an unmask request without t valid signatures on the set it signed from itself and its partners: so at least
+  t - 1 >= m partners are survivors, one of them honest, and no honest holder reveals that partner's mask
+  key (else a server that calls every partner "dropped" could remove each pair mask with their keys);
+- a stage out of order or repeated, a second survivor set to sign, a second masked input in one run's round.
 
 Clients are integer ids; Shamir points are id + 1. The server sees only public keys, ciphertexts, masked
 vectors, signatures and the shares it asks for in stage 5; the sum is all it can compute (README, threat
@@ -42,8 +50,8 @@ from fedpeft.secagg.graph import degree
 from fedpeft.secagg.graph import neighbours as make_graph
 
 LIMBS = crypto.SEED_BYTES // 2  # a 32-byte secret is 16 limbs
-# A device's default floor: its update is masked with at least two other clients, so neither the server
-# alone nor the server with one colluding client can remove its masks.
+# A device's default: masked with at least two other clients, and safe against the server with one
+# colluding client (c = MIN_NEIGHBOURS - 1; see the module docstring).
 MIN_NEIGHBOURS = 2
 Keys = tuple[bytes, bytes, bytes]  # (c_pk, s_pk, v_pk) of one client
 
@@ -56,14 +64,17 @@ class SecAggRefused(FedpeftError):
     """A device refused a request that would weaken its own protection; it sent nothing for it."""
 
 
-def min_threshold(holders: int) -> int:
-    """A strict majority of a secret's holders (a client and its neighbours): two disjoint groups of honest
-    holders can never both reach it, so asking different holders cannot yield both secrets of one client."""
-    return holders // 2 + 1
+def min_threshold(holders: int, min_neighbours: int = MIN_NEIGHBOURS) -> int:
+    """The smallest t with 2t > holders + c, c = min_neighbours - 1 colluding holders (a strict majority of
+    the holders, a client and its neighbours, when c = 0): no two groups of holders that share only
+    colluders both reach t, so asking different holders cannot yield both secrets of one client. And t > m,
+    so t signers among a client and its partners include m partners (module docstring)."""
+    m = max(min_neighbours, 1)
+    return max((holders + m - 1) // 2 + 1, m + 1)
 
 
 def default_threshold(k: int, n: int) -> int:
-    """The smallest safe threshold for the graph of n clients with k neighbours each."""
+    """The smallest threshold a device with the default minimum accepts, for n clients with k neighbours."""
     return min_threshold(degree(k, n) + 1)
 
 
@@ -77,10 +88,11 @@ def check_graph(me: int, neighbours: list[int], t: int, min_neighbours: int) -> 
             f"with at least {min_neighbours} (--min-neighbours)"
         )
     holders = len(neighbours) + 1
-    if not min_threshold(holders) <= t <= holders:
+    lo = min_threshold(holders, min_neighbours)
+    if not lo <= t <= holders:
         raise SecAggRefused(
-            f"refused: threshold {t} for {holders} share holders; this device needs a strict majority "
-            f"({min_threshold(holders)} to {holders})"
+            f"refused: threshold {t} for {holders} share holders; this device needs {lo} to {holders} "
+            f"(a strict majority, counting {min_neighbours - 1} possible colluder(s) twice)"
         )
 
 
@@ -123,6 +135,7 @@ class SecAggClient:
     _partners: list[int] = field(default_factory=list)  # neighbours whose pairwise masks we add
     _sent_input: bool = False
     _signed: list[int] | None = None  # the one survivor set this client signed this round
+    stage: int = 1  # the last stage this client completed: each stage runs once, in order
 
     def __post_init__(self) -> None:
         # a hard floor whatever the device's setting says: with no neighbour the self-mask alone hides the
@@ -181,15 +194,20 @@ class SecAggClient:
         # No pairwise mask with a neighbour whose shares we cannot hold: if it is excluded later, its mask
         # key must be reconstructible from the shares of the clients that did mask with it.
         self._partners = sorted(j for j in self._keys if j in set(alive) and j not in malformed)
-        if len(self._partners) < max(self.min_neighbours, 1):
+        # at least m partners; and t - 1, or stage 5 could never see t signatures of us and our partners
+        need = max(self.min_neighbours, 1, self.t - 1)
+        if len(self._partners) < need:
             raise SecAggRefused(
-                f"refused: only {len(self._partners)} live neighbour(s) to mask with; this device masks its "
-                f"update with at least {self.min_neighbours} (--min-neighbours)"
+                f"refused: {len(self._partners)} live neighbour(s) to mask with; this device needs {need} "
+                f"(--min-neighbours {self.min_neighbours}, threshold {self.t})"
             )
         return sorted(malformed)
 
     def mask(self, x: np.ndarray) -> np.ndarray:
-        """The masked input for the ring-encoded x [D] uint32 (after accept_shares)."""
+        """The masked input for the ring-encoded x [D] uint32 (after accept_shares), once: two maskings of
+        two inputs under the same masks would reveal their difference."""
+        if self._sent_input:
+            raise SecAggRefused(f"refused: client {self.me} already sent its masked input this round")
         y = x.astype(np.uint32) + crypto.mask(self._b, len(x))
         for j in self._partners:
             m = _pair_mask(self._s_sk, self._keys[j][1], self.tag, self.me, j, len(x))
@@ -219,7 +237,7 @@ class SecAggClient:
     ) -> tuple[dict[int, bytes], dict[int, bytes]]:
         """Stage 5: shares of b for survivors and of s_sk for dropped clients, for the owners whose shares
         this client holds; only for the survivor set it signed, and only once t of its share holders
-        (itself and its neighbours) have signed that same set. Never both secrets of one client."""
+        (itself and the partners it masked with) have signed that same set. Never both secrets of one client."""
         if self._signed is None or sorted(survivors) != self._signed:
             raise SecAggRefused(
                 f"refused: client {self.me} was asked to unmask a survivor set it did not sign"
@@ -227,7 +245,10 @@ class SecAggClient:
         if set(survivors) & set(dropped):
             raise SecAggRefused(f"refused: client {self.me} was told a client both survived and dropped")
         message = survivors_message(self.tag, self._signed)
-        verify_keys = {self.me: crypto.public_bytes(self._v_sk), **{j: k[2] for j, k in self._keys.items()}}
+        verify_keys = {
+            self.me: crypto.public_bytes(self._v_sk),
+            **{j: self._keys[j][2] for j in self._partners},
+        }
         valid = [
             j
             for j, sig in signatures.items()
@@ -235,7 +256,7 @@ class SecAggClient:
         ]
         if len(valid) < self.t:
             raise SecAggRefused(
-                f"refused: {len(valid)} of client {self.me}'s share holders signed the survivor set, "
+                f"refused: {len(valid)} of client {self.me} and its partners signed the survivor set, "
                 f"fewer than the threshold {self.t}"
             )
         b = {j: shamir.encode_share(self._held[j][0]) for j in survivors if j in self._held}
@@ -404,6 +425,7 @@ def dump_client(c: SecAggClient) -> bytes:
         "partners": c._partners,
         "sent_input": c._sent_input,
         "signed": c._signed,
+        "stage": c.stage,
     }
     return json.dumps(doc).encode()
 
@@ -423,4 +445,5 @@ def load_client(data: bytes) -> SecAggClient:
     c._partners = d["partners"]
     c._sent_input = d["sent_input"]
     c._signed = d["signed"]
+    c.stage = d["stage"]
     return c

@@ -94,7 +94,7 @@ def test_the_k0_t1_attack_is_refused_before_any_update_leaves_a_client() -> None
         **to_run_config(RunConfig(federation=FederationConfig(secagg=True))),
         "federation.secagg_threshold": 1,
     }
-    with pytest.raises(FedpeftError, match="strict majority"):
+    with pytest.raises(FedpeftError, match="--secagg-threshold must be 4 to 5"):
         from_run_config(bad)
 
     # a server that skips our checks: a valid run config, crafted stage messages
