@@ -13,6 +13,7 @@ process Ray starts belongs to that session:
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import logging
@@ -28,6 +29,7 @@ from typing import Any
 from fedpeft.checkpoint import atomic_write_json
 from fedpeft.config import RunConfig
 from fedpeft.deploy.processes import session_members, stop_processes, stop_session
+from fedpeft.errors import FedpeftError
 
 log = logging.getLogger("fedpeft")
 SESSION_FILE = "ray-session.json"
@@ -51,9 +53,24 @@ def reap_stale(run_dir: Path) -> int:
     is not ours to stop."""
     path = Path(run_dir) / SESSION_FILE
     try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        try:  # the run that wrote it holds a lock on it while it lives
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise FedpeftError(
+                f"a federation is running in {run_dir} now; wait for it or stop it first"
+            ) from None
         record = json.loads(path.read_text())
         sid, temp_dir = int(record["session"]), str(record["ray_temp_dir"])
     except (OSError, ValueError, KeyError, TypeError):
+        sid, temp_dir = 0, ""
+    finally:
+        os.close(fd)
+    if not _our_temp_dir(Path(run_dir), temp_dir):  # a record we did not write: touch nothing it names
+        path.unlink(missing_ok=True)
         return 0
     ours = [p for p in session_members(sid) if _belongs(p, temp_dir)] if sid != os.getsid(0) else []
     if ours:
@@ -62,6 +79,17 @@ def reap_stale(run_dir: Path) -> int:
     path.unlink(missing_ok=True)
     shutil.rmtree(temp_dir, ignore_errors=True)
     return len(ours)
+
+
+def _our_temp_dir(run_dir: Path, temp_dir: str) -> bool:
+    """Only the two kinds of folder ray_temp_dir makes: RUN/ray, or a fedpeft-ray-* folder in the temp dir."""
+    path = Path(temp_dir)
+    if not temp_dir or not path.is_absolute():
+        return False
+    return path == run_dir.resolve() / "ray" or (
+        path.parent.resolve() == Path(tempfile.gettempdir()).resolve()
+        and path.name.startswith("fedpeft-ray-")
+    )
 
 
 def _belongs(pid: int, temp_dir: str) -> bool:
@@ -97,8 +125,11 @@ def run_engine(
     driver.start()
     send.close()
     result: tuple[Any, str | None] | None = None
+    lock = -1
     try:
         atomic_write_json(run_dir / SESSION_FILE, {"session": driver.pid, "ray_temp_dir": str(temp_dir)})
+        lock = os.open(run_dir / SESSION_FILE, os.O_RDONLY)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process ends, however it ends
         while result is None and (driver.is_alive() or receive.poll(0)):
             if receive.poll(0.5):
                 try:
@@ -109,6 +140,8 @@ def run_engine(
     finally:
         stop_session(driver.pid)  # the driver (if still there) and whatever Ray left
         (run_dir / SESSION_FILE).unlink(missing_ok=True)
+        if lock >= 0:
+            os.close(lock)
         shutil.rmtree(temp_dir, ignore_errors=True)
     if result is None:
         return None, f"the simulation ended without a result (exit code {driver.exitcode}; see the log above)"

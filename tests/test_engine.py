@@ -61,10 +61,26 @@ def _gone(sid: int, timeout: float) -> bool:
     return not session_members(sid)
 
 
+def _simulate_again(run: Path, cache_dir: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedpeft.cli", "simulate", "--model", "tiny", "--cache-dir", cache_dir]
+        + ["--out", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_kill_9_of_simulate_leaves_no_process_of_the_run(
     tmp_path: Path, cache_dir: str, tiny_path: Path
 ) -> None:
     proc, run, sid = _start(tmp_path, cache_dir)
+    members = set(session_members(sid))
+    second = _simulate_again(run, cache_dir)  # a second command on a live run folder stops nothing of it
+    assert second.returncode == 2 and "a federation is running in" in second.stderr, second.stderr
+    assert (
+        proc.poll() is None and sid in session_members(sid) and len(session_members(sid)) >= len(members) - 1
+    )
     proc.kill()
     proc.wait()
     assert _gone(sid, 30), [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in session_members(sid)]
@@ -81,13 +97,7 @@ def test_what_a_killed_run_left_is_stopped_at_the_next_start_in_its_folder(
     time.sleep(3)
     left = session_members(sid)
     assert left  # Ray's agents outlive their driver: this is what the next start must stop
-    again = subprocess.run(
-        [sys.executable, "-m", "fedpeft.cli", "simulate", "--model", "tiny", "--cache-dir", cache_dir]
-        + ["--out", str(run)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = _simulate_again(run, cache_dir)
     assert again.returncode == 2 and "already holds a federation" in again.stderr
     assert f"stopped {len(left)} processes left in {run}" in again.stderr
     assert _gone(sid, 5)
