@@ -92,9 +92,10 @@ def write_manifest(folder: Path) -> None:
     (Path(folder) / MANIFEST).write_text(json.dumps({"sha256": files}, indent=1, sort_keys=True) + "\n")
 
 
-def manifest_problem(folder: Path) -> str | None:
-    """Why `folder` does not match its manifest (the first file that differs), or None when every file does.
-    Catches what a structural check cannot: flipped bytes inside tensor data (bit rot, a bad copy)."""
+def manifest_problem(folder: Path, required: tuple[str, ...] = ()) -> str | None:
+    """Why `folder` does not match its manifest (the first file that differs, or a `required` file the
+    manifest does not cover), or None when every file does. Catches what a structural check cannot:
+    flipped bytes inside tensor data (bit rot, a bad copy)."""
     folder = Path(folder)
     try:
         files = json.loads((folder / MANIFEST).read_text())["sha256"]
@@ -103,6 +104,9 @@ def manifest_problem(folder: Path) -> str | None:
         return f"no {MANIFEST}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"{MANIFEST} is unreadable"
+    for name in required:
+        if name not in files:
+            return f"{MANIFEST} does not cover {name}"
     for name in names:
         path = folder / name
         if "/" in name or name in ("", ".", "..") or not path.is_file():

@@ -26,6 +26,7 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 GLOBAL_FILE = "global.safetensors"
 OPT_FILE = "optimizer.safetensors"
+CHECKPOINT_FILES = (GLOBAL_FILE, OPT_FILE, STATE_FILE)  # each must match the manifest's sha256
 
 
 @dataclass
@@ -163,11 +164,16 @@ def resume_round(run_dir: Path, wanted: int | None = None) -> int:
         raise FedpeftError(
             f"no checkpoint of round {rnd} in {run_dir} (it has rounds {min(rounds)} to {max(rounds)})"
         )
-    problem = manifest_problem(rounds[rnd])
+    problem = manifest_problem(rounds[rnd], CHECKPOINT_FILES)
     if problem is None:
         return rnd
     intact = next(
-        (r for r in sorted(rounds, reverse=True) if r < rnd and manifest_problem(rounds[r]) is None), None
+        (
+            r
+            for r in sorted(rounds, reverse=True)
+            if r < rnd and manifest_problem(rounds[r], CHECKPOINT_FILES) is None
+        ),
+        None,
     )
     hint = (
         f"the last round that verifies is {intact}: resume from it with --resume-from {intact}"
@@ -175,6 +181,20 @@ def resume_round(run_dir: Path, wanted: int | None = None) -> int:
         else "no earlier round verifies"
     )
     raise FedpeftError(f"corrupt checkpoint {rounds[rnd]}: {problem}; {hint}")
+
+
+def discard_after(run_dir: Path, rnd: int) -> list[Path]:
+    """Move the checkpoints of rounds after `rnd` to checkpoints/discarded-after-NNN-<time>/ (kept, not
+    deleted): a run resumed from `rnd` trains them again, and a later resume must not pick them up."""
+    import time
+
+    later = [p for r, p in _checkpoints(run_dir).items() if r > rnd]
+    if later:
+        dest = Path(run_dir) / CHECKPOINTS / f"discarded-after-{rnd:03d}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.mkdir(parents=True)
+        for p in later:
+            p.rename(dest / p.name)
+    return later
 
 
 def checkpoint_path(run_dir: Path, rnd: int) -> Path:
@@ -186,7 +206,7 @@ def load_checkpoint(path: Path) -> ServerState:
     files are left as they are)."""
     from safetensors.numpy import load_file
 
-    problem = manifest_problem(path)
+    problem = manifest_problem(path, CHECKPOINT_FILES)
     if problem is not None:
         raise FedpeftError(f"corrupt checkpoint {path}: {problem}")
     try:

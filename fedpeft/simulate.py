@@ -10,7 +10,13 @@ from fedpeft.checkpoint import atomic_write_json
 from fedpeft.config import RunConfig, to_run_config
 from fedpeft.engine import reap_stale, run_engine
 from fedpeft.errors import FedpeftError
-from fedpeft.federation import ServerState, check_resume_config, latest_checkpoint, resume_round
+from fedpeft.federation import (
+    ServerState,
+    check_resume_config,
+    discard_after,
+    latest_checkpoint,
+    resume_round,
+)
 
 log = logging.getLogger("fedpeft")
 
@@ -86,6 +92,8 @@ def simulate(
         )
     _check_data(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if start_round is not None:
+        discard_after(run_dir, start_round)
     atomic_write_json(run_dir / "config.json", to_run_config(cfg))
     os.environ.setdefault("FLWR_HOME", str(run_dir.resolve() / "flwr"))
     state, error = run_engine(cfg, run_dir, start_round, client_cpus, client_app)

@@ -156,6 +156,29 @@ def test_a_flipped_byte_in_tensor_data_is_caught_and_names_the_last_intact_round
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
 
 
+def test_a_manifest_must_cover_every_checkpoint_file(tmp_path: Path) -> None:
+    import json
+
+    path = save_checkpoint(tmp_path, _state(), RunConfig())
+    (path / "manifest.json").write_text(json.dumps({"sha256": {}}))
+    _flip_tensor_byte(path / "global.safetensors")
+    with pytest.raises(FedpeftError, match="manifest.json does not cover global.safetensors"):
+        load_checkpoint(path)
+
+
+def test_resuming_from_an_earlier_round_sets_the_later_ones_aside(tmp_path: Path) -> None:
+    from fedpeft.federation import discard_after, resume_round
+
+    state = _state()
+    for _ in range(3):
+        save_checkpoint(tmp_path, state, RunConfig())
+        state = aggregate_round(state, [_delta()], [1.0], RunConfig())
+    moved = discard_after(tmp_path, 0)
+    assert [p.name for p in moved] == ["round-001", "round-002"] and resume_round(tmp_path) == 0
+    (aside,) = (tmp_path / "checkpoints").glob("discarded-after-000-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["round-001", "round-002"]
+
+
 def test_write_global_is_a_peft_folder_read_adapter_accepts(tmp_path: Path) -> None:
     from fedpeft.adapters import read_adapter
 

@@ -134,6 +134,8 @@ def test_corrupt_checkpoint_at_resume_stops_cleanly(
     state = simulate(longer, run, resume_from=0)  # the intact round: rounds 1 and 2 are trained again
     assert [h["round"] for h in state.history] == [0, 1, 2]
     assert resume_round(run) == 2  # round 1 rewritten, round 2 written, both verify
+    (kept,) = (run / "checkpoints").glob("discarded-after-000-*")  # the damaged round, set aside
+    assert [p.name for p in kept.iterdir()] == ["round-001"]
 
 
 def _secagg(cfg: RunConfig, **fed) -> RunConfig:

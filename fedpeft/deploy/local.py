@@ -20,6 +20,7 @@ from fedpeft.config import RunConfig
 from fedpeft.deploy.certs import make_certs
 from fedpeft.deploy.processes import Child, flower_env, free_port, port_in_use
 from fedpeft.errors import FedpeftError
+from fedpeft.federation import check_resume_config, resume_round
 
 log = logging.getLogger("fedpeft")
 
@@ -53,6 +54,9 @@ def deploy_local(
     from fedpeft.config import to_run_config
 
     out = Path(out).resolve()
+    if resume or resume_from is not None:  # verify before certificates or logs are written
+        check_resume_config(out / "server", cfg)
+        resume_round(out / "server", resume_from)
     users = _users(cfg)
     base_dir = resolve_base_dir(cfg.base.model, cfg.base.cache_dir)  # convert once, shared by all clients
     certs = make_certs(out / "certs", ["127.0.0.1", "localhost"], [name for name, _ in users])

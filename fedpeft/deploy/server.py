@@ -38,7 +38,7 @@ from fedpeft.deploy.processes import (
     wait_listening,
 )
 from fedpeft.errors import FedpeftError
-from fedpeft.federation import check_resume_config, latest_checkpoint, resume_round
+from fedpeft.federation import check_resume_config, discard_after, latest_checkpoint, resume_round
 
 log = logging.getLogger("fedpeft")
 CONNECTION = "fedpeft"  # the flwr CLI's name for our SuperLink
@@ -269,6 +269,8 @@ def run_server(
     server = Server(out, opts)
     server.check()
     out.mkdir(parents=True, exist_ok=True)
+    if start_round is not None:
+        discard_after(out, start_round)
     atomic_write_json(out / "config.json", to_run_config(cfg))
     status = out / STATUS_FILE
     status.unlink(missing_ok=True)
