@@ -213,8 +213,6 @@ def _drive(
             backend_config=backend,
         )
         send.send((outcome.state, outcome.error))
-    except KeyboardInterrupt:
-        send.send((None, "interrupted"))
     except Exception as e:  # reported by the command, which exits non-zero
         log.exception("the simulation failed")
         send.send((None, f"the simulation failed: {type(e).__name__}: {e}"))
