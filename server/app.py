@@ -430,7 +430,8 @@ def _secure_train_round(
     weighted, weight = code.decode_sum(total)
     new = apply_mean(state, unflatten(weighted / weight, state.info["schema"], state.travel_keys), cfg)
     train = report["train_metrics"]
-    examples = {c: float(train[c]["num-examples"]) for c in survivors}
+    # metrics only (the weights travel masked): a client's malformed count must not stop the round
+    examples = {c: max(float(train[c].get("num-examples", 1.0)), 1e-12) for c in survivors}
     metrics.update(
         skipped=False,
         accepted=[names[c] for c in survivors],

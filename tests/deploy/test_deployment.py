@@ -32,7 +32,9 @@ def users(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "carol").mkdir()  # a device whose text is a folder of files
     (root / "carol" / "a.txt").write_text(make_text(13, 250))
     (root / "carol" / "b.txt").write_text(make_text(14, 250))
-    (root / "dave.txt").write_text(make_text(15, 300))  # the least text: not among the top 3 of a natural split
+    (root / "dave.txt").write_text(
+        make_text(15, 300)
+    )  # the least text: not among the top 3 of a natural split
     return root
 
 

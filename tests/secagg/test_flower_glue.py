@@ -18,7 +18,12 @@ def task_identity() -> None:
 
 
 def _run(
-    n: int, k: int, vectors: dict[int, np.ndarray], weights: dict[int, float], fail: set[tuple[int, int]]
+    n: int,
+    k: int,
+    vectors: dict[int, np.ndarray],
+    weights: dict[int, float],
+    fail: set[tuple[int, int]],
+    mangle=None,
 ):
     states = {c: RecordDict() for c in range(n)}
 
@@ -39,6 +44,8 @@ def _run(
                 c,
                 lambda c=c: (vectors[c], weights[c], {"num-examples": weights[c]}),
             )
+            if mangle is not None:
+                reply = mangle(c, int(p["task"]["secagg-stage"]), reply)
             out[c] = Message(reply, reply_to=msg)
         return out
 
@@ -145,3 +152,22 @@ def test_a_device_that_requires_secagg_refuses_a_plain_round() -> None:
     )
     assert reply.has_error() and "refused: a plain training round" in reply.error.reason
     assert not reply.has_content()
+
+
+def test_a_malformed_reply_drops_its_client_not_the_round() -> None:
+    rng = np.random.default_rng(1)
+    n, dim = 6, 50
+    vectors = {c: rng.uniform(-0.01, 0.01, dim) for c in range(n)}
+    weights = {c: 100.0 for c in range(n)}
+
+    def mangle(c: int, stage: int, reply: RecordDict) -> RecordDict:
+        if (c, stage) == (2, 1):
+            del reply["keys"]  # a reply without the record the server reads
+        if (c, stage) == (3, 3):
+            reply["metrics"] = ConfigRecord({"num-examples": float("nan")})
+        return reply
+
+    mean, survivors, report, _ = _run(n, n - 1, vectors, weights, fail=set(), mangle=mangle)
+    assert survivors == [0, 1, 4, 5]
+    assert "malformed reply" in report["dropped"][2] and "non-finite" in report["dropped"][3]
+    np.testing.assert_allclose(mean, np.mean([vectors[c] for c in survivors], axis=0), atol=1e-8)
