@@ -286,7 +286,9 @@ def main() -> None:
                 print(f"  {variant} N={n} D={dim}: {r['seconds']:.2f} s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\n## Secure aggregation, one round (k = {a.k} neighbours, t = t_min of k + 1 holders, 2 CPU cores)\n")
+    print(
+        f"\n## Secure aggregation, one round (k = {a.k} neighbours, t = t_min of k + 1 holders, 2 CPU cores)\n"
+    )
     print(
         "| N | D | variant | round (s) | vs plain | bytes up / client | bytes / param | max abs error of mean |"
     )
