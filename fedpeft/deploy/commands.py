@@ -149,8 +149,8 @@ def add_deploy_commands(
         type=int,
         default=MIN_NEIGHBOURS,
         metavar="K",
-        help="refuse a secure round that would mask this device's update with fewer than K other clients "
-        "(and a threshold below a strict majority of its share holders) (default: %(default)s)",
+        help="refuse a secure round that would mask this device's update with fewer than K other clients, or "
+        "whose threshold the server and K-1 colluding clients could get around (default: %(default)s)",
     )
     k.add_argument(
         "--max-wait",
