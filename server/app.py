@@ -401,6 +401,7 @@ def _secure_train_round(
         "secagg": True,
     }
     tag = f"{state.info['fingerprint'][:16]}|seed-{f.seed}|round-{rnd}".encode()
+    report: dict[str, Any] = {}  # filled by secure_sum, read also when it aborts
     try:
         if len(members) < f.min_clients:
             raise SecAggAbort(
@@ -414,13 +415,14 @@ def _secure_train_round(
             SecAggParams(f.secagg_k, f.secagg_threshold or None),
             tag,
             seed=f.seed + rnd,
+            report=report,
         )
         if len(survivors) < f.min_clients:
             raise SecAggAbort(f"{len(survivors)} survivors < min_clients {f.min_clients}")
     except SecAggAbort as e:
         log.warning("round %d: secure aggregation aborted (%s); global adapter unchanged", rnd, e)
         # who dropped or refused, and why (a device's refusal says which of its limits the round broke)
-        rejected.extend(_secagg_rejections(getattr(e, "report", {}), [], names))
+        rejected.extend(_secagg_rejections(report, [], names))
         for r in rejected:
             log.warning("round %d: %s: %s", rnd, r["client"], r["reason"])
         metrics.update(skipped=True, train_loss=None, accepted=[], bytes_up=0, abort=str(e))

@@ -195,6 +195,8 @@ def test_secagg_with_too_few_survivors_aborts_the_round_cleanly(
     cfg = _secagg(_cfg(users, cache_dir, clients=6, fraction=1.0, rounds=1), secagg=True, secagg_k=5)
     state = simulate(cfg, tmp_path / "run", client_app="tests.faulty_client:secagg_mass_dropout")
     assert state.history[-1]["skipped"] and "threshold" in state.history[-1]["abort"]
+    # the metrics of an aborted round still say who left and why
+    assert {r["client"] for r in state.history[-1]["rejected"]} == {"user2", "user3", "user4", "user5"}
     init = load_file(tmp_path / "run" / "checkpoints" / "round-000" / "global.safetensors")
     for k, v in _global(tmp_path / "run").items():
         np.testing.assert_array_equal(v, init[k])

@@ -81,29 +81,14 @@ def secure_sum(
     params: SecAggParams,
     tag: bytes,
     seed: int,
+    report: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, list[int], dict]:
     """Run the five stages with `clients`; `send({client: records})` delivers one message per client and
     returns the replies by client (an error reply counts as a dropout). Returns (ring sum of the survivors'
-    inputs [dim] uint32, survivors, report). Raises SecAggAbort when too few survive a stage; the exception
-    carries the report so far (`.report`: who dropped or refused, at which stage, and why)."""
-    report: dict[str, Any] = {"dropped": {}, "bytes_up_keys": 0, "excluded": {}}
-    try:
-        return _stages(send, clients, dim, code, params, tag, seed, report)
-    except SecAggAbort as e:
-        e.report = report  # type: ignore[attr-defined]
-        raise
-
-
-def _stages(
-    send: Callable[[dict[int, dict[str, Any]]], dict[int, Message]],
-    clients: list[int],
-    dim: int,
-    code: RingCode,
-    params: SecAggParams,
-    tag: bytes,
-    seed: int,
-    report: dict[str, Any],
-) -> tuple[np.ndarray, list[int], dict]:
+    inputs [dim] uint32, survivors, report). Raises SecAggAbort when too few survive a stage; a `report`
+    passed in holds what happened so far (who dropped or refused, at which stage, and why)."""
+    report = {} if report is None else report
+    report.update(dropped={}, bytes_up_keys=0, excluded={})
     n = len(clients)
     t = params.threshold or default_threshold(params.k, n)
     server = SecAggServer(sorted(clients), params.k, t, tag, dim, seed)
