@@ -28,7 +28,8 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from client.records import arrays_to_record, record_to_arrays
-from fedpeft.config import RunConfig, from_run_config
+from fedpeft.config import RunConfig
+from fedpeft.config_io import from_run_config
 from fedpeft.errors import FedpeftError
 
 if TYPE_CHECKING:

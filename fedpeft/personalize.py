@@ -25,7 +25,7 @@ import numpy as np
 
 from fedpeft.adapter_files import META_FILE, adapter_meta, write_adapter_dir
 from fedpeft.checkpoint import atomic_write_json
-from fedpeft.config import PERSONALIZE, AdapterConfig, RunConfig
+from fedpeft.config import AdapterConfig, RunConfig
 from fedpeft.errors import FedpeftError
 
 if TYPE_CHECKING:
@@ -37,21 +37,10 @@ PERSONAL, GLOBAL = "personal", "global"
 CHOICE_FILE = "choice.json"
 
 
-def check_method(cfg: RunConfig) -> None:
-    """Combinations that cannot work, as one-line errors before anything starts."""
+def check_store(cfg: RunConfig) -> None:
+    """A personal store that cannot be a folder, as a one-line error before anything starts (the
+    combinations of methods and adapters are fedpeft.config.validate's)."""
     p = cfg.personal
-    if p.method not in PERSONALIZE:
-        raise FedpeftError(f"unknown --personalize {p.method!r}; choose one of {', '.join(PERSONALIZE)}")
-    if p.method == "fedsa" and cfg.adapter.kind != "lora":
-        raise FedpeftError("--personalize fedsa splits LoRA's A and B; it needs --adapter lora")
-    if p.method == "fedsa" and (cfg.federation.lora_mode == "ffa" or cfg.adapter.freeze_a):
-        raise FedpeftError(
-            "--personalize fedsa shares A and keeps B personal; FFA-LoRA freezes A: use --lora-mode fedavg"
-        )
-    if p.method != "none" and not 0.0 < p.val_fraction < 1.0:
-        raise FedpeftError(f"--val-fraction must be between 0 and 1, got {p.val_fraction}")
-    if p.method != "none" and (p.steps < 1 or p.lam < 0):
-        raise FedpeftError("--personal-steps must be positive and --ditto-lambda not negative")
     if p.method != "none" and p.store and Path(p.store).exists() and not Path(p.store).is_dir():
         raise FedpeftError(f"--store is a file, not a folder: {p.store}")
 
@@ -187,6 +176,22 @@ def find_store(src: str | Path, user: str) -> PersonalStore:
     known = sorted(p.name for r in roots for p in r.iterdir() if (p / CHOICE_FILE).is_file())
     hint = f" (users there: {', '.join(known[:5])}{', ...' if len(known) > 5 else ''})" if known else ""
     raise FedpeftError(f"no personal adapter for user {user!r} under {src}{hint}")
+
+
+def user_adapter(src: str | Path, user: str, which: str) -> tuple[Path, str]:
+    """The folder of a user's adapter in a personal store: `which` is personal, global, or kept (the one the
+    device chose); and a phrase saying which it is, for the user."""
+    store = find_store(src, user)
+    choice = store.choice() or {}
+    if which == "kept":
+        which = choice.get("use", PERSONAL if (store.dir / PERSONAL).is_dir() else GLOBAL)
+        why = f"kept by the device after round {choice.get('global_round')}" if choice else "kept"
+    else:
+        why = "as asked"
+    if not (store.dir / which).is_dir():
+        raise FedpeftError(f"user {store.user} has no {which} adapter in {store.dir}")
+    note = f"; {choice['note']}" if choice.get("note") else ""
+    return store.dir / which, f"{store.user}'s {which} adapter ({why}{note})"
 
 
 # --- reports (server side) --------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from fedpeft.checkpoint import atomic_write_json
-from fedpeft.config import RunConfig, to_run_config
+from fedpeft.config import RunConfig
+from fedpeft.config_io import to_run_config
 from fedpeft.engine import reap_stale, run_engine
 from fedpeft.errors import FedpeftError
 from fedpeft.federation import (
@@ -44,11 +45,15 @@ def with_store(cfg: RunConfig, run_dir: Path) -> RunConfig:
     """Personalization without --store keeps one personal store per virtual client in RUN/personal."""
     from dataclasses import replace
 
-    from fedpeft.personalize import check_method
+    from fedpeft.personalize import check_store
 
-    check_method(cfg)
-    if cfg.personal.method == "none" or cfg.personal.store:
+    check_store(cfg)
+    if cfg.personal.method == "none":
         return cfg
+    if cfg.personal.store:  # a relative --store is the caller's, not Ray's working folder's
+        return replace(
+            cfg, personal=replace(cfg.personal, store=str(Path(cfg.personal.store).expanduser().resolve()))
+        )
     return replace(cfg, personal=replace(cfg.personal, store=str(Path(run_dir).resolve() / "personal")))
 
 

@@ -20,7 +20,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from client.records import arrays_to_record, record_to_arrays
-from fedpeft.config import FederationConfig, RunConfig, client_lr, from_run_config, to_run_config
+from fedpeft.config import FederationConfig, RunConfig, client_lr
+from fedpeft.config_io import from_run_config, to_run_config
 from fedpeft.errors import FedpeftError
 from fedpeft.federation import (
     ServerState,

@@ -1,14 +1,20 @@
+import re
+from dataclasses import replace
+
 import pytest
 
 from fedpeft.config import (
     AdapterConfig,
     FederationConfig,
+    PersonalConfig,
     RunConfig,
     ServerOptConfig,
     TrainConfig,
-    from_run_config,
-    to_run_config,
+    fields,
+    validate,
 )
+from fedpeft.config_io import from_run_config, to_run_config
+from fedpeft.errors import FedpeftError
 
 
 def test_flat_run_config_round_trips() -> None:
@@ -30,7 +36,7 @@ def test_partial_and_string_values() -> None:
 
 
 def test_unknown_key() -> None:
-    with pytest.raises(ValueError, match="unknown run config key"):
+    with pytest.raises(FedpeftError, match="unknown key 'federation.roundz' in the run config"):
         from_run_config({"federation.roundz": 3})
 
 
@@ -45,8 +51,56 @@ def test_unknown_key() -> None:
     ],
 )
 def test_flower_run_config_is_validated_as_the_cli_is(key: str, value: object, match: str) -> None:
-    from fedpeft.errors import FedpeftError
-
     flat = {**to_run_config(RunConfig(federation=FederationConfig(secagg=True))), key: value}
     with pytest.raises(FedpeftError, match=match):
         from_run_config(flat)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"adapter": AdapterConfig(kind="ia3")}, "needs --adapter lora"),
+        ({"federation": FederationConfig(lora_mode="ffa")}, "FFA-LoRA freezes A"),
+        ({"personal": PersonalConfig(method="nope")}, "--personalize must be one of"),
+        ({"personal": PersonalConfig(method="ditto", val_fraction=1.5)}, "--val-fraction"),
+    ],
+)
+def test_impossible_combinations_are_refused(change: dict, match: str) -> None:
+    cfg = replace(RunConfig(personal=PersonalConfig(method="fedsa")), **change)
+    with pytest.raises(FedpeftError, match=match):
+        validate(cfg)
+
+
+def test_every_field_is_typed_documented_and_has_a_unique_flag() -> None:
+    """The tree is the only place an option is written: each flag belongs to one field (or fields that
+    share it on purpose, like --seed), every enumerated field is a Literal, every flag has help."""
+    import typing
+
+    flags: dict[str, list[str]] = {}
+    for f in fields():
+        if f.meta["flag"]:
+            flags.setdefault(f.meta["flag"], []).append(f.key)
+        assert f.hint is not str or f.name in ("model", "cache_dir", "data", "base_fingerprint", "store"), (
+            f.key
+        )
+        assert typing.get_origin(f.hint) is not None or f.hint in (int, float, bool, str), f.key
+    shared = {flag: keys for flag, keys in flags.items() if len(keys) > 1}
+    assert shared == {"--seed": ["adapter.seed", "train.seed", "federation.seed"]}
+    documented = {f.meta["flag"] for f in fields() if f.meta["flag"] and f.meta["help"]}
+    assert documented == set(flags)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"train": TrainConfig(steps=0)}, "--steps must be positive, got 0"),
+        ({"train": TrainConfig(weight_decay=-1.0)}, "--weight-decay must be not negative"),
+        ({"adapter": AdapterConfig(dropout=1.0)}, "--lora-dropout must be in [0, 1), got 1.0"),
+        ({"adapter": AdapterConfig(target_modules=())}, "--targets names no module"),
+        ({"data": replace(RunConfig().data, min_eval_tokens=0)}, "data.min_eval_tokens must be at least 1"),
+        ({"server_opt": ServerOptConfig(beta2=1.0)}, "--server-beta2 must be in [0, 1)"),
+    ],
+)
+def test_ranges_come_from_the_fields(change: dict, match: str) -> None:
+    with pytest.raises(FedpeftError, match=re.escape(match)):
+        validate(replace(RunConfig(), **change))

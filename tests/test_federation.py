@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedpeft.config import FederationConfig, RunConfig, to_run_config
+from fedpeft.config import FederationConfig, RunConfig
+from fedpeft.config_io import to_run_config
 from fedpeft.errors import FedpeftError
 from fedpeft.federation import (
     ServerState,

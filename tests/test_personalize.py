@@ -28,7 +28,7 @@ from fedpeft.device import Device
 from fedpeft.errors import FedpeftError
 from fedpeft.personalize import (
     PersonalStore,
-    check_method,
+    check_store,
     choose,
     shared_keys,
     split_validation,
@@ -82,21 +82,6 @@ def test_shared_keys_per_method() -> None:
     assert shared_keys(names, "fedavg", "fedsa") == ["m.lora_A.weight"]
     assert shared_keys(names, "ffa", "none") == ["m.lora_B.weight"]
     assert shared_keys(names, "fedavg", "ditto") == names
-
-
-@pytest.mark.parametrize(
-    ("change", "match"),
-    [
-        ({"adapter": AdapterConfig(kind="ia3")}, "needs --adapter lora"),
-        ({"federation": FederationConfig(lora_mode="ffa")}, "FFA-LoRA freezes A"),
-        ({"personal": PersonalConfig(method="nope")}, "unknown --personalize"),
-        ({"personal": PersonalConfig(method="ditto", val_fraction=1.5)}, "--val-fraction"),
-    ],
-)
-def test_impossible_combinations_are_refused(change: dict, match: str) -> None:
-    cfg = replace(RunConfig(personal=PersonalConfig(method="fedsa")), **change)
-    with pytest.raises(FedpeftError, match=match):
-        check_method(cfg)
 
 
 def test_validation_is_the_tail_of_the_training_blocks_or_nothing() -> None:
@@ -420,23 +405,6 @@ def test_plot_line_of_kept_adapters_weights_users_by_tokens() -> None:
     assert _kept_ppl(h) == pytest.approx(math.exp((300 * math.log(5) + 100 * math.log(20)) / 400))
 
 
-def test_generate_prints_columns_on_a_wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-    import shutil
-    import sys
-
-    from fedpeft.cli import _side_by_side
-
-    outputs = [("base", "one two three " * 8), ("global", "four"), ("personal", "five six")]
-    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback: os.terminal_size((130, 40)))
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    lines = _side_by_side(outputs).strip("\n").splitlines()
-    assert lines[0].split(" | ")[0].strip() == "base" and len(lines) > 3
-    assert all(line.count(" | ") == 2 for line in lines)
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
-    assert "--- personal ---\nfive six" in _side_by_side(outputs)
-
-
 def test_find_store_by_name_or_id_and_a_corrupt_choice(tmp_path: Path) -> None:
     from fedpeft.personalize import find_store
 
@@ -488,7 +456,7 @@ def test_a_store_that_cannot_be_written_is_a_one_line_error(tmp_path: Path) -> N
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(FedpeftError, match="--store is a file"):
-        check_method(RunConfig(personal=PersonalConfig(method="ditto", store=str(blocker))))
+        check_store(RunConfig(personal=PersonalConfig(method="ditto", store=str(blocker))))
     store = PersonalStore(blocker, "ann")  # a device whose store root turned into a file mid-run
     with pytest.raises(FedpeftError, match="cannot write the personal store"):
         store.save_choice({"use": "global"})

@@ -3,32 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
-from collections.abc import Callable
 from pathlib import Path
 
 from fedpeft.errors import FedpeftError
+from fedpeft.flags import add_config_flags, add_run_flags, config_from_args, print_config, require_out
 from fedpeft.secagg.protocol import MIN_NEIGHBOURS
 
 log = logging.getLogger("fedpeft")
-Adder = Callable[[argparse.ArgumentParser], object]
 
 
-def _add_connect_timeout(g: argparse._ArgumentGroup) -> None:
-    g.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=600.0,
-        metavar="S",
-        help="seconds the server waits for --clients clients to connect (default: %(default)s)",
-    )
-
-
-def add_deploy_commands(
-    sub, add_base: Adder, add_adapter: Adder, add_data: Adder, add_federation: Adder
-) -> None:
+def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "certs",
         help="make a CA, a TLS server certificate and client key pairs for a deployment",
@@ -58,20 +44,8 @@ def add_deploy_commands(
         "--out), register the client keys, run the federation with our ServerApp until its last round, then "
         "stop. Writes metrics.jsonl, plot.png, global/ and checkpoints/ to --out, as simulate does.",
     )
-    add_base(s)
-    add_adapter(s)
-    add_data(s)
-    g = add_federation(s)
-    g.add_argument(
-        "--out", required=True, metavar="DIR", help="server folder (an existing one needs --resume)"
-    )
-    _add_connect_timeout(g)
-    g.add_argument(
-        "--base-fingerprint",
-        default="",
-        metavar="SHA256",
-        help="the federation's base; clients on another are refused (default: the one most clients hold)",
-    )
+    g = add_config_flags(s, "server")["federation"]
+    add_run_flags(g, "server folder, required (an existing one needs --resume)")
     n = s.add_argument_group("network and security")
     n.add_argument(
         "--host",
@@ -96,7 +70,6 @@ def add_deploy_commands(
         metavar="PUB",
         help="client public keys to register (default: clients/*.pub in --certs)",
     )
-    s.add_argument("--config-json", default=None, help=argparse.SUPPRESS)  # deploy-local passes its config
 
     k = sub.add_parser(
         "client",
@@ -167,12 +140,8 @@ def add_deploy_commands(
         "`fedpeft client` processes (one user's text each, natural split), run the federation, stop "
         "everything. The quickest way to see a real deployment.",
     )
-    add_base(d)
-    add_adapter(d)
-    add_data(d)
-    g = add_federation(d)
-    g.add_argument("--out", required=True, metavar="DIR", help="folder for certs/, server/ and clients/")
-    _add_connect_timeout(g)
+    g = add_config_flags(d, "deploy-local")["federation"]
+    add_run_flags(g, "folder for certs/, server/ and clients/, required")
     g.add_argument("--port", type=int, default=None, help="server port (default: a free one)")
 
 
@@ -201,13 +170,14 @@ def cmd_certs(a: argparse.Namespace) -> None:
 
 
 def cmd_server(a: argparse.Namespace) -> None:
-    from fedpeft.cli import run_config_from_args
-    from fedpeft.config import from_run_config
     from fedpeft.deploy.server import ServerOptions, run_server
     from fedpeft.federation import ServerState
     from fedpeft.simulate import summary
 
-    cfg = from_run_config(json.loads(a.config_json)) if a.config_json else run_config_from_args(a)
+    if print_config(a, "server"):
+        return
+    require_out(a)
+    cfg = config_from_args(a, "server")
     opts = ServerOptions(
         host=a.host,
         port=a.port,
@@ -249,10 +219,12 @@ def cmd_client(a: argparse.Namespace) -> None:
 
 
 def cmd_deploy_local(a: argparse.Namespace) -> None:
-    from fedpeft.cli import run_config_from_args
     from fedpeft.deploy.local import deploy_local
 
-    cfg = run_config_from_args(a)
+    if print_config(a, "deploy-local"):
+        return
+    require_out(a)
+    cfg = config_from_args(a, "deploy-local")
     code = deploy_local(cfg, Path(a.out), port=a.port, resume=a.resume, resume_from=a.resume_from)
     if code != 0:
         raise FedpeftError(f"the server failed (exit code {code}); see {Path(a.out) / 'server.log'}")

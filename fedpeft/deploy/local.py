@@ -8,7 +8,6 @@ client.log}.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from fedpeft.checkpoint import atomic_write_bytes
 from fedpeft.config import RunConfig
 from fedpeft.deploy.certs import make_certs
 from fedpeft.deploy.processes import Child, flower_env, free_port, port_in_use
@@ -51,7 +51,8 @@ def deploy_local(
 ) -> int:
     """Run the federation of `cfg` as a local deployment; returns the server's exit code."""
     from fedpeft.base import resolve_base_dir
-    from fedpeft.config import to_run_config
+    from fedpeft.config_io import dumps_toml
+    from fedpeft.deploy.server import RUN_CONFIG
 
     out = Path(out).resolve()
     if resume or resume_from is not None:  # verify before certificates or logs are written
@@ -65,7 +66,10 @@ def deploy_local(
         raise FedpeftError(f"port {port} is already in use")
     server_dir = out / "server"
     env = flower_env(out / "flwr")
-    flat = to_run_config(replace(cfg, train=replace(cfg.train, progress=False)))
+    config_file = out / "server-config.toml"  # what the server runs: this config, without progress bars
+    atomic_write_bytes(
+        config_file, dumps_toml(replace(cfg, train=replace(cfg.train, progress=False))).encode()
+    )
     server_args = [
         sys.executable,
         "-m",
@@ -77,8 +81,8 @@ def deploy_local(
         str(certs.root),
         "--port",
         str(port),
-        "--config-json",
-        json.dumps(flat, sort_keys=True),
+        "--config",
+        str(config_file),
         *(["--resume"] if resume else []),
         *(["--resume-from", str(resume_from)] if resume_from is not None else []),
         *(extra_server_args or []),
@@ -90,7 +94,7 @@ def deploy_local(
     server = Child(server_args, out / "server.log", env, "fedpeft server")
     children.append(server)
     try:
-        app = server_dir / "superlink" / "app" / "pyproject.toml"  # written once keys are registered
+        app = server_dir / "superlink" / RUN_CONFIG  # written at launch, once keys are registered
         deadline = time.monotonic() + 120
         while not (app.is_file() and port_in_use("127.0.0.1", port)):
             if not server.alive():

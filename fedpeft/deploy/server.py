@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.checkpoint import atomic_write_bytes, atomic_write_json
-from fedpeft.config import RunConfig, to_run_config
+from fedpeft.config import RunConfig
+from fedpeft.config_io import app_dir, overrides, to_run_config
 from fedpeft.deploy.certs import CertPaths, check_server_files
 from fedpeft.deploy.processes import (
     Child,
@@ -43,6 +44,7 @@ from fedpeft.federation import check_resume_config, discard_after, latest_checkp
 log = logging.getLogger("fedpeft")
 CONNECTION = "fedpeft"  # the flwr CLI's name for our SuperLink
 STATUS_FILE = "status.json"
+RUN_CONFIG = "run-config.toml"  # the overrides of the current Flower run; deploy-local waits for it
 
 
 @dataclass(frozen=True)
@@ -173,34 +175,16 @@ class Server:
         return added
 
     def launch(self, cfg: RunConfig, resume: int | None) -> int:
-        """Launch the federation as a Flower run of our apps with this config, continuing from the (verified)
-        checkpoint of round `resume` if given; returns the run id."""
+        """Launch the federation as a Flower run of the project's app with the user's overrides (what
+        differs from `[tool.flwr.app.config]`), continuing from the (verified) checkpoint of round `resume`
+        if given; returns the run id."""
         import tomli_w
 
-        app = self.dir / "app"
-        app.mkdir(parents=True, exist_ok=True)
-        config = to_run_config(cfg)
-        config.update({"out": str(self.out), "resume-round": -1 if resume is None else resume})
-        doc = {
-            "project": {
-                "name": "fedpeft-federation",
-                "version": "1.0.0",
-                "description": "fedpeft federation launched by `fedpeft server`",
-                "license": "Apache-2.0",
-            },
-            "tool": {
-                "flwr": {
-                    "app": {
-                        "publisher": "fedpeft",
-                        # the apps are imported from the installed fedpeft; the bundle carries only config
-                        "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
-                        "config": config,
-                    }
-                }
-            },
-        }
-        atomic_write_bytes(app / "pyproject.toml", tomli_w.dumps(doc).encode())
-        out = flwr(["run", str(app), CONNECTION], self.env)
+        run_config = {"out": str(self.out), "resume-round": -1 if resume is None else resume}
+        run_config.update(overrides(cfg))
+        file = self.dir / RUN_CONFIG
+        atomic_write_bytes(file, tomli_w.dumps(run_config).encode())
+        out = flwr(["run", str(app_dir(self.dir / "app")), CONNECTION, "--run-config", str(file)], self.env)
         run_id = int(out["run-id"])
         self._stream_log(run_id)
         return run_id

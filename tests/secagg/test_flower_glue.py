@@ -91,7 +91,8 @@ def test_the_k0_t1_attack_is_refused_before_any_update_leaves_a_client() -> None
     from flwr.app import Context
 
     from client.app import train
-    from fedpeft.config import FederationConfig, RunConfig, from_run_config, to_run_config
+    from fedpeft.config import FederationConfig, RunConfig
+    from fedpeft.config_io import from_run_config, to_run_config
     from fedpeft.errors import FedpeftError
 
     bad = {**to_run_config(RunConfig(federation=FederationConfig(secagg=True))), "federation.secagg_k": 0}
@@ -138,7 +139,8 @@ def test_a_device_that_requires_secagg_refuses_a_plain_round() -> None:
     from flwr.app import Context
 
     from client.app import train
-    from fedpeft.config import RunConfig, to_run_config
+    from fedpeft.config import RunConfig
+    from fedpeft.config_io import to_run_config
 
     content = RecordDict(
         {

@@ -1,0 +1,141 @@
+"""Command-line flags generated from the config tree (fedpeft.config): each field's flag, help, type,
+choices and default are declared there once. Flags override a `--config FILE.toml`, which overrides the
+defaults."""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config import FEDERATION, RunConfig, fields
+from fedpeft.config_fields import Field, choices
+
+TITLES = {
+    "base": "base model",
+    "adapter": "adapter",
+    "data": "data",
+    "train": "training",
+    "federation": "federation",
+    "server_opt": "server optimizer",
+    "personal": "personalization (personal adapters stay on the device)",
+}
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _shown(value: Any) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _type(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if type(None) in typing.get_args(hint):
+        hint = args[0]
+    return hint if hint in (int, float) else str
+
+
+def _add(group: argparse._ArgumentGroup, f: Field) -> None:
+    m = f.meta
+    text = m["help"].replace("%", "%%")
+    if f.hint is bool:
+        # the flag says the non-default: --secagg turns on, --no-progress turns off
+        group.add_argument(
+            m["flag"],
+            dest=_dest(m["flag"]),
+            action="store_const",
+            const=not m["negate"],
+            default=argparse.SUPPRESS,
+            help=text,
+        )
+        return
+    if f.default is not None and "(default:" not in text:
+        text += f" (default: {_shown(f.default)})"
+    group.add_argument(
+        m["flag"],
+        dest=_dest(m["flag"]),
+        type=_type(f.hint),
+        choices=choices(f.hint),
+        metavar=m["metavar"],
+        default=argparse.SUPPRESS,
+        help=text,
+    )
+
+
+def add_config_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, argparse._ArgumentGroup]:
+    """Add the flags of every field `command` offers, grouped by section; a flag several fields share
+    (--seed) is added once. Flags left out are absent from the namespace (default SUPPRESS), so only what
+    the user typed overrides a config file. Returns the groups by section, for command-specific flags."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    offered = [f for f in fields() if f.meta["flag"] is not None and command in f.commands]
+    for section in dict.fromkeys(f.section for f in offered):
+        groups[section] = parser.add_argument_group(TITLES[section])
+    seen: set[str] = set()
+    for f in offered:  # a shared flag goes where the field that carries its help is
+        flag = f.meta["flag"]
+        if flag not in seen and f.meta["help"]:
+            seen.add(flag)
+            _add(groups[f.section], f)
+    if command in FEDERATION:
+        g = parser.add_argument_group("config file")
+        g.add_argument(
+            "--config",
+            metavar="FILE.toml",
+            help="options from a config file (see simulations/); flags given as well override it",
+        )
+        g.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the resolved configuration as a config file and exit",
+        )
+    return groups
+
+
+def config_from_args(args: argparse.Namespace, command: str) -> RunConfig:
+    """The config of a command: the defaults, then --config FILE, then the flags typed. Validated."""
+    from fedpeft.config_io import from_flat, load_toml
+
+    start = load_toml(Path(args.config)) if getattr(args, "config", None) else RunConfig()
+    flat: dict[str, Any] = {}
+    for f in fields():
+        flag = f.meta["flag"]
+        if flag is not None and command in f.commands and hasattr(args, _dest(flag)):
+            flat[f.key] = getattr(args, _dest(flag))
+    return from_flat(flat, "the command line", start)
+
+
+def add_run_flags(group: argparse._ArgumentGroup, out_help: str) -> None:
+    """--out and resuming, for the commands that run a federation into a folder."""
+    group.add_argument("--out", default=None, metavar="DIR", help=out_help)
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last complete round (also to extend it to more --rounds)",
+    )
+    group.add_argument(
+        "--resume-from",
+        type=int,
+        default=None,
+        metavar="N",
+        help="continue from round N's checkpoint instead of the last one (e.g. when the last does not verify)",
+    )
+
+
+def print_config(args: argparse.Namespace, command: str) -> bool:
+    """--print-config: print the resolved config as a config file; True if the command should stop."""
+    if not getattr(args, "print_config", False):
+        return False
+    from fedpeft.config_io import dumps_toml
+
+    print(dumps_toml(config_from_args(args, command)), end="")
+    return True
+
+
+def require_out(args: argparse.Namespace) -> None:
+    if args.out is None:
+        from fedpeft.errors import FedpeftError
+
+        raise FedpeftError(f"{args.command} needs --out DIR")

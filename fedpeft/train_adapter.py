@@ -1,0 +1,77 @@
+"""`fedpeft train`: fine-tune one adapter on one user's text (or everyone's: the centralized baseline)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from fedpeft.config import RunConfig
+
+log = logging.getLogger("fedpeft")
+
+
+def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
+    """Train, evaluate before and after, save a PEFT folder with metrics.json and loss.png; returns the
+    line to print. `out` is replaced only on success (fedpeft.adapters.save_adapter)."""
+    from fedpeft.adapters import adapter_state, inject, save_adapter
+    from fedpeft.base import load_base
+    from fedpeft.data import load_user_data
+    from fedpeft.report import train_loss_png
+    from fedpeft.train import evaluate, train
+
+    log.info("loading base %s (quant %s)", cfg.base.model, cfg.base.quant)
+    base = load_base(cfg.base)
+    data, skipped = load_user_data(cfg.data, base.tokenizer, user)
+    if skipped:
+        log.info("skipped %d users with too little text", skipped)
+    log.info(
+        "user %s: %d train blocks (%d tokens), %d held-out tokens",
+        data.user,
+        len(data.train),
+        data.train_tokens,
+        data.eval_tokens,
+    )
+    model = inject(base, cfg.adapter)
+    pad = base.tokenizer.pad_token_id
+    before = evaluate(model, data.eval, pad, base.quant, cfg.train.eval_batch_size)
+    lr = cfg.train.learning_rate(cfg.adapter.kind, cfg.adapter.freeze_a)
+    result = train(model, data, cfg.train, lr, pad, base.quant, desc=f"train {cfg.adapter.kind}")
+    after = evaluate(model, data.eval, pad, base.quant, cfg.train.eval_batch_size)
+    adapter_bytes = sum(v.nbytes for v in adapter_state(model).values())
+    metrics = {
+        "user": data.user,
+        "adapter": cfg.adapter.kind,
+        "quant": base.quant,
+        "steps": cfg.train.steps,
+        "lr": lr,
+        "eval_loss_before": before.loss,
+        "eval_ppl_before": before.ppl,
+        "eval_loss_after": after.loss,
+        "eval_ppl_after": after.ppl,
+        "eval_tokens": after.tokens,
+        "train_losses": result.losses,
+        "train_seconds": result.seconds,
+        "train_tokens": result.tokens,
+        "adapter_bytes": adapter_bytes,
+        "base_bytes": base.nbytes,
+    }
+    png = train_loss_png(
+        result.losses,
+        before.loss,
+        after.loss,
+        f"{cfg.adapter.kind} on {data.user}, base {Path(str(base.path)).name} ({base.quant})",
+    )
+    save_adapter(
+        model,
+        base,
+        cfg.adapter,
+        out,
+        extra={"train": metrics | {"train_losses": None}},
+        extra_files={"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(), "loss.png": png},
+    )
+    return (
+        f"{cfg.adapter.kind} adapter for {data.user}: held-out ppl {before.ppl:.2f} -> {after.ppl:.2f} "
+        f"after {cfg.train.steps} steps ({result.seconds:.1f} s); {adapter_bytes:,} bytes "
+        f"({adapter_bytes / base.nbytes:.2%} of the base); saved to {out}"
+    )
