@@ -222,12 +222,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from fedpeft.deploy.commands import COMMANDS
+    from fedpeft.log import setup_console
 
     args = _build_parser().parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("fedpeft: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    setup_console()
     if args.command not in ("server", "client", "certs"):  # these never load a model in this process
         quiet_libraries()
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops what we started, as Ctrl-C does

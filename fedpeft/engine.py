@@ -178,9 +178,9 @@ def _drive(
     os.setsid()
     os.environ[MARKER] = temp_dir
     threading.Thread(target=_watch_parent, args=(parent, run_dir, temp_dir), daemon=True).start()
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("fedpeft: %(message)s"))
-    log.addHandler(handler)
+    from fedpeft.log import setup_console
+
+    setup_console()
     log.setLevel(level)
     from fedpeft.simulate import quiet_environment
 
