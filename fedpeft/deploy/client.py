@@ -88,6 +88,7 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
     import tomli_w
 
     from fedpeft.data import load_device_user
+    from fedpeft.node_config import DeviceNode
 
     _check_server(opts.server)
     if opts.min_neighbours < 1:
@@ -113,18 +114,18 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
     store = opts.store.resolve()
     store.mkdir(parents=True, exist_ok=True)
     base_dir = _resolve_base(opts.model, store / "base")
-    node = {
-        "data-path": str(opts.data.resolve()),
-        "name": user.user,
-        "model": str(base_dir),
-        "cache-dir": str(store / "base"),
-        "store": str(store),
-        "personal-dir": str(store / "personal"),
-        "require-secagg": opts.require_secagg,
-        "min-neighbours": opts.min_neighbours,
-    }
+    node = DeviceNode(
+        data_path=str(opts.data.resolve()),
+        name=user.user,
+        model=str(base_dir),
+        cache_dir=str(store / "base"),
+        store=str(store),
+        personal_dir=str(store / "personal"),
+        require_secagg=opts.require_secagg,
+        min_neighbours=opts.min_neighbours,
+    )
     node_file = store / "node-config.toml"
-    atomic_write_bytes(node_file, tomli_w.dumps(node).encode())
+    atomic_write_bytes(node_file, tomli_w.dumps(node.to_node_config()).encode())
     args = [
         executable("flower-supernode"),
         "--superlink",
