@@ -130,7 +130,7 @@ def describe(msg: Message, context: Context) -> Message:
         del info["client"]  # a device has no index until the server assigns one
     content = RecordDict({"info": info})
     if msg.content["task"].get("with-init", False):
-        content["description"] = ConfigRecord({"json": json.dumps(device.describe())})
+        content["description"] = ConfigRecord({"json": json.dumps(device.describe().to_json())})
         content["init"] = arrays_to_record(device.init_state)
     return Message(content, reply_to=msg)
 

@@ -4,7 +4,7 @@ never loads the base) writes global adapters and checkpoints with numpy and safe
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,16 @@ def schema_of(arrays: dict[str, np.ndarray]) -> Schema:
     return [(k, tuple(int(d) for d in arrays[k].shape), str(arrays[k].dtype)) for k in sorted(arrays)]
 
 
+def schema_json(schema: Schema) -> list[list[Any]]:
+    """The schema as files and messages hold it: [[name, [shape...], dtype], ...]. Lists, not tuples, so it
+    compares equal to what JSON reads back (personal stores compare it so)."""
+    return [[n, list(s), d] for n, s, d in schema]
+
+
+def schema_from_json(doc: list[list[Any]]) -> Schema:
+    return [(n, tuple(s), d) for n, s, d in doc]
+
+
 def _jsonable(obj: Any) -> Any:
     """peft configs hold sets (target_modules); JSON wants lists, sorted so files are reproducible."""
     if isinstance(obj, dict):
@@ -36,6 +46,48 @@ def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "value") and type(obj).__module__.startswith("peft"):  # enums such as TaskType
         return obj.value
     return obj
+
+
+@dataclass(frozen=True)
+class AdapterDescription:
+    """What the server knows of the adapter without loading the base: one client describes it at
+    registration (JSON in the reply), and every checkpoint keeps it (state.json's "info")."""
+
+    fingerprint: str  # the federation's base
+    schema: Schema  # every adapter tensor, the ones that stay on the device included
+    travel_keys: list[str]  # the tensors that travel and are aggregated
+    peft_config: dict[str, Any]  # PEFT's adapter_config.json
+    adapter: AdapterConfig
+    base_path: str
+    quant: str
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON object (the format of checkpoints and of the registration reply: keep it readable)."""
+        return {
+            "fingerprint": self.fingerprint,
+            "schema": schema_json(self.schema),
+            "travel_keys": list(self.travel_keys),
+            "peft_config": _jsonable(self.peft_config),
+            "adapter": _jsonable(asdict(self.adapter)),
+            "base_path": self.base_path,
+            "quant": self.quant,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> AdapterDescription:
+        """Inverse of to_json; raises KeyError, TypeError or ValueError on a malformed object."""
+        adapter = dict(doc["adapter"])
+        for key in ("target_modules", "feedforward_modules"):
+            adapter[key] = tuple(adapter[key])
+        return cls(
+            fingerprint=str(doc["fingerprint"]),
+            schema=schema_from_json(doc["schema"]),
+            travel_keys=[str(k) for k in doc["travel_keys"]],
+            peft_config=dict(doc["peft_config"]),
+            adapter=AdapterConfig(**adapter),
+            base_path=str(doc["base_path"]),
+            quant=str(doc["quant"]),
+        )
 
 
 def adapter_meta(
@@ -52,7 +104,7 @@ def adapter_meta(
         "base_path": base_path,
         "quant": quant,
         "adapter": _jsonable(asdict(cfg)),
-        "schema": [[n, list(s), d] for n, s, d in schema_of(arrays)],
+        "schema": schema_json(schema_of(arrays)),
         "round": None,
         **extra,
     }

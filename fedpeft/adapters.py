@@ -25,6 +25,7 @@ from fedpeft.adapter_files import (  # re-exported: the model-free half of this 
     Schema,
     _jsonable,
     adapter_meta,
+    schema_from_json,
     schema_of,
     write_adapter_dir,
 )
@@ -202,7 +203,7 @@ def read_adapter(path: Path) -> AdapterFiles:
     if meta.get("format") != FORMAT_VERSION or "base_fingerprint" not in meta or "schema" not in meta:
         raise FedpeftError(f"unsupported fedpeft.json in {path}")
     check_schema(
-        [tuple(e[:1]) + (tuple(e[1]), e[2]) for e in meta["schema"]],
+        schema_from_json(meta["schema"]),
         schema_of(arrays),
         f"adapter weights in {path}",
     )

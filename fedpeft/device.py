@@ -9,11 +9,12 @@ scalar metrics do).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from fedpeft.adapter_files import AdapterDescription, schema_json
 from fedpeft.adapters import (
     adapter_state,
     inject,
@@ -85,7 +86,7 @@ class Device:
             self.clients, self.val = [p[0] for p in parts], [p[1] for p in parts]
             if not cfg.personal.store:
                 raise FedpeftError("personalization needs a store for the personal adapters (--store)")
-            schema = [[n, list(s), d] for n, s, d in schema_of(self.init_state)]
+            schema = schema_json(schema_of(self.init_state))
             self.stores = [PersonalStore(cfg.personal.store, d.user) for d in self.clients]
             for store in self.stores:  # refuse a foreign store before anything could write to it
                 store.check(self.fingerprint, schema)
@@ -94,17 +95,17 @@ class Device:
     def fingerprint(self) -> str:
         return self.base.fingerprint
 
-    def describe(self) -> dict[str, Any]:
-        """What the server needs to know without loading the base: fingerprint, schema, init, PEFT config."""
-        return {
-            "fingerprint": self.fingerprint,
-            "schema": [[n, list(s), d] for n, s, d in schema_of(self.init_state)],
-            "travel_keys": self.keys,
-            "peft_config": peft_config_dict(self.model),
-            "adapter": asdict(self.adapter_cfg),
-            "base_path": str(self.base.path),
-            "quant": self.base.quant,
-        }
+    def describe(self) -> AdapterDescription:
+        """What the server needs to know without loading the base: fingerprint, schema, PEFT config."""
+        return AdapterDescription(
+            fingerprint=self.fingerprint,
+            schema=schema_of(self.init_state),
+            travel_keys=list(self.keys),
+            peft_config=peft_config_dict(self.model),
+            adapter=self.adapter_cfg,
+            base_path=str(self.base.path),
+            quant=self.base.quant,
+        )
 
     def _apply(self, global_arrays: Arrays) -> None:
         load_adapter_state(self.model, {**self.init_state, **global_arrays}, what="global adapter")

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.adapter_files import adapter_meta, write_adapter_dir
+from fedpeft.adapter_files import AdapterDescription, adapter_meta, write_adapter_dir
 from fedpeft.aggregate import Arrays, divide, server_update, weighted_sum
 from fedpeft.checkpoint import atomic_dir, atomic_write_bytes, manifest_problem, write_manifest
-from fedpeft.config import AdapterConfig, RunConfig, sampled_per_round
+from fedpeft.config import RunConfig, sampled_per_round
 from fedpeft.errors import FedpeftError
 
 CHECKPOINTS = "checkpoints"
@@ -36,18 +36,18 @@ class ServerState:
     round: int  # last completed round (0 = initial adapter)
     arrays: Arrays  # the whole global adapter, under PEFT keys
     opt_state: Arrays  # server-optimizer moments, "m/<key>", "v/<key>"
-    info: dict[str, Any]  # fingerprint, schema, travel_keys, peft_config, adapter, base_path, quant
+    info: AdapterDescription  # base fingerprint, schema, travel keys, PEFT config: from registration
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics of completed rounds
 
     @property
     def travel_keys(self) -> list[str]:
-        return self.info["travel_keys"]
+        return self.info.travel_keys
 
     def travel_arrays(self) -> Arrays:
         return {k: self.arrays[k] for k in self.travel_keys}
 
 
-def initial_state(description: dict[str, Any], init: Arrays) -> ServerState:
+def initial_state(description: AdapterDescription, init: Arrays) -> ServerState:
     return ServerState(round=0, arrays=dict(sorted(init.items())), opt_state={}, info=description)
 
 
@@ -66,9 +66,11 @@ def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: in
 
 def check_update(delta: Arrays, fingerprint: str, num_examples: float, state: ServerState) -> str | None:
     """Why a client's reply must be refused, or None. Names, shapes and dtypes must equal the schema."""
-    if fingerprint != state.info["fingerprint"]:
-        return f"base fingerprint {fingerprint[:12]} differs from the federation's {state.info['fingerprint'][:12]}"
-    expected = {n: (tuple(s), d) for n, s, d in state.info["schema"] if n in state.travel_keys}
+    if fingerprint != state.info.fingerprint:
+        return (
+            f"base fingerprint {fingerprint[:12]} differs from the federation's {state.info.fingerprint[:12]}"
+        )
+    expected = {n: (tuple(s), d) for n, s, d in state.info.schema if n in state.travel_keys}
     if sorted(delta) != sorted(expected):
         missing, extra = sorted(set(expected) - set(delta)), sorted(set(delta) - set(expected))
         return f"schema differs: {len(missing)} missing, {len(extra)} unexpected tensors"
@@ -102,21 +104,9 @@ def write_global(run_dir: Path, state: ServerState) -> Path:
     """The current global adapter as a PEFT folder (`fedpeft export RUN/global` works on it)."""
     info = state.info
     meta = adapter_meta(
-        info["fingerprint"],
-        info["base_path"],
-        info["quant"],
-        AdapterConfig(**_adapter_kwargs(info)),
-        state.arrays,
-        round=state.round,
+        info.fingerprint, info.base_path, info.quant, info.adapter, state.arrays, round=state.round
     )
-    return write_adapter_dir(run_dir / "global", state.arrays, info["peft_config"], meta)
-
-
-def _adapter_kwargs(info: dict[str, Any]) -> dict[str, Any]:
-    kw = dict(info["adapter"])
-    kw["target_modules"] = tuple(kw["target_modules"])
-    kw["feedforward_modules"] = tuple(kw["feedforward_modules"])
-    return kw
+    return write_adapter_dir(run_dir / "global", state.arrays, info.peft_config, meta)
 
 
 def save_checkpoint(run_dir: Path, state: ServerState, cfg: RunConfig) -> Path:
@@ -130,7 +120,7 @@ def save_checkpoint(run_dir: Path, state: ServerState, cfg: RunConfig) -> Path:
         # Sampling and local seeds are functions of (seed, round): the RNG state is the seed plus the round.
         doc = {
             "round": state.round,
-            "info": state.info,
+            "info": state.info.to_json(),
             "history": state.history,
             "rng": {"seed": cfg.federation.seed, "next_round": state.round + 1},
         }
@@ -214,13 +204,17 @@ def load_checkpoint(path: Path) -> ServerState:
         arrays = load_file(path / GLOBAL_FILE)
         opt_state = load_file(path / OPT_FILE)
         state = ServerState(
-            int(doc["round"]), dict(sorted(arrays.items())), opt_state, doc["info"], doc["history"]
+            int(doc["round"]),
+            dict(sorted(arrays.items())),
+            opt_state,
+            AdapterDescription.from_json(doc["info"]),
+            doc["history"],
         )
     except Exception as e:  # missing file, truncated safetensors, bad JSON, missing key
         raise FedpeftError(
             f"corrupt checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None
-    expected = sorted(n for n, _, _ in state.info["schema"])
+    expected = sorted(n for n, _, _ in state.info.schema)
     if sorted(state.arrays) != expected:
         raise FedpeftError(f"corrupt checkpoint {path}: its adapter does not match its schema")
     return state

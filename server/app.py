@@ -20,6 +20,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from client.records import arrays_to_record, record_to_arrays
+from fedpeft.adapter_files import AdapterDescription
+from fedpeft.aggregate import Arrays
 from fedpeft.config import FederationConfig, RunConfig, client_lr
 from fedpeft.config_io import from_run_config, to_run_config
 from fedpeft.errors import FedpeftError
@@ -106,7 +108,7 @@ def _error_text(reply: Message) -> str:
 
 def _register(
     grid: Grid, cfg: RunConfig, cfg_record: ConfigRecord, pinned: str = ""
-) -> tuple[Roster, dict, dict]:
+) -> tuple[Roster, AdapterDescription, Arrays]:
     """Ask every node who it is, give each a client index, pick the federation's base, and have one client
     on that base describe the adapter. Returns the roster, the adapter description, the initial arrays.
 
@@ -183,7 +185,7 @@ def _register(
         raise FedpeftError(
             f"client {roster.names[describer]} failed to describe the adapter: {_error_text(reply)}"
         )
-    description = json.loads(reply.content["description"]["json"])
+    description = AdapterDescription.from_json(json.loads(reply.content["description"]["json"]))
     init = record_to_arrays(reply.content["init"])
     return roster, description, init
 
@@ -401,7 +403,7 @@ def _secure_train_round(
         "bytes_down": sum(a.nbytes for a in arrays.values()) * len(sampled),
         "secagg": True,
     }
-    tag = f"{state.info['fingerprint'][:16]}|seed-{f.seed}|round-{rnd}".encode()
+    tag = f"{state.info.fingerprint[:16]}|seed-{f.seed}|round-{rnd}".encode()
     report: dict[str, Any] = {}  # filled by secure_sum, read also when it aborts
     try:
         if len(members) < f.min_clients:
@@ -431,7 +433,7 @@ def _secure_train_round(
     rejected.extend(_secagg_rejections(report, survivors, names))
     metrics["left_before_unmask"] = [names[c] for c in survivors if c in report["dropped"]]
     weighted, weight = code.decode_sum(total)
-    new = apply_mean(state, unflatten(weighted / weight, state.info["schema"], state.travel_keys), cfg)
+    new = apply_mean(state, unflatten(weighted / weight, state.info.schema, state.travel_keys), cfg)
     train = report["train_metrics"]
     # metrics only (the weights travel masked): a client's malformed count must not stop the round
     examples = {c: max(float(train[c].get("num-examples", 1.0)), 1e-12) for c in survivors}
@@ -477,7 +479,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
     cfg_record = ConfigRecord(to_run_config(cfg))
     checkpoint = checkpoint_path(run_dir, resume) if resume is not None else None
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
-    pinned = state.info["fingerprint"] if state is not None else cfg.federation.base_fingerprint
+    pinned = state.info.fingerprint if state is not None else cfg.federation.base_fingerprint
     roster, description, init = _register(grid, cfg, cfg_record, pinned)
     if cfg.adapter.kind == "lora":
         log.info(
@@ -489,10 +491,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
             else "FedAvg of LoRA A and B separately (mean of B·A is not mean(B)·mean(A): an approximation)",
         )
     if state is not None:
-        if (
-            state.info["fingerprint"] != description["fingerprint"]
-            or state.info["schema"] != description["schema"]
-        ):
+        if state.info.fingerprint != description.fingerprint or state.info.schema != description.schema:
             raise FedpeftError(f"checkpoint {checkpoint} is from another base or adapter schema")
         log.info("resuming after round %d from %s", state.round, checkpoint)
     else:

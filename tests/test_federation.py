@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedpeft.adapter_files import AdapterDescription
 from fedpeft.config import FederationConfig, RunConfig
 from fedpeft.config_io import to_run_config
 from fedpeft.errors import FedpeftError
@@ -25,32 +26,34 @@ from fedpeft.federation import (
 FP = "f" * 64
 
 
+INFO = {  # a checkpoint's "info" as the code before AdapterDescription wrote it: the format stays
+    "fingerprint": FP,
+    "schema": [["x.lora_A.weight", [2, 4], "float32"], ["x.lora_B.weight", [4, 2], "float32"]],
+    "travel_keys": ["x.lora_B.weight"],
+    "peft_config": {
+        "peft_type": "LORA",
+        "r": 2,
+        "target_modules": ["x"],
+        "base_model_name_or_path": "/b",
+    },
+    "adapter": {
+        "kind": "lora",
+        "r": 2,
+        "alpha": 4.0,
+        "dropout": 0.0,
+        "target_modules": ["x"],
+        "feedforward_modules": ["down_proj"],
+        "freeze_a": True,
+        "seed": 0,
+    },
+    "base_path": "/b",
+    "quant": "nf4",
+}
+
+
 def _state() -> ServerState:
     arrays = {"x.lora_A.weight": np.ones((2, 4), np.float32), "x.lora_B.weight": np.zeros((4, 2), np.float32)}
-    info = {
-        "fingerprint": FP,
-        "schema": [["x.lora_A.weight", [2, 4], "float32"], ["x.lora_B.weight", [4, 2], "float32"]],
-        "travel_keys": ["x.lora_B.weight"],
-        "peft_config": {
-            "peft_type": "LORA",
-            "r": 2,
-            "target_modules": ["x"],
-            "base_model_name_or_path": "/b",
-        },
-        "adapter": {
-            "kind": "lora",
-            "r": 2,
-            "alpha": 4.0,
-            "dropout": 0.0,
-            "target_modules": ["x"],
-            "feedforward_modules": ["down_proj"],
-            "freeze_a": True,
-            "seed": 0,
-        },
-        "base_path": "/b",
-        "quant": "nf4",
-    }
-    return ServerState(0, arrays, {}, info, [])
+    return ServerState(0, arrays, {}, AdapterDescription.from_json(INFO), [])
 
 
 def _delta(value: float = 1.0) -> dict[str, np.ndarray]:
@@ -111,6 +114,29 @@ def test_checkpoint_round_trip_and_latest(tmp_path: Path) -> None:
     for k in state.arrays:
         np.testing.assert_array_equal(loaded.arrays[k], state.arrays[k])
     assert sorted(loaded.opt_state) == ["m/x.lora_B.weight", "v/x.lora_B.weight"]
+
+
+def test_checkpoint_info_keeps_its_format(tmp_path: Path) -> None:
+    """state.json's "info" is the same JSON object as before it was typed, so checkpoints written by
+    earlier code load, and this code's checkpoints load in it."""
+    path = save_checkpoint(tmp_path, _state(), RunConfig())
+    assert json.loads((path / "state.json").read_text())["info"] == INFO
+    info = load_checkpoint(path).info
+    assert info.schema == [("x.lora_A.weight", (2, 4), "float32"), ("x.lora_B.weight", (4, 2), "float32")]
+    assert info.adapter.target_modules == ("x",) and info.adapter.freeze_a is True
+    assert info.travel_keys == ["x.lora_B.weight"] and info.quant == "nf4"
+
+
+def test_a_checkpoint_without_its_description_is_corrupt(tmp_path: Path) -> None:
+    from fedpeft.checkpoint import write_manifest
+
+    path = save_checkpoint(tmp_path, _state(), RunConfig())
+    doc = json.loads((path / "state.json").read_text())
+    del doc["info"]["travel_keys"]
+    (path / "state.json").write_text(json.dumps(doc))
+    write_manifest(path)  # the files verify: only the content is wrong
+    with pytest.raises(FedpeftError, match="corrupt checkpoint .*travel_keys"):
+        load_checkpoint(path)
 
 
 def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path: Path) -> None:

@@ -422,6 +422,8 @@ def test_a_malformed_personal_report_is_ignored_not_fatal() -> None:
     simply has no personal figures, the other user's are read."""
     from flwr.app import ConfigRecord, MetricRecord
 
+    from fedpeft.adapter_files import AdapterDescription
+    from fedpeft.config import AdapterConfig
     from fedpeft.federation import ServerState
     from server.app import Roster, _evaluate
 
@@ -446,7 +448,8 @@ def test_a_malformed_personal_report_is_ignored_not_fatal() -> None:
         node_of={0: 1, 1: 2}, names={0: "ann", 1: "bob"}, fingerprints={0: "f", 1: "f"}, fingerprint="f"
     )
     arrays = {"x": np.zeros(2, np.float32)}
-    state = ServerState(1, arrays, {}, {"travel_keys": ["x"], "fingerprint": "f"})
+    info = AdapterDescription("f", [("x", (2,), "float32")], ["x"], {}, AdapterConfig(), "", "")
+    state = ServerState(1, arrays, {}, info)
     result = _evaluate(Grid(), ConfigRecord({}), state, roster, personal=True)
     assert result["eval_per_client"]["ann"]["kept"] == "global"
     assert "kept" not in result["eval_per_client"]["bob"] and result["eval_tokens"] == 20
