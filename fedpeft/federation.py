@@ -1,5 +1,6 @@
 """The server's side of a federation, without Flower: state, client sampling, checking replies,
-aggregation, checkpoints, metrics. server/app.py moves messages; everything decided lives here.
+aggregation, checkpoints, metrics. server/app.py moves messages; what it decides lives here and in
+fedpeft.roster (registration), fedpeft.rounds and fedpeft.evaluation (a round's outcome and metrics).
 
 The server never loads the base model. It knows the adapter schema and the base fingerprint from
 the clients' self-description at round 0, and refuses any reply that does not match them.
@@ -97,6 +98,17 @@ def apply_mean(state: ServerState, mean_delta: Arrays, cfg: RunConfig) -> Server
     return ServerState(state.round + 1, arrays, opt_state, state.info, state.history)
 
 
+def skip_round(state: ServerState) -> ServerState:
+    """The state after a round that changed nothing (too few valid replies, an aborted secure sum)."""
+    return ServerState(state.round + 1, state.arrays, state.opt_state, state.info, state.history)
+
+
+def check_same_adapter(state: ServerState, description: AdapterDescription, checkpoint: Path) -> None:
+    """A resumed federation must run on the base and adapter schema of its checkpoint."""
+    if state.info.fingerprint != description.fingerprint or state.info.schema != description.schema:
+        raise FedpeftError(f"checkpoint {checkpoint} is from another base or adapter schema")
+
+
 # --- files -------------------------------------------------------------------------------------------
 
 
@@ -127,6 +139,13 @@ def save_checkpoint(run_dir: Path, state: ServerState, cfg: RunConfig) -> Path:
         (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         write_manifest(tmp)  # the sha256 of each file, verified before a resume trains on any of them
     return dest
+
+
+def save_round(run_dir: Path, state: ServerState, cfg: RunConfig) -> None:
+    """After each round (0 included): its checkpoint, the global adapter folder, the metrics."""
+    save_checkpoint(run_dir, state, cfg)
+    write_global(run_dir, state)
+    write_metrics(run_dir, state.history)
 
 
 def _checkpoints(run_dir: Path) -> dict[int, Path]:

@@ -425,7 +425,8 @@ def test_a_malformed_personal_report_is_ignored_not_fatal() -> None:
     from fedpeft.adapter_files import AdapterDescription
     from fedpeft.config import AdapterConfig
     from fedpeft.federation import ServerState
-    from server.app import Roster, _evaluate
+    from fedpeft.roster import Roster
+    from server.app import _evaluate, _Link
 
     class Grid:
         def send_and_receive(self, messages: list[Message]) -> list[Message]:
@@ -450,7 +451,7 @@ def test_a_malformed_personal_report_is_ignored_not_fatal() -> None:
     arrays = {"x": np.zeros(2, np.float32)}
     info = AdapterDescription("f", [("x", (2,), "float32")], ["x"], {}, AdapterConfig(), "", "")
     state = ServerState(1, arrays, {}, info)
-    result = _evaluate(Grid(), ConfigRecord({}), state, roster, personal=True)
+    result = _evaluate(_Link(Grid(), ConfigRecord({}), roster), state, personal=True)
     assert result["eval_per_client"]["ann"]["kept"] == "global"
     assert "kept" not in result["eval_per_client"]["bob"] and result["eval_tokens"] == 20
 

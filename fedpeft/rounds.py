@@ -1,0 +1,210 @@
+"""A training round's outcome and metrics without Flower, the same for plain and secure rounds.
+
+server/app.py moves the messages and hands the replies here: `plain_round` checks and aggregates a plain
+round's updates (fedpeft.secagg.server does a secure round's sum); `train_result` reads one client's
+figures and `train_metrics` makes the round's of them; `secure_metrics`, `aborted_metrics` and
+`secagg_rejections` read secure_sum's report. fedpeft.evaluation has the evaluation side.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fedpeft.aggregate import Arrays
+from fedpeft.config import RunConfig
+from fedpeft.federation import ServerState, aggregate_round, check_update, skip_round
+
+log = logging.getLogger("fedpeft")
+
+PLAIN_STAGES = ("load", "train", "personal")  # where a client's time goes, reported as <stage>_seconds
+SECURE_STAGES = ("load", "train", "mask", "personal")  # mask: encoding and masking (secure stage 3)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """One client's training figures in a round."""
+
+    user: str
+    examples: float  # training tokens: the weight of its loss
+    loss: float  # mean training loss over its local steps
+    seconds: dict[str, float]  # by stage (PLAIN_STAGES or SECURE_STAGES)
+
+
+def train_result(
+    user: str, m: Mapping[str, Any], stages: Sequence[str], lenient: bool = False
+) -> TrainResult:
+    """A client's figures from its metrics record. A plain round's reply must carry its example count, loss
+    and training time (KeyError otherwise). Under secure aggregation (`lenient`) they are metrics only,
+    the weights travel masked: a missing figure counts 0 and the count at least 1e-12, so a client's
+    malformed report cannot stop the round. Other stages' times count 0 when missing."""
+    if lenient:
+        examples = max(float(m.get("num-examples", 1.0)), 1e-12)
+        loss = float(m.get("train_loss", 0.0))
+    else:
+        examples, loss = float(m["num-examples"]), float(m["train_loss"])
+    seconds = {
+        s: float(m[f"{s}_seconds"] if s == "train" and not lenient else m.get(f"{s}_seconds", 0.0))
+        for s in stages
+    }
+    return TrainResult(user, examples, loss, seconds)
+
+
+def train_metrics(results: Sequence[TrainResult]) -> dict[str, Any]:
+    """The round's training figures from its accepted clients (at least one), in client order."""
+    weights = [r.examples for r in results]
+    return {
+        "train_loss": sum(r.loss * w for r, w in zip(results, weights, strict=True)) / sum(weights),
+        "train_seconds_max": max(r.seconds["train"] for r in results),
+        "train_seconds_sum": sum(r.seconds["train"] for r in results),
+        "client_seconds": {r.user: dict(r.seconds) for r in results},
+    }
+
+
+def skipped_metrics(**extra: Any) -> dict[str, Any]:
+    """A round that left the global adapter unchanged."""
+    return {"skipped": True, "train_loss": None, **extra}
+
+
+@dataclass(frozen=True)
+class Update:
+    """One client's reply to a plain training round."""
+
+    delta: Arrays  # travel keys only
+    fingerprint: str  # of the base it trained on
+    metrics: Mapping[str, Any]  # its metrics record: num-examples, train_loss, <stage>_seconds
+
+
+def plain_round(
+    state: ServerState,
+    cfg: RunConfig,
+    names: Mapping[int, str],
+    sampled: Sequence[int],
+    replies: Mapping[int, Update | str],
+) -> tuple[ServerState, dict[str, Any]]:
+    """A plain round from the sampled clients' replies (an update, or the error text of a client that
+    failed): check each update against the state (fedpeft.federation.check_update), aggregate the valid
+    ones in client order (the result does not depend on reply arrival order), or leave the adapter
+    unchanged when fewer than min_clients are valid. Returns the next state and the round's metrics."""
+    rnd, min_clients = state.round + 1, cfg.federation.min_clients
+    deltas, results, rejected, bytes_up = [], [], [], 0
+    for client, reply in sorted(replies.items()):
+        if isinstance(reply, str):
+            rejected.append({"client": names.get(client, str(client)), "reason": f"client error: {reply}"})
+            continue
+        bytes_up += sum(a.nbytes for a in reply.delta.values())
+        reason = check_update(reply.delta, reply.fingerprint, float(reply.metrics["num-examples"]), state)
+        if reason:
+            rejected.append({"client": names[client], "reason": reason})
+        else:
+            deltas.append(reply.delta)
+            results.append(train_result(names[client], reply.metrics, PLAIN_STAGES))
+    for r in rejected:
+        log.warning("round %d: refused %s: %s", rnd, r["client"], r["reason"])
+    metrics: dict[str, Any] = {
+        "round": rnd,
+        "sampled": [names[c] for c in sampled],
+        "accepted": [r.user for r in results],
+        "rejected": rejected,
+        "bytes_up": bytes_up,
+        "bytes_down": sum(a.nbytes for a in state.travel_arrays().values()) * len(sampled),
+    }
+    if len(results) < min_clients:
+        log.warning(
+            "round %d: %d valid replies < min_clients %d; global adapter unchanged",
+            rnd,
+            len(results),
+            min_clients,
+        )
+        return skip_round(state), {**metrics, **skipped_metrics()}
+    new = aggregate_round(state, deltas, [r.examples for r in results], cfg)
+    return new, {**metrics, "skipped": False, **train_metrics(results)}
+
+
+def secure_metrics(
+    report: Mapping[str, Any], survivors: Sequence[int], names: Mapping[int, str], dim: int
+) -> dict[str, Any]:
+    """A secure round's metrics from secure_sum's report (fedpeft.secagg.flower), the survivors' training
+    figures included (they travel beside the masked input)."""
+    train = report["train_metrics"]
+    results = [train_result(names[c], train[c], SECURE_STAGES, lenient=True) for c in survivors]
+    return {
+        "rejected": secagg_rejections(report, survivors, names),
+        "left_before_unmask": [names[c] for c in survivors if c in report["dropped"]],
+        "skipped": False,
+        "accepted": [names[c] for c in survivors],
+        "secagg_k": report["k"],
+        "secagg_t": report["t"],
+        "bytes_up": 4 * dim * len(survivors) + report["bytes_up_keys"],
+        **train_metrics(results),
+    }
+
+
+def aborted_metrics(
+    report: Mapping[str, Any], names: Mapping[int, str], rnd: int, error: str
+) -> dict[str, Any]:
+    """An aborted secure round: who dropped or refused, and why (a device's refusal says which of its
+    limits the round broke); the global adapter stays unchanged."""
+    log.warning("round %d: secure aggregation aborted (%s); global adapter unchanged", rnd, error)
+    rejected = secagg_rejections(report, [], names)
+    for r in rejected:
+        log.warning("round %d: %s: %s", rnd, r["client"], r["reason"])
+    return {"rejected": rejected, **skipped_metrics(accepted=[], bytes_up=0, abort=error)}
+
+
+def secagg_rejections(
+    report: Mapping[str, Any], survivors: Sequence[int], names: Mapping[int, str]
+) -> list[dict[str, str]]:
+    """Metrics entries for the clients whose input is not in the sum: dropped (with their own error reply,
+    a refusal included) or excluded. A client gone after stage 3 already sent its input: it still counts."""
+    out = []
+    for c, reason in {**report.get("dropped", {}), **report.get("excluded", {})}.items():
+        if c not in survivors:
+            out.append(
+                {"client": names[c], "reason": f"dropped at {reason}" if "stage" in reason else reason}
+            )
+    return out
+
+
+def aggregation_note(cfg: RunConfig) -> str:
+    """How LoRA's two matrices are aggregated under this configuration."""
+    if cfg.federation.lora_mode == "ffa":
+        return "FFA-LoRA (A frozen and shared, B averaged: exact)"
+    if cfg.personal.method == "fedsa":
+        return "FedSA-LoRA (A averaged, B personal: stays on each device)"
+    return "FedAvg of LoRA A and B separately (mean of B·A is not mean(B)·mean(A): an approximation)"
+
+
+class Progress:
+    """The rounds bar (with --no-progress none) and the lines printed after each round."""
+
+    def __init__(self, cfg: RunConfig, state: ServerState) -> None:
+        from tqdm.auto import tqdm
+
+        rounds, self.method = cfg.federation.rounds, cfg.personal.method
+        self.bar = tqdm(
+            total=rounds,
+            initial=min(state.round, rounds),
+            desc="rounds",
+            disable=not cfg.train.progress,
+            unit="round",
+        )
+        self.bar.set_postfix(ppl=f"{state.history[-1]['eval_ppl']:.2f}")
+
+    def round(self, rnd: int, m: Mapping[str, Any]) -> None:
+        from fedpeft.personalize import summary_line
+
+        self.bar.update(1)
+        self.bar.set_postfix(ppl=f"{m['eval_ppl']:.2f}", loss=f"{m['eval_loss']:.3f}")
+        self.bar.write(
+            f"round {rnd}: held-out ppl {m['eval_ppl']:.2f} (loss {m['eval_loss']:.3f}), "
+            f"{len(m['accepted'])}/{len(m['sampled'])} clients, {m['seconds']:.1f} s"
+            + (" [skipped]" if m.get("skipped") else "")
+        )
+        if "personal" in m:
+            self.bar.write(f"round {rnd}: " + summary_line(m["personal"], self.method))
+
+    def close(self) -> None:
+        self.bar.close()

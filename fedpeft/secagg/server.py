@@ -1,0 +1,74 @@
+"""A federation round under SecAgg+ on the server: the sampled clients' updates summed masked
+(fedpeft.secagg.flower.secure_sum), decoded to their weighted mean, the server optimizer's step. The
+server sees masked vectors and recovers only their sum. server/app.py hands in `send`, which delivers
+the stage messages; everything else is here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from flwr.app import Message
+
+from fedpeft import rounds
+from fedpeft.config import RunConfig, client_lr
+from fedpeft.federation import ServerState, apply_mean, skip_round
+from fedpeft.secagg.flower import SecAggParams, secure_sum, unflatten
+from fedpeft.secagg.protocol import SecAggAbort
+from fedpeft.secagg.quantize import RingCode
+
+log = logging.getLogger("fedpeft")
+
+
+def ring_code(cfg: RunConfig, weights: Sequence[float]) -> RingCode:
+    """The round's encoding for these clients' weights (example counts): clip at twice what AdamW can move
+    a coordinate in the local steps (fedpeft/secagg/quantize.py)."""
+    clip = 2 * client_lr(cfg) * cfg.federation.local_steps
+    return RingCode(clip=clip, max_clients=max(len(weights), 1), max_weight=max(weights))
+
+
+def round_tag(fingerprint: str, seed: int, rnd: int) -> bytes:
+    """Binds a round's keys and signatures to the federation's base, seed and round."""
+    return f"{fingerprint[:16]}|seed-{seed}|round-{rnd}".encode()
+
+
+def secure_round(
+    state: ServerState,
+    cfg: RunConfig,
+    names: Mapping[int, str],
+    examples: Mapping[int, float],
+    sampled: list[int],
+    send: Callable[[dict[int, dict[str, Any]]], dict[int, Message]],
+) -> tuple[ServerState, dict[str, Any]]:
+    """One round with the `sampled` clients (`examples`: their registered training tokens, which bound the
+    encoded weights). `send` as secure_sum takes it; the stage-3 message must carry the global adapter.
+    An aborted round leaves the adapter unchanged and names who dropped or refused, and why. A client on
+    another base refuses at stage 1 and drops out there."""
+    rnd, f = state.round + 1, cfg.federation
+    arrays = state.travel_arrays()
+    code = ring_code(cfg, [examples[c] for c in sampled])
+    dim = sum(a.size for a in arrays.values()) + 1
+    metrics: dict[str, Any] = {
+        "round": rnd,
+        "sampled": [names[c] for c in sampled],
+        "bytes_down": sum(a.nbytes for a in arrays.values()) * len(sampled),
+        "secagg": True,
+    }
+    report: dict[str, Any] = {}  # filled by secure_sum, read also when it aborts
+    try:
+        if len(sampled) < f.min_clients:
+            raise SecAggAbort(
+                f"{len(sampled)} clients on the federation's base < min_clients {f.min_clients}"
+            )
+        params = SecAggParams(f.secagg_k, f.secagg_threshold or None)
+        tag = round_tag(state.info.fingerprint, f.seed, rnd)
+        total, survivors, report = secure_sum(send, sampled, dim, code, params, tag, f.seed + rnd, report)
+        if len(survivors) < f.min_clients:
+            raise SecAggAbort(f"{len(survivors)} survivors < min_clients {f.min_clients}")
+    except SecAggAbort as e:
+        return skip_round(state), {**metrics, **rounds.aborted_metrics(report, names, rnd, str(e))}
+    weighted, weight = code.decode_sum(total)
+    new = apply_mean(state, unflatten(weighted / weight, state.info.schema, state.travel_keys), cfg)
+    return new, {**metrics, **rounds.secure_metrics(report, survivors, names, dim)}
