@@ -1,16 +1,13 @@
 """A federation round under SecAgg+ on the server: the sampled clients' updates summed masked
 (fedpeft.secagg.flower.secure_sum), decoded to their weighted mean, the server optimizer's step. The
 server sees masked vectors and recovers only their sum. server/app.py hands in `send`, which delivers
-the stage messages; everything else is here.
+the stage messages; everything else is here. Flower reaches this module only through fedpeft.secagg.flower.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
-
-from flwr.app import Message
+from typing import TYPE_CHECKING, Any
 
 from fedpeft import rounds
 from fedpeft.config import RunConfig, client_lr
@@ -19,7 +16,8 @@ from fedpeft.secagg.flower import SecAggParams, secure_sum, unflatten
 from fedpeft.secagg.protocol import SecAggAbort
 from fedpeft.secagg.quantize import RingCode
 
-log = logging.getLogger("fedpeft")
+if TYPE_CHECKING:
+    from flwr.app import Message
 
 
 def ring_code(cfg: RunConfig, weights: Sequence[float]) -> RingCode:
