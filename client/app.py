@@ -31,6 +31,7 @@ from client.records import arrays_to_record, record_to_arrays
 from fedpeft.config import RunConfig
 from fedpeft.config_io import from_run_config
 from fedpeft.errors import FedpeftError
+from fedpeft.node_config import DeviceNode
 
 if TYPE_CHECKING:
     from fedpeft.device import Device
@@ -50,7 +51,7 @@ def user_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Mes
         try:
             return handler(msg, context)
         except FedpeftError as e:
-            if "data-path" in context.node_config:
+            if DeviceNode.from_node_config(dict(context.node_config)) is not None:
                 print(f"fedpeft: error: {e}", file=sys.stderr, flush=True)
             return Message(Error(code=CLIENT_ERROR, reason=str(e)), reply_to=msg)
 
@@ -59,15 +60,13 @@ def user_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Mes
 
 def _config(msg: Message, context: Context) -> RunConfig:
     cfg = from_run_config(dict(msg.content["config"]))
-    node = context.node_config
-    if "data-path" in node:  # a real device: its own copy of the base and its own cache
-        base = cfg.base
-        if node.get("model"):
-            base = replace(base, model=str(node["model"]))
-        if node.get("cache-dir"):
-            base = replace(base, cache_dir=str(node["cache-dir"]))
+    node = DeviceNode.from_node_config(dict(context.node_config))
+    if node is not None:  # a real device: its own copy of the base and its own cache
+        base = replace(
+            cfg.base, model=node.model or cfg.base.model, cache_dir=node.cache_dir or cfg.base.cache_dir
+        )
         # the server's path means nothing here: a device keeps its personal adapters in its own store
-        cfg = replace(cfg, base=base, personal=replace(cfg.personal, store=str(node.get("personal-dir", ""))))
+        cfg = replace(cfg, base=base, personal=replace(cfg.personal, store=node.personal_dir))
     return cfg
 
 
@@ -83,13 +82,12 @@ def _setup(msg: Message, context: Context) -> Setup:
     from fedpeft.device import get_device
 
     cfg = _config(msg, context)
-    node = context.node_config
+    node = DeviceNode.from_node_config(dict(context.node_config))
     task = msg.content["task"]
-    if "data-path" in node:
-        device = get_device(cfg, data_path=str(node["data-path"]), name=str(node.get("name", "")))
-        local = 0
+    if node is not None:
+        device, local = get_device(cfg, data_path=node.data_path, name=node.name), 0
     else:
-        device, local = get_device(cfg), int(node["partition-id"])
+        device, local = get_device(cfg), int(context.node_config["partition-id"])
     client = int(task.get("client", local))
     load_seconds = time.perf_counter() - start
     context.state[INFO_KEY] = ConfigRecord(
@@ -126,7 +124,7 @@ def _info(device: Device, local: int, client: int) -> ConfigRecord:
 def describe(msg: Message, context: Context) -> Message:
     device, local, client, _ = _setup(msg, context)
     info = _info(device, local, client)
-    if "data-path" in context.node_config:
+    if DeviceNode.from_node_config(dict(context.node_config)) is not None:
         del info["client"]  # a device has no index until the server assigns one
     content = RecordDict({"info": info})
     if msg.content["task"].get("with-init", False):
@@ -138,7 +136,8 @@ def describe(msg: Message, context: Context) -> Message:
 def _min_neighbours(context: Context) -> int:
     from fedpeft.secagg.protocol import MIN_NEIGHBOURS
 
-    return int(context.node_config.get("min-neighbours", MIN_NEIGHBOURS))
+    node = DeviceNode.from_node_config(dict(context.node_config))
+    return MIN_NEIGHBOURS if node is None else node.min_neighbours
 
 
 @app.train()
@@ -147,7 +146,8 @@ def train(msg: Message, context: Context) -> Message:
     task = msg.content["task"]
     if "secagg-stage" in task:
         return Message(_secagg_stage(msg, context), reply_to=msg)
-    if context.node_config.get("require-secagg", False):
+    node = DeviceNode.from_node_config(dict(context.node_config))
+    if node is not None and node.require_secagg:
         raise FedpeftError(
             "refused: a plain training round; this device sends its update only under secure aggregation "
             "(--require-secagg)"

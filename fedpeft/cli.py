@@ -156,7 +156,10 @@ def cmd_simulate(a: argparse.Namespace) -> None:
     out = Path(a.out or time.strftime("runs/federation-%Y%m%d-%H%M%S"))
     check_out(out)
     state = simulate(cfg, out, resume=a.resume, client_cpus=a.client_cpus, resume_from=a.resume_from)
-    print(summary(state, cfg.personal.method) + f"\nrun folder {out} (metrics.jsonl, plot.png, global/)")
+    print(
+        summary(state.round, state.history, cfg.personal.method)
+        + f"\nrun folder {out} (metrics.jsonl, plot.png, global/)"
+    )
 
 
 def cmd_export(a: argparse.Namespace) -> None:

@@ -15,11 +15,11 @@ from fedpeft.secagg.protocol import MIN_NEIGHBOURS
 @dataclass(frozen=True)
 class DeviceNode:
     data_path: str  # the owner's own text: a .txt file or a folder of them
-    name: str  # the user name the server sees
-    model: str  # this device's copy of the base (converted into the store)
-    cache_dir: str  # the store's base cache
-    store: str  # the device store
-    personal_dir: str  # the personal adapter store: never leaves the device
+    name: str = ""  # the user name the server sees ("": the data file or folder name)
+    model: str = ""  # this device's copy of the base (converted into the store)
+    cache_dir: str = ""  # the store's base cache
+    store: str = ""  # the device store
+    personal_dir: str = ""  # the personal adapter store: never leaves the device
     require_secagg: bool = False  # refuse plain training rounds
     min_neighbours: int = MIN_NEIGHBOURS  # the fewest other clients this device's update is masked with
 

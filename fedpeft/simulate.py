@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from fedpeft.checkpoint import atomic_write_json
 from fedpeft.config import RunConfig
@@ -107,11 +108,12 @@ def simulate(
     return state
 
 
-def summary(state: ServerState, method: str = "none") -> str:
-    first, last = state.history[0], state.history[-1]
+def summary(rnd: int, history: list[dict[str, Any]], method: str = "none") -> str:
+    """The closing lines of a federation (simulated or deployed)."""
+    first, last = history[0], history[-1]
     per_client = last.get("bytes_up", 0) // max(len(last.get("accepted", [])), 1)
     line = (
-        f"global adapter after round {state.round}: held-out ppl {first['eval_ppl']:.2f} -> {last['eval_ppl']:.2f}; "
+        f"global adapter after round {rnd}: held-out ppl {first['eval_ppl']:.2f} -> {last['eval_ppl']:.2f}; "
         f"{per_client:,} bytes up per client in the last round"
     )
     if "personal" in last:

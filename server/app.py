@@ -220,12 +220,9 @@ def main(grid: Grid, context: Context) -> None:
     The outcome goes to RUN/status.json, which `fedpeft server` waits for (Flower's run status does not
     carry our error message)."""
     from fedpeft.checkpoint import atomic_write_json
+    from fedpeft.log import setup_console
 
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("fedpeft: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    setup_console()
     run_config = dict(context.run_config)
     run_dir = Path(str(run_config.pop("out", "runs/flwr")))
     resume = int(run_config.pop("resume-round", -1))  # -1: a new federation

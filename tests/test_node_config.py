@@ -39,5 +39,5 @@ def test_the_policy_defaults_and_its_floor() -> None:
     node = DeviceNode.from_node_config(flat)
     assert node is not None and node.require_secagg is False and node.min_neighbours == 2
     assert DeviceNode.from_node_config({**flat, "min-neighbours": 0}).min_neighbours == 1
-    with pytest.raises(FedpeftError, match="no 'store'"):
-        DeviceNode.from_node_config({k: v for k, v in flat.items() if k != "store"})
+    with pytest.raises(FedpeftError, match="'data-path' must be str"):
+        DeviceNode.from_node_config({**flat, "data-path": None})

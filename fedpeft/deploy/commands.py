@@ -171,7 +171,6 @@ def cmd_certs(a: argparse.Namespace) -> None:
 
 def cmd_server(a: argparse.Namespace) -> None:
     from fedpeft.deploy.server import ServerOptions, run_server
-    from fedpeft.federation import ServerState
     from fedpeft.simulate import summary
 
     if print_config(a, "server"):
@@ -189,8 +188,10 @@ def cmd_server(a: argparse.Namespace) -> None:
     if not 0 < a.port < 65536:
         raise FedpeftError(f"--port must be between 1 and 65535, got {a.port}")
     result = run_server(cfg, Path(a.out), opts, resume=a.resume, resume_from=a.resume_from)
-    state = ServerState(result.rounds, {}, {}, {}, result.history)
-    print(summary(state, cfg.personal.method) + f"\nserver folder {a.out} (metrics.jsonl, plot.png, global/)")
+    print(
+        summary(result.rounds, result.history, cfg.personal.method)
+        + f"\nserver folder {a.out} (metrics.jsonl, plot.png, global/)"
+    )
 
 
 def cmd_client(a: argparse.Namespace) -> None:
