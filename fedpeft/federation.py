@@ -267,3 +267,28 @@ def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
     )
     if changed:
         raise FedpeftError(f"--resume with another configuration ({', '.join(changed[:3])}); use a new --out")
+
+
+def plan_run(run_dir: Path, cfg: RunConfig, resume: bool, resume_from: int | None) -> int | None:
+    """The round a federation in `run_dir` starts after (None: a new one), verified before anything is
+    written: a resumed run keeps its configuration and has a checkpoint that verifies; a new one does not
+    overwrite a folder that holds a federation. `simulate`, `server` and `deploy-local` all start here."""
+    if resume or resume_from is not None:
+        check_resume_config(run_dir, cfg)
+        return resume_round(run_dir, resume_from)
+    if latest_checkpoint(run_dir) is not None:
+        raise FedpeftError(
+            f"{run_dir} already holds a federation; pass --resume to continue it or use a new --out"
+        )
+    return None
+
+
+def open_run(run_dir: Path, cfg: RunConfig, start_round: int | None) -> None:
+    """Once every check passed: the folder, later checkpoints set aside, the run's config.json."""
+    from fedpeft.checkpoint import atomic_write_json
+    from fedpeft.config_io import to_run_config
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if start_round is not None:
+        discard_after(run_dir, start_round)
+    atomic_write_json(run_dir / "config.json", to_run_config(cfg))

@@ -7,18 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fedpeft.checkpoint import atomic_write_json
 from fedpeft.config import RunConfig
-from fedpeft.config_io import to_run_config
 from fedpeft.engine import reap_stale, run_engine
 from fedpeft.errors import FedpeftError
-from fedpeft.federation import (
-    ServerState,
-    check_resume_config,
-    discard_after,
-    latest_checkpoint,
-    resume_round,
-)
+from fedpeft.federation import ServerState, open_run, plan_run
 
 log = logging.getLogger("fedpeft")
 
@@ -88,19 +80,9 @@ def simulate(
     run_dir = Path(run_dir)
     reap_stale(run_dir)  # an earlier run of this folder that was killed may have left Ray running
     cfg = with_store(cfg, run_dir)
-    start_round = None
-    if resume or resume_from is not None:
-        check_resume_config(run_dir, cfg)
-        start_round = resume_round(run_dir, resume_from)
-    elif latest_checkpoint(run_dir) is not None:
-        raise FedpeftError(
-            f"{run_dir} already holds a federation; pass --resume to continue it or use a new --out"
-        )
+    start_round = plan_run(run_dir, cfg, resume, resume_from)
     _check_data(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if start_round is not None:
-        discard_after(run_dir, start_round)
-    atomic_write_json(run_dir / "config.json", to_run_config(cfg))
+    open_run(run_dir, cfg, start_round)
     os.environ.setdefault("FLWR_HOME", str(run_dir.resolve() / "flwr"))
     state, error = run_engine(cfg, run_dir, start_round, client_cpus, client_app)
     if error:

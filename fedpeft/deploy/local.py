@@ -20,7 +20,7 @@ from fedpeft.config import RunConfig
 from fedpeft.deploy.certs import make_certs
 from fedpeft.deploy.processes import Child, flower_env, free_port, port_in_use
 from fedpeft.errors import FedpeftError
-from fedpeft.federation import check_resume_config, resume_round
+from fedpeft.federation import plan_run
 
 log = logging.getLogger("fedpeft")
 
@@ -55,9 +55,7 @@ def deploy_local(
     from fedpeft.deploy.server import RUN_CONFIG
 
     out = Path(out).resolve()
-    if resume or resume_from is not None:  # verify before certificates or logs are written
-        check_resume_config(out / "server", cfg)
-        resume_round(out / "server", resume_from)
+    plan_run(out / "server", cfg, resume, resume_from)  # verify before certificates or logs are written
     users = _users(cfg)
     base_dir = resolve_base_dir(cfg.base.model, cfg.base.cache_dir)  # convert once, shared by all clients
     certs = make_certs(out / "certs", ["127.0.0.1", "localhost"], [name for name, _ in users])

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpeft.checkpoint import atomic_write_bytes, atomic_write_json
+from fedpeft.checkpoint import atomic_write_bytes
 from fedpeft.config import RunConfig
-from fedpeft.config_io import app_dir, overrides, to_run_config
+from fedpeft.config_io import app_dir, overrides
 from fedpeft.deploy.certs import CertPaths, check_server_files
 from fedpeft.deploy.processes import (
     Child,
@@ -39,7 +39,7 @@ from fedpeft.deploy.processes import (
     wait_listening,
 )
 from fedpeft.errors import FedpeftError
-from fedpeft.federation import check_resume_config, discard_after, latest_checkpoint, resume_round
+from fedpeft.federation import latest_checkpoint, open_run, plan_run, resume_round
 
 log = logging.getLogger("fedpeft")
 CONNECTION = "fedpeft"  # the flwr CLI's name for our SuperLink
@@ -242,20 +242,10 @@ def run_server(
     """Start the SuperLink, register the clients, run the federation to its end, stop everything.
     Nothing is written before the configuration and the checkpoint to resume from verify."""
     out = Path(out)
-    start_round = None
-    if resume or resume_from is not None:
-        check_resume_config(out, cfg)
-        start_round = resume_round(out, resume_from)
-    elif latest_checkpoint(out) is not None:
-        raise FedpeftError(
-            f"{out} already holds a federation; pass --resume to continue it or use a new --out"
-        )
+    start_round = plan_run(out, cfg, resume, resume_from)
     server = Server(out, opts)
     server.check()
-    out.mkdir(parents=True, exist_ok=True)
-    if start_round is not None:
-        discard_after(out, start_round)
-    atomic_write_json(out / "config.json", to_run_config(cfg))
+    open_run(out, cfg, start_round)
     status = out / STATUS_FILE
     status.unlink(missing_ok=True)
     if opts.insecure:
