@@ -57,9 +57,12 @@ def test_ffa_mean_of_b_is_exact_mean_of_products() -> None:
 def test_fedavg_on_a_and_b_is_not_the_mean_of_products() -> None:
     """What the docs warn about: averaging A and B separately differs from averaging B·A."""
     pairs = [(RNG.normal(size=(16, 4)), RNG.normal(size=(4, 16))) for _ in range(3)]
-    mean_b = np.mean([b for b, _ in pairs], axis=0)
-    mean_a = np.mean([a for _, a in pairs], axis=0)
-    assert not np.allclose(mean_b @ mean_a, np.mean([b @ a for b, a in pairs], axis=0))
+    mean = weighted_mean([{"lora_B": b, "lora_A": a} for b, a in pairs], [1.0, 2.0, 3.0])
+    product_mean = sum(w * (b @ a) for w, (b, a) in zip([1.0, 2.0, 3.0], pairs, strict=True)) / 6.0
+    np.testing.assert_allclose(
+        mean["lora_B"], sum(w * b for w, (b, _) in zip([1, 2, 3], pairs, strict=True)) / 6
+    )
+    assert not np.allclose(mean["lora_B"] @ mean["lora_A"], product_mean, atol=1e-3)
 
 
 def test_fedavg_server_step_adds_the_mean_delta() -> None:

@@ -391,20 +391,6 @@ def test_simulate_export_generate_and_a_foreign_store_on_resume(
     assert _tree_hash(run / "personal") == before
 
 
-def test_plot_line_of_kept_adapters_weights_users_by_tokens() -> None:
-    import math
-
-    from fedpeft.report import _kept_ppl
-
-    h = {
-        "eval_per_client": {
-            "a": {"ppl": 10.0, "kept_ppl": 5.0, "tokens": 300},
-            "b": {"ppl": 20.0, "tokens": 100},  # no personal evaluation: its global adapter counts
-        }
-    }
-    assert _kept_ppl(h) == pytest.approx(math.exp((300 * math.log(5) + 100 * math.log(20)) / 400))
-
-
 def test_find_store_by_name_or_id_and_a_corrupt_choice(tmp_path: Path) -> None:
     from fedpeft.personalize import find_store
 
@@ -464,14 +450,3 @@ def test_a_store_that_cannot_be_written_is_a_one_line_error(tmp_path: Path) -> N
     store = PersonalStore(blocker, "ann")  # a device whose store root turned into a file mid-run
     with pytest.raises(FedpeftError, match="cannot write the personal store"):
         store.save_choice({"use": "global"})
-
-
-def test_plot_survives_a_round_that_no_client_could_evaluate() -> None:
-    from fedpeft.report import federation_png
-
-    ok = {"round": 0, "eval_loss": 3.0, "eval_ppl": 20.0, "train_loss": None}
-    history = [
-        {**ok, "eval_per_client": {"a": {"ppl": 20.0, "tokens": 5}}},
-        {**ok, "round": 1, "eval_per_client": {}},
-    ]
-    assert federation_png(history)[:4] == b"\x89PNG"
