@@ -41,13 +41,21 @@ def _type(hint: Any) -> Any:
 def _add(group: argparse._ArgumentGroup, f: Field) -> None:
     m = f.meta
     text = m["help"].replace("%", "%%")
-    if f.hint is bool:
-        # the flag says the non-default: --secagg turns on, --no-progress turns off
+    if f.hint is bool and m["negate"]:  # --no-progress turns the field off
         group.add_argument(
             m["flag"],
             dest=_dest(m["flag"]),
             action="store_const",
-            const=not m["negate"],
+            const=False,
+            default=argparse.SUPPRESS,
+            help=text,
+        )
+        return
+    if f.hint is bool:  # --secagg / --no-secagg: either way, so a flag can undo a config file's value
+        group.add_argument(
+            m["flag"],
+            dest=_dest(m["flag"]),
+            action=argparse.BooleanOptionalAction,
             default=argparse.SUPPRESS,
             help=text,
         )

@@ -43,6 +43,9 @@ def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path: P
     path.write_text("[federation]\nrounds = 2\nclients = 6\n")
     cfg = _parse("simulate", "--config", str(path), "--rounds", "4")
     assert cfg.federation.rounds == 4 and cfg.federation.clients == 6
+    path.write_text("[federation]\nsecagg = true\nclients = 6\n")
+    assert _parse("simulate", "--config", str(path)).federation.secagg
+    assert not _parse("simulate", "--config", str(path), "--no-secagg").federation.secagg
 
 
 def test_a_bad_value_gives_the_same_line_from_every_entry(tmp_path: Path) -> None:
