@@ -51,7 +51,7 @@ def user_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Mes
         try:
             return handler(msg, context)
         except FedpeftError as e:
-            if DeviceNode.from_node_config(dict(context.node_config)) is not None:
+            if "data-path" in context.node_config:  # a device (not parsed again: it may be what failed)
                 print(f"fedpeft: error: {e}", file=sys.stderr, flush=True)
             return Message(Error(code=CLIENT_ERROR, reason=str(e)), reply_to=msg)
 

@@ -19,11 +19,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedpeft.config import ServerOptConfig
+from fedpeft.config import SERVER_OPTS, ServerOptConfig
 
 Arrays = dict[str, np.ndarray]
 
-SERVER_OPTS: tuple[str, ...] = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 DEFAULT_SERVER_LR: dict[str, float] = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 1e-3, "fedyogi": 1e-3}
 
 

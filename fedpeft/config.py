@@ -133,7 +133,7 @@ class TrainConfig:
         flag="--seed",
     )
     eval_batch_size: int = option(8, "sequences per evaluation batch", gt=0)
-    progress: bool = option(True, "no progress bars", flag="--no-progress", negate=True)
+    progress: bool = option(True, "progress bars", flag="--progress")
 
     def learning_rate(self, kind: str, freeze_a: bool = False) -> float:
         if self.lr is not None:

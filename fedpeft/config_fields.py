@@ -22,17 +22,14 @@ def option(
     lt: float | None = None,
     le: float | None = None,
     commands: tuple[str, ...] | None = None,
-    negate: bool = False,
 ) -> Any:
     """A config field with everything the entries need: `flag` (None: config files and the run config
     only; several fields may share one, e.g. --seed), `help` (a flag's help; "(default: X)" is appended
     unless the default is None), a range checked by validate(), the `commands` that offer the flag
-    (default: those of its section), and `negate` for a bool flag that turns the field off (--no-progress)."""
+    (default: those of its section). A bool's flag comes with its --no- form."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed; use a tuple")
-    meta = dict(
-        help=help, flag=flag, metavar=metavar, gt=gt, ge=ge, lt=lt, le=le, commands=commands, negate=negate
-    )
+    meta = dict(help=help, flag=flag, metavar=metavar, gt=gt, ge=ge, lt=lt, le=le, commands=commands)
     return field(default=default, metadata=meta)
 
 

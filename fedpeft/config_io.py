@@ -16,6 +16,7 @@ from fedpeft.errors import FedpeftError
 # Keys of Flower's run config that are not part of the tree: where the ServerApp writes, and the checkpoint
 # round a resumed federation continues from (-1: a new federation). `fedpeft server` sets both.
 APP_KEYS: dict[str, Any] = {"out": "runs/flwr", "resume-round": -1}
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # a source checkout's root (pyproject.toml), if any
 
 
 def to_run_config(cfg: RunConfig) -> dict[str, Any]:
@@ -87,9 +88,10 @@ def from_run_config(flat: dict[str, Any]) -> RunConfig:
     return from_flat(flat, "the run config")
 
 
-def load_toml(path: Path, start: RunConfig | None = None) -> RunConfig:
-    """A config file: TOML with one table per section (`[federation]`, `rounds = 3`), the keys of the
-    tree; missing keys keep `start` (default: the defaults)."""
+def read_toml(path: Path) -> dict[str, Any]:
+    """A config file as flat "section.field" keys, unvalidated (the flags of a command may still override
+    it): TOML with one table per section (`[federation]`, `rounds = 3`), the keys of the tree. Unknown keys
+    and unreadable files are one-line errors naming the file."""
     try:
         doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -98,14 +100,41 @@ def load_toml(path: Path, start: RunConfig | None = None) -> RunConfig:
         raise FedpeftError(f"cannot read config file {path}: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise FedpeftError(f"config file {path} is not valid TOML: {e}") from None
+    known = {f.key for f in fields()}
     flat: dict[str, Any] = {}
     for name, table in doc.items():
         if not isinstance(table, dict):
             raise FedpeftError(
                 f"unknown key {name!r} in {path}: options belong in a table such as [federation]"
             )
-        flat.update({f"{name}.{k}": v for k, v in table.items()})
-    return from_flat(flat, str(path), start)
+        for key, value in table.items():
+            if f"{name}.{key}" not in known:
+                raise FedpeftError(f"unknown key '{name}.{key}' in {path}")
+            flat[f"{name}.{key}"] = value
+    return tie(flat, str(path))
+
+
+def tie(flat: dict[str, Any], where: str) -> dict[str, Any]:
+    """Fields that share a flag are one option (--seed sets adapter.seed, train.seed and federation.seed):
+    a file or flag that sets one of them sets them all; two different values are an error."""
+    groups: dict[str, list[str]] = {}
+    for f in fields():
+        if f.meta["flag"]:
+            groups.setdefault(f.meta["flag"], []).append(f.key)
+    out = dict(flat)
+    for flag, keys in groups.items():
+        given = {k: flat[k] for k in keys if k in flat}
+        if len(keys) < 2 or not given:
+            continue
+        if len({repr(v) for v in given.values()}) > 1:
+            raise FedpeftError(f"{', '.join(given)} are one option ({flag}) but differ in {where}")
+        out.update(dict.fromkeys(keys, next(iter(given.values()))))
+    return out
+
+
+def load_toml(path: Path, start: RunConfig | None = None) -> RunConfig:
+    """A config file over `start` (default: the defaults), validated."""
+    return from_flat(read_toml(path), str(path), start)
 
 
 def dumps_toml(cfg: RunConfig, only_changed: bool = False) -> str:
@@ -149,7 +178,7 @@ def flwr_app_table() -> dict[str, Any]:
     }
 
 
-def app_dir(fallback: Path) -> Path:
+def app_dir(fallback: Path, root: Path = PROJECT_ROOT) -> Path:
     """The Flower app to run: the project itself (its pyproject.toml, `flwr run .`) in a source checkout;
     installed from a wheel, `fallback` with a pyproject.toml holding the same `[tool.flwr.app]`."""
     from importlib.metadata import version
@@ -158,7 +187,6 @@ def app_dir(fallback: Path) -> Path:
 
     from fedpeft.checkpoint import atomic_write_bytes
 
-    root = Path(__file__).resolve().parents[1]
     try:
         project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
         if project["tool"]["flwr"]["app"] == flwr_app_table():
@@ -171,6 +199,10 @@ def app_dir(fallback: Path) -> Path:
     }
     fallback.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(fallback / "pyproject.toml", tomli_w.dumps(doc).encode())
+    # the one file `fab-include` names: Flower refuses to build a FAB when a pattern matches nothing
+    atomic_write_bytes(
+        fallback / "LICENSE", b"Apache-2.0: the license of the fedpeft package this app runs.\n"
+    )
     return fallback
 
 

@@ -5,7 +5,6 @@ defaults."""
 from __future__ import annotations
 
 import argparse
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -31,45 +30,23 @@ def _shown(value: Any) -> str:
     return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
-def _type(hint: Any) -> Any:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if type(None) in typing.get_args(hint):
-        hint = args[0]
-    return hint if hint in (int, float) else str
-
-
 def _add(group: argparse._ArgumentGroup, f: Field) -> None:
+    """One flag. Values arrive as text and are parsed and checked by the same code as a config file's or the
+    run config's (fedpeft.config_io), so a bad value gets the same line from every entry."""
     m = f.meta
     text = m["help"].replace("%", "%%")
-    if f.hint is bool and m["negate"]:  # --no-progress turns the field off
-        group.add_argument(
-            m["flag"],
-            dest=_dest(m["flag"]),
-            action="store_const",
-            const=False,
-            default=argparse.SUPPRESS,
-            help=text,
-        )
-        return
     if f.hint is bool:  # --secagg / --no-secagg: either way, so a flag can undo a config file's value
+        action = argparse.BooleanOptionalAction
         group.add_argument(
-            m["flag"],
-            dest=_dest(m["flag"]),
-            action=argparse.BooleanOptionalAction,
-            default=argparse.SUPPRESS,
-            help=text,
+            m["flag"], dest=_dest(m["flag"]), action=action, default=argparse.SUPPRESS, help=text
         )
         return
     if f.default is not None and "(default:" not in text:
         text += f" (default: {_shown(f.default)})"
+    options = choices(f.hint)
+    metavar = m["metavar"] or ("{" + ",".join(options) + "}" if options else None)
     group.add_argument(
-        m["flag"],
-        dest=_dest(m["flag"]),
-        type=_type(f.hint),
-        choices=choices(f.hint),
-        metavar=m["metavar"],
-        default=argparse.SUPPRESS,
-        help=text,
+        m["flag"], dest=_dest(m["flag"]), metavar=metavar, default=argparse.SUPPRESS, help=text
     )
 
 
@@ -104,15 +81,15 @@ def add_config_flags(parser: argparse.ArgumentParser, command: str) -> dict[str,
 
 def config_from_args(args: argparse.Namespace, command: str) -> RunConfig:
     """The config of a command: the defaults, then --config FILE, then the flags typed. Validated."""
-    from fedpeft.config_io import from_flat, load_toml
+    from fedpeft.config_io import from_flat, read_toml
 
-    start = load_toml(Path(args.config)) if getattr(args, "config", None) else RunConfig()
-    flat: dict[str, Any] = {}
+    # the file and the flags are merged before anything is checked: a file may be valid only with the flags
+    flat = read_toml(Path(args.config)) if getattr(args, "config", None) else {}
     for f in fields():
         flag = f.meta["flag"]
         if flag is not None and command in f.commands and hasattr(args, _dest(flag)):
             flat[f.key] = getattr(args, _dest(flag))
-    return from_flat(flat, "the command line", start)
+    return from_flat(flat, "the command line")
 
 
 def add_run_flags(group: argparse._ArgumentGroup, out_help: str) -> None:

@@ -25,7 +25,7 @@ from fedpeft import evaluation, rounds
 from fedpeft.adapter_files import AdapterDescription
 from fedpeft.aggregate import Arrays
 from fedpeft.config import RunConfig
-from fedpeft.config_io import from_run_config, to_run_config
+from fedpeft.config_io import APP_KEYS, from_run_config, to_run_config
 from fedpeft.errors import FedpeftError
 from fedpeft.federation import (
     ServerState,
@@ -224,8 +224,8 @@ def main(grid: Grid, context: Context) -> None:
 
     setup_console()
     run_config = dict(context.run_config)
-    run_dir = Path(str(run_config.pop("out", "runs/flwr")))
-    resume = int(run_config.pop("resume-round", -1))  # -1: a new federation
+    app_keys = {key: run_config.pop(key, default) for key, default in APP_KEYS.items()}
+    run_dir, resume = Path(str(app_keys["out"])), int(app_keys["resume-round"])  # -1: a new federation
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         state = run_federation(grid, from_run_config(run_config), run_dir, resume if resume >= 0 else None)

@@ -91,3 +91,18 @@ def test_pyproject_flower_app_is_the_tree_defaults() -> None:
     flat = flatten_dict(app["config"])  # as Flower hands it to the ServerApp
     assert {k: flat.pop(k) for k in APP_KEYS} == APP_KEYS
     assert flat == to_run_config(RunConfig()) and from_run_config(flat) == RunConfig()
+
+
+@pytest.mark.parametrize("checkout", [True, False], ids=["source-checkout", "installed-wheel"])
+def test_the_app_fedpeft_server_launches_builds_as_a_flower_app(tmp_path: Path, checkout: bool) -> None:
+    """`fedpeft server` runs `flwr run APP`: the project itself in a source checkout, a folder with the same
+    [tool.flwr.app] otherwise; Flower must be able to build either into a FAB."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedpeft.config_io import app_dir
+
+    app = app_dir(tmp_path / "app", root=ROOT if checkout else tmp_path / "no-such-checkout")
+    assert app == (ROOT if checkout else tmp_path / "app")
+    built = tomllib.loads((app / "pyproject.toml").read_text())
+    assert built["tool"]["flwr"]["app"] == flwr_app_table()
+    assert len(build_fab_from_disk(app)) < 100_000  # the apps come from the installed fedpeft, not the FAB

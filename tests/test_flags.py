@@ -48,20 +48,50 @@ def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path: P
     assert not _parse("simulate", "--config", str(path), "--no-secagg").federation.secagg
 
 
-def test_a_bad_value_gives_the_same_line_from_every_entry(tmp_path: Path) -> None:
-    lines = []
+@pytest.mark.parametrize(
+    "flag,key,text,line",
+    [
+        ("--fraction", "federation.fraction", "2.5", "--fraction must be in (0, 1], got 2.5"),
+        ("--quant", "base.quant", "x", "--quant must be one of none, bf16, int8, nf4, got 'x'"),
+        ("--rounds", "federation.rounds", "2.5", "--rounds must be an integer, got '2.5'"),
+        ("--lr", "train.lr", "fast", "--lr must be a number, got 'fast'"),
+    ],
+)
+def test_a_bad_value_gives_the_same_line_from_every_entry(
+    tmp_path: Path, flag: str, key: str, text: str, line: str
+) -> None:
+    section, name = key.split(".")
     path = tmp_path / "c.toml"
-    path.write_text("[federation]\nfraction = 2.5\n")
+    path.write_text(f'[{section}]\n{name} = "{text}"\n')
+    lines = []
     for attempt in (
-        lambda: _parse("simulate", "--fraction", "2.5"),
+        lambda: _parse("simulate", flag, text),
         lambda: load_toml(path),
-        lambda: from_run_config({**to_run_config(RunConfig()), "federation.fraction": 2.5}),
-        lambda: from_run_config({"federation.fraction": "2.5"}),  # Flower's --run-config strings
+        lambda: from_run_config({**to_run_config(RunConfig()), key: text}),  # Flower's --run-config strings
     ):
         with pytest.raises(FedpeftError) as e:
             attempt()
         lines.append(str(e.value))
-    assert lines == ["--fraction must be in (0, 1], got 2.5"] * 4
+    assert lines == [line] * 3
+
+
+def test_a_file_is_checked_together_with_the_flags(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[federation]\nmin_clients = 12\n")
+    assert _parse("simulate", "--config", str(path), "--clients", "20").federation.min_clients == 12
+    with pytest.raises(FedpeftError, match="--min-clients 12 exceeds --clients 10"):
+        _parse("simulate", "--config", str(path))
+
+
+def test_a_seed_in_a_file_is_the_one_seed_and_two_different_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[federation]\nseed = 5\n")
+    cfg = _parse("simulate", "--config", str(path))
+    assert cfg.federation.seed == cfg.train.seed == cfg.adapter.seed == 5
+    assert _parse("simulate", "--config", str(path), "--seed", "6").adapter.seed == 6
+    path.write_text("[federation]\nseed = 5\n[train]\nseed = 6\n")
+    with pytest.raises(FedpeftError, match=r"federation.seed are one option \(--seed\) but differ"):
+        _parse("simulate", "--config", str(path))
 
 
 def test_print_config_output_loads_back(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
