@@ -21,11 +21,11 @@ from fedpeft.secagg.protocol import (
     SecAggAbort,
     SecAggClient,
     SecAggRefused,
-    SecAggServer,
     default_threshold,
     dump_client,
     load_client,
 )
+from fedpeft.secagg.protocol_server import SecAggServer
 from fedpeft.secagg.quantize import RingCode
 
 log = logging.getLogger("fedpeft")

@@ -10,11 +10,11 @@ from fedpeft.secagg.protocol import (
     LIMBS,
     SecAggClient,
     SecAggRefused,
-    SecAggServer,
     default_threshold,
     min_threshold,
     survivors_message,
 )
+from fedpeft.secagg.protocol_server import SecAggServer
 
 TAG = b"run-1|round-1"
 

@@ -7,9 +7,9 @@ from fedpeft.secagg.protocol import (
     SecAggAbort,
     SecAggClient,
     SecAggRefused,
-    SecAggServer,
     default_threshold,
 )
+from fedpeft.secagg.protocol_server import SecAggServer
 
 TAG = b"run-1|round-3"
 
