@@ -58,9 +58,13 @@ def user_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Mes
     return wrapped
 
 
-def _config(msg: Message, context: Context) -> RunConfig:
+def _node(context: Context) -> DeviceNode | None:
+    """This device's own node config (None on a simulated node): its data, store and security policy."""
+    return DeviceNode.from_node_config(dict(context.node_config))
+
+
+def _config(msg: Message, node: DeviceNode | None) -> RunConfig:
     cfg = from_run_config(dict(msg.content["config"]))
-    node = DeviceNode.from_node_config(dict(context.node_config))
     if node is not None:  # a real device: its own copy of the base and its own cache
         base = replace(
             cfg.base, model=node.model or cfg.base.model, cache_dir=node.cache_dir or cfg.base.cache_dir
@@ -81,8 +85,8 @@ def _setup(msg: Message, context: Context) -> Setup:
     start = time.perf_counter()
     from fedpeft.device import get_device
 
-    cfg = _config(msg, context)
-    node = DeviceNode.from_node_config(dict(context.node_config))
+    node = _node(context)
+    cfg = _config(msg, node)
     task = msg.content["task"]
     if node is not None:
         device, local = get_device(cfg, data_path=node.data_path, name=node.name), 0
@@ -124,7 +128,7 @@ def _info(device: Device, local: int, client: int) -> ConfigRecord:
 def describe(msg: Message, context: Context) -> Message:
     device, local, client, _ = _setup(msg, context)
     info = _info(device, local, client)
-    if DeviceNode.from_node_config(dict(context.node_config)) is not None:
+    if _node(context) is not None:
         del info["client"]  # a device has no index until the server assigns one
     content = RecordDict({"info": info})
     if msg.content["task"].get("with-init", False):
@@ -136,7 +140,7 @@ def describe(msg: Message, context: Context) -> Message:
 def _min_neighbours(context: Context) -> int:
     from fedpeft.secagg.protocol import MIN_NEIGHBOURS
 
-    node = DeviceNode.from_node_config(dict(context.node_config))
+    node = _node(context)
     return MIN_NEIGHBOURS if node is None else node.min_neighbours
 
 
@@ -146,7 +150,7 @@ def train(msg: Message, context: Context) -> Message:
     task = msg.content["task"]
     if "secagg-stage" in task:
         return Message(_secagg_stage(msg, context), reply_to=msg)
-    node = DeviceNode.from_node_config(dict(context.node_config))
+    node = _node(context)
     if node is not None and node.require_secagg:
         raise FedpeftError(
             "refused: a plain training round; this device sends its update only under secure aggregation "

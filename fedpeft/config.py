@@ -9,6 +9,7 @@ same `validate()`. Enumerated fields are `Literal` types: their choices come fro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass
@@ -279,9 +280,11 @@ class RunConfig:
     personal: PersonalConfig = section(PersonalConfig, FEDERATION)
 
 
-def fields() -> list[Field]:
-    """Every leaf of RunConfig, in declaration order."""
-    return leaves(RunConfig)
+@functools.cache
+def fields() -> tuple[Field, ...]:
+    """Every leaf of RunConfig, in declaration order (resolved once: a device parses the run config on every
+    message)."""
+    return tuple(leaves(RunConfig))
 
 
 def sampled_per_round(clients: int, fraction: float, min_clients: int) -> int:
