@@ -177,6 +177,15 @@ def aggregation_note(cfg: RunConfig) -> str:
     return "FedAvg of LoRA A and B separately (mean of B·A is not mean(B)·mean(A): an approximation)"
 
 
+def round_line(m: Mapping[str, Any]) -> str:
+    """A round's metrics as the line a run prints (`simulate` under its bar, `server` from metrics.jsonl)."""
+    text = f"round {m['round']}: held-out ppl {m['eval_ppl']:.2f} (loss {m['eval_loss']:.3f})"
+    if m["round"] > 0:
+        text += f", {len(m.get('accepted', []))}/{len(m.get('sampled', []))} clients, {m.get('seconds', 0.0):.1f} s"
+        text += " [skipped]" if m.get("skipped") else ""
+    return text
+
+
 class Progress:
     """The rounds bar (with --no-progress none) and the lines printed after each round."""
 
@@ -193,18 +202,14 @@ class Progress:
         )
         self.bar.set_postfix(ppl=f"{state.history[-1]['eval_ppl']:.2f}")
 
-    def round(self, rnd: int, m: Mapping[str, Any]) -> None:
+    def round(self, m: Mapping[str, Any]) -> None:
         from fedpeft.personalize import summary_line
 
         self.bar.update(1)
         self.bar.set_postfix(ppl=f"{m['eval_ppl']:.2f}", loss=f"{m['eval_loss']:.3f}")
-        self.bar.write(
-            f"round {rnd}: held-out ppl {m['eval_ppl']:.2f} (loss {m['eval_loss']:.3f}), "
-            f"{len(m['accepted'])}/{len(m['sampled'])} clients, {m['seconds']:.1f} s"
-            + (" [skipped]" if m.get("skipped") else "")
-        )
+        self.bar.write(round_line(m))
         if "personal" in m:
-            self.bar.write(f"round {rnd}: " + summary_line(m["personal"], self.method))
+            self.bar.write(f"round {m['round']}: " + summary_line(m["personal"], self.method))
 
     def close(self) -> None:
         self.bar.close()

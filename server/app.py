@@ -189,7 +189,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
         metrics["seconds"] = time.perf_counter() - start
         state.history = [*state.history, metrics]
         save_round(run_dir, state, cfg)
-        progress.round(state.round, metrics)
+        progress.round(metrics)
     progress.close()
     return state
 

@@ -155,6 +155,28 @@ def test_progress_prints_a_line_per_round(capsys: pytest.CaptureFixture[str]) ->
     state.history = [{"eval_ppl": 20.0}]
     progress = Progress(RunConfig(train=replace(TrainConfig(), progress=False)), state)
     m = {"eval_ppl": 12.345, "eval_loss": 2.5, "accepted": ["a"], "sampled": ["a", "b"], "seconds": 1.25}
-    progress.round(1, {**m, "skipped": True})
+    progress.round({**m, "round": 1, "skipped": True})
     progress.close()
     assert "round 1: held-out ppl 12.35 (loss 2.500), 1/2 clients, 1.2 s [skipped]" in capsys.readouterr().out
+
+
+def test_round_line_is_the_same_for_simulate_and_server() -> None:
+    from fedpeft.deploy.server import _round_line
+    from fedpeft.rounds import round_line
+
+    m = {
+        "round": 3,
+        "eval_ppl": 31.5,
+        "eval_loss": 3.45,
+        "accepted": ["a"],
+        "sampled": ["a", "b"],
+        "seconds": 61.9,
+    }
+    assert round_line(m) == "round 3: held-out ppl 31.50 (loss 3.450), 1/2 clients, 61.9 s"
+    assert (
+        round_line({"round": 0, "eval_ppl": 38.0, "eval_loss": 3.64})
+        == "round 0: held-out ppl 38.00 (loss 3.640)"
+    )
+    refused = {**m, "skipped": True, "rejected": [{"client": "b", "reason": "schema differs"}]}
+    assert _round_line(refused) == round_line(refused) + "\n  refused b: schema differs"
+    assert round_line(refused).endswith(" [skipped]")

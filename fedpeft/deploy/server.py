@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,14 +218,12 @@ class Server:
 
 
 def _round_line(m: dict[str, Any]) -> str:
-    text = f"round {m['round']}: held-out ppl {m['eval_ppl']:.2f} (loss {m['eval_loss']:.3f})"
-    if m["round"] > 0:
-        text += f", {len(m.get('accepted', []))}/{len(m.get('sampled', []))} clients, {m.get('seconds', math.nan):.1f} s"
-        if m.get("skipped"):
-            text += " [skipped]"
-        for r in m.get("rejected", []):
-            text += f"\n  refused {r['client']}: {r['reason']}"
-    return text
+    from fedpeft.rounds import round_line
+
+    refused = (
+        [f"\n  refused {r['client']}: {r['reason']}" for r in m.get("rejected", [])] if m["round"] else []
+    )
+    return round_line(m) + "".join(refused)
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
