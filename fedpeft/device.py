@@ -63,6 +63,7 @@ class Device:
     ) -> None:
         self.cfg = cfg
         self.base: Base = load_base(cfg.base)
+        BASE_LOADS[0] += 1
         adapter_cfg = client_adapter(cfg)
         self.adapter_cfg = adapter_cfg
         self.model = inject(self.base, adapter_cfg)
@@ -257,11 +258,12 @@ class Device:
 
 
 _DEVICES: dict[tuple[RunConfig, str | None, str], Device] = {}
+BASE_LOADS = [0]  # how many times this process has loaded a base (reported per round: should stay 1)
 
 
 def get_device(cfg: RunConfig, data_path: str | None = None, name: str = "") -> Device:
-    """A per-process cache: a Flower actor loads the base once, not every round (a SuperNode runs each
-    message in a fresh process, so there it is loaded per message; see README, deployment)."""
+    """A per-process cache: a Flower actor, or a device's resident worker (fedpeft.worker), loads the base
+    once, not every round. A new run config that changes the base, the adapter or the data loads anew."""
     key = (
         replace(cfg, federation=replace(cfg.federation, rounds=0), server_opt=type(cfg.server_opt)()),
         data_path,

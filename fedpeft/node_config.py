@@ -1,6 +1,7 @@
 """A device's node config, typed: `fedpeft client` writes it (node-config.toml beside the SuperNode) and the
-ClientApp reads it on every message. In simulation there is none (Flower's node config then holds only
-`partition-id`). Nothing the server sends can change it: it carries the device's own security policy."""
+ClientApp reads it on every message, then forwards the task to the device's resident worker (`worker`). In
+simulation there is none (Flower's node config then holds only `partition-id`). Nothing the server sends
+can change it: it carries the device's own security policy."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class DeviceNode:
     personal_dir: str = ""  # the personal adapter store: never leaves the device
     require_secagg: bool = False  # refuse plain training rounds
     min_neighbours: int = MIN_NEIGHBOURS  # the fewest other clients this device's update is masked with
+    worker: str = ""  # the resident worker's socket (fedpeft.worker); "": run each task in the ClientApp
+    max_memory: int = 0  # MiB the training process may use (0: no limit): micro-batches that fit
 
     def to_node_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}

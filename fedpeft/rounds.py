@@ -19,8 +19,13 @@ from fedpeft.federation import ServerState, aggregate_round, check_update, skip_
 
 log = logging.getLogger("fedpeft")
 
-PLAIN_STAGES = ("load", "train", "personal")  # where a client's time goes, reported as <stage>_seconds
-SECURE_STAGES = ("load", "train", "mask", "personal")  # mask: encoding and masking (secure stage 3)
+# where a client's time goes, reported as <stage>_seconds; wait: its messages waiting to start (transport,
+# the SuperNode's poll, the ClientApp's process start); mask: encoding and masking (secure stage 3)
+PLAIN_STAGES = ("load", "train", "personal", "wait")
+SECURE_STAGES = ("load", "train", "mask", "personal", "wait")
+# what a device says of itself, kept next to its seconds when it reports them: base loads since it started
+# (1 when the worker keeps its base resident) and the peak RSS of its processes
+DEVICE_FIGURES = ("base_loads", "peak_rss_mib")
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,7 @@ class TrainResult:
     user: str
     examples: float  # training tokens: the weight of its loss
     loss: float  # mean training loss over its local steps
-    seconds: dict[str, float]  # by stage (PLAIN_STAGES or SECURE_STAGES)
+    seconds: dict[str, float]  # by stage (PLAIN_STAGES or SECURE_STAGES), and the DEVICE_FIGURES it sent
 
 
 def train_result(
@@ -49,6 +54,9 @@ def train_result(
         s: float(m[f"{s}_seconds"] if s == "train" and not lenient else m.get(f"{s}_seconds", 0.0))
         for s in stages
     }
+    for k in DEVICE_FIGURES:
+        if k in m:
+            seconds[k] = float(m[k])
     return TrainResult(user, examples, loss, seconds)
 
 

@@ -67,7 +67,7 @@ class _Link:
         answers, not by its sender: an error reply the SuperLink makes for a node that stopped sending
         heartbeats (a device gone mid-round) comes from the SuperLink's own node id."""
         order = list(messages.items())
-        replies = self.grid.send_and_receive([m for _, m in order])
+        replies = _send_and_receive(self.grid, [m for _, m in order])
         key_of = {m.metadata.message_id: k for k, m in order}
         answered = [r for r in replies if r.metadata.reply_to_message_id in key_of]
         return {key_of[r.metadata.reply_to_message_id]: r for r in answered}
@@ -76,6 +76,23 @@ class _Link:
         """The task (naming each client's index and the base), and the global adapter, to each client."""
         node_of, task_for = self.roster.node_of, self.roster.task
         return self.exchange({c: self.message(node_of[c], kind, task_for(c, **task), arrays) for c in to})
+
+
+POLL_SECONDS = 0.1  # Grid.send_and_receive sleeps 3 s between pulls (flwr 1.42), longer than most stages
+
+
+def _send_and_receive(grid: Grid, messages: list[Message]) -> list[Message]:
+    """Grid.send_and_receive with a short poll: push, then pull until every message has its reply (the
+    SuperLink answers for a node that died with an error reply, so this ends)."""
+    waiting = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        replies += got
+        waiting -= {m.metadata.reply_to_message_id for m in got}
+        if waiting and not got:
+            time.sleep(POLL_SECONDS)
+    return replies
 
 
 def _error_text(reply: Message) -> str:

@@ -37,7 +37,7 @@ def _update(value: float, examples: float, loss: float, fingerprint: str = FP) -
 
 def test_train_result_of_a_plain_round_needs_count_loss_and_time() -> None:
     r = train_result("ann", {"num-examples": 5, "train_loss": 2.5, "train_seconds": 3}, PLAIN_STAGES)
-    assert r == TrainResult("ann", 5.0, 2.5, {"load": 0.0, "train": 3.0, "personal": 0.0})
+    assert r == TrainResult("ann", 5.0, 2.5, {"load": 0.0, "train": 3.0, "personal": 0.0, "wait": 0.0})
     with pytest.raises(KeyError):
         train_result("ann", {"num-examples": 5, "train_seconds": 3}, PLAIN_STAGES)
 
@@ -45,7 +45,13 @@ def test_train_result_of_a_plain_round_needs_count_loss_and_time() -> None:
 def test_train_result_of_a_secure_round_reads_what_is_there() -> None:
     r = train_result("ann", {"num-examples": -3.0, "mask_seconds": 0.25}, SECURE_STAGES, lenient=True)
     assert r.examples == 1e-12 and r.loss == 0.0
-    assert r.seconds == {"load": 0.0, "train": 0.0, "mask": 0.25, "personal": 0.0}
+    assert r.seconds == {"load": 0.0, "train": 0.0, "mask": 0.25, "personal": 0.0, "wait": 0.0}
+
+
+def test_train_result_keeps_what_a_device_says_of_itself() -> None:
+    m = {"num-examples": 5, "train_loss": 2.5, "train_seconds": 3, "base_loads": 1, "peak_rss_mib": 612.5}
+    r = train_result("ann", m, PLAIN_STAGES)
+    assert r.seconds["base_loads"] == 1.0 and r.seconds["peak_rss_mib"] == 612.5
 
 
 def test_train_metrics_weight_the_loss_by_examples() -> None:
@@ -82,7 +88,12 @@ def test_plain_round_aggregates_the_valid_updates_and_names_the_refused(
     assert m["rejected"][1]["reason"].startswith("base fingerprint eeeeeeeeeeee differs")
     assert m["bytes_up"] == 3 * 32 and m["bytes_down"] == 4 * 32
     assert m["train_loss"] == pytest.approx(3.5) and m["train_seconds_max"] == pytest.approx(0.3)
-    assert m["client_seconds"]["ann"] == {"load": 1.0, "train": pytest.approx(0.1), "personal": 0.0}
+    assert m["client_seconds"]["ann"] == {
+        "load": 1.0,
+        "train": pytest.approx(0.1),
+        "personal": 0.0,
+        "wait": 0.0,
+    }
     assert "refused dan" in caplog.text
 
 
@@ -125,7 +136,13 @@ def test_secure_metrics_use_the_same_training_figures_as_a_plain_round() -> None
     assert m["secagg_k"] == 3 and m["secagg_t"] == 2 and m["skipped"] is False
     assert m["bytes_up"] == 4 * 9 * 2 + 1000
     assert m["train_loss"] == pytest.approx(3.5) and m["train_seconds_sum"] == 12.0
-    assert m["client_seconds"]["ann"] == {"load": 0.0, "train": 5.0, "mask": 0.5, "personal": 0.0}
+    assert m["client_seconds"]["ann"] == {
+        "load": 0.0,
+        "train": 5.0,
+        "mask": 0.5,
+        "personal": 0.0,
+        "wait": 0.0,
+    }
     assert [r["client"] for r in m["rejected"]] == ["bob", "dan"]
 
 

@@ -1,14 +1,16 @@
 """`fedpeft client`: a Flower SuperNode on an edge device, with the owner's own text as private data.
 
-The device needs no Ray and no GPU. What it keeps in its store (`--store`):
-  base/              the base model converted once from its packaged or given file (quantized at load)
-  node-config.toml   what our ClientApp reads: data path, user name, base location
+The device needs no Ray and no GPU. What it keeps in its store (`--store`, mode 0700):
+  base/              the base model converted once from its packaged or given file (kept quantized too)
+  node-config.toml   what our ClientApp reads: data path, user name, base location, worker socket, policy
+  worker.sock        the resident worker's socket (0600)
+  base-loads         one line per base load since this client started (reported as `base_loads`)
   personal/<user>/   the personal adapter, the last global adapter and choice.json, when the federation
                      personalizes (--personalize); never sent anywhere
-  supernode.log      (when started by `fedpeft deploy-local`)
-Flower's SuperNode runs each message in a fresh ClientApp process; that process loads the base from
-the store (about a second for the default model, see README) and exits, so between rounds the device
-holds only the SuperNode itself.
+Two processes of ours run on the device: this one, which supervises the SuperNode and the resident worker
+(fedpeft.worker: the base, the tokenized text and the personal store, loaded once), restarting either
+when it dies and stopping both on exit; and the worker. Flower's SuperNode starts a fresh ClientApp
+process per message; ours imports no torch and forwards the task to the worker.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ from fedpeft.checkpoint import atomic_write_bytes
 from fedpeft.deploy.processes import executable, flower_env, free_port, stop_tree
 from fedpeft.errors import FedpeftError
 from fedpeft.secagg.protocol import MIN_NEIGHBOURS
+from fedpeft.worker import LOADS_FILE
+from fedpeft.worker_link import socket_path
+
+# Flower's SuperExec looks for a task to launch every second by default; this is its supported setting
+# (flwr/supercore/superexec/run_superexec.py). The SuperNode's own 3 s poll of the SuperLink has none.
+TASK_POLL_SECONDS = 0.1
 
 log = logging.getLogger("fedpeft")
 
@@ -43,6 +51,7 @@ class ClientOptions:
     # mask them with at least this many neighbours.
     require_secagg: bool = False
     min_neighbours: int = MIN_NEIGHBOURS
+    max_memory: int = 0  # MiB for the training process (0: no limit); micro-batches that fit it
 
 
 def _check_server(address: str) -> None:
@@ -110,9 +119,13 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
         )
     if opts.key is not None:
         _check_key(opts.key)
+    if opts.max_memory < 0:
+        raise FedpeftError(f"--max-memory must be at least 0 MiB, got {opts.max_memory}")
     user = load_device_user(str(opts.data), opts.name)  # one-line error if there is no text
     store = opts.store.resolve()
     store.mkdir(parents=True, exist_ok=True)
+    store.chmod(0o700)  # the worker's socket lives here: only the device's owner may reach it
+    sock = socket_path(store)
     base_dir = _resolve_base(opts.model, store / "base")
     node = DeviceNode(
         data_path=str(opts.data.resolve()),
@@ -123,6 +136,8 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
         personal_dir=str(store / "personal"),
         require_secagg=opts.require_secagg,
         min_neighbours=opts.min_neighbours,
+        worker=str(sock),
+        max_memory=opts.max_memory,
     )
     node_file = store / "node-config.toml"
     atomic_write_bytes(node_file, tomli_w.dumps(node.to_node_config()).encode())
@@ -150,40 +165,86 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
     return node_file, args
 
 
+class Worker:
+    """The resident worker (fedpeft.worker), restarted when it dies. Crashes in a row that each come
+    within a minute of their start mean it cannot run (say, the store is broken): then give up."""
+
+    MAX_QUICK_CRASHES = 5
+
+    def __init__(self, store: Path, env: dict[str, str]) -> None:
+        self.store, self.env = store, env
+        self.quick_crashes = 0
+        (store / LOADS_FILE).unlink(missing_ok=True)  # base_loads counts from this client's start
+        self.proc = self._start()
+
+    def _start(self) -> subprocess.Popen:
+        import sys
+
+        self.started = time.monotonic()
+        return subprocess.Popen([sys.executable, "-m", "fedpeft.worker", str(self.store)], env=self.env)
+
+    def check(self) -> None:
+        """Restart the worker if it has exited; raise FedpeftError when it keeps dying at start."""
+        code = self.proc.poll()
+        if code is None:
+            return
+        quick = time.monotonic() - self.started < 60
+        self.quick_crashes = self.quick_crashes + 1 if quick else 0
+        if code == 2 or self.quick_crashes >= self.MAX_QUICK_CRASHES:  # 2: it refused its store or config
+            raise FedpeftError(
+                f"the device worker exited with code {code} and cannot be restarted; see its log above"
+            )
+        log.warning(
+            "the device worker exited with code %s; restarting it (this round counts it as a dropout)", code
+        )
+        self.proc = self._start()  # it loads the base again, and base_loads counts that
+
+    def stop(self) -> None:
+        stop_tree(self.proc.pid, timeout=10.0)
+
+
 def run_client(opts: ClientOptions) -> int:
-    """Run the SuperNode in the foreground until the user interrupts; returns its exit code.
+    """Run the resident worker and the SuperNode until the user interrupts; returns the exit code.
 
     Flower's SuperNode retries a lost connection itself, but exits when its first activation fails (the
     server is not up yet, or has not registered this key yet); we start it again with a growing pause,
-    so a device may come up before its server and rides out server restarts."""
+    so a device may come up before its server and rides out server restarts. The worker is restarted
+    whenever it dies."""
     _, args = prepare(opts)
-    extra = {}
-    if opts.threads:  # read by torch in every ClientApp process the SuperNode starts
-        extra = {"OMP_NUM_THREADS": str(opts.threads), "MKL_NUM_THREADS": str(opts.threads)}
-    env = flower_env(opts.store.resolve() / "flwr", extra)
+    extra = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(TASK_POLL_SECONDS)}
+    if opts.threads:  # read by torch in the worker
+        extra |= {"OMP_NUM_THREADS": str(opts.threads), "MKL_NUM_THREADS": str(opts.threads)}
+    store = opts.store.resolve()
+    env = flower_env(store / "flwr", extra)
+    worker = Worker(store, env)
     log.info("connecting to %s (reconnects on its own if the server goes away)", opts.server)
     start, pause = time.monotonic(), 2.0
-    while True:
-        proc = subprocess.Popen(args, env=env, start_new_session=True)
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt:
-            return 130
-        finally:
-            stop_tree(proc.pid)
-        if code == 0:
-            return 0
-        if opts.max_wait is not None and time.monotonic() - start + pause > opts.max_wait:
-            log.error("gave up after --max-wait %.0f s", opts.max_wait)
-            return code
-        log.warning(
-            "the server at %s did not accept this device (not reachable, or this key is not registered "
-            "there); trying again in %.0f s",
-            opts.server,
-            pause,
-        )
-        try:
-            time.sleep(pause)
-        except KeyboardInterrupt:
-            return 130
-        pause = min(pause * 2, 30.0)
+    try:
+        while True:
+            proc = subprocess.Popen(args, env=env, start_new_session=True)
+            try:
+                while (code := proc.poll()) is None:
+                    worker.check()
+                    time.sleep(0.5)
+            finally:
+                stop_tree(proc.pid)
+            if code == 0:
+                return 0
+            if opts.max_wait is not None and time.monotonic() - start + pause > opts.max_wait:
+                log.error("gave up after --max-wait %.0f s", opts.max_wait)
+                return code
+            log.warning(
+                "the server at %s did not accept this device (not reachable, or this key is not registered "
+                "there); trying again in %.0f s",
+                opts.server,
+                pause,
+            )
+            deadline = time.monotonic() + pause
+            while time.monotonic() < deadline:
+                worker.check()
+                time.sleep(0.5)
+            pause = min(pause * 2, 30.0)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        worker.stop()

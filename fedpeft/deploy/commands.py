@@ -111,6 +111,14 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="CPU threads for training (default: all cores; set it when devices share a machine)",
     )
+    k.add_argument(
+        "--max-memory",
+        type=int,
+        default=0,
+        metavar="MiB",
+        help="memory the training process may use: micro-batches that fit it, the same effective batch; "
+        "a budget too small is refused naming the smallest that works (default: no limit)",
+    )
     sec = k.add_argument_group("this device's protection (the server cannot lower it)")
     sec.add_argument(
         "--require-secagg",
@@ -213,6 +221,7 @@ def cmd_client(a: argparse.Namespace) -> None:
             threads=a.threads,
             require_secagg=a.require_secagg,
             min_neighbours=a.min_neighbours,
+            max_memory=a.max_memory,
         )
     )
     if code not in (0, 130, -15):

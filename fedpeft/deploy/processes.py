@@ -152,6 +152,30 @@ def descendants(pid: int, table: dict[int, Proc] | None = None) -> list[int]:
     return seen
 
 
+def peak_rss(pid: int | None = None) -> int:
+    """A process's peak resident set (VmHWM, bytes); 0 when it is gone. Without /proc (macOS) only this
+    process's own peak is known."""
+    try:
+        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if pid is None or pid == os.getpid():
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+    return 0
+
+
+def tree_peak_rss(root: int | None = None) -> int:
+    """Sum of the peak RSS of `root` (default: this process) and of every live process below it: an upper
+    bound of the tree's peak, since the processes need not have peaked at the same moment."""
+    root = root or os.getpid()
+    return sum(peak_rss(p) for p in [root, *descendants(root)])
+
+
 def _signal(pids: list[int], sig: int) -> None:
     for p in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord
 
-from client.app import _check_base
+from client.tasks import check_base
 from fedpeft.data import _read_folder, load_device_user
 from fedpeft.deploy.certs import make_certs
 from fedpeft.errors import FedpeftError
@@ -81,10 +81,10 @@ def test_server_refuses_unsafe_or_incomplete_setups(tmp_path: Path, certs: Path)
 
 
 def test_a_device_refuses_another_base_before_training() -> None:
-    _check_base(ConfigRecord({"fingerprint": "a" * 64}), "a" * 64)
-    _check_base(ConfigRecord({}), "a" * 64)  # registration: nothing to compare yet
+    check_base(ConfigRecord({"fingerprint": "a" * 64}), "a" * 64)
+    check_base(ConfigRecord({}), "a" * 64)  # registration: nothing to compare yet
     with pytest.raises(FedpeftError, match="differs from the federation's"):
-        _check_base(ConfigRecord({"fingerprint": "b" * 64}), "a" * 64)
+        check_base(ConfigRecord({"fingerprint": "b" * 64}), "a" * 64)
 
 
 def test_device_text_reads_as_in_a_corpus_folder(tmp_path: Path) -> None:

@@ -243,3 +243,46 @@ def test_a_serverapp_that_dies_is_reported_and_everything_stops(
     assert "the ServerApp ended without a result" in local.log_path.read_text()
     # what it had checkpointed is still there to --resume from
     assert (out / "server" / "checkpoints" / "round-000").is_dir()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_each_device_loads_its_base_once_and_a_worker_killed_mid_round_is_restarted(
+    deployment: Deployment, tmp_path: Path, users: Path, cache_dir: str
+) -> None:
+    """The resident worker: one base load per device over a secure federation; bob's worker killed while
+    it trains in round 1 makes bob that round's stage-3 dropout, `fedpeft client` restarts it, and bob is
+    back (with a second load) from round 2 on."""
+    out = tmp_path / "dl"
+    flags = _flags(users, cache_dir, "--clients", "4", "--rounds", "3", "--secagg", "--local-steps", "60")
+    local = deployment.fedpeft("deploy-local", "deploy-local", *flags, "--out", str(out))
+    bob_log = out / "clients" / "bob" / "client.log"
+    deadline = time.monotonic() + 300
+    while not bob_log.is_file() or bob_log.read_text(errors="replace").count("Receiving: train message") < 3:
+        assert time.monotonic() < deadline and local.alive(), local.log_tail(20)
+        time.sleep(0.1)
+    worker = _pid_of("fedpeft.worker", str(out / "clients" / "bob"))
+    idle = _cpu_seconds(worker)
+    while _cpu_seconds(worker) < idle + 0.5:  # it has started training
+        assert time.monotonic() < deadline and local.alive(), local.log_tail(20)
+        time.sleep(0.05)
+    os.kill(worker, signal.SIGKILL)
+    assert deployment.wait(local, 600) == 0, local.log_tail(30)
+
+    history = deployment.metrics() or [
+        json.loads(line) for line in (out / "server" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [h["round"] for h in history] == [0, 1, 2, 3]
+    one = history[1]
+    assert [r["client"] for r in one["rejected"]] == ["bob"] and "stage 3" in one["rejected"][0]["reason"]
+    assert one["accepted"] == ["alice", "carol", "dave"]
+    for h in history[2:]:
+        assert h["accepted"] == ["alice", "bob", "carol", "dave"]
+    for h in history[1:]:
+        for name, figures in h["client_seconds"].items():
+            assert figures["base_loads"] == (2 if name == "bob" else 1), (h["round"], name, figures)
+            assert figures["peak_rss_mib"] > 100 and figures["wait"] >= 0
+    assert "the device worker exited" in bob_log.read_text()

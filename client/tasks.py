@@ -1,0 +1,174 @@
+"""The work behind each message, shared by every way a client runs: a simulated client calls it in its Ray
+actor, a device in its resident worker (fedpeft.worker) that the ClientApp forwards to. Records in,
+records out; the base is loaded once per process (fedpeft.device.get_device).
+
+Tasks: "describe" (fingerprint, name, optionally the adapter schema and initial state), "train" (a plain
+round's delta), "update" (secure stage 3: the flat delta the ClientApp masks), "evaluate" (held-out loss,
+and personalization after the last round). Personal adapters stay in the store: replies carry the shared
+keys' delta and scalar metrics only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, NamedTuple
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from client.records import arrays_to_record, record_to_arrays
+from fedpeft.config import RunConfig
+from fedpeft.config_io import from_run_config
+from fedpeft.errors import FedpeftError
+from fedpeft.node_config import DeviceNode
+
+if TYPE_CHECKING:
+    from fedpeft.device import Device
+
+STATS = {"root_pid": 0, "loads_before": 0}  # set by the device worker: its device's process tree, loads
+
+
+def config_for(content: RecordDict, node: DeviceNode | None) -> RunConfig:
+    cfg = from_run_config(dict(content["config"]))
+    if node is not None:  # a real device: its own copy of the base and its own cache
+        base = replace(
+            cfg.base, model=node.model or cfg.base.model, cache_dir=node.cache_dir or cfg.base.cache_dir
+        )
+        # the server's path means nothing here: a device keeps its personal adapters in its own store
+        cfg = replace(cfg, base=base, personal=replace(cfg.personal, store=node.personal_dir))
+        if node.max_memory:  # the device's own budget: micro-batches that fit, same effective batch
+            cfg = replace(cfg, train=replace(cfg.train, max_memory=node.max_memory))
+    return cfg
+
+
+class Setup(NamedTuple):
+    device: Device
+    local: int  # this process's data index
+    client: int  # the client's index in the federation
+    load_seconds: float  # spent loading the base for this message (0 when the process already held it)
+
+
+def setup(content: RecordDict, node: DeviceNode | None, partition: int) -> Setup:
+    start = time.perf_counter()
+    from fedpeft.device import get_device
+
+    cfg = config_for(content, node)
+    task = content["task"]
+    if node is not None:
+        device, local = get_device(cfg, data_path=node.data_path, name=node.name), 0
+    else:
+        device, local = get_device(cfg), partition
+    client = int(task.get("client", local))
+    load_seconds = time.perf_counter() - start
+    check_base(task, device.fingerprint)
+    return Setup(device, local, client, load_seconds)
+
+
+def check_base(task: ConfigRecord, mine: str) -> None:
+    """Refuse before training: an update computed on another base would be meaningless to the federation."""
+    expected = task.get("fingerprint")
+    if expected and expected != mine:
+        raise FedpeftError(
+            f"refused: this device's base (fingerprint {mine[:16]}) differs from the federation's "
+            f"({str(expected)[:16]}); use the same model file and --quant as the server"
+        )
+
+
+def info(device: Device, local: int, client: int) -> ConfigRecord:
+    data = device.clients[local]
+    return ConfigRecord(
+        {
+            "fingerprint": device.fingerprint,
+            "client": client,
+            "name": data.user,
+            "num-examples": data.train_tokens,
+        }
+    )
+
+
+def device_stats() -> dict[str, float]:
+    """How often this device has loaded its base since it started, and the peak RSS of its processes."""
+    from fedpeft.deploy.processes import tree_peak_rss
+    from fedpeft.device import BASE_LOADS
+
+    root = STATS["root_pid"] or None
+    return {
+        "base_loads": float(STATS["loads_before"] + BASE_LOADS[0]),
+        "peak_rss_mib": round(tree_peak_rss(root) / 2**20, 1),
+    }
+
+
+def describe(content: RecordDict, node: DeviceNode | None, partition: int) -> RecordDict:
+    device, local, client, _ = setup(content, node, partition)
+    record = info(device, local, client)
+    if node is not None:
+        del record["client"]  # a device has no index until the server assigns one
+    out = RecordDict({"info": record})
+    if content["task"].get("with-init", False):
+        out["description"] = ConfigRecord({"json": json.dumps(device.describe().to_json())})
+        out["init"] = arrays_to_record(device.init_state)
+    return out
+
+
+def _fit(content: RecordDict, node: DeviceNode | None, partition: int):
+    device, local, client, load_seconds = setup(content, node, partition)
+    rnd = int(content["task"]["round"])
+    result = device.fit(local, record_to_arrays(content["arrays"]), rnd, client)
+    metrics = {
+        "num-examples": float(result.num_examples),
+        "train_loss": result.train_loss,
+        "train_seconds": result.seconds,
+        "load_seconds": load_seconds,
+        "personal_seconds": result.personal_seconds,
+        **device_stats(),
+    }
+    return device, local, client, result, metrics
+
+
+def train(content: RecordDict, node: DeviceNode | None, partition: int) -> RecordDict:
+    device, local, client, result, metrics = _fit(content, node, partition)
+    return RecordDict(
+        {
+            "delta": arrays_to_record(result.delta),
+            "metrics": MetricRecord(metrics),
+            "info": info(device, local, client),
+        }
+    )
+
+
+def update(content: RecordDict, node: DeviceNode | None, partition: int) -> RecordDict:
+    """Secure stage 3's local training: the delta flattened in the travel keys' order, and its weight."""
+    from fedpeft.secagg.flower import flatten
+
+    device, local, client, result, metrics = _fit(content, node, partition)
+    flat = flatten(result.delta, device.keys)
+    return RecordDict(
+        {
+            "update": ArrayRecord({"flat": Array(flat)}),
+            "metrics": MetricRecord(metrics),
+            "info": info(device, local, client),
+        }
+    )
+
+
+def evaluate(content: RecordDict, node: DeviceNode | None, partition: int) -> RecordDict:
+    device, local, client, _ = setup(content, node, partition)
+    task = content["task"]
+    arrays = record_to_arrays(content["arrays"])
+    out = RecordDict({"info": info(device, local, client)})
+    if task.get("personal", False) and device.method != "none":
+        result = device.personalize(local, arrays, int(task["round"]), client)
+        loss, tokens = result.pop("eval_loss"), result.pop("eval_tokens")
+        out["personal"] = ConfigRecord(result)  # scalars and short strings: nothing of the adapter
+    else:
+        loss, tokens = device.evaluate(local, arrays)
+    out["metrics"] = MetricRecord({"eval_loss": loss, "eval_tokens": tokens})
+    return out
+
+
+TASKS = {"describe": describe, "train": train, "update": update, "evaluate": evaluate}
+
+
+def run(kind: str, content: RecordDict, node: DeviceNode | None, partition: int = 0) -> RecordDict:
+    return TASKS[kind](content, node, partition)
