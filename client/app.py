@@ -156,7 +156,34 @@ def _secagg_stage(msg: Message, context: Context, waited: float) -> RecordDict:
     return reply
 
 
+def _advertise_ahead(msg: Message, context: Context) -> ConfigRecord | None:
+    """Stage 1 of the next secure round, folded into this round's last message (the evaluation): the same
+    checks and state as a stage-1 message. A refusal keeps the keys back; the server then asks in a
+    stage-1 message of the next round, and the refusal is recorded there."""
+    from fedpeft.secagg.flower import handle
+    from fedpeft.secagg.protocol import SecAggAbort
+
+    task, client = dict(msg.content["secagg-next"]), int(msg.content["task"]["client"])
+    if int(task.get("secagg-stage", 0)) != 1:
+        return None
+    try:
+        out = handle(task, msg.content, context.state, client, _no_update, None, _min_neighbours(context))
+    except (SecAggAbort, FedpeftError) as e:
+        if "data-path" in context.node_config:
+            print(f"fedpeft: {e}", file=sys.stderr, flush=True)
+        return None
+    context.state[WAIT_KEY] = MetricRecord({"seconds": 0.0})
+    return out["keys"]
+
+
+def _no_update():
+    raise AssertionError("stage 1 trains nothing")
+
+
 @app.evaluate()
 @user_errors
 def evaluate(msg: Message, context: Context) -> Message:
-    return Message(_run("evaluate", msg, context), reply_to=msg)
+    reply = _run("evaluate", msg, context)
+    if "secagg-next" in msg.content and (keys := _advertise_ahead(msg, context)) is not None:
+        reply["secagg-keys"] = keys
+    return Message(reply, reply_to=msg)

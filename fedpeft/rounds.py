@@ -145,6 +145,7 @@ def secure_metrics(
         "accepted": [names[c] for c in survivors],
         "secagg_k": report["k"],
         "secagg_t": report["t"],
+        "secagg_stages": report.get("stages", 5),
         "bytes_up": 4 * dim * len(survivors) + report["bytes_up_keys"],
         **train_metrics(results),
     }

@@ -10,6 +10,7 @@ text, checkpoint, write metrics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -55,6 +56,8 @@ class _Link:
     grid: Grid
     config: ConfigRecord
     roster: Roster = field(default_factory=Roster)
+    # keys clients advertised for the next secure round with their evaluation: {client: (task, keys)}
+    advertised: dict[int, tuple[dict[str, Any], tuple[bytes, bytes, bytes]]] = field(default_factory=dict)
 
     def message(self, node: int, kind: str, task: dict[str, Any], arrays: Arrays | None = None) -> Message:
         content = RecordDict({"config": self.config, "task": ConfigRecord(task)})
@@ -128,13 +131,29 @@ def _register(link: _Link, cfg: RunConfig, pinned: str = "") -> tuple[AdapterDes
     return description, record_to_arrays(reply.content["init"])
 
 
-def _evaluate(link: _Link, state: ServerState, personal: bool = False) -> dict[str, Any]:
+def _evaluate(
+    link: _Link, state: ServerState, personal: bool = False, ahead: dict[int, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The global adapter on every client's held-out text; with `personal`, each client also evaluates its
-    personal adapter and reports which of the two it keeps (scalars only)."""
+    personal adapter and reports which of the two it keeps (scalars only). `ahead`: the next secure round's
+    stage-1 tasks, which ride along (fedpeft.secagg.server.advertise_ahead); their keys go to
+    link.advertised."""
     arrays, members, names = state.travel_arrays(), link.roster.on_base(), link.roster.names
     task = {"round": state.round, **({"personal": True} if personal else {})}
+    ahead = ahead or {}
+    messages = {c: link.message(link.roster.node_of[c], MessageType.EVALUATE, link.roster.task(c, **task), arrays)
+                for c in members}  # fmt: skip
+    for c, stage1 in ahead.items():
+        if c in messages:
+            messages[c].content["secagg-next"] = ConfigRecord(stage1)
     results = []
-    for c, reply in sorted(link.send(MessageType.EVALUATE, task, members, arrays).items()):
+    link.advertised = {}
+    for c, reply in sorted(link.exchange(messages).items()):
+        if c in ahead and not reply.has_error() and "secagg-keys" in reply.content:
+            from fedpeft.secagg.flower import read_keys
+
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                link.advertised[c] = (ahead[c], read_keys(reply.content, "secagg-keys"))
         if reply.has_error():
             log.warning("evaluation failed on %s: %s", names[c], _error_text(reply))
             continue
@@ -174,7 +193,19 @@ def _secure_round(link: _Link, cfg: RunConfig, state: ServerState) -> tuple[Serv
             messages[c].content.update({k: record for k, record in p.items() if k != "task"})
         return link.exchange(messages)
 
-    return secure_round(state, cfg, roster.names, roster.examples, roster.sample(cfg.federation, rnd), send)
+    advertised, link.advertised = link.advertised, {}  # each advertisement serves one round
+    sampled = roster.sample(cfg.federation, rnd)
+    return secure_round(state, cfg, roster.names, roster.examples, sampled, send, advertised)
+
+
+def _ahead(link: _Link, cfg: RunConfig, state: ServerState) -> dict[int, dict[str, Any]]:
+    """The next secure round's stage 1, to fold into this round's evaluation (one stage less a round)."""
+    from fedpeft.secagg.server import advertise_ahead
+
+    rnd = state.round + 1
+    if not cfg.federation.secagg or rnd > cfg.federation.rounds:
+        return {}
+    return advertise_ahead(cfg, state.info.fingerprint, rnd, link.roster.sample(cfg.federation, rnd))
 
 
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None = None) -> ServerState:
@@ -193,14 +224,17 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
         log.info("resuming after round %d from %s", state.round, checkpoint)
     else:
         state = initial_state(description, init)
-        state.history = [{"round": 0, **_evaluate(link, state), "train_loss": None}]
+        state.history = [
+            {"round": 0, **_evaluate(link, state, ahead=_ahead(link, cfg, state)), "train_loss": None}
+        ]
         save_round(run_dir, state, cfg)
     progress = rounds.Progress(cfg, state)
     while state.round < cfg.federation.rounds:
         start = time.perf_counter()
         state, metrics = (_secure_round if cfg.federation.secagg else _train_round)(link, cfg, state)
         eval_start = time.perf_counter()
-        metrics.update(_evaluate(link, state, evaluation.personal_round(cfg, state.round)))
+        personal = evaluation.personal_round(cfg, state.round)
+        metrics.update(_evaluate(link, state, personal, _ahead(link, cfg, state)))
         metrics["eval_seconds"] = time.perf_counter() - eval_start
         evaluation.add_base(metrics, state.history)
         metrics["seconds"] = time.perf_counter() - start

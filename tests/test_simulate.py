@@ -151,6 +151,8 @@ def test_secagg_equals_plain_aggregation_within_quantization_error(
     simulate(cfg, tmp_path / "plain")
     state = simulate(_secagg(cfg, secagg=True, secagg_k=2), tmp_path / "secure")
     assert state.history[-1]["secagg"] and state.history[-1]["secagg_k"] == 2
+    # each round's keys came with the previous round's evaluation: four stages, not five
+    assert [h["secagg_stages"] for h in state.history[1:]] == [4, 4]
     # 4 bytes per parameter plus O(k) key material
     params = sum(v.size for v in _global(tmp_path / "plain").values())
     assert state.history[-1]["bytes_up"] / 5 < 4 * (params + 1) + 2000

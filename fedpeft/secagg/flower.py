@@ -9,15 +9,17 @@ masking, so a client that drops during training is a stage-3 dropout.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
+from fedpeft.secagg.graph import neighbours as make_graph
 from fedpeft.secagg.protocol import (
     MIN_NEIGHBOURS,
+    Keys,
     SecAggAbort,
     SecAggClient,
     SecAggRefused,
@@ -73,6 +75,21 @@ def _from_bytes_record(r: ConfigRecord) -> dict[int, bytes]:
 # --- server ------------------------------------------------------------------------------------------
 
 
+def stage1_tasks(
+    clients: list[int], params: SecAggParams, tag: bytes, seed: int
+) -> dict[int, dict[str, Any]]:
+    """Each client's stage-1 task (advertise keys for this graph): the same whether it travels as stage 1
+    or ahead of its round, folded into the previous round's last message (`advertised` below)."""
+    t = params.threshold or default_threshold(params.k, len(clients))
+    graph = make_graph(sorted(clients), params.k, seed)
+    base = {"tag": tag, "k": params.k, "t": t, "seed": seed, "secagg-stage": 1}
+    return {c: {**base, "me": c, "neighbours": ints(graph[c])} for c in clients}
+
+
+def read_keys(content: RecordDict, record: str = "keys") -> Keys:
+    return tuple(bytes(content[record][x]) for x in "csv")  # type: ignore[return-value]
+
+
 def secure_sum(
     send: Callable[[dict[int, dict[str, Any]]], dict[int, Message]],
     clients: list[int],
@@ -82,21 +99,30 @@ def secure_sum(
     tag: bytes,
     seed: int,
     report: dict[str, Any] | None = None,
+    advertised: Mapping[int, tuple[dict[str, Any], Keys]] | None = None,
 ) -> tuple[np.ndarray, list[int], dict]:
     """Run the five stages with `clients`; `send({client: records})` delivers one message per client and
     returns the replies by client (an error reply counts as a dropout). Returns (ring sum of the survivors'
     inputs [dim] uint32, survivors, report). Raises SecAggAbort when too few survive a stage; a `report`
-    passed in holds what happened so far (who dropped or refused, at which stage, and why)."""
+    passed in holds what happened so far (who dropped or refused, at which stage, and why).
+
+    `advertised` holds keys clients already advertised for this round ({client: (the stage-1 task it
+    answered, its keys)}, see stage1_tasks); stage 1 then goes only to the others, and not at all when
+    every client advertised ahead: one message round trip less per round."""
     report = {} if report is None else report
     report.update(dropped={}, bytes_up_keys=0, excluded={})
     n = len(clients)
     t = params.threshold or default_threshold(params.k, n)
     server = SecAggServer(sorted(clients), params.k, t, tag, dim, seed)
     report.update(k=min(params.k, n - 1), t=t)
+    tasks = stage1_tasks(clients, params, tag, seed)
+    ahead = {c: keys for c, (task, keys) in (advertised or {}).items() if c in tasks and task == tasks[c]}
+    report["advertised_ahead"] = len(ahead)
+    report["stages"] = 5 if len(ahead) < len(clients) else 4  # message round trips this round takes
 
-    def ok(replies: dict[int, Message], stage: int) -> dict[int, Message]:
+    def ok(replies: dict[int, Message], stage: int, asked: list[int] = clients) -> dict[int, Message]:
         good = {c: m for c, m in replies.items() if not m.has_error()}
-        for c in set(clients) - set(good):
+        for c in set(asked) - set(good):
             reason = replies[c].error.reason.strip().splitlines()[-1][:300] if c in replies else ""
             report["dropped"].setdefault(c, f"stage {stage}" + (f" ({reason})" if reason else ""))
         return good
@@ -114,16 +140,9 @@ def secure_sum(
         return out
 
     base = {"tag": tag, "k": params.k, "t": t, "seed": seed}
-    r1 = ok(
-        send(
-            {
-                c: {"task": {**base, "secagg-stage": 1, "me": c, "neighbours": ints(server.graph[c])}}
-                for c in clients
-            }
-        ),
-        1,
-    )
-    keys = parsed(r1, 1, lambda content: tuple(bytes(content["keys"][x]) for x in "csv"))
+    rest = [c for c in clients if c not in ahead]
+    r1 = ok(send({c: {"task": tasks[c]} for c in rest}), 1, rest) if rest else {}
+    keys = {**ahead, **parsed(r1, 1, read_keys)}
     keys_for = server.receive_keys(keys)
     report["bytes_up_keys"] += 96 * len(keys)
 
@@ -214,8 +233,12 @@ def handle(
     stage = int(task["secagg-stage"])
     tag = bytes(task["tag"])
     if stage == 1:
-        if STATE_KEY in state and load_client(bytes(state[STATE_KEY]["client"])).tag == tag:
-            raise SecAggRefused(f"refused: stage 1 of a round client {me} has already begun")
+        if STATE_KEY in state:
+            old = load_client(bytes(state[STATE_KEY]["client"]))
+            # advertising again before anything was shared reveals nothing (a server that lost keys this
+            # client advertised ahead asks again); past that, a second session of one round is refused
+            if old.tag == tag and old.stage > 1:
+                raise SecAggRefused(f"refused: stage 1 of a round client {me} has already begun")
         state.pop(STATE_KEY, None)  # a new round: forget anything left of an unfinished one
         # the id this session's graph gives us (in fedpeft it is our client index anyway)
         client = SecAggClient(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from fedpeft import rounds
 from fedpeft.config import RunConfig, client_lr
 from fedpeft.federation import ServerState, apply_mean, skip_round
-from fedpeft.secagg.flower import SecAggParams, secure_sum, unflatten
+from fedpeft.secagg.flower import Keys, SecAggParams, secure_sum, stage1_tasks, unflatten
 from fedpeft.secagg.protocol import SecAggAbort
 from fedpeft.secagg.quantize import RingCode
 
@@ -32,6 +32,20 @@ def round_tag(fingerprint: str, seed: int, rnd: int) -> bytes:
     return f"{fingerprint[:16]}|seed-{seed}|round-{rnd}".encode()
 
 
+def _params(cfg: RunConfig) -> SecAggParams:
+    return SecAggParams(cfg.federation.secagg_k, cfg.federation.secagg_threshold or None)
+
+
+def advertise_ahead(
+    cfg: RunConfig, fingerprint: str, rnd: int, sampled: list[int]
+) -> dict[int, dict[str, Any]]:
+    """Round `rnd`'s stage-1 tasks, sent with round rnd - 1's last message so the round starts at stage 2."""
+    f = cfg.federation
+    if len(sampled) < max(2, f.min_clients):
+        return {}
+    return stage1_tasks(sampled, _params(cfg), round_tag(fingerprint, f.seed, rnd), f.seed + rnd)
+
+
 def secure_round(
     state: ServerState,
     cfg: RunConfig,
@@ -39,11 +53,12 @@ def secure_round(
     examples: Mapping[int, float],
     sampled: list[int],
     send: Callable[[dict[int, dict[str, Any]]], dict[int, Message]],
+    advertised: Mapping[int, tuple[dict[str, Any], Keys]] | None = None,
 ) -> tuple[ServerState, dict[str, Any]]:
     """One round with the `sampled` clients (`examples`: their registered training tokens, which bound the
     encoded weights). `send` as secure_sum takes it; the stage-3 message must carry the global adapter.
     An aborted round leaves the adapter unchanged and names who dropped or refused, and why. A client on
-    another base refuses at stage 1 and drops out there."""
+    another base refuses at stage 1 and drops out there. `advertised`: keys sent ahead (advertise_ahead)."""
     rnd, f = state.round + 1, cfg.federation
     arrays = state.travel_arrays()
     code = ring_code(cfg, [examples[c] for c in sampled])
@@ -60,9 +75,10 @@ def secure_round(
             raise SecAggAbort(
                 f"{len(sampled)} clients on the federation's base < min_clients {f.min_clients}"
             )
-        params = SecAggParams(f.secagg_k, f.secagg_threshold or None)
         tag = round_tag(state.info.fingerprint, f.seed, rnd)
-        total, survivors, report = secure_sum(send, sampled, dim, code, params, tag, f.seed + rnd, report)
+        total, survivors, report = secure_sum(
+            send, sampled, dim, code, _params(cfg), tag, f.seed + rnd, report, advertised
+        )
         if len(survivors) < f.min_clients:
             raise SecAggAbort(f"{len(survivors)} survivors < min_clients {f.min_clients}")
     except SecAggAbort as e:

@@ -24,8 +24,11 @@ def _run(
     weights: dict[int, float],
     fail: set[tuple[int, int]],
     mangle=None,
+    advertised=None,
+    states=None,
+    stages=None,
 ):
-    states = {c: RecordDict() for c in range(n)}
+    states = states if states is not None else {c: RecordDict() for c in range(n)}
 
     def send(payloads: dict[int, dict]) -> dict[int, Message]:
         out = {}
@@ -35,6 +38,8 @@ def _run(
                 if key != "task":
                     content[key] = record
             msg = Message(content, dst_node_id=c + 1, message_type="train")
+            if stages is not None:
+                stages.append((c, int(p["task"]["secagg-stage"])))
             if (c, int(p["task"]["secagg-stage"])) in fail:
                 continue  # this client is gone: no reply at all
             reply = handle(
@@ -52,7 +57,7 @@ def _run(
     dim = len(vectors[0])
     code = RingCode(clip=0.01, max_clients=n, max_weight=max(weights.values()))
     total, survivors, report = secure_sum(
-        send, list(range(n)), dim + 1, code, SecAggParams(k, None), b"tag", 0
+        send, list(range(n)), dim + 1, code, SecAggParams(k, None), b"tag", 0, advertised=advertised
     )
     weighted, weight = code.decode_sum(total)
     return weighted / weight, survivors, report, states
@@ -173,3 +178,59 @@ def test_a_malformed_reply_drops_its_client_not_the_round() -> None:
     assert survivors == [0, 1, 4, 5]
     assert "malformed reply" in report["dropped"][2] and "non-finite" in report["dropped"][3]
     np.testing.assert_allclose(mean, np.mean([vectors[c] for c in survivors], axis=0), atol=1e-8)
+
+
+def test_keys_advertised_ahead_skip_stage_1_and_leave_the_sum_unchanged() -> None:
+    """The next round's stage 1 rides on the previous round's last message: clients that advertised
+    ahead start at stage 2. An advertisement for another graph is not used: that client is asked again in
+    a stage-1 message, which it answers (nothing was shared yet)."""
+    from fedpeft.secagg.flower import stage1_tasks
+
+    rng = np.random.default_rng(2)
+    n, dim = 5, 50
+    vectors = {c: rng.uniform(-0.01, 0.01, dim) for c in range(n)}
+    weights = {c: 1.0 for c in range(n)}
+    tasks = stage1_tasks(list(range(n)), SecAggParams(2, None), b"tag", 0)
+    states = {c: RecordDict() for c in range(n)}
+    advertised = {}
+    for c in (0, 1, 2, 3):
+        task = tasks[c] if c != 3 else {**tasks[c], "neighbours": "0,1"}  # 3 answered another graph
+        keys = handle(dict(task), RecordDict(), states[c], c, lambda: None)["keys"]
+        advertised[c] = (task, tuple(bytes(keys[x]) for x in "csv"))
+    stages: list[tuple[int, int]] = []
+    mean, survivors, report, _ = _run(
+        n, 2, vectors, weights, set(), advertised=advertised, states=states, stages=stages
+    )
+    assert [c for c, stage in stages if stage == 1] == [3, 4]
+    assert report["advertised_ahead"] == 3 and survivors == list(range(n))
+    np.testing.assert_allclose(mean, np.mean([vectors[c] for c in range(n)], axis=0), atol=1e-8)
+    # all advertised ahead: no stage-1 message at all
+    states = {c: RecordDict() for c in range(n)}
+    advertised = {
+        c: (
+            tasks[c],
+            tuple(
+                bytes(v)
+                for v in handle(dict(tasks[c]), RecordDict(), states[c], c, lambda: None)["keys"].values()
+            ),
+        )
+        for c in range(n)
+    }
+    stages.clear()
+    _run(n, 2, vectors, weights, set(), advertised=advertised, states=states, stages=stages)
+    assert {stage for _, stage in stages} == {2, 3, 4, 5}
+
+
+def test_a_second_stage_1_after_keys_were_shared_is_refused() -> None:
+    from fedpeft.secagg.flower import stage1_tasks
+    from fedpeft.secagg.protocol import SecAggRefused
+
+    tasks = stage1_tasks([0, 1, 2], SecAggParams(2, None), b"tag", 0)
+    states = [RecordDict() for _ in range(3)]
+    keys = {c: handle(dict(tasks[c]), RecordDict(), states[c], c, lambda: None)["keys"] for c in range(3)}
+    handle(dict(tasks[0]), RecordDict(), states[0], 0, lambda: None)  # again, before sharing: fine
+    keys[0] = handle(dict(tasks[0]), RecordDict(), states[0], 0, lambda: None)["keys"]
+    pubkeys = ConfigRecord({str(j): b"".join(bytes(keys[j][x]) for x in "csv") for j in (1, 2)})
+    handle({**tasks[0], "secagg-stage": 2}, RecordDict({"pubkeys": pubkeys}), states[0], 0, lambda: None)
+    with pytest.raises(SecAggRefused, match="already begun"):
+        handle(dict(tasks[0]), RecordDict(), states[0], 0, lambda: None)
