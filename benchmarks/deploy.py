@@ -4,11 +4,12 @@
     python benchmarks/deploy.py --quick    # tiny model only (a smoke run of this script)
 
 1. New client, default model: seconds to convert the packaged base into an empty store, then to load
-   it quantized (what a device pays before its first round).
-2. Client side, default model, 3 clients, 2 secure rounds (`fedpeft deploy-local`): peak RSS of one
-   client's whole process tree (fedpeft client + SuperNode + SuperExec + the ClientApp process) and of
-   its ClientApp process alone; per-round device seconds split into base load, training and
-   encoding + masking (from the replies' metrics).
+   it quantized, then to load it again (what a device pays before its first round, and at a restart).
+2. Client side, default model, 3 clients, 5 secure rounds (`fedpeft deploy-local`): peak RSS of one
+   client's whole process tree (fedpeft client + its resident worker + SuperNode + SuperExec + the
+   ClientApp process), of its worker and of its ClientApp process alone, sampled every 0.3 s; per-round
+   device seconds split into base load, training, encoding + masking and waiting, and the devices'
+   base_loads (from the replies' metrics).
 3. Server side: peak RSS of the server's process tree (fedpeft server + SuperLink + SuperExec +
    ServerApp) with 3 and 20 clients on the tiny model, and with 3 clients on the default model.
 4. Round time of the deployment vs a simulation of the same config (ratio of medians).
@@ -35,12 +36,14 @@ from fedpeft.deploy.processes import descendants, process_table  # noqa: E402
 
 
 class Sampler:
-    """Every 0.3 s: RSS of the server tree, of each client tree and of each client's ClientApp process."""
+    """Every 0.3 s: RSS of the server tree, of each client tree, of each client's resident worker and of
+    its ClientApp process."""
 
     def __enter__(self) -> Sampler:
         self.server = 0
         self.client: dict[str, int] = {}
         self.clientapp: dict[str, int] = {}
+        self.worker: dict[str, int] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -61,6 +64,8 @@ class Sampler:
                     self.client[name] = max(self.client.get(name, 0), sum(p.rss for p in tree))
                     app = sum(p.rss for p in tree if "flwr-clientapp" in p.cmdline)
                     self.clientapp[name] = max(self.clientapp.get(name, 0), app)
+                    worker = sum(p.rss for p in tree if "fedpeft.worker" in p.cmdline)
+                    self.worker[name] = max(self.worker.get(name, 0), worker)
             time.sleep(0.3)
 
     def __exit__(self, *exc) -> None:
@@ -92,10 +97,15 @@ def deployment(cfg: RunConfig, out: Path) -> dict:
         "round_seconds_median": statistics.median(h["seconds"] for h in history[1:]),
         "ppl": [round(h["eval_ppl"], 3) for h in history],
         "device_seconds_median": {
-            k: round(statistics.median(c.get(k, 0.0) for c in split), 3) for k in ("load", "train", "mask")
+            k: round(statistics.median(c.get(k, 0.0) for c in split), 3)
+            for k in ("load", "train", "mask", "wait")
         },
+        "base_loads_max": max((c.get("base_loads", 0) for c in split), default=0),
+        "secagg_stages": [h.get("secagg_stages") for h in history[1:]],
+        "reported_peak_rss_mib_max": max((c.get("peak_rss_mib", 0) for c in split), default=0),
         "server_peak_rss_mib": _mib(s.server),
         "client_peak_rss_mib": {k: _mib(v) for k, v in sorted(s.client.items())},
+        "worker_peak_rss_mib": {k: _mib(v) for k, v in sorted(s.worker.items())},
         "clientapp_peak_rss_mib": {k: _mib(v) for k, v in sorted(s.clientapp.items())},
     }
 
@@ -119,9 +129,13 @@ def new_client(cache: Path) -> dict:
     t1 = time.perf_counter()
     base = load_base(BaseConfig(model="default", quant="nf4", cache_dir=str(cache)))
     t2 = time.perf_counter()
+    again = load_base(BaseConfig(model="default", quant="nf4", cache_dir=str(cache)))
+    t3 = time.perf_counter()
+    assert again.fingerprint == base.fingerprint
     return {
         "convert_seconds": round(t1 - t0, 1),
         "load_seconds": round(t2 - t1, 2),
+        "reload_seconds": round(t3 - t2, 2),
         "base_mib": _mib(base.nbytes),
     }
 
@@ -146,14 +160,14 @@ def main() -> None:
         )
 
     try:
-        tiny3 = cfg("tiny", 3, 2, True)
+        tiny3 = cfg("tiny", 3, 5, True)
         results["tiny_3_deploy"] = deployment(tiny3, work / "tiny3")
         results["tiny_3_sim"] = simulation(tiny3, work / "tiny3-sim")
         if not a.skip_20:
             results["tiny_20_deploy"] = deployment(cfg("tiny", 20, 1, False, fraction=0.2), work / "tiny20")
         if not a.quick:
             results["new_client"] = new_client(work / "empty-store")
-            default3 = cfg("default", 3, 2, True)
+            default3 = cfg("default", 3, 5, True)
             results["default_3_deploy"] = deployment(default3, work / "default3")
             results["default_3_sim"] = simulation(default3, work / "default3-sim")
     finally:
@@ -181,16 +195,27 @@ def main() -> None:
             f"| client peak RSS (whole tree), default model | {max(d['client_peak_rss_mib'].values()):.0f} MiB |"
         )
         rows.append(
+            f"| resident worker peak RSS, default model | {max(d['worker_peak_rss_mib'].values()):.0f} MiB |"
+        )
+        rows.append(
             f"| ClientApp process peak RSS, default model | {max(d['clientapp_peak_rss_mib'].values()):.0f} MiB |"
         )
-        sec = d["device_seconds_median"]
-        rows.append(
-            f"| device seconds per round (median): load / train / mask | {sec['load']:.2f} / {sec['train']:.2f} / {sec['mask']:.2f} |"
-        )
+    for key in ("tiny_3_deploy", "default_3_deploy"):
+        if key in results:
+            d, model = results[key], key.split("_")[0]
+            sec = d["device_seconds_median"]
+            rows.append(
+                f"| {model}: device seconds per round (median): load / train / mask / wait | {sec['load']:.2f} / "
+                f"{sec['train']:.2f} / {sec['mask']:.2f} / {sec['wait']:.2f} |"
+            )
+            rows.append(
+                f"| {model}: base loads per device over {len(d['round_seconds'])} rounds (max) | {d['base_loads_max']:.0f} |"
+            )
     if "new_client" in results:
         n = results["new_client"]
         rows.append(
-            f"| new client: convert the base / first quantized load | {n['convert_seconds']:.1f} s / {n['load_seconds']:.2f} s |"
+            f"| new client: convert the base / first quantized load / a later load | {n['convert_seconds']:.1f} s / "
+            f"{n['load_seconds']:.2f} s / {n['reload_seconds']:.2f} s |"
         )
     print("\n".join(rows))
     dest = Path(__file__).resolve().parent / "results" / ("deploy-quick.json" if a.quick else "deploy.json")
