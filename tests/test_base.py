@@ -307,3 +307,50 @@ def test_default_conversion_is_unchanged_and_prequantized(tmp_path: Path) -> Non
     base = load_base(BaseConfig(model="default", quant="nf4", cache_dir=cache))
     assert base.prequantized and base.path == folder
     assert base.fingerprint == fingerprint(_load_model(folder, "nf4"), "nf4")
+
+
+def test_fast_gguf_reader_reads_what_gguf_reads(tmp_path: Path) -> None:
+    """The conversion's reader (fedpeft.base._fast_gguf_reader) gives gguf's fields and tensors exactly."""
+    import gguf
+    import numpy as np
+
+    from fedpeft.base import _fast_gguf_reader
+
+    path = tmp_path / "small.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.name", "small")
+    writer.add_uint32("llama.block_count", 2)
+    writer.add_float32("llama.rope.freq_base", 10000.0)
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc", "<s>", "é", ""])
+    writer.add_array("tokenizer.ggml.scores", [0.0, -1.5, 2.0, 0.5, 1.0, 3.0])
+    writer.add_array("tokenizer.ggml.token_type", [1, 1, 1, 3, 1, 1])
+    rng = np.random.default_rng(0)
+    writer.add_tensor("token_embd.weight", rng.standard_normal((6, 8)).astype(np.float32))
+    writer.add_tensor("blk.0.ffn_up.weight", rng.standard_normal((8, 16)).astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    fast = _fast_gguf_reader(gguf.GGUFReader)
+    assert fast is not gguf.GGUFReader  # the installed gguf has the method it replaces
+    a, b = gguf.GGUFReader(path), fast(path)
+    assert list(a.fields) == list(b.fields)
+    for name, fa in a.fields.items():
+        fb = b.fields[name]
+        assert (fa.offset, fa.data, fa.types) == (fb.offset, fb.data, fb.types), name
+        assert len(fa.parts) == len(fb.parts), name
+        for x, y in zip(fa.parts, fb.parts, strict=True):
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), name
+    assert (
+        [t.name for t in a.tensors]
+        == [t.name for t in b.tensors]
+        == ["token_embd.weight", "blk.0.ffn_up.weight"]
+    )
+    for ta, tb in zip(a.tensors, b.tensors, strict=True):
+        assert (ta.tensor_type, ta.data.dtype, ta.data.shape) == (
+            tb.tensor_type,
+            tb.data.dtype,
+            tb.data.shape,
+        )
+        assert ta.data.tobytes() == tb.data.tobytes()
