@@ -3,16 +3,17 @@ the cache kept pre-quantized copies (fedpeft.base: quantized_dir, prepare_quanti
 
 Every step runs in a fresh subprocess, one at a time, on an empty FEDPEFT_CACHE per repeat:
   convert  before: transformers' plain path as fedpeft did it (fp32 load, parse the GGUF 3 times, .to(bf16), save)
-           after:  fedpeft.base.convert_gguf (one parse, bf16 straight away) + the nf4 pre-quantized copy
+           after:  fedpeft.base.convert_gguf (GGUF read once, bf16 straight away) + the nf4 pre-quantized copy
   load     before: the bf16 folder, quantized by bitsandbytes at load (the bf16 copy materializes first)
-           after:  load_base reading the pre-quantized copy (first load after the conversion, then a second)
+           after:  load_base reading the pre-quantized copy (first load after the conversion, then a second);
+                   and load_base where no copy exists yet (a --model FOLDER, another quant): quantize + write
 Seconds are for the call itself (imports are done first and reported apart); peak RSS is the process's
 VmHWM over the call (reset just before it through /proc/self/clear_refs), and "RSS before" what the
 imports alone hold. Each worker also returns the sha256 of the bf16 folder's tensors and the base's
 fingerprint, and the run checks that both paths agree on them.
 
-    python benchmarks/coldstart.py                 # default model, 3 repeats (~4 min on 2 cores)
-    python benchmarks/coldstart.py --repeats 1
+    python benchmarks/coldstart.py                 # all cores, then 1 thread; 3 repeats each (~7 min on 2 cores)
+    python benchmarks/coldstart.py --repeats 1 --threads 2
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def worker(job: dict) -> dict:
         "rss_before_mib": _status("VmRSS"),
     }
     _reset_peak()
-    t = time.perf_counter()
+    cpu, t = os.times(), time.perf_counter()
     if job["step"] == "convert-before":
         folder = _old_convert(fb.default_gguf_path(), cache)
     elif job["step"] == "convert-after":
@@ -115,12 +116,14 @@ def worker(job: dict) -> dict:
         model = fb._load_model(folder, QUANT)
         fb._load_tokenizer(folder)
         out["fingerprint"] = fb.fingerprint(model, QUANT)
-    else:  # load-first / load-second: load_base on a cache holding the pre-quantized copy
+    else:  # load-write: load_base writing the copy; load-first/-second: load_base reading it
         base = fb.load_base(BaseConfig(model="default", quant=QUANT, cache_dir=str(cache)))
         folder = base.path
         out.update(fingerprint=base.fingerprint, prequantized=base.prequantized)
     out["seconds"] = time.perf_counter() - t
+    out["cpu_s"] = sum(os.times()[:2]) - sum(cpu[:2])  # user + system, all threads
     out["peak_rss_mib"] = _status("VmHWM")
+    out["load_average"] = os.getloadavg()[0]
     if job["step"].startswith("convert"):
         out["tensor_digest"] = _tensor_digest(folder)
     return out
@@ -138,33 +141,26 @@ def run_job(job: dict) -> dict:
     result["process_s"] = time.perf_counter() - t
     print(
         f"  {job['step']:15} {result['seconds']:6.2f} s  peak {result['peak_rss_mib']:5.0f} MiB "
-        f"(imports {result['import_s']:.1f} s, {result['rss_before_mib']:.0f} MiB)",
+        f"(imports {result['import_s']:.1f} s, {result['rss_before_mib']:.0f} MiB; load average "
+        f"{result['load_average']:.1f})",
         file=sys.stderr,
         flush=True,
     )
     return result
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--json", default="benchmarks/results/coldstart.json")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.worker:
-        print(json.dumps(worker(json.loads(a.worker))))
-        return
-
+def measure(threads: int, repeats: int) -> dict:
+    """`repeats` cold starts with torch using `threads` threads; medians, checks and every run."""
     runs: list[dict[str, dict]] = []
     loads = [os.getloadavg()[0]]
-    for r in range(a.repeats):
-        print(f"repeat {r + 1}/{a.repeats}", file=sys.stderr, flush=True)
+    for r in range(repeats):
+        print(f"{threads} thread(s), repeat {r + 1}/{repeats}", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="coldstart-") as tmp:
             before, after = Path(tmp) / "before", Path(tmp) / "after"
             jobs = [
                 ("convert-before", before),
                 ("load-before", before),
+                ("load-write", before),  # load_base on a cache without the copy: quantize, then write it
                 ("convert-after", after),
                 ("load-first", after),
                 ("load-second", after),
@@ -172,14 +168,16 @@ def main() -> None:
             run = {}
             for step, cache in jobs:
                 cache.mkdir(exist_ok=True)
-                run[step] = run_job({"step": step, "cache": str(cache), "threads": a.threads})
+                run[step] = run_job({"step": step, "cache": str(cache), "threads": threads})
             runs.append(run)
             shutil.rmtree(tmp, ignore_errors=True)
         loads.append(os.getloadavg()[0])
 
     digests = {run[s]["tensor_digest"] for run in runs for s in ("convert-before", "convert-after")}
-    prints = {run[s]["fingerprint"] for run in runs for s in ("load-before", "load-first", "load-second")}
+    loaded = ("load-before", "load-write", "load-first", "load-second")
+    prints = {run[s]["fingerprint"] for run in runs for s in loaded}
     pre = all(run[s]["prequantized"] for run in runs for s in ("load-first", "load-second"))
+    pre = pre and not any(run["load-write"]["prequantized"] for run in runs)
 
     def med(step: str, key: str) -> float:
         return statistics.median(run[step][key] for run in runs)
@@ -201,6 +199,11 @@ def main() -> None:
         ("first round: conversion + first load (s)", first_before, first_after),
         ("second load (s)", med("load-before", "seconds"), med("load-second", "seconds")),
         (
+            "load, no copy yet: quantize + write it (s)",
+            med("load-before", "seconds"),
+            med("load-write", "seconds"),
+        ),
+        (
             "load peak RSS, VmHWM (MiB)",
             med("load-before", "peak_rss_mib"),
             med("load-second", "peak_rss_mib"),
@@ -213,40 +216,64 @@ def main() -> None:
         ("imports before a load (s)", med("load-before", "import_s"), med("load-second", "import_s")),
         ("load process, wall (s)", med("load-before", "process_s"), med("load-second", "process_s")),
     ]
+    return {
+        "threads": threads,
+        "repeats": repeats,
+        "load_average": loads,
+        "table": [{"what": n, "before": b, "after": f, "ratio": f / b} for n, b, f in rows],
+        "first_round_s": {"before": first_before, "after": first_after},
+        "first_round_target_met": first_after <= 10,
+        "tensors_identical": len(digests) == 1,
+        "fingerprints_identical": len(prints) == 1,
+        "prequantized_loads": pre,
+        "runs": runs,
+    }
+
+
+def report(m: dict) -> None:
+    loads = m["load_average"]
     print(
-        f"\n## Cold start of the default base ({QUANT}, {a.threads} threads, median of {a.repeats}; "
-        f"load average {min(loads):.1f}-{max(loads):.1f})\n"
+        f"\n## Cold start of the default base ({QUANT}, torch on {m['threads']} thread(s), median of "
+        f"{m['repeats']}; 1-min load average {min(loads):.1f}-{max(loads):.1f})\n"
     )
     print(
         "| | before: bf16, quantize at load | after: pre-quantized copy | after / before |\n|---|---|---|---|"
     )
-    for name, b, f in rows:
-        print(f"| {name} | {b:.2f} | {f:.2f} | {f / b:.2f}x |")
-    target = first_after <= 10
+    for row in m["table"]:
+        print(f"| {row['what']} | {row['before']:.2f} | {row['after']:.2f} | {row['ratio']:.2f}x |")
+    first = m["first_round_s"]
     print(
-        f"\nfirst round <= 10 s: {'yes' if target else 'no'} ({first_after:.1f} s, before {first_before:.1f} s)"
+        f"\nfirst round <= 10 s: {'yes' if m['first_round_target_met'] else 'no'} "
+        f"({first['after']:.1f} s, before {first['before']:.1f} s)"
     )
     print(
-        f"bf16 tensors identical before/after: {len(digests) == 1}; one fingerprint on all loads: {len(prints) == 1}"
+        f"bf16 tensors identical before/after: {m['tensors_identical']}; "
+        f"one fingerprint on all loads: {m['fingerprints_identical']}; "
+        f"loads after the conversion read the pre-quantized copy: {m['prequantized_loads']}"
     )
-    print(f"loads after the conversion read the pre-quantized copy: {pre}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--threads",
+        default=f"{os.cpu_count() or 1},1",
+        help="torch thread counts to measure, comma-separated (default: all cores, then 1: bitsandbytes' "
+        "CPU quantization on all cores slows down several-fold when another process shares them)",
+    )
+    p.add_argument("--json", default="benchmarks/results/coldstart.json")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(json.loads(a.worker))))
+        return
+    results = [measure(int(t), a.repeats) for t in a.threads.split(",")]
+    for m in results:
+        report(m)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(
-        json.dumps(
-            {
-                "args": {k: v for k, v in vars(a).items() if k != "worker"},
-                "load_average": loads,
-                "table": [{"what": n, "before": b, "after": f, "ratio": f / b} for n, b, f in rows],
-                "first_round_target_met": target,
-                "tensors_identical": len(digests) == 1,
-                "fingerprints_identical": len(prints) == 1,
-                "prequantized_loads": pre,
-                "runs": runs,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    args = {k: v for k, v in vars(a).items() if k != "worker"}
+    Path(a.json).write_text(json.dumps({"args": args, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
