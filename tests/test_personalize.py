@@ -240,17 +240,23 @@ class RecordingGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        """Runs each message's handler at once; pull_messages hands out the replies."""
         from client.app import describe, evaluate, train
 
-        replies = []
+        self.replies: list[Message] = []
         for m in messages:
             m.metadata.__dict__["_message_id"] = str(uuid4())
             handler = {"query": describe, "train": train, "evaluate": evaluate}[m.metadata.message_type]
             reply = handler(m, self.contexts[m.metadata.dst_node_id])
             self.messages += [m, reply]
-            replies.append(reply)
-        return replies
+            self.replies.append(reply)
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids: set[str]) -> list[Message]:
+        out = [r for r in self.replies if r.metadata.reply_to_message_id in message_ids]
+        self.replies = [r for r in self.replies if r not in out]
+        return out
 
 
 def _arrays_in(message: Message) -> list[tuple[str, np.ndarray]]:
@@ -415,8 +421,11 @@ def test_a_malformed_personal_report_is_ignored_not_fatal() -> None:
     from server.app import _evaluate, _Link
 
     class Grid:
-        def send_and_receive(self, messages: list[Message]) -> list[Message]:
-            replies = []
+        def pull_messages(self, ids: set[str]) -> list[Message]:
+            return [r for r in self.replies if r.metadata.reply_to_message_id in ids]
+
+        def push_messages(self, messages: list[Message]) -> list[str]:
+            self.replies = replies = []
             for m in messages:
                 m.metadata.__dict__["_message_id"] = str(uuid4())
                 client = int(m.content["task"]["client"])
@@ -429,7 +438,7 @@ def test_a_malformed_personal_report_is_ignored_not_fatal() -> None:
                     }
                 )
                 replies.append(Message(content, reply_to=m))
-            return replies
+            return [m.metadata.message_id for m in messages]
 
     roster = Roster(
         node_of={0: 1, 1: 2}, names={0: "ann", 1: "bob"}, fingerprints={0: "f", 1: "f"}, fingerprint="f"
