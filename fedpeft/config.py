@@ -135,6 +135,35 @@ class TrainConfig:
     )
     eval_batch_size: int = option(8, "sequences per evaluation batch", gt=0)
     progress: bool = option(True, "progress bars", flag="--progress")
+    # On the default model (NF4, batch 4 x 128) these two took a LoRA training process from a peak of
+    # PLAIN_PEAK MiB to BOTH_PEAK MiB at STEP_RATIO x the step time (benchmarks/memory.py).
+    checkpointing: bool = option(
+        True,
+        "gradient checkpointing: keep only each decoder layer's input and recompute the frozen base's "
+        "activations in the backward pass (less memory, a slower step)",
+        flag="--checkpointing",
+    )
+    loss_chunk: int = option(
+        128,
+        "tokens per chunk of the output layer and cross-entropy, so that [batch, tokens, vocab] logits "
+        "never exist at once (0: all logits at once)",
+        ge=0,
+    )
+    # glibc's mmap threshold 128 KiB instead of 1 MiB (fedpeft.memory): on the default model 704 instead of
+    # 817 MiB at batch 4 x 128, and a step twice as long (page faults); --max-memory turns it on if needed
+    compact_heap: bool = option(
+        False, "a compact heap: less memory kept by glibc, slower steps (set by --max-memory when needed)"
+    )
+    max_memory: float | None = option(
+        None,
+        "MiB the training process may peak at (its whole resident memory): the micro-batch shrinks, with "
+        "gradient accumulation keeping the batch, and the heap is kept compact if that is what fits; unset "
+        "or 0: no limit",
+        flag="--max-memory",
+        metavar="MIB",
+        ge=0,
+        commands=("train", "simulate"),
+    )
 
     def learning_rate(self, kind: str, freeze_a: bool = False) -> float:
         if self.lr is not None:
