@@ -135,8 +135,9 @@ class TrainConfig:
     )
     eval_batch_size: int = option(8, "sequences per evaluation batch", gt=0)
     progress: bool = option(True, "progress bars", flag="--progress")
-    # On the default model (NF4, batch 4 x 128) these two took a LoRA training process from a peak of
-    # PLAIN_PEAK MiB to BOTH_PEAK MiB at STEP_RATIO x the step time (benchmarks/memory.py).
+    # On the default model (NF4, LoRA, batch 4 x 128) these two took the training process's peak from 1491
+    # to 797 MiB at 1.13-1.23x the step (1663 MiB and 1.3x the step of train() before them and before
+    # fedpeft.memory's heap; benchmarks/memory.py, results/memory.json).
     checkpointing: bool = option(
         True,
         "gradient checkpointing: keep only each decoder layer's input and recompute the frozen base's "
@@ -147,10 +148,12 @@ class TrainConfig:
         128,
         "tokens per chunk of the output layer and cross-entropy, so that [batch, tokens, vocab] logits "
         "never exist at once (0: all logits at once)",
+        flag="--loss-chunk",
+        metavar="T",
         ge=0,
     )
-    # glibc's mmap threshold 128 KiB instead of 1 MiB (fedpeft.memory): on the default model 704 instead of
-    # 817 MiB at batch 4 x 128, and a step twice as long (page faults); --max-memory turns it on if needed
+    # glibc's mmap threshold 128 KiB instead of 1 MiB (fedpeft.memory): on the default model 706 instead of
+    # 797 MiB at batch 4 x 128, and a step 2.2x as long (page faults); --max-memory turns it on if needed
     compact_heap: bool = option(
         False, "a compact heap: less memory kept by glibc, slower steps (set by --max-memory when needed)"
     )
