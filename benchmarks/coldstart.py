@@ -95,7 +95,7 @@ def worker(job: dict) -> dict:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    fb._quiet_bitsandbytes()
+    fb._quiet_base_libraries()
     torch.set_num_threads(job["threads"])
     cache = Path(job["cache"])
     out: dict = {

@@ -158,12 +158,20 @@ def evaluate(content: RecordDict, node: DeviceNode | None, partition: int) -> Re
     arrays = record_to_arrays(content["arrays"])
     out = RecordDict({"info": info(device, local, client)})
     if task.get("personal", False) and device.method != "none":
-        result = device.personalize(local, arrays, int(task["round"]), client)
+        others = bool(task.get("specificity", False))
+        result = device.personalize(local, arrays, int(task["round"]), client, others)
         loss, tokens = result.pop("eval_loss"), result.pop("eval_tokens")
         out["personal"] = ConfigRecord(result)  # scalars and short strings: nothing of the adapter
     else:
-        loss, tokens = device.evaluate(local, arrays)
-    out["metrics"] = MetricRecord({"eval_loss": loss, "eval_tokens": tokens})
+        loss, tokens = device.evaluate(local, arrays, bare=int(task["round"]) == 0)
+    metrics = {"eval_loss": loss, "eval_tokens": tokens}
+    if task.get("full_base", False):  # round 0 and the last round: the same on the unquantized base
+        full = device.evaluate_full(local, arrays, bare=int(task["round"]) == 0)
+        if full is not None:
+            metrics["full_eval_loss"] = full
+        if node is not None and int(task["round"]) > 0:  # a device's last round: nothing more needs it
+            device.drop_full_base()
+    out["metrics"] = MetricRecord(metrics)
     return out
 
 

@@ -4,7 +4,7 @@ never loads the base) writes global adapters and checkpoints with numpy and safe
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class AdapterDescription:
     adapter: AdapterConfig
     base_path: str
     quant: str
+    base: dict[str, str] = field(default_factory=dict)  # fedpeft.base.Base.doc(): how to get the base back
 
     def to_json(self) -> dict[str, Any]:
         """A JSON object (the format of checkpoints and of the registration reply: keep it readable)."""
@@ -71,6 +72,7 @@ class AdapterDescription:
             "adapter": _jsonable(asdict(self.adapter)),
             "base_path": self.base_path,
             "quant": self.quant,
+            **({"base": dict(self.base)} if self.base else {}),  # checkpoints before it had none
         }
 
     @classmethod
@@ -87,6 +89,7 @@ class AdapterDescription:
             adapter=AdapterConfig(**adapter),
             base_path=str(doc["base_path"]),
             quant=str(doc["quant"]),
+            base={str(k): str(v) for k, v in dict(doc.get("base", {})).items()},  # older checkpoints: none
         )
 
 

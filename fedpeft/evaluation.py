@@ -1,6 +1,6 @@
 """A round's evaluation metrics without Flower: the held-out loss and perplexity over all clients
-(`eval_metrics`), each client's personal report (`personal_entry`) and its base-model perplexity
-(`add_base`). server/app.py collects the replies; fedpeft.rounds has the training side.
+(`eval_metrics`), each client's personal report (`personal_entry`), and the change against the
+quantized and the unquantized base of round 0 (`add_base`). server/app.py collects the replies; fedpeft.rounds has the training side.
 """
 
 from __future__ import annotations
@@ -31,15 +31,19 @@ class EvalResult:
     loss: float
     tokens: int
     personal: Mapping[str, Any] | None = None
+    full_loss: float | None = None  # the same adapter on the unquantized base (round 0 and the last)
 
 
 def eval_metrics(results: Sequence[EvalResult]) -> dict[str, Any]:
     """The round's evaluation over the clients that answered (in client order): token-weighted loss and
     its perplexity, the mean of the clients' perplexities, and each client's entry by name. A malformed
     personal report is logged and left out: a device's bad report must not stop the run."""
-    per_client, nll, tokens = {}, 0.0, 0
+    per_client, nll, tokens, full_nll, full_tokens = {}, 0.0, 0, 0.0, 0
     for r in results:
         entry: dict[str, Any] = {"loss": r.loss, "ppl": ppl(r.loss), "tokens": r.tokens}
+        if r.full_loss is not None:
+            entry["full_ppl"] = ppl(r.full_loss)
+            full_nll, full_tokens = full_nll + r.full_loss * r.tokens, full_tokens + r.tokens
         if r.personal is not None:
             try:
                 entry.update(personal_entry(r.personal, entry["ppl"]))
@@ -48,13 +52,59 @@ def eval_metrics(results: Sequence[EvalResult]) -> dict[str, Any]:
         per_client[r.user] = entry
         nll, tokens = nll + r.loss * r.tokens, tokens + r.tokens
     mean = nll / max(tokens, 1)
-    return {
+    out = {
         "eval_loss": mean,
         "eval_ppl": ppl(mean),
         "eval_tokens": tokens,
         "eval_ppl_client_mean": sum(c["ppl"] for c in per_client.values()) / max(len(per_client), 1),
         "eval_per_client": dict(sorted(per_client.items())),
     }
+    if full_tokens:  # over the clients that reported it: all of them unless one failed only there
+        out["full_eval_loss"] = full_nll / full_tokens
+        out["full_eval_ppl"] = ppl(full_nll / full_tokens)
+    return out
+
+
+def base_name(quant: str) -> str:
+    """How figures name a base: NF4, int8, bf16, fp32."""
+    return {"nf4": "NF4", "none": "fp32"}.get(quant, quant)
+
+
+def changes_text(m: Mapping[str, Any]) -> str:
+    """'-21.0% vs the NF4 base 37.96, -9.8% vs the fp32 base 33.2': a perplexity's change against both
+    bases of round 0, as every summary prints it ('' before round 0 is known)."""
+    if "vs_base" not in m:
+        return ""
+    text = f"{m['vs_base']:+.1%} vs the {base_name(m.get('quant', 'quantized'))} base {m['base_ppl']:.2f}"
+    if "vs_full_base" in m:
+        text += f", {m['vs_full_base']:+.1%} vs the {m.get('full_base', 'full-precision')} base {m['full_base_ppl']:.2f}"
+    return text
+
+
+FULL_QUANT = {"fp32": "none", "bf16": "bf16"}  # --full-base as a --quant
+
+
+def full_base_round(cfg: RunConfig, rnd: int, quant: str) -> bool:
+    """Rounds that also evaluate on the unquantized base: 0 (what quantizing cost) and the last (what
+    the adapter gives merged onto the full-precision base, fedpeft export's default); never when the
+    devices' base (`quant`, resolved) is that base already."""
+    full = FULL_QUANT.get(cfg.base.full_base)
+    return full is not None and full != quant and rnd in (0, cfg.federation.rounds)
+
+
+def add_changes(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -> None:
+    """This round's held-out perplexity against both bases of round 0: the quantized base the devices
+    run (`vs_base`) and the unquantized one (`vs_full_base`, with `full_base_ppl`), so that no gain is
+    reported only against a base that quantization made worse."""
+    if not history or "eval_ppl" not in history[0]:
+        return
+    first = history[0]
+    metrics.update({k: first[k] for k in ("quant", "full_base") if k in first})
+    metrics["base_ppl"] = first["eval_ppl"]
+    metrics["vs_base"] = metrics["eval_ppl"] / first["eval_ppl"] - 1
+    if "full_eval_ppl" in first:
+        metrics["full_base_ppl"] = first["full_eval_ppl"]
+        metrics["vs_full_base"] = metrics["eval_ppl"] / first["full_eval_ppl"] - 1
 
 
 def personal_entry(report: Mapping[str, Any], global_ppl: float) -> dict[str, Any]:
@@ -72,6 +122,14 @@ def personal_entry(report: Mapping[str, Any], global_ppl: float) -> dict[str, An
     for key in ("val_loss_global", "val_loss_personal"):
         if key in p:
             entry[key] = float(p[key])
+    if "others_loss_global" in p and "personal_ppl" in entry:
+        from fedpeft.personalize import gain, specificity
+
+        own = gain(entry["personal_ppl"], global_ppl)
+        others = gain(ppl(float(p["others_loss_personal"])), ppl(float(p["others_loss_global"])))
+        entry.update(
+            own_gain=own, others_gain=others, others=int(p["others"]), specificity=specificity(own, others)
+        )
     return entry
 
 
@@ -83,15 +141,18 @@ def personal_round(cfg: RunConfig, rnd: int) -> bool:
 
 
 def add_base(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -> None:
-    """Each client's base-model perplexity, from round 0: the initial adapter is the identity (LoRA B = 0,
-    IA3 vectors = 1; tests/test_personalize.py checks it against the base with the adapter disabled).
-    Adds the personalization summary when the round has personal figures."""
+    """The round's change against round 0's bases (add_changes) and each client's base-model perplexity
+    (round 0 evaluates the base with the adapter disabled). Adds the personalization summary when the
+    round has personal figures."""
     from fedpeft.personalize import summarize
 
+    add_changes(metrics, history)
     base = history[0]["eval_per_client"] if history else {}
     for user, entry in metrics["eval_per_client"].items():
         if "kept" in entry and user in base:
             entry["base_ppl"] = base[user]["ppl"]
     summary = summarize(metrics["eval_per_client"])
+    if summary is not None and "quant" in metrics:
+        summary["quant"] = metrics["quant"]  # every figure names the base it was measured on
     if summary is not None:
         metrics["personal"] = summary

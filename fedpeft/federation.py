@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,13 @@ def write_global(run_dir: Path, state: ServerState) -> Path:
     """The current global adapter as a PEFT folder (`fedpeft export RUN/global` works on it)."""
     info = state.info
     meta = adapter_meta(
-        info.fingerprint, info.base_path, info.quant, info.adapter, state.arrays, round=state.round
+        info.fingerprint,
+        info.base_path,
+        info.quant,
+        info.adapter,
+        state.arrays,
+        round=state.round,
+        base=info.base,
     )
     return write_adapter_dir(run_dir / "global", state.arrays, info.peft_config, meta)
 
@@ -146,6 +153,20 @@ def save_round(run_dir: Path, state: ServerState, cfg: RunConfig) -> None:
     save_checkpoint(run_dir, state, cfg)
     write_global(run_dir, state)
     write_metrics(run_dir, state.history)
+    prune_checkpoints(run_dir, cfg.federation.keep_checkpoints)
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the checkpoints of the `keep` latest rounds (0: keep all). Runs after the latest
+    was written whole (atomic_dir), so what a resume needs is always among those kept; checkpoints that
+    a --resume-from set aside (discard_after) are not rounds and stay."""
+    if keep <= 0:
+        return []
+    rounds = _checkpoints(run_dir)
+    old = [rounds[r] for r in sorted(rounds)[:-keep]]
+    for path in old:
+        shutil.rmtree(path)
+    return old
 
 
 def _checkpoints(run_dir: Path) -> dict[int, Path]:
@@ -262,11 +283,19 @@ def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
     except (ValueError, TypeError) as e:
         raise FedpeftError(f"unreadable {path}: {e}") from None
     ours, theirs = to_run_config(cfg), to_run_config(saved)
-    changed = sorted(
-        k for k in ours if ours[k] != theirs.get(k) and k not in ("federation.rounds", "train.progress")
-    )
+    changed = sorted(k for k in ours if ours[k] != theirs.get(k) and k not in RESUMABLE)
     if changed:
         raise FedpeftError(f"--resume with another configuration ({', '.join(changed[:3])}); use a new --out")
+
+
+# options a resumed run may change: they do not change what it computes
+RESUMABLE = (
+    "federation.rounds",
+    "train.progress",
+    "federation.keep_checkpoints",
+    "base.full_base",
+    "base.base_id",
+)
 
 
 def plan_run(run_dir: Path, cfg: RunConfig, resume: bool, resume_from: int | None) -> int | None:

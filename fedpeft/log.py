@@ -26,3 +26,9 @@ def setup_console() -> None:
         handler.setFormatter(logging.Formatter("fedpeft: %(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)
+
+
+def show_bars(progress: bool) -> bool:
+    """Progress bars only on a terminal: written to a log file or a pipe, each redraw of a bar is one more
+    carriage-return line of noise. The lines printed after each round stay."""
+    return progress and sys.stderr.isatty()

@@ -126,18 +126,18 @@ class PersonalStore:
         which: str,
         arrays: dict[str, np.ndarray],
         peft_config: dict[str, Any],
-        base: tuple[str, str, str],
+        base: dict[str, str],
         adapter: AdapterConfig,
         global_round: int,
         method: str,
     ) -> Path:
-        fingerprint, base_path, quant = base
         meta = adapter_meta(
-            fingerprint,
-            base_path,
-            quant,
+            base["fingerprint"],
+            base["path"],
+            base["quant"],
             adapter,
             arrays,
+            base={k: v for k, v in base.items() if k != "path"},
             round=global_round,
             personal={"user": self.user, "kind": which, "method": method, "global_round": global_round},
         )
@@ -201,6 +201,20 @@ def relative_change(personal_ppl: float, global_ppl: float) -> float:
     return personal_ppl / global_ppl - 1.0
 
 
+def gain(personal_ppl: float, global_ppl: float) -> float:
+    """How much the personal adapter lowers perplexity against the global one on some text (0.05: 5%)."""
+    return -relative_change(personal_ppl, global_ppl)
+
+
+SPECIFICITY_FLOOR = 0.001  # others' gain below 0.1% (or a loss) counts as 0.1%: the ratio stays finite
+
+
+def specificity(own_gain: float, others_gain: float) -> float:
+    """Own gain over the mean gain on other users' text: 1 means extra generic training that helps
+    everyone alike, >= 2 an adapter that is about its own user."""
+    return own_gain / max(others_gain, SPECIFICITY_FLOOR)
+
+
 def summarize(per_client: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """For the users with a personal evaluation: how many the personal adapter beats the global one for,
     the median and worst relative perplexity change, and which adapter each user kept."""
@@ -221,16 +235,37 @@ def summarize(per_client: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         "kept_change_worst": max(relative_change(c["kept_ppl"], c["ppl"]) for c in rows.values()),
         "without_personal": sorted(u for u, c in per_client.items() if "kept" in c and u not in rows),
         "no_validation": sorted(u for u, c in rows.items() if c.get("note", "").startswith("too little")),
+        **_specificity_summary(rows),
+    }
+
+
+def _specificity_summary(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    scored = [c for c in rows.values() if "specificity" in c]
+    if not scored:
+        return {}
+    return {
+        "specificity_median": statistics.median(c["specificity"] for c in scored),
+        "own_gain_median": statistics.median(c["own_gain"] for c in scored),
+        "others_gain_median": statistics.median(c["others_gain"] for c in scored),
+        "specificity_users": len(scored),
     }
 
 
 def summary_line(s: dict[str, Any], method: str) -> str:
+    from fedpeft.evaluation import base_name
+
     line = (
         f"personal ({method}) beats global for {s['beats_global']}/{s['users']} users: median "
-        f"{s['median_change']:+.1%}, worst {s['worst_change']:+.1%} ({s['worst_user']}) in held-out perplexity; "
+        f"{s['median_change']:+.1%}, worst {s['worst_change']:+.1%} ({s['worst_user']}) in held-out perplexity"
+        f"{' on the ' + base_name(s['quant']) + ' base' if 'quant' in s else ''}; "
         f"kept personal for {s['kept_personal']}/{s['users']} (kept vs global: median "
         f"{s['kept_change_median']:+.1%}, worst {s['kept_change_worst']:+.1%})"
     )
+    if "specificity_median" in s:
+        line += (
+            f"; specificity median {s['specificity_median']:.2f} (gain on its own user's text "
+            f"{s['own_gain_median']:+.1%}, on other users' {s['others_gain_median']:+.1%})"
+        )
     if s["no_validation"]:
         line += f"; {len(s['no_validation'])} with too little text for a validation part keep global"
     if s["without_personal"]:

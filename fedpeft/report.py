@@ -60,7 +60,18 @@ def federation_png(history: list[dict]) -> bytes:
     ax1.set_ylabel("cross-entropy (nats/token)")
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
-    ax2.plot(rounds, [h["eval_ppl"] for h in history], "o-", color="tab:green", label="all held-out tokens")
+    from fedpeft.evaluation import base_name
+
+    on = f"on the {base_name(history[0]['quant'])} base" if "quant" in history[0] else "all held-out tokens"
+    ax2.plot(rounds, [h["eval_ppl"] for h in history], "o-", color="tab:green", label=f"global adapter {on}")
+    if "full_eval_ppl" in history[0]:  # the gain against the unquantized base, not only the quantized one
+        full = history[0].get("full_base", "full-precision")
+        ax2.axhline(history[0]["full_eval_ppl"], color="black", ls=":", lw=1, label=f"the {full} base")
+        later = [(h["round"], h["full_eval_ppl"]) for h in history[1:] if "full_eval_ppl" in h]
+        if later:
+            ax2.plot(
+                *zip(*later, strict=True), "^", color="black", label=f"global adapter on the {full} base"
+            )
     # a round in which no client could evaluate has no spread to draw (its failures are in the log)
     spread = [(h["round"], [c["ppl"] for c in h["eval_per_client"].values()]) for h in history]
     spread = [(r, min(p), max(p)) for r, p in spread if p]
@@ -102,9 +113,15 @@ def _per_client_bars(ax, h: dict) -> None:
                 bar.set_edgecolor("black")
                 bar.set_linewidth(1.5)
     s = h["personal"]
+    specific = (
+        f"; specificity median {s['specificity_median']:.1f} (own {s['own_gain_median']:+.1%}, "
+        f"others {s['others_gain_median']:+.1%})"
+        if "specificity_median" in s
+        else ""
+    )
     ax.set_title(
         f"round {h['round']}: personal beats global for {s['beats_global']}/{s['users']} users "
-        f"(median {s['median_change']:+.1%}); outlined: the adapter each user keeps",
+        f"(median {s['median_change']:+.1%}){specific}; outlined: the adapter each user keeps",
         fontsize=9,
     )
     shown = [v for r in rows for k in ("base_ppl", "ppl", "personal_ppl") if (v := r.get(k))]

@@ -188,7 +188,18 @@ def aggregation_note(cfg: RunConfig) -> str:
 
 def round_line(m: Mapping[str, Any]) -> str:
     """A round's metrics as the line a run prints (`simulate` under its bar, `server` from metrics.jsonl)."""
-    text = f"round {m['round']}: held-out ppl {m['eval_ppl']:.2f} (loss {m['eval_loss']:.3f})"
+    from fedpeft.evaluation import base_name, changes_text
+
+    text = f"round {m['round']}: held-out ppl {m['eval_ppl']:.2f} (loss {m['eval_loss']:.3f}"
+    changes = changes_text(m)
+    text += f"; {changes})" if changes else ")"
+    if m["round"] == 0 and "quant" in m:
+        text += f" on the {base_name(m['quant'])} base"
+        if "full_eval_ppl" in m:
+            cost = m["eval_ppl"] / m["full_eval_ppl"] - 1
+            text += f"; {m['full_eval_ppl']:.2f} on the {m['full_base']} base (quantizing costs {cost:+.1%})"
+    elif "full_eval_ppl" in m:
+        text += f"; {m['full_eval_ppl']:.2f} with the adapter on the {m.get('full_base')} base"
     if m["round"] > 0:
         text += f", {len(m.get('accepted', []))}/{len(m.get('sampled', []))} clients, {m.get('seconds', 0.0):.1f} s"
         text += " [skipped]" if m.get("skipped") else ""
@@ -201,12 +212,14 @@ class Progress:
     def __init__(self, cfg: RunConfig, state: ServerState) -> None:
         from tqdm.auto import tqdm
 
+        from fedpeft.log import show_bars
+
         rounds, self.method = cfg.federation.rounds, cfg.personal.method
         self.bar = tqdm(
             total=rounds,
             initial=min(state.round, rounds),
             desc="rounds",
-            disable=not cfg.train.progress,
+            disable=not show_bars(cfg.train.progress),
             unit="round",
         )
         self.bar.set_postfix(ppl=f"{state.history[-1]['eval_ppl']:.2f}")

@@ -94,10 +94,16 @@ def summary(rnd: int, history: list[dict[str, Any]], method: str = "none") -> st
     """The closing lines of a federation (simulated or deployed)."""
     first, last = history[0], history[-1]
     per_client = last.get("bytes_up", 0) // max(len(last.get("accepted", [])), 1)
+    from fedpeft.evaluation import changes_text
+
+    changes = changes_text(last)
     line = (
-        f"global adapter after round {rnd}: held-out ppl {first['eval_ppl']:.2f} -> {last['eval_ppl']:.2f}; "
-        f"{per_client:,} bytes up per client in the last round"
+        f"global adapter after round {rnd}: held-out ppl {first['eval_ppl']:.2f} -> {last['eval_ppl']:.2f}"
+        + (f" ({changes})" if changes else "")
     )
+    if "full_eval_ppl" in last:
+        line += f"; on the {last.get('full_base')} base {last['full_eval_ppl']:.2f} (what a merge gives)"
+    line += f"; {per_client:,} bytes up per client in the last round"
     if "personal" in last:
         from fedpeft.personalize import summary_line
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from fedpeft.adapters import trainable_parameters
 from fedpeft.config import TrainConfig
 from fedpeft.data import UserData, collate
+from fedpeft.log import show_bars
 from fedpeft.memory import fit_model, release_heap
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ def train(
     was_checkpointing = set_checkpointing(model, cfg.checkpointing)
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, leave=False, unit="step")
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not show_bars(cfg.progress), leave=False, unit="step")
     try:
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)  # dropout masks

@@ -17,6 +17,7 @@ def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
     from fedpeft.adapters import adapter_state, inject, save_adapter
     from fedpeft.base import load_base
     from fedpeft.data import load_user_data
+    from fedpeft.evaluation import base_name
     from fedpeft.report import train_loss_png
     from fedpeft.train import evaluate, train
 
@@ -72,6 +73,6 @@ def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
     )
     return (
         f"{cfg.adapter.kind} adapter for {data.user}: held-out ppl {before.ppl:.2f} -> {after.ppl:.2f} "
-        f"after {cfg.train.steps} steps ({result.seconds:.1f} s); {adapter_bytes:,} bytes "
+        f"on the {base_name(base.quant)} base after {cfg.train.steps} steps ({result.seconds:.1f} s); {adapter_bytes:,} bytes "
         f"({adapter_bytes / base.nbytes:.2%} of the base); saved to {out}"
     )

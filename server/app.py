@@ -81,7 +81,10 @@ class _Link:
         return self.exchange({c: self.message(node_of[c], kind, task_for(c, **task), arrays) for c in to})
 
 
-POLL_SECONDS = 0.1  # Grid.send_and_receive sleeps 3 s between pulls (flwr 1.42), longer than most stages
+# Grid.send_and_receive sleeps 3 s between pulls (flwr 1.42), longer than most stages. With a fixed 0.1 s
+# poll a local SuperLink used about half a core through a deployed round (10 pulls a second all through a
+# minute of training); backing off to 1 s costs at most a second per stage and keeps quick stages quick.
+POLL_SECONDS, POLL_MAX_SECONDS = 0.1, 1.0
 
 
 def _send_and_receive(grid: Grid, messages: list[Message]) -> list[Message]:
@@ -89,12 +92,16 @@ def _send_and_receive(grid: Grid, messages: list[Message]) -> list[Message]:
     SuperLink answers for a node that died with an error reply, so this ends)."""
     waiting = set(grid.push_messages(messages))
     replies: list[Message] = []
+    delay = POLL_SECONDS
     while waiting:
         got = list(grid.pull_messages(waiting))
         replies += got
         waiting -= {m.metadata.reply_to_message_id for m in got}
-        if waiting and not got:
-            time.sleep(POLL_SECONDS)
+        if got:
+            delay = POLL_SECONDS
+        elif waiting:
+            time.sleep(delay)
+            delay = min(delay * 1.5, POLL_MAX_SECONDS)
     return replies
 
 
@@ -132,14 +139,26 @@ def _register(link: _Link, cfg: RunConfig, pinned: str = "") -> tuple[AdapterDes
 
 
 def _evaluate(
-    link: _Link, state: ServerState, personal: bool = False, ahead: dict[int, dict[str, Any]] | None = None
+    link: _Link,
+    state: ServerState,
+    personal: bool = False,
+    ahead: dict[int, dict[str, Any]] | None = None,
+    full: bool = False,
+    last: bool = False,
 ) -> dict[str, Any]:
     """The global adapter on every client's held-out text; with `personal`, each client also evaluates its
-    personal adapter and reports which of the two it keeps (scalars only). `ahead`: the next secure round's
+    personal adapter and reports which of the two it keeps (scalars only), and in the `last` round also
+    on other users' text where it has any (a simulation: the specificity); with `full`, also on the
+    unquantized base (round 0 and the last round: evaluation.full_base_round). `ahead`: the next secure round's
     stage-1 tasks, which ride along (fedpeft.secagg.server.advertise_ahead); their keys go to
     link.advertised."""
     arrays, members, names = state.travel_arrays(), link.roster.on_base(), link.roster.names
-    task = {"round": state.round, **({"personal": True} if personal else {})}
+    task = {
+        "round": state.round,
+        **({"personal": True} if personal else {}),
+        **({"full_base": True} if full else {}),
+        **({"specificity": True} if personal and last else {}),
+    }
     ahead = ahead or {}
     messages = {c: link.message(link.roster.node_of[c], MessageType.EVALUATE, link.roster.task(c, **task), arrays)
                 for c in members}  # fmt: skip
@@ -159,7 +178,8 @@ def _evaluate(
             continue
         m, user = reply.content["metrics"], names[int(reply.content["info"]["client"])]
         loss, tokens = float(m["eval_loss"]), int(m["eval_tokens"])
-        results.append(evaluation.EvalResult(user, loss, tokens, reply.content.get("personal")))
+        full_loss = float(m["full_eval_loss"]) if "full_eval_loss" in m else None
+        results.append(evaluation.EvalResult(user, loss, tokens, reply.content.get("personal"), full_loss))
     bytes_down = sum(a.nbytes for a in arrays.values()) * len(members)
     return {**evaluation.eval_metrics(results), "bytes_down_eval": bytes_down}
 
@@ -224,8 +244,15 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
         log.info("resuming after round %d from %s", state.round, checkpoint)
     else:
         state = initial_state(description, init)
+        full = evaluation.full_base_round(cfg, 0, description.quant)
         state.history = [
-            {"round": 0, **_evaluate(link, state, ahead=_ahead(link, cfg, state)), "train_loss": None}
+            {
+                "round": 0,
+                "quant": description.quant,  # as the devices loaded it (`auto` resolved)
+                **({"full_base": cfg.base.full_base} if full else {}),
+                **_evaluate(link, state, ahead=_ahead(link, cfg, state), full=full),
+                "train_loss": None,
+            }
         ]
         save_round(run_dir, state, cfg)
     progress = rounds.Progress(cfg, state)
@@ -234,7 +261,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
         state, metrics = (_secure_round if cfg.federation.secagg else _train_round)(link, cfg, state)
         eval_start = time.perf_counter()
         personal = evaluation.personal_round(cfg, state.round)
-        metrics.update(_evaluate(link, state, personal, _ahead(link, cfg, state)))
+        full = evaluation.full_base_round(cfg, state.round, state.info.quant)
+        last = state.round == cfg.federation.rounds
+        metrics.update(_evaluate(link, state, personal, _ahead(link, cfg, state), full, last))
         metrics["eval_seconds"] = time.perf_counter() - eval_start
         evaluation.add_base(metrics, state.history)
         metrics["seconds"] = time.perf_counter() - start

@@ -1,5 +1,4 @@
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,6 @@ from fedpeft.adapters import (
     adapter_state,
     apply_adapter,
     check_targets,
-    export_merged,
     inject,
     load_adapter_state,
     read_adapter,
@@ -197,32 +195,3 @@ def test_failed_save_keeps_the_previous_adapter(tmp_path: Path, cache_dir: str, 
     with pytest.raises(TypeError):
         save_adapter(model, base, AdapterConfig(), out, extra={"bad": object()})  # not JSON-serializable
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-
-
-@pytest.mark.parametrize("quant", ["none", "nf4"])
-def test_merged_export_matches_adapter_on_dequantized_base(
-    tmp_path: Path, cache_dir: str, tiny_path: Path, quant: str
-) -> None:
-    from transformers import AutoModelForCausalLM
-
-    from fedpeft.base import dequantize_linears
-
-    base = _base(cache_dir, quant)
-    model = inject(base, AdapterConfig())
-    _perturb(model)
-    files = read_adapter(save_adapter(model, base, AdapterConfig(), tmp_path / "adapter"))
-    export_merged(_base(cache_dir, quant), files, tmp_path / "merged")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    reference_base = _base(cache_dir, quant)
-    dequantize_linears(reference_base.model)
-    reference_base.model.to(torch.float32)
-    reference = apply_adapter_unchecked(reference_base, files)
-    torch.testing.assert_close(_logits(merged), _logits(reference), rtol=1e-4, atol=1e-4)
-    assert (tmp_path / "merged" / "tokenizer.json").is_file()
-    shutil.rmtree(tmp_path / "merged")
-
-
-def apply_adapter_unchecked(base, files):
-    model = inject(base, files.adapter_config)
-    load_adapter_state(model, files.arrays)
-    return model

@@ -289,7 +289,7 @@ def test_default_conversion_is_unchanged_and_prequantized(tmp_path: Path) -> Non
     plain.to(torch.bfloat16).save_pretrained(tmp_path / "plain")
     del plain
     cache = str(tmp_path / "cache")
-    folder = convert_gguf(gguf, cache)
+    folder = convert_gguf(gguf, cache, prequantize=("nf4",))  # the default (auto) is bf16 here: no copy
     with (
         safe_open(tmp_path / "plain" / "model.safetensors", "pt") as a,
         safe_open(folder / "model.safetensors", "pt") as b,
@@ -354,3 +354,25 @@ def test_fast_gguf_reader_reads_what_gguf_reads(tmp_path: Path) -> None:
             tb.data.shape,
         )
         assert ta.data.tobytes() == tb.data.tobytes()
+
+
+def test_auto_quant_is_bf16_for_small_models_and_nf4_from_the_threshold(
+    cache_dir: str, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import fedpeft.base as fb
+
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_path).parameters())
+    assert fb.parameter_count(tiny_path) == params
+    assert fb.resolve_quant("auto", tiny_path) == "bf16" and fb.resolve_quant("int8", tiny_path) == "int8"
+    base = fb.load_base(BaseConfig(model="tiny", cache_dir=cache_dir))  # the default: auto
+    assert base.quant == "bf16"
+    assert (
+        base.fingerprint
+        == fb.load_base(BaseConfig(model="tiny", quant="bf16", cache_dir=cache_dir)).fingerprint
+    )
+    monkeypatch.setattr(fb, "AUTO_NF4_PARAMS", params)
+    assert fb.load_base(BaseConfig(model="tiny", cache_dir=cache_dir)).quant == "nf4"
+    with pytest.raises(ValueError, match="resolve"):
+        fb.quantization_kwargs("auto")

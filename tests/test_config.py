@@ -79,12 +79,12 @@ def test_every_field_is_typed_documented_and_has_a_unique_flag() -> None:
     for f in fields():
         if f.meta["flag"]:
             flags.setdefault(f.meta["flag"], []).append(f.key)
-        assert f.hint is not str or f.name in ("model", "cache_dir", "data", "base_fingerprint", "store"), (
-            f.key
-        )
+        free_text = ("model", "cache_dir", "data", "base_fingerprint", "store", "base_id")
+        assert f.hint is not str or f.name in free_text, f.key
     enumerated = {f.key for f in fields() if choices(f.hint)}
     assert enumerated == {
         "base.quant",
+        "base.full_base",
         "adapter.kind",
         "federation.lora_mode",
         "federation.split",

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from fedpeft.config import FederationConfig, PersonalConfig, RunConfig
+from fedpeft.config import BaseConfig, FederationConfig, PersonalConfig, RunConfig
 from fedpeft.evaluation import EvalResult, add_base, eval_metrics, personal_entry, personal_round, ppl
 
 
@@ -93,3 +93,61 @@ def test_add_base_takes_round_0_perplexity_and_summarizes() -> None:
     plain = eval_metrics([EvalResult("bob", 2.0, 10)])
     add_base(plain, history)
     assert "personal" not in plain
+
+
+def test_full_base_figures_are_token_weighted_and_every_round_names_both_bases() -> None:
+    from fedpeft.evaluation import changes_text, full_base_round
+    from fedpeft.rounds import round_line
+
+    first = eval_metrics(
+        [EvalResult("ann", 3.0, 10, full_loss=2.0), EvalResult("bob", 3.0, 30, full_loss=2.5)]
+    )
+    assert first["full_eval_loss"] == pytest.approx(2.375)
+    assert first["eval_per_client"]["ann"]["full_ppl"] == pytest.approx(math.exp(2.0))
+    first.update(round=0, quant="nf4", full_base="fp32")
+    assert "quantizing costs +86.8%" in round_line(first) and "on the NF4 base" in round_line(first)
+    later = eval_metrics([EvalResult("ann", 2.5, 40)])
+    later["round"] = 1
+    add_base(later, [first])
+    assert later["vs_base"] == pytest.approx(math.exp(2.5) / math.exp(3.0) - 1)
+    assert later["vs_full_base"] == pytest.approx(math.exp(2.5) / math.exp(2.375) - 1)
+    assert changes_text(later) == (
+        f"-39.3% vs the NF4 base {math.exp(3.0):.2f}, +13.3% vs the fp32 base {math.exp(2.375):.2f}"
+    )
+    assert changes_text(later) in round_line(later)
+    cfg = RunConfig(federation=FederationConfig(rounds=3))
+    assert [full_base_round(cfg, r, "nf4") for r in range(4)] == [True, False, False, True]
+    assert not full_base_round(RunConfig(base=BaseConfig(full_base="off")), 0, "nf4")
+    assert not full_base_round(cfg, 0, "bf16")  # the devices' base is the unquantized one already
+    assert full_base_round(RunConfig(base=BaseConfig(full_base="fp32")), 0, "bf16")
+
+
+def test_a_run_without_the_full_base_reports_the_quantized_change_only() -> None:
+    from fedpeft.evaluation import changes_text
+
+    first = eval_metrics([EvalResult("ann", 3.0, 10)]) | {"round": 0}
+    later = eval_metrics([EvalResult("ann", 2.0, 10)])
+    add_base(later, [first])
+    assert "vs_full_base" not in later and changes_text(later).startswith("-63.2% vs the quantized base")
+
+
+def test_specificity_on_a_crafted_two_user_case() -> None:
+    """ann's personal adapter lowers her loss by 0.1 nats and bob's by 0.02: own gain 1 - e^-0.1 (9.5%),
+    gain on others 1 - e^-0.02 (2.0%), specificity their ratio (4.8); bob's helps ann more than him."""
+    ann = {"kept": "personal", "personal_seconds": 1.0, "personal_eval_loss": 1.9}
+    ann |= {"others_loss_global": 2.0, "others_loss_personal": 1.98, "others": 1}
+    bob = {"kept": "personal", "personal_seconds": 1.0, "personal_eval_loss": 2.99}
+    bob |= {"others_loss_global": 2.0, "others_loss_personal": 2.1, "others": 1}
+    m = eval_metrics([EvalResult("ann", 2.0, 10, ann), EvalResult("bob", 3.0, 10, bob)])
+    a, b = m["eval_per_client"]["ann"], m["eval_per_client"]["bob"]
+    assert a["own_gain"] == pytest.approx(1 - math.exp(-0.1))
+    assert a["others_gain"] == pytest.approx(1 - math.exp(-0.02))
+    assert a["specificity"] == pytest.approx((1 - math.exp(-0.1)) / (1 - math.exp(-0.02)))
+    assert b["others_gain"] < 0 and b["specificity"] == pytest.approx((1 - math.exp(-0.01)) / 0.001)
+    add_base(m, [{"eval_per_client": {}}])
+    s = m["personal"]
+    assert s["specificity_users"] == 2
+    assert s["specificity_median"] == pytest.approx((a["specificity"] + b["specificity"]) / 2)
+    from fedpeft.personalize import summary_line
+
+    assert "specificity median" in summary_line(s, "finetune")

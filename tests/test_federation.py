@@ -239,10 +239,29 @@ def test_resume_allows_more_rounds_but_nothing_else(tmp_path: Path) -> None:
     cfg = RunConfig()
     (tmp_path / "config.json").write_text(json.dumps(to_run_config(cfg)))
     check_resume_config(tmp_path, RunConfig(federation=FederationConfig(rounds=9)))
+    check_resume_config(tmp_path, RunConfig(federation=FederationConfig(keep_checkpoints=0)))
     with pytest.raises(FedpeftError, match="federation.clients"):
         check_resume_config(tmp_path, RunConfig(federation=FederationConfig(clients=3)))
     with pytest.raises(FedpeftError, match="nothing to resume"):
         check_resume_config(tmp_path / "nope", cfg)
+
+
+def test_only_the_last_checkpoints_are_kept_and_never_the_latest_lost(tmp_path: Path) -> None:
+    from fedpeft.federation import discard_after, prune_checkpoints, resume_round, save_round
+
+    cfg = RunConfig(federation=FederationConfig(keep_checkpoints=2))
+    state = _state()
+    state.history = [{"round": 0, "eval_loss": 1.0, "eval_ppl": 2.7, "eval_per_client": {}}]
+    for _ in range(4):
+        save_round(tmp_path, state, cfg)
+        state = aggregate_round(state, [_delta()], [1.0], cfg)
+    names = lambda: sorted(p.name for p in (tmp_path / "checkpoints").iterdir())  # noqa: E731
+    assert names() == ["round-002", "round-003"] and resume_round(tmp_path) == 3
+    discard_after(tmp_path, 2)  # a --resume-from 2: the later round is set aside, not counted or pruned
+    assert prune_checkpoints(tmp_path, 1) == []
+    assert names()[0].startswith("discarded-after-002") and names()[1:] == ["round-002"]
+    assert prune_checkpoints(tmp_path, 0) == []  # 0 keeps all
+    assert resume_round(tmp_path) == 2
 
 
 def test_ray_temp_dir_stays_short_enough_for_rays_sockets(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path: P
     "flag,key,text,line",
     [
         ("--fraction", "federation.fraction", "2.5", "--fraction must be in (0, 1], got 2.5"),
-        ("--quant", "base.quant", "x", "--quant must be one of none, bf16, int8, nf4, got 'x'"),
+        ("--quant", "base.quant", "x", "--quant must be one of auto, none, bf16, int8, nf4, got 'x'"),
         ("--rounds", "federation.rounds", "2.5", "--rounds must be an integer, got '2.5'"),
         ("--lr", "train.lr", "fast", "--lr must be a number, got 'fast'"),
     ],

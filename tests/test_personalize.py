@@ -194,6 +194,42 @@ def test_round_zero_global_is_the_base(users: Path, cache_dir: str, tiny_path: P
     assert loss == pytest.approx(base.loss, abs=1e-6)
 
 
+def test_round_zero_is_one_base_whatever_the_adapter_and_the_full_base_is_another(
+    users: Path, cache_dir: str, tiny_path: Path, tmp_path: Path
+) -> None:
+    """Round 0 evaluates the base with the adapter disabled: LoRA's and IA3's identity inits went through
+    fp32 in peft and gave two "bases". The unquantized base is a third, measured figure."""
+    from fedpeft.base import load_base
+    from fedpeft.train import evaluate
+
+    cfg = _cfg(users, cache_dir, tmp_path / "store", "none")
+    losses = []
+    for kind in ("lora", "ia3"):
+        device = Device(replace(cfg, adapter=AdapterConfig(kind=kind)))
+        losses.append(device.evaluate(0, dict(device.init_state), bare=True)[0])
+    assert losses[0] == losses[1]
+    full = device.evaluate_full(0, dict(device.init_state), bare=True)  # --full-base bf16, the default
+    bf16 = load_base(replace(cfg.base, quant="bf16"))
+    assert full == evaluate(bf16.model, device.clients[0].eval, 0, "bf16").loss and full != losses[1]
+    device.drop_full_base()
+    assert device._full is None
+
+
+def test_cross_eval_scores_both_adapters_on_other_users_text(
+    users: Path, cache_dir: str, tiny_path: Path, tmp_path: Path
+) -> None:
+    device = Device(_cfg(users, cache_dir, tmp_path / "store", "finetune", cross_users=2))
+    state = dict(device.init_state)
+    same = device.cross_eval(0, 0, state, state)
+    assert same["others"] == 2 and same["others_loss_global"] == same["others_loss_personal"]
+    moved = {k: v + 0.05 for k, v in state.items()}
+    other = device.cross_eval(0, 0, state, moved)
+    assert other["others_loss_global"] == same["others_loss_global"]
+    assert other["others_loss_personal"] != other["others_loss_global"]
+    alone = Device(_cfg(users, cache_dir, tmp_path / "store", "finetune", cross_users=0))
+    assert alone.cross_eval(0, 0, state, moved) == {}
+
+
 @pytest.mark.parametrize("what", ["fingerprint", "schema"])
 def test_a_foreign_store_is_refused_and_left_untouched(
     tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path, what: str

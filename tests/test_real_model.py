@@ -63,7 +63,11 @@ def test_train_save_and_peft_reload_on_real_model(tmp_path: Path, quant: str, ki
     out = save_adapter(model, base, cfg, tmp_path / kind)
 
     config = json.loads((out / "adapter_config.json").read_text())
-    hf = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], **quantization_kwargs(quant))
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # portable, not a path
+    # README, "Export and use elsewhere": BASE is the converted folder, found the way the README says
+    from fedpeft.base import resolve_base_dir
+
+    hf = AutoModelForCausalLM.from_pretrained(resolve_base_dir("default"), **quantization_kwargs(quant))
     disable_cpu_4bit_packing(hf)
     loaded = PeftModel.from_pretrained(hf, out)
     x = held_out[0][None, :64]

@@ -58,10 +58,12 @@ def test_federation_learns_writes_its_files_and_resumes_identically(
     assert all(len(h["eval_per_client"]) == 4 for h in history)
     assert all(h["bytes_up"] > 0 and len(h["sampled"]) == 2 for h in history[1:])
     assert (tmp_path / "full" / "plot.png").is_file()
-    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == [
-        f"round-00{i}" for i in range(4)
-    ]
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["round-002", "round-003"]
     assert full.round == 3
+    # round 0 and the last round are also measured on the unquantized base; every round against both
+    assert [("full_eval_ppl" in h) for h in history] == [True, False, False, True]
+    assert history[0]["full_eval_ppl"] != history[0]["eval_ppl"]  # what NF4 costs
+    assert all(h["quant"] == "nf4" and "vs_base" in h and "vs_full_base" in h for h in history[1:])
 
     # Crash after round 2 (simulated by deleting round 3), then --resume; and a 2-round run extended to 3.
     crashed = tmp_path / "crashed"
@@ -78,7 +80,7 @@ def test_federation_learns_writes_its_files_and_resumes_identically(
 def test_ffa_only_b_travels_and_a_stays_at_the_shared_init(
     tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
 ) -> None:
-    state = simulate(_cfg(users, cache_dir, lora_mode="ffa", rounds=2), tmp_path / "ffa")
+    state = simulate(_cfg(users, cache_dir, lora_mode="ffa", rounds=2, keep_checkpoints=0), tmp_path / "ffa")
     assert state.travel_keys and all(".lora_B." in k for k in state.travel_keys)
     init = load_file(tmp_path / "ffa" / "checkpoints" / "round-000" / "global.safetensors")
     final = _global(tmp_path / "ffa")
