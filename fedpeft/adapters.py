@@ -96,7 +96,10 @@ def adapter_state(model: Any) -> dict[str, np.ndarray]:
     """The adapter as named float arrays under PEFT's file keys, sorted by name (copies)."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model)
+    # save_embedding_layers="auto" (peft's default) asks the Hugging Face hub for the config of
+    # base_model_name_or_path, now a public id: a network call from a device at every save. The adapters
+    # never touch the embeddings, so there is nothing to ask about.
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
     return {k: state[k].detach().float().cpu().numpy().copy() for k in sorted(state)}
 
 

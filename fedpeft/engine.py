@@ -185,11 +185,14 @@ def _drive(
     from fedpeft.simulate import quiet_environment
 
     quiet_environment()
-    logging.getLogger("flwr").setLevel(logging.ERROR)
     try:
         from flwr.simulation import run_simulation
 
         from server.app import Outcome, make_server_app
+
+        # after the imports, which set Flower's console level: otherwise every run printed Flower's
+        # "run_simulation is deprecated" (we drive its simulation engine on purpose: fedpeft/engine.py)
+        logging.getLogger("flwr").setLevel(logging.ERROR)
 
         cpus = os.cpu_count() or 1
         backend = {

@@ -211,8 +211,8 @@ SPECIFICITY_FLOOR = 0.001  # others' gain below 0.1% (or a loss) counts as 0.1%:
 
 def specificity(own_gain: float, others_gain: float) -> float:
     """Own gain over the mean gain on other users' text: 1 means extra generic training that helps
-    everyone alike, >= 2 an adapter that is about its own user."""
-    return own_gain / max(others_gain, SPECIFICITY_FLOOR)
+    everyone alike, >= 2 an adapter that is about its own user, 0 one that does not help its own user."""
+    return max(own_gain, 0.0) / max(others_gain, SPECIFICITY_FLOOR)
 
 
 def summarize(per_client: dict[str, dict[str, Any]]) -> dict[str, Any] | None:

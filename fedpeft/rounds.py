@@ -223,6 +223,8 @@ class Progress:
             unit="round",
         )
         self.bar.set_postfix(ppl=f"{state.history[-1]['eval_ppl']:.2f}")
+        if state.round == 0:  # what the base scores, on which base(s), before any training
+            self.bar.write(round_line(state.history[0]))
 
     def round(self, m: Mapping[str, Any]) -> None:
         from fedpeft.personalize import summary_line

@@ -124,7 +124,15 @@ def test_adapter_config_names_a_public_base() -> None:
     assert public_id(BaseConfig(model="tiny", base_id="me/my-model")) == "me/my-model"
 
 
-def test_base_id_reaches_adapter_config(tmp_path: Path, cache_dir: str, tiny_path: Path) -> None:
+def test_base_id_reaches_adapter_config_and_saving_never_asks_the_hub(
+    tmp_path: Path, cache_dir: str, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import peft.utils.save_and_load as peft_save
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("peft asked the Hugging Face hub about the base")
+
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_network)
     base = load_base(BaseConfig(model="tiny", quant="none", cache_dir=cache_dir, base_id="me/tiny"))
     out = save_adapter(inject(base, AdapterConfig(r=4)), base, AdapterConfig(r=4), tmp_path / "a")
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/tiny"

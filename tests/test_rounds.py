@@ -169,12 +169,14 @@ def test_progress_prints_a_line_per_round(capsys: pytest.CaptureFixture[str]) ->
     from fedpeft.config import TrainConfig
 
     state = _state()
-    state.history = [{"eval_ppl": 20.0}]
+    state.history = [{"round": 0, "eval_ppl": 20.0, "eval_loss": 3.0, "quant": "nf4"}]
     progress = Progress(RunConfig(train=replace(TrainConfig(), progress=False)), state)
     m = {"eval_ppl": 12.345, "eval_loss": 2.5, "accepted": ["a"], "sampled": ["a", "b"], "seconds": 1.25}
     progress.round({**m, "round": 1, "skipped": True})
     progress.close()
-    assert "round 1: held-out ppl 12.35 (loss 2.500), 1/2 clients, 1.2 s [skipped]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "round 0: held-out ppl 20.00 (loss 3.000) on the NF4 base\n" in out  # the base, before training
+    assert "round 1: held-out ppl 12.35 (loss 2.500), 1/2 clients, 1.2 s [skipped]" in out
 
 
 def test_round_line_is_the_same_for_simulate_and_server() -> None:
