@@ -30,15 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.core import status  # noqa: E402
+
 QUANT = "nf4"
-
-
-def _status(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _reset_peak() -> None:
@@ -101,7 +97,7 @@ def worker(job: dict) -> dict:
     out: dict = {
         "step": job["step"],
         "import_s": time.perf_counter() - t0,
-        "rss_before_mib": _status("VmRSS"),
+        "rss_before_mib": status("VmRSS"),
     }
     _reset_peak()
     cpu, t = os.times(), time.perf_counter()
@@ -122,7 +118,7 @@ def worker(job: dict) -> dict:
         out.update(fingerprint=base.fingerprint, prequantized=base.prequantized)
     out["seconds"] = time.perf_counter() - t
     out["cpu_s"] = sum(os.times()[:2]) - sum(cpu[:2])  # user + system, all threads
-    out["peak_rss_mib"] = _status("VmHWM")
+    out["peak_rss_mib"] = status("VmHWM")
     out["load_average"] = os.getloadavg()[0]
     if job["step"].startswith("convert"):
         out["tensor_digest"] = _tensor_digest(folder)

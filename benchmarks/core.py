@@ -25,12 +25,17 @@ import time
 from pathlib import Path
 
 
-def _rss_mib() -> float:
+def status(key: str) -> float:
+    """A /proc/self/status field in MiB (VmRSS: resident now, VmHWM: the process's peak so far)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _rss_mib() -> float:
+    return status("VmRSS")
 
 
 class PeakRSS:

@@ -25,9 +25,11 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.core import PeakRSS, status  # noqa: E402
 
 SETTINGS = {  # name: (checkpointing, loss_chunk, heap: glibc's own, fast or compact; fedpeft.memory)
     "before (glibc heap)": (False, 0, "glibc"),  # plain, as train() ran before fedpeft.memory existed
@@ -42,38 +44,6 @@ SETTINGS = {  # name: (checkpointing, loss_chunk, heap: glibc's own, fast or com
 DEVICE_MIB = 1024
 SUPERNODE_MIB = 300
 MAX_STEP_RATIO = 1.3
-
-
-def _status(key: str) -> float:
-    """A /proc/self/status field in MiB (VmRSS: resident now, VmHWM: the process's peak so far)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class PeakRSS:
-    """Samples this process's resident set size in a thread; .peak is the max seen while inside."""
-
-    def __init__(self, every: float = 0.005) -> None:
-        self.every, self.peak, self._stop = every, 0.0, threading.Event()
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = _status("VmRSS")
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _status("VmRSS"))
-            time.sleep(self.every)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _status("VmRSS"))
 
 
 def worker(job: dict) -> dict:
@@ -95,7 +65,7 @@ def worker(job: dict) -> dict:
     if job["heap"] == "glibc":  # glibc's own heap policy: no fixed mmap threshold, no trim
         train_module.release_heap = lambda compact=False: None
 
-    out = {**job, "rss_imports_mib": _status("VmRSS")}
+    out = {**job, "rss_imports_mib": status("VmRSS")}
     base = load_base(BaseConfig(model=job["model"], quant=job["quant"], cache_dir=job["cache_dir"]))
     data, _ = load_user_data(
         DataConfig(data=job["data"], block_size=job["block"]), base.tokenizer, job["user"]
@@ -105,8 +75,8 @@ def worker(job: dict) -> dict:
     out.update(
         base_bytes=base.nbytes,
         adapter_params=sum(p.numel() for p in trainable_parameters(model)),
-        rss_loaded_mib=_status("VmRSS"),
-        hwm_loaded_mib=_status("VmHWM"),
+        rss_loaded_mib=status("VmRSS"),
+        hwm_loaded_mib=status("VmHWM"),
         train_blocks=len(data.train),
     )
     if job.get("interleave"):  # step times of several settings, alternating in this one process
@@ -142,12 +112,12 @@ def worker(job: dict) -> dict:
             step = dataclasses.replace(cfg, seed=i + 1)
             times.append(train(model, data, step, lr, pad, job["quant"]).seconds)
     out.update(step_s=statistics.median(times), step_s_all=times, train_peak_mib=rss.peak)
-    out["hwm_train_mib"] = _status("VmHWM")
+    out["hwm_train_mib"] = status("VmHWM")
     if job["eval"]:
         with PeakRSS() as rss:
             evaluate(model, data.eval[: job["eval"]], pad, job["quant"], 8, job["loss_chunk"])
         out["eval_peak_mib"] = rss.peak
-    out["hwm_mib"] = _status("VmHWM")
+    out["hwm_mib"] = status("VmHWM")
     return out
 
 
