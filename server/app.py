@@ -192,7 +192,11 @@ def _train_round(link: _Link, cfg: RunConfig, state: ServerState) -> tuple[Serve
         if reply.has_error():
             updates[c] = _error_text(reply)
             continue
-        delta, info = record_to_arrays(reply.content["delta"]), reply.content["info"]
+        try:
+            delta, info = record_to_arrays(reply.content["delta"]), reply.content["info"]
+        except (KeyError, TypeError, ValueError) as e:  # a client's malformed reply drops that client only
+            updates[c] = f"malformed reply: {e}"[:300]
+            continue
         updates[c] = rounds.Update(delta, str(info["fingerprint"]), reply.content["metrics"])
     return rounds.plain_round(state, cfg, link.roster.names, sampled, updates)
 
