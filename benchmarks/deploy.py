@@ -35,13 +35,24 @@ from fedpeft.config import BaseConfig, FederationConfig, RunConfig, TrainConfig 
 from fedpeft.deploy.processes import descendants, process_table  # noqa: E402
 
 
+def pss(pid: int) -> int:
+    """Proportional set size (bytes): shared pages split among the processes that map them, so a tree's
+    sum is what it really occupies; a sum of RSS counts the interpreter and libraries once per process."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:")), 0)
+    except OSError:
+        return 0
+
+
 class Sampler:
-    """Every 0.3 s: RSS of the server tree, of each client tree, of each client's resident worker and of
-    its ClientApp process."""
+    """Every 0.3 s: RSS of the server tree, of each client tree (and its PSS), of each client's resident
+    worker and of its ClientApp process."""
 
     def __enter__(self) -> Sampler:
         self.server = 0
         self.client: dict[str, int] = {}
+        self.client_pss: dict[str, int] = {}
         self.clientapp: dict[str, int] = {}
         self.worker: dict[str, int] = {}
         self._stop = threading.Event()
@@ -62,6 +73,8 @@ class Sampler:
                 else:
                     name = proc.cmdline.split(" --name ")[1].split()[0]
                     self.client[name] = max(self.client.get(name, 0), sum(p.rss for p in tree))
+                    tree_pss = sum(pss(p) for p in [pid, *descendants(pid, procs)])
+                    self.client_pss[name] = max(self.client_pss.get(name, 0), tree_pss)
                     app = sum(p.rss for p in tree if "flwr-clientapp" in p.cmdline)
                     self.clientapp[name] = max(self.clientapp.get(name, 0), app)
                     worker = sum(p.rss for p in tree if "fedpeft.worker" in p.cmdline)
@@ -105,6 +118,7 @@ def deployment(cfg: RunConfig, out: Path) -> dict:
         "reported_peak_rss_mib_max": max((c.get("peak_rss_mib", 0) for c in split), default=0),
         "server_peak_rss_mib": _mib(s.server),
         "client_peak_rss_mib": {k: _mib(v) for k, v in sorted(s.client.items())},
+        "client_peak_pss_mib": {k: _mib(v) for k, v in sorted(s.client_pss.items())},
         "worker_peak_rss_mib": {k: _mib(v) for k, v in sorted(s.worker.items())},
         "clientapp_peak_rss_mib": {k: _mib(v) for k, v in sorted(s.clientapp.items())},
     }
@@ -121,15 +135,15 @@ def simulation(cfg: RunConfig, out: Path) -> dict:
     }
 
 
-def new_client(cache: Path) -> dict:
+def new_client(cache: Path, quant: str) -> dict:
     from fedpeft.base import load_base, resolve_base_dir
 
     t0 = time.perf_counter()
     resolve_base_dir("default", str(cache))
     t1 = time.perf_counter()
-    base = load_base(BaseConfig(model="default", quant="nf4", cache_dir=str(cache)))
+    base = load_base(BaseConfig(model="default", quant=quant, cache_dir=str(cache)))
     t2 = time.perf_counter()
-    again = load_base(BaseConfig(model="default", quant="nf4", cache_dir=str(cache)))
+    again = load_base(BaseConfig(model="default", quant=quant, cache_dir=str(cache)))
     t3 = time.perf_counter()
     assert again.fingerprint == base.fingerprint
     return {
@@ -137,6 +151,7 @@ def new_client(cache: Path) -> dict:
         "load_seconds": round(t2 - t1, 2),
         "reload_seconds": round(t3 - t2, 2),
         "base_mib": _mib(base.nbytes),
+        "quant": base.quant,
     }
 
 
@@ -144,15 +159,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model only")
     p.add_argument("--skip-20", action="store_true", help="leave out the 20-client server run")
+    p.add_argument(
+        "--quant", default="auto", help="the base's quantization (default auto: bf16 for the default model)"
+    )
     a = p.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     work = Path(tempfile.mkdtemp(prefix="fedpeft-bench-"))
     cache = os.environ.get("FEDPEFT_CACHE")
-    results: dict = {"cpus": os.cpu_count()}
+    results: dict = {"cpus": os.cpu_count(), "quant": a.quant}
 
     def cfg(model: str, clients: int, rounds: int, secagg: bool, fraction: float = 1.0) -> RunConfig:
         return RunConfig(
-            base=BaseConfig(model=model, cache_dir=cache),
+            base=BaseConfig(model=model, cache_dir=cache, quant=a.quant),
             train=TrainConfig(progress=False),
             federation=FederationConfig(
                 clients=clients, fraction=fraction, rounds=rounds, local_steps=5, secagg=secagg, min_clients=2
@@ -166,7 +184,7 @@ def main() -> None:
         if not a.skip_20:
             results["tiny_20_deploy"] = deployment(cfg("tiny", 20, 1, False, fraction=0.2), work / "tiny20")
         if not a.quick:
-            results["new_client"] = new_client(work / "empty-store")
+            results["new_client"] = new_client(work / "empty-store", a.quant)
             default3 = cfg("default", 3, 5, True)
             results["default_3_deploy"] = deployment(default3, work / "default3")
             results["default_3_sim"] = simulation(default3, work / "default3-sim")
@@ -193,6 +211,9 @@ def main() -> None:
         d = results["default_3_deploy"]
         rows.append(
             f"| client peak RSS (whole tree), default model | {max(d['client_peak_rss_mib'].values()):.0f} MiB |"
+        )
+        rows.append(
+            f"| client peak PSS (whole tree), default model | {max(d['client_peak_pss_mib'].values()):.0f} MiB |"
         )
         rows.append(
             f"| resident worker peak RSS, default model | {max(d['worker_peak_rss_mib'].values()):.0f} MiB |"
