@@ -9,6 +9,7 @@ scalar metrics do).
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -42,6 +43,8 @@ from fedpeft.personalize import (
     split_validation,
 )
 from fedpeft.train import evaluate, train
+
+log = logging.getLogger("fedpeft")
 
 
 @dataclass
@@ -244,6 +247,10 @@ class Device:
         if quant == self.base.quant:
             return self.evaluate(local, global_arrays, bare)[0]
         if self._full is None:  # loaded on first use, dropped before the next training
+            if not self._full_base_fits(
+                quant, len(self.clients[local].eval[0]) if self.clients[local].eval else 0
+            ):
+                return None
             full = load_base(replace(self.cfg.base, quant=quant))
             self._full = (full, inject(full, self.adapter_cfg))
         full, model = self._full
@@ -253,6 +260,26 @@ class Device:
             return evaluate(model, self.clients[local].eval, pad, full.quant, batch).loss
         with model.disable_adapter():
             return evaluate(model, self.clients[local].eval, pad, full.quant, batch).loss
+
+    def _full_base_fits(self, quant: str, block_len: int) -> bool:
+        """A device's --max-memory holds the unquantized base beside its own, or the device skips that
+        evaluation (the server reports the full-base figures of the devices that ran it)."""
+        budget = self.cfg.train.max_memory
+        if not budget:
+            return True
+        from fedpeft.memory import full_base_mib
+
+        adapter_params = sum(int(np.prod(a.shape)) for a in self.init_state.values())
+        tokens = max(block_len, 1) * self.cfg.train.eval_batch_size
+        need = full_base_mib(self.base, quant, adapter_params, tokens, self.cfg.train)
+        if need > budget:
+            log.warning(
+                "the unquantized base (%s) needs about %.0f MiB beside this device's %s base, over --max-memory "
+                "%g MiB: this device skips the full-base evaluation",
+                quant, need, self.base.quant, budget,
+            )  # fmt: skip
+            return False
+        return True
 
     def drop_full_base(self) -> None:
         if self._full is not None:

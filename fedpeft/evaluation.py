@@ -38,12 +38,13 @@ def eval_metrics(results: Sequence[EvalResult]) -> dict[str, Any]:
     """The round's evaluation over the clients that answered (in client order): token-weighted loss and
     its perplexity, the mean of the clients' perplexities, and each client's entry by name. A malformed
     personal report is logged and left out: a device's bad report must not stop the run."""
-    per_client, nll, tokens, full_nll, full_tokens = {}, 0.0, 0, 0.0, 0
+    per_client, nll, tokens, full_nll, full_tokens, full_clients = {}, 0.0, 0, 0.0, 0, 0
     for r in results:
         entry: dict[str, Any] = {"loss": r.loss, "ppl": ppl(r.loss), "tokens": r.tokens}
         if r.full_loss is not None:
             entry["full_ppl"] = ppl(r.full_loss)
             full_nll, full_tokens = full_nll + r.full_loss * r.tokens, full_tokens + r.tokens
+            full_clients += 1
         if r.personal is not None:
             try:
                 entry.update(personal_entry(r.personal, entry["ppl"]))
@@ -59,9 +60,10 @@ def eval_metrics(results: Sequence[EvalResult]) -> dict[str, Any]:
         "eval_ppl_client_mean": sum(c["ppl"] for c in per_client.values()) / max(len(per_client), 1),
         "eval_per_client": dict(sorted(per_client.items())),
     }
-    if full_tokens:  # over the clients that reported it: all of them unless one failed only there
+    if full_tokens:  # over the clients that reported it: all of them unless one failed or lacked the memory
         out["full_eval_loss"] = full_nll / full_tokens
         out["full_eval_ppl"] = ppl(full_nll / full_tokens)
+        out["full_eval_clients"] = full_clients
     return out
 
 
@@ -102,9 +104,21 @@ def add_changes(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -
     metrics.update({k: first[k] for k in ("quant", "full_base") if k in first})
     metrics["base_ppl"] = first["eval_ppl"]
     metrics["vs_base"] = metrics["eval_ppl"] / first["eval_ppl"] - 1
-    if "full_eval_ppl" in first:
-        metrics["full_base_ppl"] = first["full_eval_ppl"]
+    if "full_eval_ppl" not in first:
+        return
+    metrics["full_base_ppl"] = first["full_eval_ppl"]
+    covered = [u for u, e in first.get("eval_per_client", {}).items() if "full_ppl" in e]
+    if len(covered) == len(first.get("eval_per_client", {})):
         metrics["vs_full_base"] = metrics["eval_ppl"] / first["full_eval_ppl"] - 1
+        return
+    # some devices skipped the unquantized base (their --max-memory): compare on the clients that ran it
+    mine = [metrics["eval_per_client"][u] for u in covered if u in metrics.get("eval_per_client", {})]
+    tokens = sum(e["tokens"] for e in mine)
+    if tokens:
+        metrics["full_base_clients"] = len(mine)
+        metrics["vs_full_base"] = (
+            ppl(sum(e["loss"] * e["tokens"] for e in mine) / tokens) / first["full_eval_ppl"] - 1
+        )
 
 
 def personal_entry(report: Mapping[str, Any], global_ppl: float) -> dict[str, Any]:

@@ -224,3 +224,24 @@ def fit_model(cfg: TrainConfig, model: Any, block_len: int, budget_mib: float, q
     return _fit(
         cfg, Shape.of(hf.config), base_bytes_of(model), adapter_params, block_len, budget_mib, act_bytes
     )
+
+
+def full_base_mib(base: Any, full_quant: str, adapter_params: int, tokens: int, cfg: TrainConfig) -> float:
+    """Estimated peak (MiB) of a process that holds `base` (a fedpeft.base.Base, as loaded) and also loads
+    its unquantized copy (`full_quant`: bf16 or none) to evaluate `tokens` tokens a batch on it: what
+    --full-base costs a device at round 0 and in the last round, on top of its own base."""
+    from fedpeft.base import parameter_count
+
+    full_bytes = parameter_count(base.path) * (4 if full_quant == "none" else 2)
+    act_bytes = 4 if full_quant == "none" else 2
+    shape = Shape.of(base.model.config)
+    return peak_mib(
+        shape,
+        base.nbytes + full_bytes,
+        adapter_params,
+        tokens,
+        cfg.checkpointing,
+        cfg.loss_chunk,
+        False,
+        act_bytes,
+    )

@@ -102,7 +102,7 @@ def test_full_base_figures_are_token_weighted_and_every_round_names_both_bases()
     first = eval_metrics(
         [EvalResult("ann", 3.0, 10, full_loss=2.0), EvalResult("bob", 3.0, 30, full_loss=2.5)]
     )
-    assert first["full_eval_loss"] == pytest.approx(2.375)
+    assert first["full_eval_loss"] == pytest.approx(2.375) and first["full_eval_clients"] == 2
     assert first["eval_per_client"]["ann"]["full_ppl"] == pytest.approx(math.exp(2.0))
     first.update(round=0, quant="nf4", full_base="fp32")
     assert "quantizing costs +86.8%" in round_line(first) and "on the NF4 base" in round_line(first)
@@ -157,3 +157,16 @@ def test_an_adapter_that_hurts_its_own_user_is_not_specific() -> None:
     from fedpeft.personalize import specificity
 
     assert specificity(-0.24, -0.38) == 0.0 and specificity(0.04, 0.02) == pytest.approx(2.0)
+
+
+def test_a_full_base_some_devices_skipped_is_compared_on_the_devices_that_ran_it() -> None:
+    """A device whose --max-memory cannot hold the unquantized base skips it: round 0's full-base figure
+    then covers fewer clients, and later rounds compare against it on those clients only."""
+    first = eval_metrics([EvalResult("ann", 3.0, 10, full_loss=2.0), EvalResult("bob", 4.0, 30)])
+    assert first["full_eval_clients"] == 1 and first["full_eval_loss"] == pytest.approx(2.0)
+    first["round"] = 0
+    later = eval_metrics([EvalResult("ann", 2.5, 10), EvalResult("bob", 3.5, 30)])
+    add_base(later, [first])
+    assert later["full_base_clients"] == 1
+    assert later["vs_full_base"] == pytest.approx(math.exp(2.5) / math.exp(2.0) - 1)  # ann's alone
+    assert later["vs_base"] == pytest.approx(later["eval_ppl"] / first["eval_ppl"] - 1)  # everyone's

@@ -215,6 +215,28 @@ def test_round_zero_is_one_base_whatever_the_adapter_and_the_full_base_is_anothe
     assert device._full is None
 
 
+def test_a_device_budget_too_small_for_the_full_base_skips_that_evaluation(
+    users: Path, cache_dir: str, tiny_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--full-base loads an unquantized copy beside the device's NF4 base: a device whose --max-memory
+    cannot hold both skips that evaluation (None: the server reports the devices that ran it)."""
+    from fedpeft.memory import full_base_mib
+
+    cfg = _cfg(users, cache_dir, tmp_path / "store", "none")
+    device = Device(cfg)
+    tokens = len(device.clients[0].eval[0]) * cfg.train.eval_batch_size
+    params = sum(a.size for a in device.init_state.values())
+    need = full_base_mib(device.base, "bf16", params, tokens, cfg.train)
+    assert need > full_base_mib(device.base, "bf16", params, 1, cfg.train)  # grows with the batch
+    assert full_base_mib(device.base, "none", params, tokens, cfg.train) > need  # fp32 holds more
+    tight = Device(replace(cfg, train=replace(cfg.train, max_memory=need - 1)))
+    with caplog.at_level("WARNING", logger="fedpeft"):
+        assert tight.evaluate_full(0, dict(tight.init_state), bare=True) is None
+    assert "skips the full-base evaluation" in caplog.text and tight._full is None
+    roomy = Device(replace(cfg, train=replace(cfg.train, max_memory=need + 1)))
+    assert isinstance(roomy.evaluate_full(0, dict(roomy.init_state), bare=True), float)
+
+
 def test_cross_eval_scores_both_adapters_on_other_users_text(
     users: Path, cache_dir: str, tiny_path: Path, tmp_path: Path
 ) -> None:
