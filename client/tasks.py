@@ -82,7 +82,8 @@ def info(device: Device, local: int, client: int) -> ConfigRecord:
             "fingerprint": device.fingerprint,
             "client": client,
             "name": data.user,
-            "num-examples": data.train_tokens,
+            # under DP every client weighs the same, and its amount of text is not sent
+            "num-examples": 1 if device.cfg.privacy.mode != "off" else data.train_tokens,
         }
     )
 
@@ -115,7 +116,14 @@ def _fit(content: RecordDict, node: DeviceNode | None, partition: int):
     device, local, client, load_seconds = setup(content, node, partition)
     rnd = int(content["task"]["round"])
     result = device.fit(local, record_to_arrays(content["arrays"]), rnd, client)
+    dp: dict[str, float] = {}
+    if device.cfg.privacy.mode != "off":  # DP-FedAvg: the whole delta clipped, every client weighs the same
+        from fedpeft.privacy.central import clip
+
+        delta, clipped = clip(result.delta, device.cfg.privacy.clip)
+        result, dp = replace(result, delta=delta, num_examples=1), {"dp_clipped": float(clipped)}
     metrics = {
+        **dp,
         "num-examples": float(result.num_examples),
         "train_loss": result.train_loss,
         "train_seconds": result.seconds,

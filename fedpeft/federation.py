@@ -124,6 +124,8 @@ def write_global(run_dir: Path, state: ServerState) -> Path:
         state.arrays,
         round=state.round,
         base=info.base,
+        # the (epsilon, delta) this adapter was trained under, so every copy of it says so
+        **({"dp": state.history[-1]["dp"]} if state.history and state.history[-1].get("dp") else {}),
     )
     return write_adapter_dir(run_dir / "global", state.arrays, info.peft_config, meta)
 

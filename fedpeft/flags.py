@@ -19,6 +19,7 @@ TITLES = {
     "federation": "federation",
     "server_opt": "server optimizer",
     "personal": "personalization (personal adapters stay on the device)",
+    "privacy": "differential privacy (user level)",
 }
 
 

@@ -51,12 +51,21 @@ class Roster:
     names: dict[int, str] = field(default_factory=dict)
     fingerprints: dict[int, str] = field(default_factory=dict)
     examples: dict[int, float] = field(default_factory=dict)  # training tokens: the FedAvg weight
+    samples: dict[int, list[int]] = field(default_factory=dict)  # each DP round's Poisson sample, drawn once
     fingerprint: str = ""  # the federation's base
 
-    def sample(self, f: FederationConfig, rnd: int) -> list[int]:
-        """This round's clients; indices into the registered clients (some devices may have failed)."""
+    def sample(self, f: FederationConfig, rnd: int, poisson: bool = False) -> list[int]:
+        """This round's clients; indices into the registered clients (some devices may have failed). With
+        `poisson` (DP runs) each joins with probability --fraction from secret randomness, drawn once a
+        round (the next round's sample is drawn early when its secure-aggregation keys travel ahead)."""
         ids = sorted(self.node_of)
-        return [ids[i] for i in sample_clients(len(ids), f.fraction, f.min_clients, f.seed, rnd)]
+        if not poisson:
+            return [ids[i] for i in sample_clients(len(ids), f.fraction, f.min_clients, f.seed, rnd)]
+        if rnd not in self.samples:
+            from fedpeft.privacy.central import poisson_sample
+
+            self.samples[rnd] = poisson_sample(ids, f.fraction)
+        return self.samples[rnd]
 
     def on_base(self) -> list[int]:
         """Clients whose base is the federation's (the others are refused, and refuse, every round)."""

@@ -11,11 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedpeft.aggregate import Arrays
 from fedpeft.config import RunConfig
-from fedpeft.federation import ServerState, aggregate_round, check_update, skip_round
+from fedpeft.federation import ServerState, aggregate_round, apply_mean, check_update, skip_round
+
+if TYPE_CHECKING:
+    from fedpeft.privacy.plan import DpPlan
 
 log = logging.getLogger("fedpeft")
 
@@ -25,7 +28,11 @@ PLAIN_STAGES = ("load", "train", "personal", "wait")
 SECURE_STAGES = ("load", "train", "mask", "personal", "wait")
 # what a device says of itself, kept next to its seconds when it reports them: base loads since it started
 # (1 when the worker keeps its base resident) and the peak RSS of its processes
-DEVICE_FIGURES = ("base_loads", "peak_rss_mib")
+DEVICE_FIGURES = (
+    "base_loads",
+    "peak_rss_mib",
+    "dp_clipped",
+)  # dp_clipped: 1 when DP clipping scaled its delta
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,7 @@ def plain_round(
     names: Mapping[int, str],
     sampled: Sequence[int],
     replies: Mapping[int, Update | str],
+    dp: DpPlan | None = None,
 ) -> tuple[ServerState, dict[str, Any]]:
     """A plain round from the sampled clients' replies (an update, or the error text of a client that
     failed): check each update against the state (fedpeft.federation.check_update), aggregate the valid
@@ -127,7 +135,14 @@ def plain_round(
             min_clients,
         )
         return skip_round(state), {**metrics, **skipped_metrics()}
-    new = aggregate_round(state, deltas, [r.examples for r in results], cfg)
+    if dp is not None:  # DP-FedAvg: the server clips again (its guarantee), sums, adds noise
+        from fedpeft.aggregate import weighted_sum
+        from fedpeft.privacy.central import clip, noised_mean
+
+        total = weighted_sum([clip(d, dp.clip)[0] for d in deltas], [1.0] * len(deltas))
+        new = apply_mean(state, noised_mean(total, dp.expected_clients, dp.noise_std), cfg)
+    else:
+        new = aggregate_round(state, deltas, [r.examples for r in results], cfg)
     return new, {**metrics, "skipped": False, **train_metrics(results)}
 
 
@@ -203,6 +218,8 @@ def round_line(m: Mapping[str, Any]) -> str:
     if m["round"] > 0:
         text += f", {len(m.get('accepted', []))}/{len(m.get('sampled', []))} clients, {m.get('seconds', 0.0):.1f} s"
         text += " [skipped]" if m.get("skipped") else ""
+        if m.get("dp"):
+            text += f", ε = {m['dp']['epsilon']:.2f}"
     return text
 
 

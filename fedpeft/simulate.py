@@ -104,6 +104,8 @@ def summary(rnd: int, history: list[dict[str, Any]], method: str = "none") -> st
     if "full_eval_ppl" in last:
         line += f"; on the {last.get('full_base')} base {last['full_eval_ppl']:.2f} (what a merge gives)"
     line += f"; {per_client:,} bytes up per client in the last round"
+    if last.get("dp"):
+        line += f" (ε = {last['dp']['epsilon']:.2f}, δ = {last['dp']['delta']:.2g})"
     if "personal" in last:
         from fedpeft.personalize import summary_line
 

@@ -36,6 +36,9 @@ from fedpeft.federation import (
     load_checkpoint,
     save_round,
 )
+from fedpeft.privacy.plan import DpPlan
+from fedpeft.privacy.plan import note as dp_note
+from fedpeft.privacy.plan import plan as privacy_plan
 from fedpeft.roster import Registration, Roster, make_roster
 
 log = logging.getLogger("fedpeft")
@@ -58,6 +61,7 @@ class _Link:
     roster: Roster = field(default_factory=Roster)
     # keys clients advertised for the next secure round with their evaluation: {client: (task, keys)}
     advertised: dict[int, tuple[dict[str, Any], tuple[bytes, bytes, bytes]]] = field(default_factory=dict)
+    dp: DpPlan | None = None  # the federation's differential privacy, when on
 
     def message(self, node: int, kind: str, task: dict[str, Any], arrays: Arrays | None = None) -> Message:
         content = RecordDict({"config": self.config, "task": ConfigRecord(task)})
@@ -186,7 +190,7 @@ def _evaluate(
 
 def _train_round(link: _Link, cfg: RunConfig, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
     rnd = state.round + 1
-    sampled = link.roster.sample(cfg.federation, rnd)
+    sampled = link.roster.sample(cfg.federation, rnd, poisson=link.dp is not None)
     updates: dict[int, rounds.Update | str] = {}
     for c, reply in link.send(MessageType.TRAIN, {"round": rnd}, sampled, state.travel_arrays()).items():
         if reply.has_error():
@@ -198,7 +202,7 @@ def _train_round(link: _Link, cfg: RunConfig, state: ServerState) -> tuple[Serve
             updates[c] = f"malformed reply: {e}"[:300]
             continue
         updates[c] = rounds.Update(delta, str(info["fingerprint"]), reply.content["metrics"])
-    return rounds.plain_round(state, cfg, link.roster.names, sampled, updates)
+    return rounds.plain_round(state, cfg, link.roster.names, sampled, updates, link.dp)
 
 
 def _secure_round(link: _Link, cfg: RunConfig, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
@@ -218,8 +222,8 @@ def _secure_round(link: _Link, cfg: RunConfig, state: ServerState) -> tuple[Serv
         return link.exchange(messages)
 
     advertised, link.advertised = link.advertised, {}  # each advertisement serves one round
-    sampled = roster.sample(cfg.federation, rnd)
-    return secure_round(state, cfg, roster.names, roster.examples, sampled, send, advertised)
+    sampled = roster.sample(cfg.federation, rnd, poisson=link.dp is not None)
+    return secure_round(state, cfg, roster.names, roster.examples, sampled, send, advertised, link.dp)
 
 
 def _ahead(link: _Link, cfg: RunConfig, state: ServerState) -> dict[int, dict[str, Any]]:
@@ -229,7 +233,10 @@ def _ahead(link: _Link, cfg: RunConfig, state: ServerState) -> dict[int, dict[st
     rnd = state.round + 1
     if not cfg.federation.secagg or rnd > cfg.federation.rounds:
         return {}
-    return advertise_ahead(cfg, state.info.fingerprint, rnd, link.roster.sample(cfg.federation, rnd))
+    sampled = link.roster.sample(cfg.federation, rnd, poisson=link.dp is not None)
+    if len(sampled) < cfg.federation.min_clients:  # a small Poisson sample: that round is skipped
+        return {}
+    return advertise_ahead(cfg, state.info.fingerprint, rnd, sampled)
 
 
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None = None) -> ServerState:
@@ -241,6 +248,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     pinned = state.info.fingerprint if state is not None else cfg.federation.base_fingerprint
     description, init = _register(link, cfg, pinned)
+    link.dp = privacy_plan(cfg, len(link.roster.on_base()), state.history if state is not None else ())
+    if link.dp is not None:
+        log.info("%s", dp_note(link.dp, cfg.federation.rounds))
     if cfg.adapter.kind == "lora":
         log.info("aggregation: %s", rounds.aggregation_note(cfg))
     if state is not None:
@@ -261,6 +271,13 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
         save_round(run_dir, state, cfg)
     progress = rounds.Progress(cfg, state)
     while state.round < cfg.federation.rounds:
+        if link.dp is not None and not link.dp.allows(state.round + 1):
+            log.warning(
+                "stopped before round %d: it would spend more than --dp-epsilon %g",
+                state.round + 1,
+                link.dp.budget,
+            )
+            break
         start = time.perf_counter()
         state, metrics = (_secure_round if cfg.federation.secagg else _train_round)(link, cfg, state)
         eval_start = time.perf_counter()
@@ -270,6 +287,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
         metrics.update(_evaluate(link, state, personal, _ahead(link, cfg, state), full, last))
         metrics["eval_seconds"] = time.perf_counter() - eval_start
         evaluation.add_base(metrics, state.history)
+        if link.dp is not None:
+            metrics["dp"] = link.dp.metrics(
+                state.round, len(metrics.get("accepted", [])), metrics.get("client_seconds", {})
+            )
         metrics["seconds"] = time.perf_counter() - start
         state.history = [*state.history, metrics]
         save_round(run_dir, state, cfg)

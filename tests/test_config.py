@@ -7,6 +7,7 @@ from fedpeft.config import (
     AdapterConfig,
     FederationConfig,
     PersonalConfig,
+    PrivacyConfig,
     RunConfig,
     ServerOptConfig,
     TrainConfig,
@@ -64,6 +65,10 @@ def test_flower_run_config_is_validated_as_the_cli_is(key: str, value: object, m
         ({"federation": FederationConfig(lora_mode="ffa")}, "FFA-LoRA freezes A"),
         ({"personal": PersonalConfig(method="nope")}, "--personalize must be one of"),
         ({"personal": PersonalConfig(method="ditto", val_fraction=1.5)}, "--val-fraction"),
+        ({"privacy": PrivacyConfig(mode="central")}, "needs exactly one of --dp-noise-multiplier"),
+        ({"privacy": PrivacyConfig(mode="central", noise_multiplier=1, epsilon=8)}, "needs exactly one of"),
+        ({"privacy": PrivacyConfig(mode="central", clip=0, noise_multiplier=1)}, "--dp-clip"),
+        ({"privacy": PrivacyConfig(mode="distributed")}, "--dp must be one of"),
     ],
 )
 def test_impossible_combinations_are_refused(change: dict, match: str) -> None:
@@ -90,6 +95,7 @@ def test_every_field_is_typed_documented_and_has_a_unique_flag() -> None:
         "federation.split",
         "server_opt.name",
         "personal.method",
+        "privacy.mode",
     }
     shared = {flag: keys for flag, keys in flags.items() if len(keys) > 1}
     assert shared == {"--seed": ["adapter.seed", "train.seed", "federation.seed"]}

@@ -204,3 +204,47 @@ def test_secagg_with_too_few_survivors_aborts_the_round_cleanly(
     init = load_file(tmp_path / "run" / "checkpoints" / "round-000" / "global.safetensors")
     for k, v in _global(tmp_path / "run").items():
         np.testing.assert_array_equal(v, init[k])
+
+
+def _dp(cfg: RunConfig, **dp) -> RunConfig:
+    from dataclasses import replace
+
+    from fedpeft.config import PrivacyConfig
+
+    return replace(cfg, privacy=PrivacyConfig(mode="central", **dp))
+
+
+def test_dp_runs_spend_their_budget_report_it_and_stop_before_exceeding_it(
+    tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    from dataclasses import replace
+
+    from fedpeft.privacy.accountant import epsilon
+
+    cfg = _dp(_cfg(users, cache_dir, clients=5, fraction=0.6, rounds=2), epsilon=20.0)
+    run = tmp_path / "dp"
+    state = simulate(cfg, run)
+    dps = [h["dp"] for h in state.history[1:]]
+    assert [d["sampling"] for d in dps] == ["poisson", "poisson"] and dps[0]["q"] == 0.6
+    assert dps[-1]["epsilon"] == pytest.approx(20.0, rel=1e-3) and dps[-1]["epsilon"] <= 20.0 * (1 + 1e-6)
+    assert dps[-1]["epsilon"] == epsilon(dps[0]["noise_multiplier"], 0.6, 2, dps[0]["delta"])
+    assert json.loads((run / "global" / "fedpeft.json").read_text())["dp"]["epsilon"] == dps[-1]["epsilon"]
+    # two more rounds at the same noise would spend more than the budget: none runs
+    longer = replace(cfg, federation=replace(cfg.federation, rounds=4))
+    capfd.readouterr()
+    again = simulate(longer, run, resume=True)  # the server's log comes from its own process
+    assert again.round == 2 and "stopped before round 3" in capfd.readouterr().err
+
+
+def test_a_secure_dp_round_sums_the_clipped_deltas_as_a_plain_one_does(
+    tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    """Negligible noise, every client sampled (q = 1): the secure sum of clipped, equally weighted deltas
+    over q x N equals the plain DP round's within the ring's quantization."""
+    cfg = _dp(_cfg(users, cache_dir, clients=5, fraction=1.0, rounds=1), noise_multiplier=1e-9, clip=0.05)
+    plain = simulate(cfg, tmp_path / "plain")
+    secure = simulate(_secagg(cfg, secagg=True, secagg_k=2), tmp_path / "secure")
+    assert secure.history[-1]["dp"]["counted"] == 5 and secure.history[-1]["secagg"]
+    assert plain.history[-1]["dp"]["clipped_fraction"] == 1.0  # a norm of 0.05 clips every delta here
+    for k, v in _global(tmp_path / "plain").items():
+        np.testing.assert_allclose(_global(tmp_path / "secure")[k], v, atol=1e-6)

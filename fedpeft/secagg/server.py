@@ -19,6 +19,8 @@ from fedpeft.secagg.quantize import RingCode
 if TYPE_CHECKING:
     from flwr.app import Message
 
+    from fedpeft.privacy.plan import DpPlan
+
 
 def ring_code(cfg: RunConfig, weights: Sequence[float]) -> RingCode:
     """The round's encoding for these clients' weights (example counts): clip at twice what AdamW can move
@@ -54,6 +56,7 @@ def secure_round(
     sampled: list[int],
     send: Callable[[dict[int, dict[str, Any]]], dict[int, Message]],
     advertised: Mapping[int, tuple[dict[str, Any], Keys]] | None = None,
+    dp: DpPlan | None = None,
 ) -> tuple[ServerState, dict[str, Any]]:
     """One round with the `sampled` clients (`examples`: their registered training tokens, which bound the
     encoded weights). `send` as secure_sum takes it; the stage-3 message must carry the global adapter.
@@ -84,5 +87,11 @@ def secure_round(
     except SecAggAbort as e:
         return skip_round(state), {**metrics, **rounds.aborted_metrics(report, names, rnd, str(e))}
     weighted, weight = code.decode_sum(total)
-    new = apply_mean(state, unflatten(weighted / weight, state.info.schema, state.travel_keys), cfg)
+    mean = unflatten(weighted / weight, state.info.schema, state.travel_keys)
+    if dp is not None:  # every client weighed 1 and clipped its delta: mean x survivors is their sum
+        from fedpeft.privacy.central import noised_mean
+
+        total_sum = {k: a * len(survivors) for k, a in mean.items()}
+        mean = noised_mean(total_sum, dp.expected_clients, dp.noise_std)
+    new = apply_mean(state, mean, cfg)
     return new, {**metrics, **rounds.secure_metrics(report, survivors, names, dim)}
