@@ -58,6 +58,7 @@ def federation_png(history: list[dict]) -> bytes:
     )
     ax1.set_xlabel("round")
     ax1.set_ylabel("cross-entropy (nats/token)")
+    _epsilon(ax1, history)
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
     from fedpeft.evaluation import base_name
@@ -92,6 +93,19 @@ def federation_png(history: list[dict]) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _epsilon(ax, history: list[dict]) -> None:
+    """Under DP, the privacy spent so far on a second axis (round 0: nothing yet)."""
+    spent = [(0, 0.0)] + [(h["round"], h["dp"]["epsilon"]) for h in history if h.get("dp")]
+    if len(spent) == 1:
+        return
+    delta = next(h["dp"]["delta"] for h in history if h.get("dp"))
+    right = ax.twinx()
+    right.plot(*zip(*spent, strict=True), "x:", color="tab:purple", label="ε spent")
+    right.set_ylabel(f"ε spent (δ = {delta:.0e})", color="tab:purple")
+    right.set_ylim(bottom=0)
+    right.legend(fontsize=8, loc="center right")
 
 
 def _per_client_bars(ax, h: dict) -> None:

@@ -288,9 +288,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
         metrics["eval_seconds"] = time.perf_counter() - eval_start
         evaluation.add_base(metrics, state.history)
         if link.dp is not None:
-            metrics["dp"] = link.dp.metrics(
-                state.round, len(metrics.get("accepted", [])), metrics.get("client_seconds", {})
-            )
+            counted = 0 if metrics.get("skipped") else len(metrics.get("accepted", []))
+            metrics["dp"] = link.dp.metrics(state.round, counted, metrics.get("client_seconds", {}))
         metrics["seconds"] = time.perf_counter() - start
         state.history = [*state.history, metrics]
         save_round(run_dir, state, cfg)
