@@ -104,8 +104,9 @@ def summary(rnd: int, history: list[dict[str, Any]], method: str = "none") -> st
     if "full_eval_ppl" in last:
         line += f"; on the {last.get('full_base')} base {last['full_eval_ppl']:.2f} (what a merge gives)"
     line += f"; {per_client:,} bytes up per client in the last round"
-    if last.get("dp"):
-        line += f" (ε = {last['dp']['epsilon']:.2f}, δ = {last['dp']['delta']:.2g})"
+    from fedpeft.privacy.plan import summary as dp_summary
+
+    line += dp_summary(last)  # under DP: the (ε, δ) the adapter was trained under
     if "personal" in last:
         from fedpeft.personalize import summary_line
 

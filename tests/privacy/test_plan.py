@@ -71,3 +71,18 @@ def test_a_plain_dp_round_clips_again_on_the_server_and_divides_by_the_expected_
     big, small = np.full((4, 2), 10.0), np.full((4, 2), 0.01)
     assert step == pytest.approx((big / np.linalg.norm(big) + small) / 4, rel=1e-4)
     assert m["accepted"] == ["a", "b"]
+
+
+def test_the_summary_line_ends_with_the_guarantee() -> None:
+    from fedpeft.privacy.plan import summary
+    from fedpeft.simulate import summary as run_summary
+
+    last = {
+        "round": 1,
+        "eval_ppl": 28.0,
+        "accepted": ["a"],
+        "bytes_up": 10,
+        "dp": {"epsilon": 3.2, "delta": 1e-5},
+    }
+    assert summary(last) == " (ε = 3.20, δ = 1e-05)" and summary({"round": 1}) == ""
+    assert run_summary(1, [{"round": 0, "eval_ppl": 30.0}, last]).endswith("(ε = 3.20, δ = 1e-05)")
