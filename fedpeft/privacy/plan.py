@@ -69,6 +69,11 @@ def plan(cfg: RunConfig, clients: int, history: Sequence[Mapping[str, Any]] = ()
         return None
     if clients < 1:
         raise FedpeftError("--dp needs at least one client")
+    trained = [h for h in history if h.get("round", 0) > 0]
+    if trained and not ran:  # rounds without noise: no ε can be claimed for what follows them
+        raise FedpeftError(
+            f"this run's {len(trained)} trained rounds ran without --dp; start a new run to train under DP"
+        )
     if ran:
         last = ran[-1]
         if (last["mode"], last["clip"], last["q"]) != (d.mode, d.clip, f.fraction):

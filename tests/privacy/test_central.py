@@ -23,14 +23,14 @@ def test_clip_scales_the_whole_delta_to_the_bound_and_keeps_its_direction() -> N
 
 def test_noise_has_the_stated_distribution_and_no_bias() -> None:
     """A million coordinates: the noised mean of a known sum is unbiased, its spread std / expected, and
-    it is Gaussian (Kolmogorov-Smirnov at 1e-3; the noise is secret randomness, so no fixed seed)."""
+    it is Gaussian (Kolmogorov-Smirnov at 1e-6; the noise is secret randomness, so no fixed seed)."""
     n, std, expected = 1_000_000, 0.3, 4.0
     total = {"x": np.full(n, 2.0)}
     out = noised_mean(total, expected, std)["x"]
     noise = out * expected - 2.0
     assert abs(noise.mean()) < 6 * std / math.sqrt(n)
     assert noise.std() == pytest.approx(std, rel=5e-3)
-    assert stats.kstest(noise / std, "norm").pvalue > 1e-3
+    assert stats.kstest(noise / std, "norm").pvalue > 1e-6  # unseeded: a false alarm once in a million runs
     assert out.mean() == pytest.approx(0.5, abs=6 * std / expected / math.sqrt(n))
     # tails: about 0.27% beyond 3 sigma
     assert np.mean(np.abs(noise) > 3 * std) == pytest.approx(2 * stats.norm.sf(3), rel=0.1)

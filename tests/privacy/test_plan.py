@@ -46,6 +46,8 @@ def test_a_resumed_run_keeps_the_noise_its_rounds_ran_with() -> None:
         plan(_cfg(epsilon=4.0, clip=0.1), 20, history)
     with pytest.raises(FedpeftError, match="trained under --dp"):
         plan(RunConfig(), 20, history)
+    with pytest.raises(FedpeftError, match="1 trained rounds ran without --dp"):
+        plan(_cfg(epsilon=4.0), 20, [{"round": 0}, {"round": 1}])
 
 
 def test_the_round_metrics_say_what_was_spent_and_how_much_was_clipped() -> None:
