@@ -311,6 +311,10 @@ def plan_run(run_dir: Path, cfg: RunConfig, resume: bool, resume_from: int | Non
         raise FedpeftError(
             f"{run_dir} already holds a federation; pass --resume to continue it or use a new --out"
         )
+    if cfg.privacy.mode != "off":  # a DP budget no noise can hold is refused before any file is written
+        from fedpeft.privacy.plan import plan
+
+        plan(cfg, cfg.federation.clients)
     return None
 
 

@@ -88,3 +88,12 @@ def test_the_summary_line_ends_with_the_guarantee() -> None:
     }
     assert summary(last) == " (ε = 3.20, δ = 1e-05)" and summary({"round": 1}) == ""
     assert run_summary(1, [{"round": 0, "eval_ppl": 30.0}, last]).endswith("(ε = 3.20, δ = 1e-05)")
+
+
+def test_a_budget_no_noise_can_hold_is_refused_before_the_run_folder_exists(tmp_path) -> None:
+    from fedpeft.federation import plan_run
+
+    cfg = replace(_cfg(epsilon=1e-4), federation=FederationConfig(clients=20, fraction=1.0, rounds=50))
+    with pytest.raises(FedpeftError, match="cannot hold for 50 rounds"):
+        plan_run(tmp_path / "run", cfg, resume=False, resume_from=None)
+    assert not (tmp_path / "run").exists()
