@@ -99,6 +99,11 @@ def _min_neighbours(context: Context) -> int:
     return MIN_NEIGHBOURS if node is None else node.min_neighbours
 
 
+def _min_local_noise(context: Context) -> float:
+    node = _node(context)
+    return 0.0 if node is None else node.min_local_noise
+
+
 @app.train()
 @user_errors
 def train(msg: Message, context: Context) -> Message:
@@ -111,6 +116,11 @@ def train(msg: Message, context: Context) -> Message:
         raise FedpeftError(
             "refused: a plain training round; this device sends its update only under secure aggregation "
             "(--require-secagg)"
+        )
+    if node is not None and node.min_local_noise > 0:
+        raise FedpeftError(
+            "refused: a plain training round; this device sends its update only with its own noise inside "
+            "secure aggregation (--dp-min-local-noise)"
         )
     reply = _run("train", msg, context)
     reply["metrics"] = MetricRecord({**reply["metrics"], "wait_seconds": waited})
@@ -144,7 +154,15 @@ def _secagg_stage(msg: Message, context: Context, waited: float) -> RecordDict:
     seed = client_seed(cfg.federation.seed, rnd, client)
     start = time.perf_counter()
     reply = handle(
-        dict(task), msg.content, context.state, client, local_update, seed, _min_neighbours(context)
+        dict(task),
+        msg.content,
+        context.state,
+        client,
+        local_update,
+        seed,
+        _min_neighbours(context),
+        dp_clip=cfg.privacy.clip,
+        min_local_noise=_min_local_noise(context),
     )
     if (
         "metrics" in reply

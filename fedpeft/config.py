@@ -25,7 +25,7 @@ LoraMode = Literal["fedavg", "ffa"]
 Split = Literal["natural", "iid", "dirichlet"]
 ServerOpt = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
 Personalize = Literal["none", "finetune", "fedsa", "ditto"]
-DpMode = Literal["off", "central"]
+DpMode = Literal["off", "central", "distributed"]
 
 QUANTS: tuple[str, ...] = typing.get_args(Quant)
 ADAPTERS: tuple[str, ...] = typing.get_args(AdapterKind)
@@ -357,8 +357,10 @@ class PrivacyConfig:
     mode: DpMode = option(
         "off",
         "central: each client clips its whole adapter delta to --dp-clip, every client weighs the same, and "
-        "the server adds Gaussian noise to the sum (it must be trusted with the sum); clients are then "
-        "Poisson-sampled with probability --fraction",
+        "the server adds Gaussian noise to the sum (it must be trusted with the sum); distributed: the same "
+        "inside secure aggregation (--secagg), each client adds its share of discrete Gaussian noise before "
+        "masking, so the server only ever sees a noised sum; clients are then Poisson-sampled with "
+        "probability --fraction",
         flag="--dp",
     )
     # DP-FedAvg clips at about the median norm of the unclipped updates (Andrew et al., NeurIPS 2021);
@@ -381,6 +383,17 @@ class PrivacyConfig:
         flag="--dp-epsilon",
         metavar="E",
         ge=0,
+    )
+    # The noise shares are sized for (1 - margin) x the expected sample: a round with fewer survivors has
+    # less noise, and is accounted with what it had (fedpeft.privacy.plan).
+    dropout_margin: float = option(
+        0.1,
+        "--dp distributed: the fraction of a round's expected clients assumed lost (not sampled, dropped); "
+        "each client's noise share is sized so that the rest still add the planned noise",
+        flag="--dp-dropout-margin",
+        metavar="F",
+        ge=0,
+        lt=1,
     )
     delta: float = option(
         0.0,
@@ -441,17 +454,21 @@ def validate(cfg: RunConfig) -> RunConfig:
     )
     if f.secagg:
         _validate_secagg(f)
-    _validate_privacy(cfg.privacy)
+    _validate_privacy(cfg.privacy, f.secagg)
     return cfg
 
 
-def _validate_privacy(d: PrivacyConfig) -> None:
+def _validate_privacy(d: PrivacyConfig, secagg: bool) -> None:
     if d.mode == "off":
         return
     _check(
         (d.noise_multiplier > 0) != (d.epsilon > 0),
         f"--dp {d.mode} needs exactly one of --dp-noise-multiplier (the noise) and --dp-epsilon (a budget "
         "the noise is computed from)",
+    )
+    _check(
+        d.mode != "distributed" or secagg,
+        "--dp distributed adds the noise inside secure aggregation: it needs --secagg",
     )
 
 

@@ -25,6 +25,9 @@ class DeviceNode:
     min_neighbours: int = MIN_NEIGHBOURS  # the fewest other clients this device's update is masked with
     worker: str = ""  # the resident worker's socket (fedpeft.worker); "": run each task in the ClientApp
     max_memory: int = 0  # MiB the training process may use (0: no limit): micro-batches that fit
+    # distributed DP: the least noise this device adds itself, over its sensitivity (0: no floor); > 0
+    # refuses any round in which its update would leave without it
+    min_local_noise: float = 0.0
 
     def to_node_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}

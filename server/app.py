@@ -271,7 +271,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
         save_round(run_dir, state, cfg)
     progress = rounds.Progress(cfg, state)
     while state.round < cfg.federation.rounds:
-        if link.dp is not None and not link.dp.allows(state.round + 1):
+        if link.dp is not None and not link.dp.allows_spent(link.dp.next_round(state.history)):
             log.warning(
                 "stopped before round %d: it would spend more than --dp-epsilon %g",
                 state.round + 1,
@@ -288,8 +288,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
         metrics["eval_seconds"] = time.perf_counter() - eval_start
         evaluation.add_base(metrics, state.history)
         if link.dp is not None:
-            counted = 0 if metrics.get("skipped") else len(metrics.get("accepted", []))
-            metrics["dp"] = link.dp.metrics(state.round, counted, metrics.get("client_seconds", {}))
+            metrics["dp"] = link.dp.metrics(state.history, metrics)
+        metrics.pop("dp_sum", None)  # in `dp` now
         metrics["seconds"] = time.perf_counter() - start
         state.history = [*state.history, metrics]
         save_round(run_dir, state, cfg)

@@ -68,7 +68,7 @@ def test_flower_run_config_is_validated_as_the_cli_is(key: str, value: object, m
         ({"privacy": PrivacyConfig(mode="central")}, "needs exactly one of --dp-noise-multiplier"),
         ({"privacy": PrivacyConfig(mode="central", noise_multiplier=1, epsilon=8)}, "needs exactly one of"),
         ({"privacy": PrivacyConfig(mode="central", clip=0, noise_multiplier=1)}, "--dp-clip"),
-        ({"privacy": PrivacyConfig(mode="distributed")}, "--dp must be one of"),
+        ({"privacy": PrivacyConfig(mode="local")}, "--dp must be one of"),
     ],
 )
 def test_impossible_combinations_are_refused(change: dict, match: str) -> None:

@@ -206,12 +206,12 @@ def test_secagg_with_too_few_survivors_aborts_the_round_cleanly(
         np.testing.assert_array_equal(v, init[k])
 
 
-def _dp(cfg: RunConfig, **dp) -> RunConfig:
+def _dp(cfg: RunConfig, mode: str = "central", **dp) -> RunConfig:
     from dataclasses import replace
 
     from fedpeft.config import PrivacyConfig
 
-    return replace(cfg, privacy=PrivacyConfig(mode="central", **dp))
+    return replace(cfg, privacy=PrivacyConfig(mode=mode, **dp))
 
 
 def test_dp_runs_spend_their_budget_report_it_and_stop_before_exceeding_it(
@@ -240,11 +240,18 @@ def test_a_secure_dp_round_sums_the_clipped_deltas_as_a_plain_one_does(
     tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
 ) -> None:
     """Negligible noise, every client sampled (q = 1): the secure sum of clipped, equally weighted deltas
-    over q x N equals the plain DP round's within the ring's quantization."""
+    over q x N equals the plain DP round's within the ring's quantization, with the server's noise
+    (central) or the clients' discrete noise shares inside secure aggregation (distributed)."""
     cfg = _dp(_cfg(users, cache_dir, clients=5, fraction=1.0, rounds=1), noise_multiplier=1e-9, clip=0.05)
     plain = simulate(cfg, tmp_path / "plain")
     secure = simulate(_secagg(cfg, secagg=True, secagg_k=2), tmp_path / "secure")
     assert secure.history[-1]["dp"]["counted"] == 5 and secure.history[-1]["secagg"]
     assert plain.history[-1]["dp"]["clipped_fraction"] == 1.0  # a norm of 0.05 clips every delta here
+    distributed = _dp(_secagg(cfg, secagg=True, secagg_k=2), "distributed", noise_multiplier=1e-9, clip=0.05)
+    dist = simulate(distributed, tmp_path / "distributed").history[-1]["dp"]
+    assert dist["mode"] == "distributed" and dist["counted"] == 5 and dist["counted_min"] == 4
+    assert dist["round_noise_multiplier"] == pytest.approx(1e-9 * (5 / 4) ** 0.5)
+    assert dist["clipped_fraction"] == pytest.approx(1.0, abs=1e-6)  # summed securely, not reported
     for k, v in _global(tmp_path / "plain").items():
         np.testing.assert_allclose(_global(tmp_path / "secure")[k], v, atol=1e-6)
+        np.testing.assert_allclose(_global(tmp_path / "distributed")[k], v, atol=1e-6)

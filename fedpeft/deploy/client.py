@@ -51,6 +51,7 @@ class ClientOptions:
     # mask them with at least this many neighbours.
     require_secagg: bool = False
     min_neighbours: int = MIN_NEIGHBOURS
+    min_local_noise: float = 0.0  # distributed DP: the least noise this device adds, over its sensitivity
     max_memory: int = 0  # MiB for the training process (0: no limit); micro-batches that fit it
 
 
@@ -119,6 +120,8 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
         )
     if opts.key is not None:
         _check_key(opts.key)
+    if not opts.min_local_noise >= 0 or opts.min_local_noise == float("inf"):
+        raise FedpeftError(f"--dp-min-local-noise must be a number at least 0, got {opts.min_local_noise}")
     if opts.max_memory < 0:
         raise FedpeftError(f"--max-memory must be at least 0 MiB, got {opts.max_memory}")
     user = load_device_user(str(opts.data), opts.name)  # one-line error if there is no text
@@ -136,6 +139,7 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
         personal_dir=str(store / "personal"),
         require_secagg=opts.require_secagg,
         min_neighbours=opts.min_neighbours,
+        min_local_noise=float(opts.min_local_noise),
         worker=str(sock),
         max_memory=opts.max_memory,
     )

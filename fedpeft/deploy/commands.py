@@ -133,6 +133,15 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
         help="refuse a secure round that would mask this device's update with fewer than K other clients, or "
         "whose threshold the server and K-1 colluding clients could get around (default: %(default)s)",
     )
+    sec.add_argument(
+        "--dp-min-local-noise",
+        type=float,
+        default=0.0,
+        metavar="Z",
+        help="send updates only under --dp distributed, adding at least Z x the sensitivity of discrete "
+        "Gaussian noise itself: what protects this device's text even if every other client colludes with "
+        "the server (default: no floor)",
+    )
     k.add_argument(
         "--max-wait",
         type=float,
@@ -221,6 +230,7 @@ def cmd_client(a: argparse.Namespace) -> None:
             threads=a.threads,
             require_secagg=a.require_secagg,
             min_neighbours=a.min_neighbours,
+            min_local_noise=a.dp_min_local_noise,
             max_memory=a.max_memory,
         )
     )

@@ -6,10 +6,20 @@ Talwar, Zhang 2019), sends its delta clipped to L2 norm C, and the server adds N
 Adding or removing one user changes the sum by at most C, so one round is
 PoissonSampledDpEvent(q, GaussianDpEvent(z)) under add-or-remove-one adjacency, and R rounds its R-fold
 composition. Rounds that ran with too few clients to aggregate still count: the sample was drawn.
+
+Distributed DP (`discrete=True`, fedpeft.privacy.distributed): a round whose unmasked sum holds s clients'
+discrete Gaussian noise N_Z(0, sigma^2), sensitivity S, is accounted as the Poisson-sampled Gaussian of
+multiplier z_s = sqrt(s) sigma / S plus KLS21's additive tau x d (Kairouz, Liu, Steinke, ICML 2021, Prop. 14,
+first term; a ZCDpEvent's xi), at integer RDP orders only: at integer orders alpha the sampled mechanism's
+RDP is a binomial sum of the Renyi divergences of integer orders between the noise and its shift (Mironov,
+Talwar, Zhang 2019, Sec. 3.3), and for integer shifts the discrete Gaussian's equal the continuous one's
+(Canonne, Kamath, Steinke, NeurIPS 2020). Rounds run with different survivors compose as they ran; a round
+whose sum was never unmasked released nothing and is not counted.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -40,11 +50,17 @@ def _quiet() -> Iterator[None]:
             root.removeHandler(h)
 
 
-def _accountant():
+INTEGER_ORDERS = tuple(range(2, 257))
+
+
+def _accountant(discrete: bool = False):
     import dp_accounting
     from dp_accounting import rdp
 
-    return rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    return rdp.RdpAccountant(
+        orders=INTEGER_ORDERS if discrete else None,
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    )
 
 
 def _event(z: float, q: float, rounds: int):
@@ -55,7 +71,7 @@ def _event(z: float, q: float, rounds: int):
 
 
 @functools.lru_cache(maxsize=4096)
-def epsilon(z: float, q: float, rounds: int, delta: float) -> float:
+def epsilon(z: float, q: float, rounds: int, delta: float, discrete: bool = False) -> float:
     """epsilon of `rounds` DP-FedAvg rounds at noise multiplier z and sampling probability q (0 rounds: 0;
     z = 0: infinite)."""
     if rounds <= 0:
@@ -63,15 +79,32 @@ def epsilon(z: float, q: float, rounds: int, delta: float) -> float:
     if z <= 0:
         return float("inf")
     with _quiet():
-        return float(_accountant().compose(_event(z, q, rounds)).get_epsilon(delta))
+        return float(_accountant(discrete).compose(_event(z, q, rounds)).get_epsilon(delta))
 
 
-def noise_for_budget(budget: float, q: float, rounds: int, delta: float) -> float:
+@functools.lru_cache(maxsize=4096)
+def epsilon_of_rounds(zs: tuple[float, ...], q: float, delta: float, xi: float = 0.0) -> float:
+    """epsilon of distributed-DP rounds that ran with the noise multipliers `zs` (one per round whose sum
+    was unmasked), plus `xi`, the rounds' summed tau x d, at integer orders (module docstring)."""
+    import dp_accounting
+
+    if not zs:
+        return 0.0
+    if min(zs) <= 0:
+        return float("inf")
+    events = [_event(z, q, n) for z, n in sorted(collections.Counter(zs).items())]
+    if xi > 0:
+        events.append(dp_accounting.ZCDpEvent(rho=0.0, xi=xi))
+    with _quiet():
+        return float(_accountant(True).compose(dp_accounting.ComposedDpEvent(events)).get_epsilon(delta))
+
+
+def noise_for_budget(budget: float, q: float, rounds: int, delta: float, discrete: bool = False) -> float:
     """The smallest noise multiplier whose `rounds` rounds spend at most `budget` (to 1e-3 relative), or a
     one-line FedpeftError when no sensible noise can hold it."""
     import dp_accounting
 
-    if epsilon(MAX_NOISE_MULTIPLIER, q, rounds, delta) > budget:
+    if epsilon(MAX_NOISE_MULTIPLIER, q, rounds, delta, discrete) > budget:
         raise FedpeftError(
             f"--dp-epsilon {budget:g} cannot hold for {rounds} rounds at sampling probability {q:g} and delta "
             f"{delta:.3g}, even with noise {MAX_NOISE_MULTIPLIER:g} times the clip norm: raise the budget or "
@@ -79,7 +112,7 @@ def noise_for_budget(budget: float, q: float, rounds: int, delta: float) -> floa
         )
     with _quiet():
         z = dp_accounting.calibrate_dp_mechanism(
-            _accountant,
+            lambda: _accountant(discrete),
             lambda z: _event(z, q, rounds),
             budget,
             delta,

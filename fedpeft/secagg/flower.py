@@ -9,6 +9,7 @@ masking, so a client that drops during training is a stage-3 dropout.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
+from fedpeft.privacy.distributed import DistributedCode
 from fedpeft.secagg.graph import neighbours as make_graph
 from fedpeft.secagg.protocol import (
     MIN_NEIGHBOURS,
@@ -94,12 +96,13 @@ def secure_sum(
     send: Callable[[dict[int, dict[str, Any]]], dict[int, Message]],
     clients: list[int],
     dim: int,
-    code: RingCode,
+    code: RingCode | DistributedCode,
     params: SecAggParams,
     tag: bytes,
     seed: int,
     report: dict[str, Any] | None = None,
     advertised: Mapping[int, tuple[dict[str, Any], Keys]] | None = None,
+    before_unmask: Callable[[list[int]], None] | None = None,
 ) -> tuple[np.ndarray, list[int], dict]:
     """Run the five stages with `clients`; `send({client: records})` delivers one message per client and
     returns the replies by client (an error reply counts as a dropout). Returns (ring sum of the survivors'
@@ -108,7 +111,9 @@ def secure_sum(
 
     `advertised` holds keys clients already advertised for this round ({client: (the stage-1 task it
     answered, its keys)}, see stage1_tasks); stage 1 then goes only to the others, and not at all when
-    every client advertised ahead: one message round trip less per round."""
+    every client advertised ahead: one message round trip less per round. `before_unmask(survivors)` runs
+    once the masked inputs are in, before anything could be unmasked; it raises SecAggAbort to stop there
+    (distributed DP: fewer survivors than the budget allows)."""
     report = {} if report is None else report
     report.update(dropped={}, bytes_up_keys=0, excluded={})
     n = len(clients)
@@ -166,12 +171,7 @@ def secure_sum(
     )
     routed = server.receive_shares(shares)
 
-    stage3 = {
-        "secagg-stage": 3,
-        "clip": code.clip,
-        "max-clients": code.max_clients,
-        "max-weight": float(code.max_weight),
-    }
+    stage3 = {"secagg-stage": 3, **code.to_task()}
     r3 = ok(
         send(
             {
@@ -192,6 +192,8 @@ def secure_sum(
     survivors, dropped = server.receive_inputs({c: (y, bad) for c, (y, bad, _) in read.items()})
     report["excluded"] = dict(server.excluded)
     report["train_metrics"] = {c: read[c][2] for c in survivors}
+    if before_unmask is not None:
+        before_unmask(survivors)
 
     # stage 4: every survivor signs the survivor set; a survivor gone from here on still counts in the sum
     r4 = ok(
@@ -217,6 +219,31 @@ def secure_sum(
 # --- client ------------------------------------------------------------------------------------------
 
 
+def _stage3_code(task: dict[str, Any], dp_clip: float, min_local_noise: float) -> RingCode | DistributedCode:
+    """The encoding a stage-3 task asks for, checked by the device before it trains (SecAggRefused)."""
+    if "dp-granularity" in task:
+        try:
+            code = DistributedCode.from_task(task, dp_clip, int(task["dp-dim"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SecAggRefused(f"refused: invalid distributed-DP parameters ({e})") from None
+        if code.local_multiplier < min_local_noise:
+            raise SecAggRefused(
+                f"refused: the round asks this device for noise {code.local_multiplier:.3g} x its sensitivity; "
+                f"it adds at least {min_local_noise:g} (--dp-min-local-noise)"
+            )
+        return code
+    if min_local_noise > 0:
+        raise SecAggRefused(
+            "refused: a secure round without distributed DP noise; this device adds its own noise "
+            f"(--dp-min-local-noise {min_local_noise:g})"
+        )
+    code = RingCode(float(task["clip"]), int(task["max-clients"]), float(task["max-weight"]))
+    if not (code.clip > 0 and 1 <= code.max_clients < 2**30 and code.max_weight > 0):
+        raise SecAggRefused(f"refused: invalid encoding parameters (clip {code.clip}, max-clients "
+                            f"{code.max_clients}, max-weight {code.max_weight})")  # fmt: skip
+    return code
+
+
 def handle(
     task: dict[str, Any],
     content: RecordDict,
@@ -225,10 +252,13 @@ def handle(
     local_update: Callable[[], tuple[np.ndarray, float, dict[str, float]]],
     rounding_seed: int | None = None,
     min_neighbours: int = MIN_NEIGHBOURS,
+    dp_clip: float = 0.0,
+    min_local_noise: float = 0.0,
 ) -> RecordDict:
     """One stage on the client. `local_update()` trains and returns (flat delta [D], weight, metrics); it is
     called in stage 3 only, after the device's own checks. `min_neighbours` is the device's floor, never
-    the server's. Raises SecAggRefused (a one-line refusal, nothing sent) when a request would weaken this
+    the server's; so is `min_local_noise` (distributed DP: the least noise this device adds itself, over
+    its sensitivity; > 0 refuses a round without it). `dp_clip`: the L2 norm the device clips to. Raises SecAggRefused (a one-line refusal, nothing sent) when a request would weaken this
     device's protection, SecAggAbort on other protocol violations (the reply becomes an error)."""
     stage = int(task["secagg-stage"])
     tag = bytes(task["tag"])
@@ -266,18 +296,26 @@ def handle(
         sent = parse_ints(state[SENT_KEY]["rounds"]) if SENT_KEY in state else []
         if rnd and int(rnd) in sent:  # another session of the same round could difference our inputs
             raise SecAggRefused(f"refused: client {me} already sent a masked input for round {rnd}")
-        code = RingCode(float(task["clip"]), int(task["max-clients"]), float(task["max-weight"]))
-        if not (code.clip > 0 and 1 <= code.max_clients < 2**30 and code.max_weight > 0):
-            raise SecAggRefused(f"refused: invalid encoding parameters (clip {code.clip}, max-clients "
-                                f"{code.max_clients}, max-weight {code.max_weight})")  # fmt: skip
+        code = _stage3_code(task, dp_clip, min_local_noise)
         malformed = client.accept_shares(
             _from_bytes_record(content["ciphertexts"]), parse_ints(task["alive"])
         )
         delta, weight, metrics = local_update()
         if not np.all(np.isfinite(delta)):
             raise SecAggAbort(f"client {me}: non-finite update, not sent")
-        # the stochastic rounding needs no secrecy (the masks hide the input); seeding it keeps runs reproducible
-        y = client.mask(code.encode(delta, weight, np.random.default_rng(rounding_seed)))
+        # the stochastic rounding needs no secrecy (the masks and the noise hide the input); seeding it keeps
+        # runs reproducible. The DP noise does: it comes from the OS.
+        rounding = np.random.default_rng(rounding_seed)
+        if isinstance(code, DistributedCode):
+            if len(delta) + 1 != code.dim:
+                raise SecAggAbort(
+                    f"client {me}: update of {len(delta)} values, the round encodes {code.dim - 1}"
+                )
+            clipped = metrics.pop("dp_clipped", 0.0) > 0  # summed securely, never sent in the clear
+            noise = np.random.default_rng(secrets.randbits(128))
+            y = client.mask(code.encode(delta, clipped, rounding, noise))
+        else:
+            y = client.mask(code.encode(delta, weight, rounding))
         if rnd:
             state[SENT_KEY] = ConfigRecord({"rounds": ints([*sent, int(rnd)][-64:])})
         reply = RecordDict(

@@ -49,6 +49,9 @@ class RingCode:
         rounded = floor + (rng.random(values.shape) < (values - floor))  # stochastic rounding
         return rounded.astype(np.int64).astype(np.uint32)  # two's complement for negatives
 
+    def to_task(self) -> dict[str, float | int]:
+        return {"clip": self.clip, "max-clients": self.max_clients, "max-weight": float(self.max_weight)}
+
     def decode_sum(self, total: np.ndarray) -> tuple[np.ndarray, float]:
         """Unmasked ring sum [D + 1] uint32 -> (sum_i w_i x_i / W as float [D], sum_i w_i / W)."""
         signed = total.astype(np.uint32).view(np.int32).astype(np.float64)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from fedpeft import rounds
 from fedpeft.config import RunConfig, client_lr
 from fedpeft.federation import ServerState, apply_mean, skip_round
+from fedpeft.privacy.distributed import DistributedCode
 from fedpeft.secagg.flower import Keys, SecAggParams, secure_sum, stage1_tasks, unflatten
 from fedpeft.secagg.protocol import SecAggAbort
 from fedpeft.secagg.quantize import RingCode
@@ -27,6 +28,34 @@ def ring_code(cfg: RunConfig, weights: Sequence[float]) -> RingCode:
     a coordinate in the local steps (fedpeft/secagg/quantize.py)."""
     clip = 2 * client_lr(cfg) * cfg.federation.local_steps
     return RingCode(clip=clip, max_clients=max(len(weights), 1), max_weight=max(weights))
+
+
+def _distributed(
+    dp: DpPlan, state: ServerState, sampled: int, dim: int, noised: dict[str, Any]
+) -> tuple[DistributedCode, Callable[[list[int]], None]]:
+    """The round's distributed-DP encoding, and the check before unmasking: the survivors' noise must keep
+    the budget (a round with fewer survivors than the margin allows for spends more). `noised` receives
+    what the unmasked sum holds, for the accountant (fedpeft.privacy.plan)."""
+    from fedpeft.privacy.discrete import tau
+    from fedpeft.privacy.plan import ran
+
+    try:
+        code = DistributedCode.for_round(dp.clip, dp.noise_multiplier, dp.counted_min, sampled, dim)
+    except ValueError as e:
+        raise SecAggAbort(str(e)) from None
+
+    def check(survivors: list[int]) -> None:
+        z, tau_d = code.noise_multiplier(len(survivors)), tau(code.local_noise, len(survivors)) * dim
+        if not dp.allows_spent([*ran(state.history), (z, tau_d)]):
+            raise SecAggAbort(
+                f"not unmasked: the noise of {len(survivors)} survivors (multiplier {z:.3g}) would spend more "
+                f"than --dp-epsilon {dp.budget:g}"
+            )
+        noised.update(
+            counted=len(survivors), noise_multiplier=z, tau_d=tau_d, local_multiplier=code.local_multiplier
+        )
+
+    return code, check
 
 
 def round_tag(fingerprint: str, seed: int, rnd: int) -> bytes:
@@ -73,22 +102,35 @@ def secure_round(
         "secagg": True,
     }
     report: dict[str, Any] = {}  # filled by secure_sum, read also when it aborts
+    noised: dict[str, Any] = {}  # distributed DP: what the unmasked sum held (its noise counts from then on)
     try:
         if len(sampled) < f.min_clients:
             raise SecAggAbort(
                 f"{len(sampled)} clients on the federation's base < min_clients {f.min_clients}"
             )
         tag = round_tag(state.info.fingerprint, f.seed, rnd)
+        check = None
+        if dp is not None and dp.discrete:
+            code, check = _distributed(dp, state, len(sampled), dim, noised)
         total, survivors, report = secure_sum(
-            send, sampled, dim, code, _params(cfg), tag, f.seed + rnd, report, advertised
+            send, sampled, dim, code, _params(cfg), tag, f.seed + rnd, report, advertised, check
         )
+        if isinstance(code, DistributedCode):
+            sums, noised["clipped"] = code.decode_sum(total)
         if len(survivors) < f.min_clients:
             raise SecAggAbort(f"{len(survivors)} survivors < min_clients {f.min_clients}")
     except SecAggAbort as e:
-        return skip_round(state), {**metrics, **rounds.aborted_metrics(report, names, rnd, str(e))}
-    weighted, weight = code.decode_sum(total)
-    mean = unflatten(weighted / weight, state.info.schema, state.travel_keys)
-    if dp is not None:  # every client weighed 1 and clipped its delta: mean x survivors is their sum
+        aborted = {**metrics, **rounds.aborted_metrics(report, names, rnd, str(e))}
+        return skip_round(state), {**aborted, **({"dp_sum": noised} if "clipped" in noised else {})}
+    if isinstance(code, DistributedCode):  # the noised sum of clipped deltas, over the expected count
+        mean = unflatten(sums / dp.expected_clients, state.info.schema, state.travel_keys)
+        metrics["dp_sum"] = noised
+    else:
+        weighted, weight = code.decode_sum(total)
+        mean = unflatten(weighted / weight, state.info.schema, state.travel_keys)
+    if (
+        dp is not None and not dp.discrete
+    ):  # every client weighed 1 and clipped: mean x survivors is their sum
         from fedpeft.privacy.central import noised_mean
 
         total_sum = {k: a * len(survivors) for k, a in mean.items()}

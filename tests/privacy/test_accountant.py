@@ -7,7 +7,7 @@ import pytest
 from dp_accounting import rdp
 
 from fedpeft.errors import FedpeftError
-from fedpeft.privacy.accountant import epsilon, noise_for_budget
+from fedpeft.privacy.accountant import INTEGER_ORDERS, epsilon, epsilon_of_rounds, noise_for_budget
 
 
 def _independent(z: float, q: float, rounds: int, delta: float) -> float:
@@ -45,3 +45,19 @@ def test_a_budget_no_noise_can_hold_is_refused_in_one_line() -> None:
     with pytest.raises(FedpeftError, match="cannot hold for 1000 rounds") as e:
         noise_for_budget(0.001, 1.0, 1000, 1e-5)
     assert "\n" not in str(e.value)
+
+
+def test_distributed_rounds_equal_dp_accountings_composition_at_integer_orders() -> None:
+    """Rounds with different noise (survivors) and KLS21's tau x d, built here from dp-accounting's parts."""
+    zs, q, delta, xi = (1.2, 0.9, 1.2, 1.5), 0.3, 1e-5, 1e-3
+    accountant = rdp.RdpAccountant(
+        orders=list(range(2, 257)), neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    )
+    for z in zs:
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)))
+    accountant.compose(dp_accounting.ZCDpEvent(rho=0.0, xi=xi))
+    assert tuple(range(2, 257)) == INTEGER_ORDERS
+    assert epsilon_of_rounds(zs, q, delta, xi) == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+    assert epsilon_of_rounds((), q, delta) == 0.0
+    # integer orders only: never below the default orders' figure for the same rounds
+    assert epsilon_of_rounds((1.2,) * 4, q, delta) >= epsilon(1.2, q, 4, delta) * (1 - 1e-9)

@@ -38,7 +38,7 @@ def test_delta_defaults_below_one_over_the_clients() -> None:
 
 def test_a_resumed_run_keeps_the_noise_its_rounds_ran_with() -> None:
     first = plan(_cfg(epsilon=4.0), clients=20)
-    history = [{"round": 0}, {"round": 1, "dp": first.metrics(1, 5, {})}]
+    history = [{"round": 0}, {"round": 1, "dp": first.metrics([{"round": 0}], {"accepted": ["a"] * 5})}]
     longer = replace(_cfg(epsilon=4.0), federation=FederationConfig(clients=20, fraction=0.25, rounds=8))
     again = plan(longer, 20, history)
     assert again.noise_multiplier == first.noise_multiplier and not again.allows(5)
@@ -52,9 +52,60 @@ def test_a_resumed_run_keeps_the_noise_its_rounds_ran_with() -> None:
 
 def test_the_round_metrics_say_what_was_spent_and_how_much_was_clipped() -> None:
     p = DpPlan("central", 0.5, 1.1, 0.25, 1e-5, 20, 0.0)
-    m = p.metrics(3, 4, {"a": {"dp_clipped": 1.0}, "b": {"dp_clipped": 0.0}, "c": {}})
+    before = [
+        {"round": 0},
+        {"round": 1, "dp": {"noise_multiplier": 1.1}},
+        {"round": 2, "dp": {"noise_multiplier": 1.1}},
+    ]
+    clients = {"a": {"dp_clipped": 1.0}, "b": {"dp_clipped": 0.0}, "c": {}}
+    m = p.metrics(before, {"accepted": ["a", "b", "c", "d"], "client_seconds": clients})
     assert m["epsilon"] == epsilon(1.1, 0.25, 3, 1e-5) and m["sampling"] == "poisson" and m["q"] == 0.25
     assert m["counted"] == 4 and m["clipped_fraction"] == 0.5 and "budget" not in m
+    # a skipped central round still counts: the server would have added noise to what it had
+    assert p.metrics(before, {"skipped": True})["epsilon"] == m["epsilon"]
+
+
+def _distributed(**dp) -> RunConfig:
+    return RunConfig(
+        federation=FederationConfig(clients=20, fraction=0.5, rounds=4, secagg=True),
+        privacy=PrivacyConfig(mode="distributed", dropout_margin=0.2, **dp),
+    )
+
+
+def test_distributed_rounds_are_accounted_with_the_noise_their_survivors_added() -> None:
+    """The plan sizes noise for 8 of the 10 expected clients (margin 0.2). A round whose sum held 6
+    clients' noise spends more than planned, one with 10 less, one never unmasked nothing."""
+    from fedpeft.privacy.accountant import epsilon_of_rounds
+
+    p = plan(_distributed(epsilon=6.0), clients=20)
+    assert p.discrete and p.counted_min == 8 and p.epsilon(4) == pytest.approx(6.0, rel=1e-3)
+    z = p.noise_multiplier
+
+    def round_(s: int | None) -> dict:
+        if s is None:
+            return {"skipped": True}
+        return {"dp_sum": {"counted": s, "noise_multiplier": z * (s / 8) ** 0.5, "tau_d": 0.0,
+                           "local_multiplier": z / 8**0.5, "clipped": 1.0}}  # fmt: skip
+
+    history: list[dict] = [{"round": 0}]
+    for r, s in enumerate([8, 6, None, 10], start=1):
+        history.append({"round": r, "dp": p.metrics(history, round_(s))})
+    dps = [h["dp"] for h in history[1:]]
+    assert [d["counted"] for d in dps] == [8, 6, 0, 10] and dps[2]["round_noise_multiplier"] is None
+    zs = (z, z * (6 / 8) ** 0.5, z * (10 / 8) ** 0.5)
+    assert dps[-1]["epsilon"] == epsilon_of_rounds(zs, 0.5, p.delta)
+    assert dps[1]["epsilon"] > p.epsilon(2)  # fewer survivors than the margin allows: more spent
+    assert dps[2]["epsilon"] == dps[1]["epsilon"]  # nothing unmasked, nothing spent
+    assert dps[0]["clipped_fraction"] == 1 / 8 and dps[0]["dropout_margin"] == 0.2
+    # the check before a fifth round: the rounds so far and one more as planned exceed the budget
+    assert not p.allows_spent(p.next_round(history))
+
+
+def test_distributed_dp_needs_secure_aggregation() -> None:
+    from fedpeft.config import validate
+
+    with pytest.raises(FedpeftError, match="needs --secagg"):
+        validate(replace(_distributed(noise_multiplier=1.0), federation=FederationConfig(clients=20)))
 
 
 def test_a_plain_dp_round_clips_again_on_the_server_and_divides_by_the_expected_count() -> None:
