@@ -2,7 +2,9 @@
 against distributed DP inside secure aggregation, with seconds and bytes a round and the clients' noise time.
 
     python benchmarks/dp.py                      # ~35 min on 2 cores
-    python benchmarks/dp.py --settings lora:inf:plain,lora:8:central,ia3:inf:plain,ia3:8:central
+    python benchmarks/dp.py --settings lora:inf:plain,lora:8:central,lora:2:central,ia3:inf:plain,ia3:8:central \
+        --json benchmarks/results/dp-central-lora.json      # the LoRA/IA3 central table (an earlier version
+                                                            # of this script wrote its keys as lora:inf, ...)
 
 The default model (bf16 under --quant auto) on the default corpus, `--clients` users, each Poisson-sampled
 with probability `--fraction` a round (about 10 a round at the defaults), 5 local steps, `--rounds` rounds;
@@ -98,6 +100,9 @@ def main() -> None:
         default="ia3:inf:secure,ia3:8:central+secagg,ia3:8:distributed,ia3:2:central+secagg,ia3:2:distributed",
         help="adapter:epsilon:how,... (module docstring)",
     )
+    p.add_argument(
+        "--json", default=None, help="where to write the results (default benchmarks/results/dp.json)"
+    )
     a = p.parse_args()
     base = RunConfig(
         base=BaseConfig(model=a.model),
@@ -142,7 +147,7 @@ def main() -> None:
         f"{enc['noised']:.3f} s with distributed-DP noise ({enc['noised'] / enc['ring']:.2f}x)"
     )
     print("\n".join(rows))
-    dest = Path(__file__).resolve().parent / "results" / "dp.json"
+    dest = Path(a.json) if a.json else Path(__file__).resolve().parent / "results" / "dp.json"
     dest.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written to {dest}")
 
