@@ -70,14 +70,14 @@ def _federate(cfg: RunConfig, work: Path, name: str) -> dict:
         "wall_s": time.perf_counter() - start,
         "peak_rss_mib": peak.peak,
         "round_s": statistics.median(r["seconds"] for r in rounds),
-        "eval_s": statistics.median(r["eval_seconds"] for r in rounds),
+        "eval_s": statistics.median(r.get("eval_seconds", 0.0) for r in rounds),
         "bytes_up_per_client": statistics.median(r["bytes_up"] / len(r["sampled"]) for r in rounds),
         # the training phase only: round time minus the evaluation of the new global adapter on every client
         "overhead_vs_slowest": statistics.median(
-            (r["seconds"] - r["eval_seconds"]) / r["train_seconds_max"] for r in rounds
+            (r["seconds"] - r.get("eval_seconds", 0.0)) / r["train_seconds_max"] for r in rounds
         ),
         "overhead_vs_sum": statistics.median(
-            (r["seconds"] - r["eval_seconds"]) / r["train_seconds_sum"] for r in rounds
+            (r["seconds"] - r.get("eval_seconds", 0.0)) / r["train_seconds_sum"] for r in rounds
         ),
     }
 

@@ -188,7 +188,20 @@ def tokenize_user(user: UserText, tokenizer: Any, cfg: DataConfig) -> UserData:
             f"user {user.user!r} has too little text ({data.train_tokens} train / {data.eval_tokens} held-out tokens; "
             f"need {cfg.min_train_tokens} / {cfg.min_eval_tokens})"
         )
+    if cfg.eval_max_tokens:
+        data.eval = prefix(data.eval, cfg.eval_max_tokens)
     return data
+
+
+def prefix(blocks: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
+    """The first `tokens` tokens of `blocks` (the last block cut short where the cap falls inside it)."""
+    out, left = [], tokens
+    for b in blocks:
+        if left <= 0:
+            break
+        out.append(b[:left])
+        left -= len(out[-1])
+    return out
 
 
 def pooled(datas: list[UserData]) -> UserData:

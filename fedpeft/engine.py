@@ -148,6 +148,28 @@ def run_engine(
     return result
 
 
+def backend_config(address: str, client_cpus: float | None, temp_dir: str) -> dict[str, Any]:
+    """Flower's Ray backend settings. Locally: a private Ray instance in `temp_dir` and by default one
+    client actor that owns every core and runs clients one after another with all threads (on a small
+    machine parallel actors only thrash). On an existing cluster (`address`): the cluster's own resources
+    and folders, and `client_cpus` (default 1) per actor, so that every node with a CPU hosts actors."""
+    quiet = {"logging_level": "error", "log_to_driver": True}
+    if address:
+        return {"client_resources": {"num_cpus": client_cpus or 1, "num_gpus": 0.0},
+                "init_args": {"address": address, **quiet}}  # fmt: skip
+    cpus = os.cpu_count() or 1
+    return {
+        "client_resources": {"num_cpus": client_cpus or cpus, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": cpus,
+            "num_gpus": 0,
+            "_temp_dir": temp_dir,
+            "include_dashboard": False,
+            **quiet,
+        },
+    }
+
+
 def _watch_parent(parent: int, run_dir: Path, temp_dir: str) -> None:
     """In the driver: when the command that started us is gone (killed), stop this whole session."""
     while os.getppid() == parent:
@@ -194,20 +216,7 @@ def _drive(
         # "run_simulation is deprecated" (we drive its simulation engine on purpose: fedpeft/engine.py)
         logging.getLogger("flwr").setLevel(logging.ERROR)
 
-        cpus = os.cpu_count() or 1
-        backend = {
-            # One CPU share per client actor; by default one actor that owns every core and runs clients
-            # one after another with all threads (on a small machine, parallel actors only thrash).
-            "client_resources": {"num_cpus": client_cpus or cpus, "num_gpus": 0.0},
-            "init_args": {
-                "num_cpus": cpus,
-                "num_gpus": 0,
-                "_temp_dir": temp_dir,
-                "include_dashboard": False,
-                "logging_level": "error",
-                "log_to_driver": True,
-            },
-        }
+        backend = backend_config(cfg.federation.ray_address, client_cpus, temp_dir)
         outcome = Outcome()
         run_simulation(
             server_app=make_server_app(cfg, run_dir, resume, outcome),

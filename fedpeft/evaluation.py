@@ -98,12 +98,16 @@ def add_changes(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -
     """This round's held-out perplexity against both bases of round 0: the quantized base the devices
     run (`vs_base`) and the unquantized one (`vs_full_base`, with `full_base_ppl`), so that no gain is
     reported only against a base that quantization made worse."""
-    if not history or "eval_ppl" not in history[0]:
+    if not history or "eval_ppl" not in history[0] or "eval_ppl" not in metrics:
         return
     first = history[0]
     metrics.update({k: first[k] for k in ("quant", "full_base") if k in first})
     metrics["base_ppl"] = first["eval_ppl"]
-    metrics["vs_base"] = metrics["eval_ppl"] / first["eval_ppl"] - 1
+    base_clients, mine = first.get("eval_per_client", {}), metrics.get("eval_per_client", {})
+    if base_clients and set(mine) < set(base_clients):  # a --fraction-evaluate sample: its own base figure
+        metrics["base_ppl"] = _pooled_ppl([base_clients[u] for u in mine])
+        metrics["base_clients"] = len(mine)
+    metrics["vs_base"] = metrics["eval_ppl"] / metrics["base_ppl"] - 1
     if "full_eval_ppl" not in first:
         return
     metrics["full_base_ppl"] = first["full_eval_ppl"]
@@ -119,6 +123,33 @@ def add_changes(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -
         metrics["vs_full_base"] = (
             ppl(sum(e["loss"] * e["tokens"] for e in mine) / tokens) / first["full_eval_ppl"] - 1
         )
+
+
+def _pooled_ppl(entries: Sequence[Mapping[str, Any]]) -> float:
+    """The token-weighted perplexity of per-client entries ({loss, tokens})."""
+    tokens = sum(e["tokens"] for e in entries)
+    return ppl(sum(e["loss"] * e["tokens"] for e in entries) / max(tokens, 1))
+
+
+EVAL_STREAM = 1_000_003  # the evaluation sample's seed offset: not the training sample's
+
+
+def eval_clients(cfg: RunConfig, rnd: int, clients: Sequence[int]) -> list[int]:
+    """The clients round `rnd` evaluates: every one in round 0 and the last round, none between
+    --eval-every rounds, otherwise a --fraction-evaluate share sampled from --seed and the round (at least
+    one), so a resumed run evaluates the same clients."""
+    f = cfg.federation
+    if rnd in (0, f.rounds):
+        return list(clients)
+    if rnd % f.eval_every:
+        return []
+    if f.fraction_evaluate >= 1:
+        return list(clients)
+    from fedpeft.federation import sample_clients
+
+    return [
+        clients[i] for i in sample_clients(len(clients), f.fraction_evaluate, 1, f.seed + EVAL_STREAM, rnd)
+    ]
 
 
 def personal_entry(report: Mapping[str, Any], global_ppl: float) -> dict[str, Any]:
@@ -161,6 +192,8 @@ def add_base(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -> N
     from fedpeft.personalize import summarize
 
     add_changes(metrics, history)
+    if "eval_per_client" not in metrics:  # a round that evaluated no client (--eval-every)
+        return
     base = history[0]["eval_per_client"] if history else {}
     for user, entry in metrics["eval_per_client"].items():
         if "kept" in entry and user in base:

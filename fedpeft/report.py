@@ -37,6 +37,7 @@ def federation_png(history: list[dict]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    full_history, history = history, [h for h in history if "eval_ppl" in h]  # --eval-every skips some
     rounds = [h["round"] for h in history]
     personal = next((h for h in reversed(history) if "personal" in h), None)
     if personal is None:
@@ -49,7 +50,7 @@ def federation_png(history: list[dict]) -> bytes:
         axes[1, 1].remove()
         _per_client_bars(fig.add_subplot(gs[1, :]), personal)
     ax1.plot(rounds, [h["eval_loss"] for h in history], "o-", label="global adapter, held-out")
-    trained = [h for h in history if h.get("train_loss") is not None]
+    trained = [h for h in full_history if h.get("train_loss") is not None]
     ax1.plot(
         [h["round"] for h in trained],
         [h["train_loss"] for h in trained],
@@ -58,7 +59,7 @@ def federation_png(history: list[dict]) -> bytes:
     )
     ax1.set_xlabel("round")
     ax1.set_ylabel("cross-entropy (nats/token)")
-    _epsilon(ax1, history)
+    _epsilon(ax1, full_history)
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
     from fedpeft.evaluation import base_name

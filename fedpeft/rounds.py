@@ -202,9 +202,14 @@ def round_line(m: Mapping[str, Any]) -> str:
     """A round's metrics as the line a run prints (`simulate` under its bar, `server` from metrics.jsonl)."""
     from fedpeft.evaluation import base_name, changes_text
 
-    text = f"round {m['round']}: held-out ppl {m['eval_ppl']:.2f} (loss {m['eval_loss']:.3f}"
-    changes = changes_text(m)
-    text += f"; {changes})" if changes else ")"
+    if "eval_ppl" not in m:
+        text = f"round {m['round']}: not evaluated (--eval-every)"
+    else:
+        text = f"round {m['round']}: held-out ppl {m['eval_ppl']:.2f} (loss {m['eval_loss']:.3f}"
+        if m.get("base_clients"):
+            text += f" over {m['base_clients']} sampled clients"
+        changes = changes_text(m)
+        text += f"; {changes})" if changes else ")"
     if m["round"] == 0 and "quant" in m:
         text += f" on the {base_name(m['quant'])} base"
         if "full_eval_ppl" in m:
@@ -236,7 +241,8 @@ class Progress:
             disable=not show_bars(cfg.train.progress),
             unit="round",
         )
-        self.bar.set_postfix(ppl=f"{state.history[-1]['eval_ppl']:.2f}")
+        evaluated = [h for h in state.history if "eval_ppl" in h]  # round 0 always is
+        self.bar.set_postfix(ppl=f"{evaluated[-1]['eval_ppl']:.2f}" if evaluated else "")
         if state.round == 0:  # what the base scores, on which base(s), before any training
             self.bar.write(round_line(state.history[0]))
 
@@ -244,7 +250,8 @@ class Progress:
         from fedpeft.personalize import summary_line
 
         self.bar.update(1)
-        self.bar.set_postfix(ppl=f"{m['eval_ppl']:.2f}", loss=f"{m['eval_loss']:.3f}")
+        if "eval_ppl" in m:
+            self.bar.set_postfix(ppl=f"{m['eval_ppl']:.2f}", loss=f"{m['eval_loss']:.3f}")
         self.bar.write(round_line(m))
         if "personal" in m:
             self.bar.write(f"round {m['round']}: " + summary_line(m["personal"], self.method))

@@ -149,14 +149,16 @@ def _evaluate(
     ahead: dict[int, dict[str, Any]] | None = None,
     full: bool = False,
     last: bool = False,
+    members: list[int] | None = None,
 ) -> dict[str, Any]:
     """The global adapter on every client's held-out text; with `personal`, each client also evaluates its
     personal adapter and reports which of the two it keeps (scalars only), and in the `last` round also
     on other users' text where it has any (a simulation: the specificity); with `full`, also on the
     unquantized base (round 0 and the last round: evaluation.full_base_round). `ahead`: the next secure round's
     stage-1 tasks, which ride along (fedpeft.secagg.server.advertise_ahead); their keys go to
-    link.advertised."""
-    arrays, members, names = state.travel_arrays(), link.roster.on_base(), link.roster.names
+    link.advertised. `members`: the clients to evaluate (default: every client on the base)."""
+    arrays, names = state.travel_arrays(), link.roster.names
+    members = link.roster.on_base() if members is None else members
     task = {
         "round": state.round,
         **({"personal": True} if personal else {}),
@@ -281,12 +283,15 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
         start = time.perf_counter()
         state, metrics = (_secure_round if cfg.federation.secagg else _train_round)(link, cfg, state)
         eval_start = time.perf_counter()
-        personal = evaluation.personal_round(cfg, state.round)
-        full = evaluation.full_base_round(cfg, state.round, state.info.quant)
-        last = state.round == cfg.federation.rounds
-        metrics.update(_evaluate(link, state, personal, _ahead(link, cfg, state), full, last))
-        metrics["eval_seconds"] = time.perf_counter() - eval_start
-        evaluation.add_base(metrics, state.history)
+        members = evaluation.eval_clients(cfg, state.round, link.roster.on_base())
+        if members:
+            personal = evaluation.personal_round(cfg, state.round)
+            full = evaluation.full_base_round(cfg, state.round, state.info.quant)
+            last = state.round == cfg.federation.rounds
+            ahead = _ahead(link, cfg, state)
+            metrics.update(_evaluate(link, state, personal, ahead, full, last, members))
+            metrics["eval_seconds"] = time.perf_counter() - eval_start
+            evaluation.add_base(metrics, state.history)
         if link.dp is not None:
             metrics["dp"] = link.dp.metrics(state.history, metrics)
         metrics.pop("dp_sum", None)  # in `dp` now

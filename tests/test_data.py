@@ -108,3 +108,19 @@ def test_latin1_text_is_read_with_a_warning_that_counts_what_was_replaced(
     (warning,) = [r.getMessage() for r in caplog.records if "eve.txt" in r.getMessage()]
     assert "not valid UTF-8: 6 undecodable" in warning
     assert not any("alice.txt" in r.getMessage() for r in caplog.records)  # clean UTF-8: no word
+
+
+def test_the_held_out_cap_keeps_a_fixed_prefix(users_dir: Path, tokenizer) -> None:
+    """--eval-max-tokens: the first T held-out tokens, whole blocks then the cut one; 0 keeps all."""
+    from dataclasses import replace
+
+    from fedpeft.data import prefix
+
+    user = load_users(str(users_dir))[0]
+    full = tokenize_user(user, tokenizer, DataConfig(block_size=8, eval_max_tokens=0))
+    capped = tokenize_user(user, tokenizer, replace(DataConfig(block_size=8), eval_max_tokens=13))
+    assert full.eval_tokens > 13 and capped.eval_tokens == 13
+    assert [len(b) for b in capped.eval] == [8, 5]
+    assert torch.equal(torch.cat(capped.eval), torch.cat(full.eval)[:13])
+    assert capped.train_tokens == full.train_tokens  # training text untouched
+    assert prefix(full.eval, 10**9) == full.eval and prefix(full.eval, 0) == []

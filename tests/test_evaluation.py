@@ -170,3 +170,37 @@ def test_a_full_base_some_devices_skipped_is_compared_on_the_devices_that_ran_it
     assert later["full_base_clients"] == 1
     assert later["vs_full_base"] == pytest.approx(math.exp(2.5) / math.exp(2.0) - 1)  # ann's alone
     assert later["vs_base"] == pytest.approx(later["eval_ppl"] / first["eval_ppl"] - 1)  # everyone's
+
+
+def test_the_evaluation_schedule_spares_rounds_and_clients_but_never_the_first_or_last() -> None:
+    from fedpeft.evaluation import eval_clients
+
+    clients = list(range(20))
+    cfg = RunConfig(federation=FederationConfig(clients=20, rounds=7, eval_every=3, fraction_evaluate=0.25))
+    picked = {r: eval_clients(cfg, r, clients) for r in range(8)}
+    assert picked[0] == clients and picked[7] == clients  # the base and the result: everyone
+    assert [r for r in range(1, 7) if picked[r]] == [3, 6]
+    assert len(picked[3]) == len(picked[6]) == 5 and picked[3] != picked[6]
+    assert eval_clients(cfg, 3, clients) == picked[3]  # a function of seed and round: a resume agrees
+    every = RunConfig(federation=FederationConfig(clients=20, rounds=7))
+    assert all(eval_clients(every, r, clients) == clients for r in range(8))
+
+
+def test_a_sampled_evaluation_is_compared_with_the_base_on_the_same_clients() -> None:
+    base = eval_metrics([EvalResult("ann", math.log(30.0), 100), EvalResult("bob", math.log(60.0), 300)])
+    history = [{**base, "round": 0, "quant": "bf16"}]
+    sampled = eval_metrics([EvalResult("bob", math.log(45.0), 300)])
+    add_base(sampled, history)
+    assert sampled["base_ppl"] == pytest.approx(60.0) and sampled["base_clients"] == 1
+    assert sampled["vs_base"] == pytest.approx(-0.25)
+    everyone = eval_metrics([EvalResult("ann", math.log(30.0), 100), EvalResult("bob", math.log(45.0), 300)])
+    add_base(everyone, history)
+    assert everyone["base_ppl"] == base["eval_ppl"] and "base_clients" not in everyone
+
+
+def test_a_round_without_evaluation_adds_nothing_and_prints_so() -> None:
+    from fedpeft.rounds import round_line
+
+    m = {"round": 2, "accepted": ["a"], "sampled": ["a"], "seconds": 3.0}
+    add_base(m, [{"round": 0, "eval_ppl": 30.0, "eval_per_client": {}}])
+    assert "vs_base" not in m and round_line(m).startswith("round 2: not evaluated (--eval-every)")

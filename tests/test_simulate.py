@@ -255,3 +255,19 @@ def test_a_secure_dp_round_sums_the_clipped_deltas_as_a_plain_one_does(
     for k, v in _global(tmp_path / "plain").items():
         np.testing.assert_allclose(_global(tmp_path / "secure")[k], v, atol=1e-6)
         np.testing.assert_allclose(_global(tmp_path / "distributed")[k], v, atol=1e-6)
+
+
+def test_evaluation_every_other_round_on_a_sample_and_always_on_everyone_at_the_end(
+    tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    from dataclasses import replace
+
+    cfg = _cfg(users, cache_dir, rounds=3, eval_every=2, fraction_evaluate=0.5)
+    cfg = replace(cfg, data=replace(cfg.data, eval_max_tokens=40))
+    simulate(cfg, tmp_path / "run")
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert ["eval_ppl" in h for h in history] == [True, False, True, True]
+    assert [len(h.get("eval_per_client", {})) for h in history] == [4, 0, 2, 4]
+    assert history[2]["base_clients"] == 2 and "base_clients" not in history[3]
+    assert all(c["tokens"] == 40 for h in history for c in h.get("eval_per_client", {}).values())
+    assert "eval_seconds" not in history[1] and (tmp_path / "run" / "plot.png").is_file()
