@@ -111,9 +111,16 @@ def add_changes(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -
     if "full_eval_ppl" not in first:
         return
     metrics["full_base_ppl"] = first["full_eval_ppl"]
-    covered = [u for u, e in first.get("eval_per_client", {}).items() if "full_ppl" in e]
-    if len(covered) == len(first.get("eval_per_client", {})):
+    covered = [u for u, e in base_clients.items() if "full_ppl" in e]
+    if len(covered) == len(base_clients) and "base_clients" not in metrics:
         metrics["vs_full_base"] = metrics["eval_ppl"] / first["full_eval_ppl"] - 1
+        return
+    if "base_clients" in metrics and set(mine) <= set(covered):  # a sample: both bases on its clients
+        entries = [
+            {"loss": math.log(base_clients[u]["full_ppl"]), "tokens": base_clients[u]["tokens"]} for u in mine
+        ]
+        metrics["full_base_ppl"] = _pooled_ppl(entries)
+        metrics["vs_full_base"] = metrics["eval_ppl"] / metrics["full_base_ppl"] - 1
         return
     # some devices skipped the unquantized base (their --max-memory): compare on the clients that ran it
     mine = [metrics["eval_per_client"][u] for u in covered if u in metrics.get("eval_per_client", {})]

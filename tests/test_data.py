@@ -123,4 +123,8 @@ def test_the_held_out_cap_keeps_a_fixed_prefix(users_dir: Path, tokenizer) -> No
     assert [len(b) for b in capped.eval] == [8, 5]
     assert torch.equal(torch.cat(capped.eval), torch.cat(full.eval)[:13])
     assert capped.train_tokens == full.train_tokens  # training text untouched
-    assert prefix(full.eval, 10**9) == full.eval and prefix(full.eval, 0) == []
+    everything = prefix(full.eval, 10**9)
+    assert len(everything) == len(full.eval) and all(
+        torch.equal(a, b) for a, b in zip(everything, full.eval, strict=True)
+    )
+    assert prefix(full.eval, 0) == []

@@ -110,9 +110,12 @@ def test_full_base_figures_are_token_weighted_and_every_round_names_both_bases()
     later["round"] = 1
     add_base(later, [first])
     assert later["vs_base"] == pytest.approx(math.exp(2.5) / math.exp(3.0) - 1)
-    assert later["vs_full_base"] == pytest.approx(math.exp(2.5) / math.exp(2.375) - 1)
+    # bob did not answer: both bases are taken on ann alone, the clients this round evaluated
+    assert later["base_clients"] == 1 and later["vs_full_base"] == pytest.approx(
+        math.exp(2.5) / math.exp(2.0) - 1
+    )
     assert changes_text(later) == (
-        f"-39.3% vs the NF4 base {math.exp(3.0):.2f}, +13.3% vs the fp32 base {math.exp(2.375):.2f}"
+        f"-39.3% vs the NF4 base {math.exp(3.0):.2f}, +64.9% vs the fp32 base {math.exp(2.0):.2f}"
     )
     assert changes_text(later) in round_line(later)
     cfg = RunConfig(federation=FederationConfig(rounds=3))
@@ -204,3 +207,16 @@ def test_a_round_without_evaluation_adds_nothing_and_prints_so() -> None:
     m = {"round": 2, "accepted": ["a"], "sampled": ["a"], "seconds": 3.0}
     add_base(m, [{"round": 0, "eval_ppl": 30.0, "eval_per_client": {}}])
     assert "vs_base" not in m and round_line(m).startswith("round 2: not evaluated (--eval-every)")
+
+
+def test_a_sampled_evaluation_names_the_full_base_on_the_same_clients_too() -> None:
+    base = eval_metrics(
+        [
+            EvalResult("ann", math.log(30.0), 100, full_loss=math.log(25.0)),
+            EvalResult("bob", math.log(60.0), 300, full_loss=math.log(50.0)),
+        ]
+    )
+    history = [{**base, "round": 0, "quant": "nf4", "full_base": "bf16"}]
+    sampled = eval_metrics([EvalResult("bob", math.log(45.0), 300)])
+    add_base(sampled, history)
+    assert sampled["full_base_ppl"] == pytest.approx(50.0) and sampled["vs_full_base"] == pytest.approx(-0.1)

@@ -62,7 +62,7 @@ def _actor_nodes(address: str) -> dict[str, int]:
     code = (
         f"import json, ray; from ray._private.state import state; ray.init(address={address!r}, logging_level='error');"
         "actors = state.actor_table(None).values();"
-        "print(json.dumps([a['Address']['NodeID'] for a in actors if 'ClientAppActor' in a.get('ClassName', '')]))"
+        "print(json.dumps([a['Address']['NodeID'] for a in actors if 'ClientAppActor' in a.get('ActorClassName', '')]))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
