@@ -1,7 +1,7 @@
 """Federation benchmark: quality vs centralized, communication and Flower overhead, scale; one run.
 
     python benchmarks/federation.py quality   # default model: base vs federated (natural/IID, fedavg/ffa) vs centralized
-    python benchmarks/federation.py scale     # tiny model, 100 and 1000 virtual clients: seconds per round
+    python benchmarks/federation.py scale     # tiny model, 1,000 and 10,000 virtual clients, next to Flower's bare round
 
 Quality: every federated run uses the same clients, rounds, sampled clients and local steps; the
 centralized baseline trains one adapter on the union of the clients' training text for the same total
@@ -70,6 +70,7 @@ def _federate(cfg: RunConfig, work: Path, name: str) -> dict:
         "wall_s": time.perf_counter() - start,
         "peak_rss_mib": peak.peak,
         "round_s": statistics.median(r["seconds"] for r in rounds),
+        "history": [{k: x.get(k) for k in ("round", "seconds", "eval_seconds")} for x in h],
         "eval_s": statistics.median(r.get("eval_seconds", 0.0) for r in rounds),
         "bytes_up_per_client": statistics.median(r["bytes_up"] / len(r["sampled"]) for r in rounds),
         # the training phase only: round time minus the evaluation of the new global adapter on every client
@@ -176,23 +177,67 @@ def quality(a: argparse.Namespace, work: Path) -> dict:
     return runs
 
 
+def _synthetic_users(root: Path, n: int, words: int = 150) -> Path:
+    """n users of random words (a cost measure needs many users, not meaningful text)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(2000)]
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / f"user{i:05d}.txt").write_text(" ".join(rng.choice(vocab, words)) + "\n")
+    return root
+
+
+def _bare_flower(n: int, fraction: float, dim: int, rounds: int) -> list[float]:
+    """Flower's own FedAvg with a ClientApp that trains nothing (benchmarks/flower_bare.py), in a fresh process."""
+    import subprocess
+
+    script = Path(__file__).with_name("flower_bare.py")
+    args = ["--clients", str(n), "--fraction", str(fraction), "--dim", str(dim), "--rounds", str(rounds)]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["round_seconds"]
+
+
 def scale(a: argparse.Namespace, work: Path) -> dict:
+    """fedpeft's round next to Flower's bare FedAvg round, 1% of the clients training and evaluated."""
     runs = {}
-    print("\n## Scale: tiny model, IID split of the default corpus, 10% sampled, 2 local steps, 2 rounds\n")
+    rounds, fraction = 4, 0.01
     print(
-        "| virtual clients | seconds per round (median) | of which evaluating every client | peak RSS, all processes (MiB) |"
+        f"\n## Scale: tiny model, synthetic users, {fraction:.0%} sampled and evaluated a round, 2 local steps\n"
     )
-    print("|---|---|---|---|")
-    for n in (100, 1000):
+    print("| virtual clients | fedpeft round (median of rounds 1-3) | Flower's bare FedAvg round (median of rounds 2-4) "
+          "| ratio | fedpeft's last round (evaluates every client) | peak RSS, all processes (MiB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for n in a.scale_clients:
         cfg = RunConfig(
             base=BaseConfig(model="tiny", quant="none"),
-            data=DataConfig(block_size=64),
+            data=DataConfig(data=str(_synthetic_users(work / f"users-{n}", n)), block_size=32),
             train=TrainConfig(progress=False, batch_size=2),
-            federation=FederationConfig(clients=n, fraction=0.1, rounds=2, local_steps=2, split="iid"),
+            federation=FederationConfig(
+                clients=n,
+                fraction=fraction,
+                fraction_evaluate=fraction,
+                min_clients=1,
+                rounds=rounds,
+                local_steps=2,
+            ),
         )
         r = _federate(cfg, work, f"scale-{n}")
+        h = r.pop("history")
+        fed = statistics.median(x["seconds"] for x in h[1:-1])
+        dim = r["bytes_up_per_client"] // 4
+        bare = _bare_flower(n, fraction, int(dim), rounds)
+        flower = statistics.median(bare[1:])  # its first round also starts the client actor
+        r.update(
+            fedpeft_round_s=fed, flower_round_s=flower, flower_rounds_s=bare, last_round_s=h[-1]["seconds"]
+        )
         runs[n] = r
-        print(f"| {n} | {r['round_s']:.1f} | {r['eval_s']:.1f} | {r['peak_rss_mib']:.0f} |", flush=True)
+        print(
+            f"| {n:,} | {fed:.2f} s | {flower:.2f} s | {fed / flower:.1f}x | {h[-1]['seconds']:.1f} s "
+            f"| {r['peak_rss_mib']:.0f} |",
+            flush=True,
+        )
     return runs
 
 
@@ -205,6 +250,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-steps", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--scale-clients", type=lambda v: [int(x) for x in v.split(",")], default=[1000, 10000])
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedpeft-bench-"))
     try:

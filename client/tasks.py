@@ -173,10 +173,16 @@ def evaluate(content: RecordDict, node: DeviceNode | None, partition: int) -> Re
     else:
         loss, tokens = device.evaluate(local, arrays, bare=int(task["round"]) == 0)
     metrics = {"eval_loss": loss, "eval_tokens": tokens}
+    if task.get("with_base", False):  # a sampled round: the base on the same text, for its comparison
+        metrics["base_loss"] = device.base_loss(local, arrays)
     if task.get("full_base", False):  # round 0 and the last round: the same on the unquantized base
         full = device.evaluate_full(local, arrays, bare=int(task["round"]) == 0)
         if full is not None:
             metrics["full_eval_loss"] = full
+            if task.get("with_base", False):
+                full_base = device.full_base_loss(local, arrays)
+                if full_base is not None:
+                    metrics["full_base_loss"] = full_base
         if node is not None and int(task["round"]) > 0:  # a device's last round: nothing more needs it
             device.drop_full_base()
     out["metrics"] = MetricRecord(metrics)

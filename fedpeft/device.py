@@ -74,6 +74,8 @@ class Device:
         self.model = inject(self.base, adapter_cfg)
         self.init_state = adapter_state(self.model)
         self._full: tuple[Base, Any] | None = None  # the unquantized base, for round 0 and the last round
+        self._base_losses: dict[int, float] = {}  # per local client: the base alone never changes
+        self._full_base_losses: dict[int, float | None] = {}
         self.method = cfg.personal.method
         self.keys = shared_keys(list(self.init_state), cfg.federation.lora_mode, self.method)
         f = cfg.federation
@@ -236,6 +238,18 @@ class Device:
             with self.model.disable_adapter():
                 r = self._eval(self.clients[local].eval)
         return r.loss, r.tokens
+
+    def base_loss(self, local: int, global_arrays: Arrays) -> float:
+        """The base alone on this client's held-out text: computed once (it never changes)."""
+        if local not in self._base_losses:
+            self._base_losses[local] = self.evaluate(local, global_arrays, bare=True)[0]
+        return self._base_losses[local]
+
+    def full_base_loss(self, local: int, global_arrays: Arrays) -> float | None:
+        """The unquantized base alone on the same text (None where evaluate_full gives none); once."""
+        if local not in self._full_base_losses:
+            self._full_base_losses[local] = self.evaluate_full(local, global_arrays, bare=True)
+        return self._full_base_losses[local]
 
     def evaluate_full(self, local: int, global_arrays: Arrays, bare: bool = False) -> float | None:
         """Held-out loss of the same adapter on the unquantized base (cfg.base.full_base): what the

@@ -32,6 +32,8 @@ class EvalResult:
     tokens: int
     personal: Mapping[str, Any] | None = None
     full_loss: float | None = None  # the same adapter on the unquantized base (round 0 and the last)
+    base_loss: float | None = None  # a sampled evaluation: the base alone on the same text
+    full_base_loss: float | None = None  # ... and the unquantized base alone (full-base rounds)
 
 
 def eval_metrics(results: Sequence[EvalResult]) -> dict[str, Any]:
@@ -41,6 +43,10 @@ def eval_metrics(results: Sequence[EvalResult]) -> dict[str, Any]:
     per_client, nll, tokens, full_nll, full_tokens, full_clients = {}, 0.0, 0, 0.0, 0, 0
     for r in results:
         entry: dict[str, Any] = {"loss": r.loss, "ppl": ppl(r.loss), "tokens": r.tokens}
+        if r.base_loss is not None:
+            entry["base_loss"] = r.base_loss
+        if r.full_base_loss is not None:
+            entry["full_base_loss"] = r.full_base_loss
         if r.full_loss is not None:
             entry["full_ppl"] = ppl(r.full_loss)
             full_nll, full_tokens = full_nll + r.full_loss * r.tokens, full_tokens + r.tokens
@@ -104,10 +110,20 @@ def add_changes(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -
     metrics.update({k: first[k] for k in ("quant", "full_base") if k in first})
     metrics["base_ppl"] = first["eval_ppl"]
     base_clients, mine = first.get("eval_per_client", {}), metrics.get("eval_per_client", {})
-    if base_clients and set(mine) < set(base_clients):  # a --fraction-evaluate sample: its own base figure
+    if mine and all("base_loss" in e for e in mine.values()):  # a sample: each client scored the base too
+        metrics["base_ppl"] = _pooled_ppl(
+            [{"loss": e["base_loss"], "tokens": e["tokens"]} for e in mine.values()]
+        )
+        metrics["base_clients"] = len(mine)
+    elif base_clients and set(mine) < set(base_clients):  # a client did not answer: round 0 on the others
         metrics["base_ppl"] = _pooled_ppl([base_clients[u] for u in mine])
         metrics["base_clients"] = len(mine)
     metrics["vs_base"] = metrics["eval_ppl"] / metrics["base_ppl"] - 1
+    if "full_eval_ppl" in metrics and mine and all("full_base_loss" in e for e in mine.values()):
+        entries = [{"loss": e["full_base_loss"], "tokens": e["tokens"]} for e in mine.values()]
+        metrics["full_base_ppl"] = _pooled_ppl(entries)
+        metrics["vs_full_base"] = metrics["eval_ppl"] / metrics["full_base_ppl"] - 1
+        return
     if "full_eval_ppl" not in first:
         return
     metrics["full_base_ppl"] = first["full_eval_ppl"]
@@ -142,15 +158,14 @@ EVAL_STREAM = 1_000_003  # the evaluation sample's seed offset: not the training
 
 
 def eval_clients(cfg: RunConfig, rnd: int, clients: Sequence[int]) -> list[int]:
-    """The clients round `rnd` evaluates: every one in round 0 and the last round, none between
-    --eval-every rounds, otherwise a --fraction-evaluate share sampled from --seed and the round (at least
-    one), so a resumed run evaluates the same clients."""
+    """The clients round `rnd` evaluates: none between --eval-every rounds (round 0 and the last round are
+    always evaluated), otherwise a --fraction-evaluate share sampled from --seed and the round (at least
+    one; a resumed run evaluates the same). The last round of a run that personalizes evaluates every
+    client: each reports its personal adapter there."""
     f = cfg.federation
-    if rnd in (0, f.rounds):
-        return list(clients)
-    if rnd % f.eval_every:
+    if rnd % f.eval_every and rnd not in (0, f.rounds):
         return []
-    if f.fraction_evaluate >= 1:
+    if f.fraction_evaluate >= 1 or (rnd == f.rounds and cfg.personal.method != "none"):
         return list(clients)
     from fedpeft.federation import sample_clients
 

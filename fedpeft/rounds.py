@@ -206,8 +206,8 @@ def round_line(m: Mapping[str, Any]) -> str:
         text = f"round {m['round']}: not evaluated (--eval-every)"
     else:
         text = f"round {m['round']}: held-out ppl {m['eval_ppl']:.2f} (loss {m['eval_loss']:.3f}"
-        if m.get("base_clients"):
-            text += f" over {m['base_clients']} sampled clients"
+        if m.get("eval_of"):
+            text += f" over {len(m.get('eval_per_client', {}))} of {m['eval_of']} clients"
         changes = changes_text(m)
         text += f"; {changes})" if changes else ")"
     if m["round"] == 0 and "quant" in m:

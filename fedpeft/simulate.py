@@ -98,8 +98,9 @@ def summary(rnd: int, history: list[dict[str, Any]], method: str = "none") -> st
 
     changes = changes_text(last)
     line = (
-        f"global adapter after round {rnd}: held-out ppl {first['eval_ppl']:.2f} -> {last['eval_ppl']:.2f}"
-        + (f" ({changes})" if changes else "")
+        # on the same clients: a sampled last round names the base's figure on its own sample
+        f"global adapter after round {rnd}: held-out ppl {last.get('base_ppl', first['eval_ppl']):.2f} -> "
+        f"{last['eval_ppl']:.2f}" + (f" ({changes})" if changes else "")
     )
     if "full_eval_ppl" in last:
         line += f"; on the {last.get('full_base')} base {last['full_eval_ppl']:.2f} (what a merge gives)"

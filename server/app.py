@@ -62,6 +62,7 @@ class _Link:
     # keys clients advertised for the next secure round with their evaluation: {client: (task, keys)}
     advertised: dict[int, tuple[dict[str, Any], tuple[bytes, bytes, bytes]]] = field(default_factory=dict)
     dp: DpPlan | None = None  # the federation's differential privacy, when on
+    sampled_evaluation: bool = False  # --fraction-evaluate < 1: round 0 covered a sample only
 
     def message(self, node: int, kind: str, task: dict[str, Any], arrays: Arrays | None = None) -> Message:
         content = RecordDict({"config": self.config, "task": ConfigRecord(task)})
@@ -164,6 +165,8 @@ def _evaluate(
         **({"personal": True} if personal else {}),
         **({"full_base": True} if full else {}),
         **({"specificity": True} if personal and last else {}),
+        # a sample: each client also scores the base on the same text (the device computes it once)
+        **({"with_base": True} if state.round > 0 and link.sampled_evaluation else {}),
     }
     ahead = ahead or {}
     messages = {c: link.message(link.roster.node_of[c], MessageType.EVALUATE, link.roster.task(c, **task), arrays)
@@ -185,9 +188,15 @@ def _evaluate(
         m, user = reply.content["metrics"], names[int(reply.content["info"]["client"])]
         loss, tokens = float(m["eval_loss"]), int(m["eval_tokens"])
         full_loss = float(m["full_eval_loss"]) if "full_eval_loss" in m else None
-        results.append(evaluation.EvalResult(user, loss, tokens, reply.content.get("personal"), full_loss))
+        base = {k: float(m[k]) for k in ("base_loss", "full_base_loss") if k in m}
+        results.append(
+            evaluation.EvalResult(user, loss, tokens, reply.content.get("personal"), full_loss, **base)
+        )
     bytes_down = sum(a.nbytes for a in arrays.values()) * len(members)
-    return {**evaluation.eval_metrics(results), "bytes_down_eval": bytes_down}
+    out = {**evaluation.eval_metrics(results), "bytes_down_eval": bytes_down}
+    if len(members) < len(link.roster.on_base()):
+        out["eval_of"] = len(link.roster.on_base())  # a --fraction-evaluate sample of this many
+    return out
 
 
 def _train_round(link: _Link, cfg: RunConfig, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
@@ -246,6 +255,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
     point verified before writing anything); returns the final state. Raises FedpeftError on
     unrecoverable input."""
     link = _Link(grid, ConfigRecord(to_run_config(cfg)))
+    link.sampled_evaluation = cfg.federation.fraction_evaluate < 1
     checkpoint = checkpoint_path(run_dir, resume) if resume is not None else None
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     pinned = state.info.fingerprint if state is not None else cfg.federation.base_fingerprint
@@ -266,7 +276,13 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
                 "round": 0,
                 "quant": description.quant,  # as the devices loaded it (`auto` resolved)
                 **({"full_base": cfg.base.full_base} if full else {}),
-                **_evaluate(link, state, ahead=_ahead(link, cfg, state), full=full),
+                **_evaluate(
+                    link,
+                    state,
+                    ahead=_ahead(link, cfg, state),
+                    full=full,
+                    members=evaluation.eval_clients(cfg, 0, link.roster.on_base()),
+                ),
                 "train_loss": None,
             }
         ]

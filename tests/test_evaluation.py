@@ -175,24 +175,28 @@ def test_a_full_base_some_devices_skipped_is_compared_on_the_devices_that_ran_it
     assert later["vs_base"] == pytest.approx(later["eval_ppl"] / first["eval_ppl"] - 1)  # everyone's
 
 
-def test_the_evaluation_schedule_spares_rounds_and_clients_but_never_the_first_or_last() -> None:
+def test_the_evaluation_schedule_spares_rounds_and_clients_but_never_the_first_or_last_round() -> None:
     from fedpeft.evaluation import eval_clients
 
     clients = list(range(20))
     cfg = RunConfig(federation=FederationConfig(clients=20, rounds=7, eval_every=3, fraction_evaluate=0.25))
     picked = {r: eval_clients(cfg, r, clients) for r in range(8)}
-    assert picked[0] == clients and picked[7] == clients  # the base and the result: everyone
-    assert [r for r in range(1, 7) if picked[r]] == [3, 6]
-    assert len(picked[3]) == len(picked[6]) == 5 and picked[3] != picked[6]
+    assert [r for r in range(8) if picked[r]] == [0, 3, 6, 7]  # the first and the last round always
+    assert {len(p) for p in picked.values() if p} == {5} and picked[3] != picked[6]
     assert eval_clients(cfg, 3, clients) == picked[3]  # a function of seed and round: a resume agrees
     every = RunConfig(federation=FederationConfig(clients=20, rounds=7))
     assert all(eval_clients(every, r, clients) == clients for r in range(8))
+    # personal adapters are reported in the last round: every client then
+    personal = RunConfig(federation=cfg.federation, personal=PersonalConfig(method="finetune"))
+    assert eval_clients(personal, 7, clients) == clients and len(eval_clients(personal, 6, clients)) == 5
 
 
 def test_a_sampled_evaluation_is_compared_with_the_base_on_the_same_clients() -> None:
-    base = eval_metrics([EvalResult("ann", math.log(30.0), 100), EvalResult("bob", math.log(60.0), 300)])
+    """Each sampled client reports the base on its own text: the change is on the same clients and text,
+    whichever clients round 0 sampled."""
+    base = eval_metrics([EvalResult("ann", math.log(30.0), 100)])  # round 0 sampled ann only
     history = [{**base, "round": 0, "quant": "bf16"}]
-    sampled = eval_metrics([EvalResult("bob", math.log(45.0), 300)])
+    sampled = eval_metrics([EvalResult("bob", math.log(45.0), 300, base_loss=math.log(60.0))])
     add_base(sampled, history)
     assert sampled["base_ppl"] == pytest.approx(60.0) and sampled["base_clients"] == 1
     assert sampled["vs_base"] == pytest.approx(-0.25)
@@ -210,13 +214,15 @@ def test_a_round_without_evaluation_adds_nothing_and_prints_so() -> None:
 
 
 def test_a_sampled_evaluation_names_the_full_base_on_the_same_clients_too() -> None:
-    base = eval_metrics(
-        [
-            EvalResult("ann", math.log(30.0), 100, full_loss=math.log(25.0)),
-            EvalResult("bob", math.log(60.0), 300, full_loss=math.log(50.0)),
-        ]
-    )
+    base = eval_metrics([EvalResult("ann", math.log(30.0), 100, full_loss=math.log(25.0))])
     history = [{**base, "round": 0, "quant": "nf4", "full_base": "bf16"}]
-    sampled = eval_metrics([EvalResult("bob", math.log(45.0), 300)])
+    sampled = eval_metrics(
+        [
+            EvalResult(
+                "bob", math.log(45.0), 300, full_loss=math.log(44.0), base_loss=math.log(60.0),
+                full_base_loss=math.log(50.0),
+            )
+        ]
+    )  # fmt: skip
     add_base(sampled, history)
     assert sampled["full_base_ppl"] == pytest.approx(50.0) and sampled["vs_full_base"] == pytest.approx(-0.1)

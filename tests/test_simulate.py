@@ -267,8 +267,16 @@ def test_evaluation_every_other_round_on_a_sample_and_always_on_everyone_at_the_
     simulate(cfg, tmp_path / "run")
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert ["eval_ppl" in h for h in history] == [True, False, True, True]
-    assert [len(h.get("eval_per_client", {})) for h in history] == [4, 0, 2, 4]
-    assert history[2]["base_clients"] == 2 and "base_clients" not in history[3]
+    assert [len(h.get("eval_per_client", {})) for h in history] == [2, 0, 2, 2]
+    # each sampled client scored the base on its own text too: the change is on the same clients
+    for h in history[2:]:
+        assert h["base_clients"] == 2 and h["eval_of"] == 4
+        base = [c["base_loss"] for c in h["eval_per_client"].values()]
+        assert all(
+            b == pytest.approx(history[0]["eval_per_client"][u]["loss"])
+            for u, b in zip(h["eval_per_client"], base, strict=True)
+            if u in history[0]["eval_per_client"]
+        )
     # 40 held-out tokens each, in blocks of 32 and 8: 31 + 7 predicted
     assert {c["tokens"] for h in history for c in h.get("eval_per_client", {}).values()} == {38}
     assert "eval_seconds" not in history[1] and (tmp_path / "run" / "plot.png").is_file()
