@@ -124,8 +124,8 @@ def add_changes(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -
         metrics["full_base_ppl"] = _pooled_ppl(entries)
         metrics["vs_full_base"] = metrics["eval_ppl"] / metrics["full_base_ppl"] - 1
         return
-    if "full_eval_ppl" not in first:
-        return
+    if "full_eval_ppl" not in first or "base_clients" in metrics and "full_eval_ppl" not in metrics:
+        return  # a sample compares with the unquantized base only where it was scored (round 0, the last)
     metrics["full_base_ppl"] = first["full_eval_ppl"]
     covered = [u for u, e in base_clients.items() if "full_ppl" in e]
     if len(covered) == len(base_clients) and "base_clients" not in metrics:
