@@ -107,8 +107,8 @@ def test_what_a_killed_run_left_is_stopped_at_the_next_start_in_its_folder(
 def test_many_virtual_clients_leave_a_core_to_flowers_engine() -> None:
     from fedpeft.engine import actor_threads, backend_config
 
-    assert actor_threads(10, None, 2) == 2 and actor_threads(999, None, 16) == 16  # every core
-    assert actor_threads(1000, None, 2) == 1 and actor_threads(10_000, None, 16) == 15
+    assert actor_threads(10, None, 2) == 2 and actor_threads(1000, None, 16) == 16  # every core
+    assert actor_threads(3000, None, 2) == 1 and actor_threads(10_000, None, 16) == 15
     assert actor_threads(10_000, 4, 16) == 4 and actor_threads(10_000, None, 1) == 1
     local = backend_config("", None, "/tmp/x")
     assert local["init_args"]["_temp_dir"] == "/tmp/x" and "address" not in local["init_args"]
