@@ -207,7 +207,7 @@ def scale(a: argparse.Namespace, work: Path) -> dict:
         f"\n## Scale: tiny model, synthetic users, {fraction:.0%} sampled and evaluated a round, 2 local steps\n"
     )
     print("| virtual clients | fedpeft round (median of rounds 1-3) | Flower's bare FedAvg round (median of rounds 2-4) "
-          "| ratio | fedpeft's last round (evaluates every client) | peak RSS, all processes (MiB) |")  # fmt: skip
+          "| ratio | fedpeft's last round (also on the unquantized base) | peak RSS, all processes (MiB) |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for n in a.scale_clients:
         cfg = RunConfig(
