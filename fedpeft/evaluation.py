@@ -110,7 +110,8 @@ def add_changes(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -
     metrics.update({k: first[k] for k in ("quant", "full_base") if k in first})
     metrics["base_ppl"] = first["eval_ppl"]
     base_clients, mine = first.get("eval_per_client", {}), metrics.get("eval_per_client", {})
-    if mine and all("base_loss" in e for e in mine.values()):  # a sample: each client scored the base too
+    sampled = bool(mine) and all("base_loss" in e for e in mine.values())
+    if sampled:  # a sample: each client scored the base too
         metrics["base_ppl"] = _pooled_ppl(
             [{"loss": e["base_loss"], "tokens": e["tokens"]} for e in mine.values()]
         )
@@ -124,7 +125,7 @@ def add_changes(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -
         metrics["full_base_ppl"] = _pooled_ppl(entries)
         metrics["vs_full_base"] = metrics["eval_ppl"] / metrics["full_base_ppl"] - 1
         return
-    if "full_eval_ppl" not in first or "base_clients" in metrics and "full_eval_ppl" not in metrics:
+    if "full_eval_ppl" not in first or sampled and "full_eval_ppl" not in metrics:
         return  # a sample compares with the unquantized base only where it was scored (round 0, the last)
     metrics["full_base_ppl"] = first["full_eval_ppl"]
     covered = [u for u, e in base_clients.items() if "full_ppl" in e]

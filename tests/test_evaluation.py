@@ -226,3 +226,17 @@ def test_a_sampled_evaluation_names_the_full_base_on_the_same_clients_too() -> N
     )  # fmt: skip
     add_base(sampled, history)
     assert sampled["full_base_ppl"] == pytest.approx(50.0) and sampled["vs_full_base"] == pytest.approx(-0.1)
+
+
+def test_a_sampled_round_without_the_full_base_claims_no_change_against_it() -> None:
+    """Round 0 scored the unquantized base on its own sample; a later sample that did not load it must not
+    be compared with that (other clients, other text)."""
+    base = eval_metrics(
+        [EvalResult("ann", 3.0, 10, full_loss=2.0), EvalResult("bob", 3.0, 30, full_loss=2.5)]
+    )
+    history = [{**base, "round": 0, "quant": "nf4", "full_base": "bf16"}]
+    later = eval_metrics(
+        [EvalResult("bob", 2.5, 30, base_loss=3.0), EvalResult("carol", 2.5, 30, base_loss=3.1)]
+    )
+    add_base(later, history)
+    assert later["base_clients"] == 2 and "vs_full_base" not in later and "full_base_ppl" not in later
