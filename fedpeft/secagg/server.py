@@ -128,9 +128,8 @@ def secure_round(
     else:
         weighted, weight = code.decode_sum(total)
         mean = unflatten(weighted / weight, state.info.schema, state.travel_keys)
-    if (
-        dp is not None and not dp.discrete
-    ):  # every client weighed 1 and clipped: mean x survivors is their sum
+    if dp is not None and not dp.discrete:
+        # central DP: every client weighed 1 and clipped, so mean x survivors is their sum
         from fedpeft.privacy.central import noised_mean
 
         total_sum = {k: a * len(survivors) for k, a in mean.items()}
