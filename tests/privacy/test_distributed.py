@@ -42,9 +42,9 @@ def test_the_worst_case_sum_cannot_wrap_and_one_client_more_is_refused() -> None
     assert int(neg.view(np.int32)[0]) == -code.max_clients * worst
     # the same granularity and noise for one client more could wrap: refused on both sides
     more = DistributedCode(code.clip, code.granularity, code.local_noise, code.max_clients + 1, code.dim)
-    if (code.max_clients + 1) * worst > RING_MAX:
-        with pytest.raises(ValueError, match="could wrap"):
-            more.check()
+    assert (code.max_clients + 1) * worst > RING_MAX  # the granularity is the finest that fits: no slack
+    with pytest.raises(ValueError, match="could wrap"):
+        more.check()
     with pytest.raises(ValueError, match="cannot hold"):
         DistributedCode.for_round(0.8, 1000.0, 1, 10_000, 10**6)
 
