@@ -37,6 +37,8 @@ def config_for(content: RecordDict, node: DeviceNode | None) -> RunConfig:
         )
         # the server's path means nothing here: a device keeps its personal adapters in its own store
         cfg = replace(cfg, base=base, personal=replace(cfg.personal, store=node.personal_dir))
+        # a device computes where its owner runs it (CPU): the server's --device is not its to choose
+        cfg = replace(cfg, base=replace(cfg.base, device="cpu"))
         if node.max_memory:  # the device's own budget: micro-batches that fit, same effective batch
             cfg = replace(cfg, train=replace(cfg.train, max_memory=node.max_memory))
     return cfg
@@ -88,15 +90,18 @@ def info(device: Device, local: int, client: int) -> ConfigRecord:
     )
 
 
-def device_stats() -> dict[str, float]:
-    """How often this device has loaded its base since it started, and the peak RSS of its processes."""
+def device_stats(device: str = "cpu") -> dict[str, float]:
+    """How often this device has loaded its base since it started, the peak RSS of its processes, and on
+    a GPU the peak GPU memory its process allocated."""
     from fedpeft.deploy.processes import tree_peak_rss
     from fedpeft.device import BASE_LOADS
+    from fedpeft.placement import gpu_figures
 
     root = STATS["root_pid"] or None
     return {
         "base_loads": float(STATS["loads_before"] + BASE_LOADS[0]),
         "peak_rss_mib": round(tree_peak_rss(root) / 2**20, 1),
+        **gpu_figures(device),
     }
 
 
@@ -129,7 +134,7 @@ def _fit(content: RecordDict, node: DeviceNode | None, partition: int):
         "train_seconds": result.seconds,
         "load_seconds": load_seconds,
         "personal_seconds": result.personal_seconds,
-        **device_stats(),
+        **device_stats(device.base.device),
     }
     return device, local, client, result, metrics
 

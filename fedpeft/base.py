@@ -41,6 +41,7 @@ import torch
 from fedpeft.checkpoint import atomic_dir
 from fedpeft.config import QUANTS, BaseConfig
 from fedpeft.errors import FedpeftError
+from fedpeft.placement import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class Base:
     prequantized: bool = False  # True when the tensors were read from quantized_path, not quantized at load
     spec: str = ""  # --model as given: default, tiny or a path
     public_id: str = ""  # what adapter_config.json names (BaseConfig.base_id; public_id())
+    device: str = "cpu"  # where it computes (--device resolved); loaded and fingerprinted on the CPU
 
     def doc(self) -> dict[str, str]:
         """fedpeft.json's "base": how a user elsewhere gets this exact base back, and its fingerprint."""
@@ -415,11 +417,12 @@ def resolve_quant(quant: str, path: Path) -> str:
 
 
 def load_base(cfg: BaseConfig) -> Base:
-    """Load the frozen, quantized base and its tokenizer; compute the fingerprint.
+    """Load the frozen, quantized base and its tokenizer; compute the fingerprint; move it to --device.
 
     nf4/int8 read the cache's pre-quantized copy when it is there and valid; otherwise they quantize
     the full-precision folder at load and write the copy for next time (when the cache is writable).
     """
+    device = resolve_device(cfg.device)  # a GPU that is not there is refused before anything loads
     path = resolve_base_dir(cfg.model, cfg.cache_dir)
     _quiet_base_libraries()
     quant = resolve_quant(cfg.quant, path)
@@ -433,6 +436,8 @@ def load_base(cfg: BaseConfig) -> Base:
         if qdir is not None and not _store_quantized(model, quant, fp, qdir, path):
             qdir = None
     tokenizer = _load_tokenizer(path)
+    if device != "cpu":  # after the fingerprint: the same bytes on every device
+        move_model(model, device)
     return Base(
         nbytes=sum(t.numel() * t.element_size() for t in _unique_tensors(model.state_dict())),
         model=model,
@@ -444,6 +449,7 @@ def load_base(cfg: BaseConfig) -> Base:
         prequantized=loaded is not None,
         spec=cfg.model,
         public_id=public_id(cfg),
+        device=device,
     )
 
 
@@ -619,6 +625,27 @@ def prepare_quantized(path: Path, quant: str, cache_dir: str | None = None) -> P
     _quiet_base_libraries()
     model = _load_model(path, quant)
     return qdir if _store_quantized(model, quant, fingerprint(model, quant), qdir, path) else None
+
+
+def move_model(model: Any, device: str) -> None:
+    """Move a loaded base to `device` in place, quantized layers included. Module.to() swaps each
+    parameter's data but leaves attributes on it: bitsandbytes' Params4bit moves its quant_state in place
+    on .to(), while Int8Params keeps CB (its data) and SCB (row scales) as attributes, moved here."""
+    model.to(device)
+    if not getattr(model, "is_loaded_in_8bit", False):
+        return
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            weight, state = module.weight, module.state
+            if getattr(weight, "CB", None) is not None:
+                weight.CB = weight.data
+            if getattr(weight, "SCB", None) is not None:
+                weight.SCB = weight.SCB.to(device)
+            for name in ("CB", "SCB"):
+                if getattr(state, name, None) is not None:
+                    setattr(state, name, getattr(state, name).to(device))
 
 
 def disable_cpu_4bit_packing(model: Any) -> None:

@@ -47,13 +47,6 @@ def _build_parser() -> argparse.ArgumentParser:
         "aggregates the deltas. Writes metrics.jsonl, plot.png, global/ and checkpoints/ to --out.",
     )
     g = add_config_flags(s, "simulate")["federation"]
-    g.add_argument(
-        "--client-cpus",
-        type=float,
-        default=None,
-        metavar="C",
-        help="CPU cores per virtual client; fewer means more clients in parallel (default: all cores, one at a time)",
-    )
     add_run_flags(
         g,
         "run folder (default: a new runs/federation-YYYYmmdd-HHMMSS; an existing run needs --resume)",
@@ -162,7 +155,7 @@ def cmd_simulate(a: argparse.Namespace) -> None:
         raise FedpeftError("--resume needs the --out of the run to continue")
     out = Path(a.out or time.strftime("runs/federation-%Y%m%d-%H%M%S"))
     check_out(out)
-    state = simulate(cfg, out, resume=a.resume, client_cpus=a.client_cpus, resume_from=a.resume_from)
+    state = simulate(cfg, out, resume=a.resume, resume_from=a.resume_from)
     print(
         summary(state.round, state.history, cfg.personal.method)
         + f"\nrun folder {out} (metrics.jsonl, plot.png, global/)"

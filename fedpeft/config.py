@@ -27,6 +27,7 @@ Split = Literal["natural", "iid", "dirichlet"]
 ServerOpt = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
 Personalize = Literal["none", "finetune", "fedsa", "ditto"]
 DpMode = Literal["off", "central", "distributed"]
+TorchDevice = Literal["auto", "cpu", "cuda"]
 
 QUANTS: tuple[str, ...] = typing.get_args(Quant)
 ADAPTERS: tuple[str, ...] = typing.get_args(AdapterKind)
@@ -78,6 +79,15 @@ class BaseConfig:
         "HuggingFaceTB/SmolLM2-135M-Instruct for --model default, else the local folder)",
         flag="--base-id",
         metavar="ID",
+    )
+    # Only where the base is computed: it is loaded (and quantized) on the CPU first, so its fingerprint
+    # is the same on every device (fedpeft.base.load_base). Deployed devices (`fedpeft client`) run on CPU.
+    device: TorchDevice = option(
+        "auto",
+        "where the base, training and evaluation run: cuda when torch sees a GPU (auto), cpu, or cuda (an "
+        "error without one); a simulation writes the one it used into config.json",
+        flag="--device",
+        commands=("train", "simulate"),
     )
     cache_dir: str | None = option(
         None,
@@ -318,6 +328,25 @@ class FederationConfig:
         "HOST:PORT of its head, run from a node of it (default: a private Ray instance on this machine)",
         flag="--ray-address",
         metavar="auto|HOST:PORT",
+        commands=("simulate",),
+    )
+    client_cpus: float | None = option(
+        None,
+        "CPU cores per simulated client actor; fewer means more clients in parallel (default: on CPU all "
+        "cores, one client at a time; on GPUs the cores shared among the GPU actors; 1 on a Ray cluster)",
+        flag="--client-cpus",
+        metavar="C",
+        gt=0,
+        commands=("simulate",),
+    )
+    # Ray's num_gpus per actor: fractions pack several actors onto one GPU (Flower's client_resources)
+    client_gpus: float | None = option(
+        None,
+        "GPU share per simulated client actor under --device cuda: 1 (default) runs one actor per GPU, "
+        "0.5 two actors per GPU",
+        flag="--client-gpus",
+        metavar="G",
+        gt=0,
         commands=("simulate",),
     )
     base_fingerprint: str = option(

@@ -111,7 +111,6 @@ def run_engine(
     cfg: RunConfig,
     run_dir: Path,
     resume: int | None,
-    client_cpus: float | None,
     client_app: str,
 ) -> tuple[Any, str | None]:
     """Run the federation on Flower's simulation engine in its own session; returns (ServerState or None,
@@ -120,7 +119,7 @@ def run_engine(
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads or sockets
     receive, send = ctx.Pipe(duplex=False)
     level = log.level or logging.INFO
-    args = (send, cfg, run_dir, resume, client_cpus, client_app, str(temp_dir), os.getpid(), level)
+    args = (send, cfg, run_dir, resume, client_app, str(temp_dir), os.getpid(), level)
     driver = ctx.Process(target=_drive, args=args, name="fedpeft-simulation")
     driver.start()
     send.close()
@@ -156,35 +155,49 @@ def run_engine(
 ENGINE_BUSY_CLIENTS = 3000
 
 
-def actor_threads(clients: int, client_cpus: float | None, cpus: int) -> int:
-    """Torch threads of a local client actor: its CPU share (default every core), one core left to
-    Flower's engine from ENGINE_BUSY_CLIENTS virtual clients up."""
-    threads = max(1, int(client_cpus or cpus))
+def actor_threads(clients: int, threads: int, cpus: int) -> int:
+    """Torch threads of a local client actor: its CPU share, one core left to Flower's engine from
+    ENGINE_BUSY_CLIENTS virtual clients up."""
     if clients >= ENGINE_BUSY_CLIENTS and cpus > 1:
         threads = min(threads, cpus - 1)
     return threads
 
 
-def backend_config(address: str, client_cpus: float | None, temp_dir: str) -> dict[str, Any]:
-    """Flower's Ray backend settings. Locally: a private Ray instance in `temp_dir` and by default one
-    client actor that owns every core and runs clients one after another with all threads (on a small
-    machine parallel actors only thrash). On an existing cluster (`address`): the cluster's own resources
-    and folders, and `client_cpus` (default 1) per actor, so that every node with a CPU hosts actors."""
+def backend_config(cfg: RunConfig, temp_dir: str) -> tuple[dict[str, Any], int]:
+    """Flower's Ray backend settings and the local actors' torch threads. Locally: a private Ray instance
+    in `temp_dir` with this machine's cores and GPUs; each actor's share from fedpeft.placement (on CPU by
+    default one actor that owns every core and runs clients one after another with all threads: on a
+    small machine parallel actors only thrash). On an existing cluster (--ray-address): the cluster's own
+    resources and folders, --client-cpus (default 1) and --client-gpus per actor, so that every node with
+    a CPU (or a GPU, under --device cuda) hosts actors."""
+    from fedpeft.placement import actor_resources
+
+    f, device = cfg.federation, cfg.base.device
     quiet = {"logging_level": "error", "log_to_driver": True}
-    if address:
-        return {"client_resources": {"num_cpus": client_cpus or 1, "num_gpus": 0.0},
-                "init_args": {"address": address, **quiet}}  # fmt: skip
+    if f.ray_address:
+        gpus = (f.client_gpus or 1.0) if device == "cuda" else 0.0
+        return {"client_resources": {"num_cpus": f.client_cpus or 1, "num_gpus": gpus},
+                "init_args": {"address": f.ray_address, **quiet}}, 0  # fmt: skip
     cpus = os.cpu_count() or 1
-    return {
-        "client_resources": {"num_cpus": client_cpus or cpus, "num_gpus": 0.0},
+    gpus = _gpu_count() if device == "cuda" else 0
+    share = actor_resources(device, cpus, gpus, f.client_cpus, f.client_gpus)
+    backend = {
+        "client_resources": {"num_cpus": share.num_cpus, "num_gpus": share.num_gpus},
         "init_args": {
             "num_cpus": cpus,
-            "num_gpus": 0,
+            "num_gpus": gpus,
             "_temp_dir": temp_dir,
             "include_dashboard": False,
             **quiet,
         },
     }
+    return backend, actor_threads(f.clients, share.threads, cpus)
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _watch_parent(parent: int, run_dir: Path, temp_dir: str) -> None:
@@ -207,7 +220,6 @@ def _drive(
     cfg: RunConfig,
     run_dir: Path,
     resume: int | None,
-    client_cpus: float | None,
     client_app: str,
     temp_dir: str,
     parent: int,
@@ -233,11 +245,10 @@ def _drive(
         # "run_simulation is deprecated" (we drive its simulation engine on purpose: fedpeft/engine.py)
         logging.getLogger("flwr").setLevel(logging.ERROR)
 
-        backend = backend_config(cfg.federation.ray_address, client_cpus, temp_dir)
-        if not cfg.federation.ray_address:  # the actors' workers inherit this process's environment
-            threads = str(actor_threads(cfg.federation.clients, client_cpus, os.cpu_count() or 1))
+        backend, threads = backend_config(cfg, temp_dir)
+        if threads:  # local actors: their workers inherit this process's environment
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-                os.environ.setdefault(var, threads)  # a user's own setting wins
+                os.environ.setdefault(var, str(threads))  # a user's own setting wins
         outcome = Outcome()
         run_simulation(
             server_app=make_server_app(cfg, run_dir, resume, outcome),

@@ -297,6 +297,10 @@ RESUMABLE = (
     "federation.keep_checkpoints",
     "base.full_base",
     "base.base_id",
+    # where it runs: a run interrupted on a GPU machine may continue on another machine
+    "base.device",
+    "federation.client_cpus",
+    "federation.client_gpus",
 )
 
 

@@ -29,12 +29,13 @@ def merge_base(files: AdapterFiles, onto: MergeOnto, model: str, cache_dir: str 
     and its fingerprint checked: that proves `model` is the file the adapter was trained on, which the
     full-precision base (a different fingerprint) could not prove alone."""
     quant = files.meta["quant"]
-    own = load_base(BaseConfig(model=model, quant=quant, cache_dir=cache_dir))
+    # on the CPU wherever a GPU is: the exported weights must not depend on the machine that merged them
+    own = load_base(BaseConfig(model=model, quant=quant, cache_dir=cache_dir, device="cpu"))
     check_fingerprint(files.fingerprint, own, f"adapter {files.path}")
     if onto == "full" and quant != "none":
         del own
         gc.collect()
-        return load_base(BaseConfig(model=model, quant="none", cache_dir=cache_dir))
+        return load_base(BaseConfig(model=model, quant="none", cache_dir=cache_dir, device="cpu"))
     dequantize_linears(own.model)  # nf4/int8 weights exactly as the device multiplies them, in fp32
     own.model.float()  # bf16 values are exact in fp32; merging in fp32 keeps small deltas
     return own

@@ -11,6 +11,7 @@ from fedpeft.config import RunConfig
 from fedpeft.engine import reap_stale, run_engine
 from fedpeft.errors import FedpeftError
 from fedpeft.federation import ServerState, open_run, plan_run
+from fedpeft.placement import with_device
 
 log = logging.getLogger("fedpeft")
 
@@ -68,7 +69,6 @@ def simulate(
     cfg: RunConfig,
     run_dir: Path,
     resume: bool = False,
-    client_cpus: float | None = None,
     client_app: str = "client.app:app",
     resume_from: int | None = None,
 ) -> ServerState:
@@ -79,12 +79,12 @@ def simulate(
     quiet_environment()
     run_dir = Path(run_dir)
     reap_stale(run_dir)  # an earlier run of this folder that was killed may have left Ray running
-    cfg = with_store(cfg, run_dir)
+    cfg = with_device(with_store(cfg, run_dir))
     start_round = plan_run(run_dir, cfg, resume, resume_from)
     _check_data(cfg)
     open_run(run_dir, cfg, start_round)
     os.environ.setdefault("FLWR_HOME", str(run_dir.resolve() / "flwr"))
-    state, error = run_engine(cfg, run_dir, start_round, client_cpus, client_app)
+    state, error = run_engine(cfg, run_dir, start_round, client_app)
     if error:
         raise FedpeftError(error)
     return state

@@ -19,16 +19,17 @@ from fedpeft.config import TrainConfig
 from fedpeft.data import UserData, collate
 from fedpeft.log import show_bars
 from fedpeft.memory import fit_model, release_heap
+from fedpeft.placement import model_device, to_device
 
 log = logging.getLogger(__name__)
 
 
-def autocast_for(quant: str) -> contextlib.AbstractContextManager:
+def autocast_for(quant: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
     """bf16 autocast for every quantized/bf16 base: the frozen matmuls already run in bf16 and the
     fp32 adapter matmuls follow (avx512_bf16 CPUs do bf16 ~4x faster than fp32). 'none' stays fp32."""
     if quant == "none":
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
 def _hf(model: Any) -> Any:
@@ -75,7 +76,7 @@ class _FrozenHeadNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden)
         for i in range(0, len(targets), chunk):
             y = targets[i : i + chunk]
@@ -84,7 +85,7 @@ class _FrozenHeadNLL(torch.autograd.Function):
             lse = torch.logsumexp(z, dim=-1)
             total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
             p = z.sub_(lse[:, None]).exp_()  # softmax, in place
-            p[torch.arange(len(y)), y] -= 1
+            p[torch.arange(len(y), device=p.device), y] -= 1
             grad[i : i + chunk] = torch.matmul(p.to(logits.dtype), weight.to(logits.dtype))
         ctx.save_for_backward(grad)
         return total
@@ -118,7 +119,7 @@ def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
         return None
     ok = getattr(hf, "_fedpeft_split_ok", None)
     if ok is None:
-        ids = torch.arange(8)[None] % hf.config.vocab_size
+        ids = torch.arange(8, device=model_device(hf))[None] % hf.config.vocab_size
         training = hf.training
         hf.eval()
         try:
@@ -162,7 +163,7 @@ def causal_nll(model: Any, batch: dict[str, torch.Tensor], chunk: int) -> tuple[
     if torch.is_grad_enabled() and _frozen_linear(head):
         return _FrozenHeadNLL.apply(hidden, head.weight, targets, chunk), n
     # an adapted output layer (LoRA on lm_head), or no grad: each chunk's logits recomputed in backward
-    total = torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     fn = functools.partial(_head_nll, head)
     for i in range(0, n, chunk):
         h, y = hidden[i : i + chunk], targets[i : i + chunk]
@@ -216,7 +217,8 @@ def train(
         raise ValueError("no trainable parameters: was the adapter injected?")
     if prox is not None and len(prox[1]) != len(params):
         raise ValueError(f"prox reference has {len(prox[1])} tensors for {len(params)} parameters")
-    if cfg.max_memory:
+    device = model_device(model)
+    if cfg.max_memory and device.type == "cpu":  # a budget of this process's RSS: GPU memory is not in it
         cfg = fit_model(cfg, model, max(len(b) for b in data.train), cfg.max_memory, quant)
     release_heap(cfg.compact_heap)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
@@ -235,8 +237,8 @@ def train(
                 labelled = max(sum(len(b) - 1 for b in blocks), 1)  # label tokens in the whole step
                 step_loss = 0.0
                 for i in range(0, len(blocks), cfg.batch_size):
-                    batch = collate(blocks[i : i + cfg.batch_size], pad_id)
-                    with autocast_for(quant):
+                    batch = to_device(collate(blocks[i : i + cfg.batch_size], pad_id), device)
+                    with autocast_for(quant, device.type):
                         nll, _ = causal_nll(model, batch, cfg.loss_chunk)
                     loss = nll / labelled
                     if prox is not None and i == 0:  # once per step
@@ -273,10 +275,11 @@ def evaluate(
     """Token-weighted mean next-token loss over held-out blocks (padding excluded), and exp of it; logits
     `loss_chunk` tokens at a time (0: all at once)."""
     model.eval()
+    device = model_device(model)
     nll, tokens = 0.0, 0
     for i in range(0, len(blocks), batch_size):
-        batch = collate(blocks[i : i + batch_size], pad_id)
-        with autocast_for(quant):
+        batch = to_device(collate(blocks[i : i + batch_size], pad_id), device)
+        with autocast_for(quant, device.type):
             batch_nll, n = causal_nll(model, batch, loss_chunk)
         nll += batch_nll.item()
         tokens += n
@@ -288,8 +291,9 @@ def evaluate(
 def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, quant: str) -> str:
     """Greedy continuation of `prompt` (deterministic, so outputs of two adapters compare directly)."""
     model.eval()
-    ids = tokenizer(prompt, return_tensors="pt")
-    with autocast_for(quant):
+    device = model_device(model)
+    ids = to_device(dict(tokenizer(prompt, return_tensors="pt")), device)
+    with autocast_for(quant, device.type):
         out = model.generate(
             **ids,
             max_new_tokens=max_new_tokens,

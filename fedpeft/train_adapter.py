@@ -23,6 +23,7 @@ def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
 
     log.info("loading base %s (quant %s)", cfg.base.model, cfg.base.quant)
     base = load_base(cfg.base)
+    log.info("base on %s", base.device)
     data, skipped = load_user_data(cfg.data, base.tokenizer, user)
     if skipped:
         log.info("skipped %d users with too little text", skipped)
@@ -44,6 +45,7 @@ def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
         "user": data.user,
         "adapter": cfg.adapter.kind,
         "quant": base.quant,
+        "device": base.device,
         "steps": cfg.train.steps,
         "lr": lr,
         "eval_loss_before": before.loss,

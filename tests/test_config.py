@@ -90,6 +90,7 @@ def test_every_field_is_typed_documented_and_has_a_unique_flag() -> None:
     assert enumerated == {
         "base.quant",
         "base.full_base",
+        "base.device",
         "adapter.kind",
         "federation.lora_mode",
         "federation.split",

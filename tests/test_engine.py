@@ -105,15 +105,30 @@ def test_what_a_killed_run_left_is_stopped_at_the_next_start_in_its_folder(
 
 
 def test_many_virtual_clients_leave_a_core_to_flowers_engine() -> None:
+    from dataclasses import replace
+
+    from fedpeft.config import RunConfig
     from fedpeft.engine import actor_threads, backend_config
 
-    assert actor_threads(10, None, 2) == 2 and actor_threads(1000, None, 16) == 16  # every core
-    assert actor_threads(3000, None, 2) == 1 and actor_threads(10_000, None, 16) == 15
-    assert actor_threads(10_000, 4, 16) == 4 and actor_threads(10_000, None, 1) == 1
-    local = backend_config("", None, "/tmp/x")
+    assert actor_threads(10, 2, 2) == 2 and actor_threads(1000, 16, 16) == 16  # every core
+    assert actor_threads(3000, 2, 2) == 1 and actor_threads(10_000, 16, 16) == 15
+    assert actor_threads(10_000, 4, 16) == 4 and actor_threads(10_000, 1, 1) == 1
+    cfg = RunConfig()
+    cfg = replace(cfg, base=replace(cfg.base, device="cpu"))
+    local, threads = backend_config(cfg, "/tmp/x")
     assert local["init_args"]["_temp_dir"] == "/tmp/x" and "address" not in local["init_args"]
-    cluster = backend_config("127.0.0.1:6379", None, "/tmp/x")
+    assert local["init_args"]["num_gpus"] == 0 and local["client_resources"]["num_gpus"] == 0
+    assert threads == local["client_resources"]["num_cpus"]
+    on_cluster = replace(cfg, federation=replace(cfg.federation, ray_address="127.0.0.1:6379"))
+    cluster, threads = backend_config(on_cluster, "/tmp/x")
     assert (
         cluster["init_args"]["address"] == "127.0.0.1:6379" and cluster["client_resources"]["num_cpus"] == 1
     )
     assert "_temp_dir" not in cluster["init_args"] and "num_cpus" not in cluster["init_args"]
+    assert threads == 0  # the cluster's nodes set their own threads
+    gpu_cluster = replace(
+        on_cluster,
+        base=replace(cfg.base, device="cuda"),
+        federation=replace(on_cluster.federation, client_gpus=0.5),
+    )
+    assert backend_config(gpu_cluster, "/tmp/x")[0]["client_resources"]["num_gpus"] == 0.5

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from fedpeft.config import AdapterConfig, BaseConfig, DataConfig, FederationConfig, RunConfig, TrainConfig
@@ -64,6 +65,10 @@ def test_federation_learns_writes_its_files_and_resumes_identically(
     assert [("full_eval_ppl" in h) for h in history] == [True, False, False, True]
     assert history[0]["full_eval_ppl"] != history[0]["eval_ppl"]  # what NF4 costs
     assert all(h["quant"] == "nf4" and "vs_base" in h and "vs_full_base" in h for h in history[1:])
+    # --device auto, resolved on this machine, is what config.json and the metrics name
+    used = "cuda" if torch.cuda.is_available() else "cpu"
+    assert history[0]["device"] == used
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["base.device"] == used
 
     # Crash after round 2 (simulated by deleting round 3), then --resume; and a 2-round run extended to 3.
     crashed = tmp_path / "crashed"
@@ -280,3 +285,18 @@ def test_evaluation_every_other_round_on_a_sample_and_always_on_everyone_at_the_
     # 40 held-out tokens each, in blocks of 32 and 8: 31 + 7 predicted
     assert {c["tokens"] for h in history for c in h.get("eval_per_client", {}).values()} == {38}
     assert "eval_seconds" not in history[1] and (tmp_path / "run" / "plot.png").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_federation_on_the_gpu_learns_and_reports_its_gpu_memory(
+    tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    from dataclasses import replace
+
+    cfg = _cfg(users, cache_dir, client_gpus=0.5)  # two actors share the GPU
+    cfg = replace(cfg, base=replace(cfg.base, device="cuda"))
+    simulate(cfg, tmp_path / "gpu")
+    history = [json.loads(line) for line in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()]
+    assert history[0]["device"] == "cuda" and history[-1]["eval_ppl"] < history[0]["eval_ppl"]
+    figures = [c for h in history[1:] for c in h["client_seconds"].values()]
+    assert figures and all(c["gpu_peak_mib"] > 0 for c in figures)
