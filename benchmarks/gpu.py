@@ -1,12 +1,12 @@
 """The default federation on a GPU next to the same federation on the same machine's CPU cores; one run each.
 
-    python benchmarks/gpu.py                       # --device cuda for --rounds, then --device cpu for --cpu-rounds
-    python benchmarks/gpu.py --rounds 5 --cpu-rounds 2 --json benchmarks/results/gpu.json
+    python benchmarks/gpu.py          # --device cuda with each --client-gpus, then --device cpu for --cpu-rounds
+    python benchmarks/gpu.py --rounds 5 --client-gpus 1,default --cpu-rounds 1 --json benchmarks/results/gpu.json
 
-Both runs use the main command's configuration (`fedpeft simulate` with its defaults: default model, 10 clients,
-half sampled per round); only --device differs (and the CPU run may stop earlier: its round time is a median over
-its own rounds). Prints a markdown table: median round seconds, clients trained per hour, held-out perplexity,
-peak GPU memory of a client, and the CPU/GPU round-time ratio.
+Every run uses the main command's configuration (`fedpeft simulate` with its defaults: default model, 10 clients,
+half sampled per round); only --device and --client-gpus differ (the CPU run may stop earlier: each round time is a
+median over its own rounds). Prints a markdown table: median round seconds, clients trained per hour, held-out
+perplexity, peak GPU memory of a client, and each run's round time over the first GPU run's.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedpeft.config import RunConfig, sampled_per_round  # noqa: E402
 
 
-def run(device: str, rounds: int, work: Path) -> dict:
+def run(device: str, rounds: int, work: Path, client_gpus: float | None = None) -> dict:
     from fedpeft.simulate import simulate
 
     cfg = RunConfig()
@@ -34,10 +34,10 @@ def run(device: str, rounds: int, work: Path) -> dict:
         cfg,
         base=replace(cfg.base, device=device),
         train=replace(cfg.train, progress=False),
-        federation=replace(cfg.federation, rounds=rounds),
+        federation=replace(cfg.federation, rounds=rounds, client_gpus=client_gpus),
     )
     start = time.perf_counter()
-    state = simulate(cfg, work / device)
+    state = simulate(cfg, work / f"{device}-{client_gpus}")
     h = state.history
     trained = [r for r in h[1:] if not r.get("skipped")]
     f = cfg.federation
@@ -46,6 +46,7 @@ def run(device: str, rounds: int, work: Path) -> dict:
     gpu = [c["gpu_peak_mib"] for r in trained for c in r["client_seconds"].values() if "gpu_peak_mib" in c]
     return {
         "device": h[0].get("device", device),
+        "client_gpus": "default" if client_gpus is None and device == "cuda" else client_gpus,
         "rounds": len(trained),
         "round_s": round_s,
         "round_s_all": [r["seconds"] for r in trained],
@@ -62,7 +63,13 @@ def run(device: str, rounds: int, work: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5, help="rounds of the GPU run (default: %(default)s)")
-    p.add_argument("--cpu-rounds", type=int, default=2, help="rounds of the CPU run; 0 skips it")
+    p.add_argument(
+        "--client-gpus",
+        type=lambda v: [None if x == "default" else float(x) for x in v.split(",")],
+        default=[1.0, None],
+        help="GPU runs, one per --client-gpus value ('default': fedpeft's packing); default: 1,default",
+    )
+    p.add_argument("--cpu-rounds", type=int, default=1, help="rounds of the CPU run; 0 skips it")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args()
     import torch
@@ -76,21 +83,20 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     with tempfile.TemporaryDirectory(prefix="fedpeft-gpu-") as tmp:
-        results = [run("cuda", a.rounds, Path(tmp))]
+        results = [run("cuda", a.rounds, Path(tmp), g) for g in a.client_gpus]
         if a.cpu_rounds:
             results.append(run("cpu", a.cpu_rounds, Path(tmp)))
     print(f"\n{machine['gpu']}, {machine['cpus']} CPU cores, torch {machine['torch']}\n")
-    print("| device | rounds | round s (median) | slowest client's training s | evaluation s | clients/hour "
-          "| held-out ppl | client's peak GPU MiB |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print("| device | --client-gpus | rounds | round s (median) | vs first | slowest client's training s "
+          "| evaluation s | clients/hour | held-out ppl | client's peak GPU MiB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         gpu = f"{r['gpu_peak_mib']:.0f}" if r["gpu_peak_mib"] else "-"
         print(
-            f"| {r['device']} | {r['rounds']} | {r['round_s']:.2f} | {r['train_s_max']:.2f} | {r['eval_s']:.2f} "
+            f"| {r['device']} | {r['client_gpus'] or '-'} | {r['rounds']} | {r['round_s']:.2f} "
+            f"| {r['round_s'] / results[0]['round_s']:.2f}x | {r['train_s_max']:.2f} | {r['eval_s']:.2f} "
             f"| {r['clients_per_hour']:,.0f} | {r['ppl_start']:.2f} -> {r['ppl']:.2f} | {gpu} |"
         )
-    if len(results) == 2:
-        print(f"\nCPU/GPU round time: {results[1]['round_s'] / results[0]['round_s']:.2f}x")
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": machine, "runs": results}, indent=2) + "\n")
 

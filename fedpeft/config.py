@@ -342,8 +342,9 @@ class FederationConfig:
     # Ray's num_gpus per actor: fractions pack several actors onto one GPU (Flower's client_resources)
     client_gpus: float | None = option(
         None,
-        "GPU share per simulated client actor under --device cuda: 1 (default) runs one actor per GPU, "
-        "0.5 two actors per GPU",
+        "GPU share per simulated client actor under --device cuda: 0.5 runs two actors per GPU (default: "
+        "one actor per client sampled a round, at most one per core; 1 on a Ray cluster); each actor holds "
+        "its own base, so a large base may need 1",
         flag="--client-gpus",
         metavar="G",
         gt=0,

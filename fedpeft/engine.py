@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.checkpoint import atomic_write_json
-from fedpeft.config import RunConfig
+from fedpeft.config import RunConfig, sampled_per_round
 from fedpeft.deploy.processes import session_members, stop_processes, stop_session
 from fedpeft.errors import FedpeftError
 
@@ -180,7 +180,8 @@ def backend_config(cfg: RunConfig, temp_dir: str) -> tuple[dict[str, Any], int]:
                 "init_args": {"address": f.ray_address, **quiet}}, 0  # fmt: skip
     cpus = os.cpu_count() or 1
     gpus = _gpu_count() if device == "cuda" else 0
-    share = actor_resources(device, cpus, gpus, f.client_cpus, f.client_gpus)
+    sampled = sampled_per_round(f.clients, f.fraction, f.min_clients)
+    share = actor_resources(device, cpus, gpus, f.client_cpus, f.client_gpus, sampled)
     backend = {
         "client_resources": {"num_cpus": share.num_cpus, "num_gpus": share.num_gpus},
         "init_args": {

@@ -7,6 +7,7 @@ bitsandbytes moves already-quantized Params4bit/Int8Params across devices withou
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import Any
@@ -67,16 +68,25 @@ class ActorResources:
 
 
 def actor_resources(
-    device: str, cpus: int, gpus: int, client_cpus: float | None, client_gpus: float | None
+    device: str,
+    cpus: int,
+    gpus: int,
+    client_cpus: float | None,
+    client_gpus: float | None,
+    sampled: int = 1,
 ) -> ActorResources:
-    """On CPU one actor owns every core by default (parallel actors thrash a small machine). On CUDA each
-    actor takes `client_gpus` of a GPU (default 1: one actor per GPU) and the cores are shared among the
-    actors that fit, so that GPUs, not CPU reservations, bound the parallelism."""
+    """On CPU one actor owns every core by default (parallel actors thrash a small machine). On CUDA the
+    default packs one actor per client sampled a round onto the GPUs, at most one per core, and shares the
+    cores among them: a small base leaves a GPU idle with one client at a time (on an H200 the default
+    round took 16.1 s with one actor and 4.4-5.9 s with five; benchmarks/gpu.py, README). Each actor holds
+    its own base, so a large base may need --client-gpus 1."""
     if device != "cuda":
         share = client_cpus or cpus
         return ActorResources(share, 0.0, max(1, int(share)))
-    per_gpu = client_gpus or 1.0
-    actors = max(1, int(gpus / per_gpu)) if gpus else 1
+    per_gpu = client_gpus
+    if per_gpu is None:
+        per_gpu = 1.0 / max(1, min(math.ceil(sampled / max(gpus, 1)), cpus // max(gpus, 1)))
+    actors = max(1, int(gpus / per_gpu + 1e-9)) if gpus else 1
     share = client_cpus or max(1, cpus // actors)
     return ActorResources(share, per_gpu, max(1, int(share)))
 

@@ -58,11 +58,17 @@ def test_actor_shares() -> None:
     # CPU: one actor owns every core by default, or --client-cpus each
     assert actor_resources("cpu", 16, 0, None, None) == placement.ActorResources(16, 0.0, 16)
     assert actor_resources("cpu", 16, 0, 2, None) == placement.ActorResources(2, 0.0, 2)
-    # CUDA: one actor per GPU by default, the cores split among them; fractions pack actors per GPU
-    assert actor_resources("cuda", 16, 2, None, None) == placement.ActorResources(8, 1.0, 8)
+    # CUDA: by default one actor per sampled client, spread over the GPUs, at most one per core; the
+    # cores split among the actors
+    assert actor_resources("cuda", 16, 1, None, None, sampled=5) == placement.ActorResources(3, 0.2, 3)
+    assert actor_resources("cuda", 16, 2, None, None, sampled=5) == placement.ActorResources(2, 1 / 3, 2)
+    assert actor_resources("cuda", 2, 1, None, None, sampled=5) == placement.ActorResources(1, 0.5, 1)
+    assert actor_resources("cuda", 16, 1, None, None, sampled=1) == placement.ActorResources(16, 1.0, 16)
+    # or as asked: fractions pack actors per GPU
+    assert actor_resources("cuda", 16, 2, None, 1.0) == placement.ActorResources(8, 1.0, 8)
     assert actor_resources("cuda", 16, 1, None, 0.25) == placement.ActorResources(4, 0.25, 4)
     assert actor_resources("cuda", 2, 1, None, 0.25) == placement.ActorResources(1, 0.25, 1)
-    assert actor_resources("cuda", 16, 1, 3, None) == placement.ActorResources(3, 1.0, 3)
+    assert actor_resources("cuda", 16, 1, 3, 1.0) == placement.ActorResources(3, 1.0, 3)
 
 
 def test_a_deployed_device_computes_on_its_cpu_whatever_the_server_says(tmp_path: Path) -> None:
