@@ -78,6 +78,31 @@ def test_arrays_round_trip(cache_dir: str, tiny_path: Path) -> None:
     torch.testing.assert_close(_logits(dst), _logits(src))
 
 
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_adapter_weights_are_read_and_written_in_place_as_peft_would(
+    kind: str, cache_dir: str, tiny_path: Path
+) -> None:
+    """fedpeft reads and writes the adapter through views of the live parameters (fast per message);
+    what peft itself reads back must be exactly what was written, also after a parameter was replaced."""
+    from peft import get_peft_model_state_dict
+
+    model = inject(_base(cache_dir), AdapterConfig(kind=kind, r=4))
+    rng = np.random.default_rng(0)
+    arrays = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in adapter_state(model).items()}
+    load_adapter_state(model, arrays)
+    seen = get_peft_model_state_dict(model, save_embedding_layers=False)
+    assert sorted(seen) == sorted(arrays)
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(seen[k].numpy(), v)
+    # a parameter whose storage is replaced (as .to() does) is followed, not written through a stale view
+    name, param = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    param.data = param.data.clone()
+    zeros = {k: np.zeros_like(v) for k, v in arrays.items()}
+    load_adapter_state(model, zeros)
+    assert float(param.detach().abs().sum()) == 0.0, name
+    assert all(not v.any() for v in adapter_state(model).values())
+
+
 def test_arrays_with_wrong_shape_missing_key_or_nan_are_refused(cache_dir: str, tiny_path: Path) -> None:
     model = inject(_base(cache_dir), AdapterConfig())
     good = adapter_state(model)
