@@ -218,7 +218,9 @@ def train(
     if prox is not None and len(prox[1]) != len(params):
         raise ValueError(f"prox reference has {len(prox[1])} tensors for {len(params)} parameters")
     device = model_device(model)
-    if cfg.max_memory and device.type == "cpu":  # a budget of this process's RSS: GPU memory is not in it
+    if cfg.max_memory and device.type != "cpu":  # a budget of this process's RSS: GPU memory is not in it
+        log.warning("--max-memory sizes CPU training; on %s the micro-batch stays --batch-size", device.type)
+    elif cfg.max_memory:
         cfg = fit_model(cfg, model, max(len(b) for b in data.train), cfg.max_memory, quant)
     release_heap(cfg.compact_heap)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
