@@ -181,6 +181,8 @@ def evaluate(content: RecordDict, node: DeviceNode | None, partition: int) -> Re
     else:
         loss, tokens = device.evaluate(local, arrays, bare=int(task["round"]) == 0)
     metrics = {"eval_loss": loss, "eval_tokens": tokens}
+    if task.get("reference", False):  # the forgetting guard's yardstick: general text, nobody's data
+        metrics.update(device.reference_losses(int(task["round"]), arrays))
     if task.get("with_base", False):  # a sampled round: the base on the same text, for its comparison
         metrics["base_loss"] = device.base_loss(local, arrays)
     if task.get("full_base", False):  # round 0 and the last round: the same on the unquantized base

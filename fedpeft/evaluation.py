@@ -190,6 +190,8 @@ def personal_entry(report: Mapping[str, Any], global_ppl: float) -> dict[str, An
     for key in ("val_loss_global", "val_loss_personal"):
         if key in p:
             entry[key] = float(p[key])
+    if "reference_loss_personal" in p:  # the personal adapter on the reference text (fedpeft.reference)
+        entry["personal_reference_ppl"] = ppl(float(p["reference_loss_personal"]))
     if "others_loss_global" in p and "personal_ppl" in entry:
         from fedpeft.personalize import gain, specificity
 

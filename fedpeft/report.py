@@ -80,6 +80,13 @@ def federation_png(history: list[dict]) -> bytes:
     if spread:
         r, lo, hi = zip(*spread, strict=True)
         ax2.fill_between(r, lo, hi, color="tab:green", alpha=0.15, label="per-client min-max")
+    reference = [(h["round"], h["reference_ppl"]) for h in history if "reference_ppl" in h]
+    if reference:  # general text nobody owns: what the adapter costs the base's general ability
+        ax2.plot(
+            *zip(*reference, strict=True), "v-", color="tab:purple", label="global adapter, reference text"
+        )
+        ax2.axhline(history[0].get("base_reference_ppl", reference[0][1]), color="tab:purple", ls=":", lw=1,
+                    label="the base, reference text")  # fmt: skip
     kept = [(h["round"], _kept_ppl(h)) for h in history if "personal" in h]
     if kept:
         ax2.plot(*zip(*kept, strict=True), "D-", color="tab:orange", label="adapters the users keep")

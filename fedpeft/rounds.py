@@ -217,9 +217,13 @@ def round_line(m: Mapping[str, Any]) -> str:
             text += f"; {m['full_eval_ppl']:.2f} on the {m['full_base']} base (quantizing costs {cost:+.1%})"
     elif "full_eval_ppl" in m:
         text += f"; {m['full_eval_ppl']:.2f} with the adapter on the {m.get('full_base')} base"
+    if "reference_ppl" in m:  # what the adapter costs the base's general ability (fedpeft.reference)
+        text += f"; reference ppl {m['reference_ppl']:.2f}"
+        text += f" ({m['forgetting']:+.1f}% vs the base)" if m["round"] > 0 else ""
     if m["round"] > 0:
         text += f", {len(m.get('accepted', []))}/{len(m.get('sampled', []))} clients, {m.get('seconds', 0.0):.1f} s"
         text += " [skipped]" if m.get("skipped") else ""
+        text += " [kept the previous adapter: it forgets]" if m.get("kept_previous") else ""
         if m.get("dp"):
             text += f", ε = {m['dp']['epsilon']:.2f}"
     return text

@@ -35,10 +35,12 @@ from fedpeft.federation import (
     initial_state,
     load_checkpoint,
     save_round,
+    skip_round,
 )
 from fedpeft.privacy.plan import DpPlan
 from fedpeft.privacy.plan import note as dp_note
 from fedpeft.privacy.plan import plan as privacy_plan
+from fedpeft.reference import forgets, reference_metrics
 from fedpeft.roster import Registration, Roster, make_roster
 
 log = logging.getLogger("fedpeft")
@@ -63,6 +65,7 @@ class _Link:
     advertised: dict[int, tuple[dict[str, Any], tuple[bytes, bytes, bytes]]] = field(default_factory=dict)
     dp: DpPlan | None = None  # the federation's differential privacy, when on
     sampled_evaluation: bool = False  # --fraction-evaluate < 1: round 0 covered a sample only
+    reference: bool = False  # clients also score the reference text (--reference-text)
 
     def message(self, node: int, kind: str, task: dict[str, Any], arrays: Arrays | None = None) -> Message:
         content = RecordDict({"config": self.config, "task": ConfigRecord(task)})
@@ -167,6 +170,8 @@ def _evaluate(
         **({"specificity": True} if personal and last else {}),
         # a sample: each client also scores the base on the same text (the device computes it once)
         **({"with_base": True} if state.round > 0 and link.sampled_evaluation else {}),
+        # the forgetting guard's yardstick (fedpeft.reference)
+        **({"reference": True} if link.reference else {}),
     }
     ahead = ahead or {}
     messages = {c: link.message(link.roster.node_of[c], MessageType.EVALUATE, link.roster.task(c, **task), arrays)
@@ -174,7 +179,7 @@ def _evaluate(
     for c, stage1 in ahead.items():
         if c in messages:
             messages[c].content["secagg-next"] = ConfigRecord(stage1)
-    results = []
+    results, references = [], []
     link.advertised = {}
     for c, reply in sorted(link.exchange(messages).items()):
         if c in ahead and not reply.has_error() and "secagg-keys" in reply.content:
@@ -189,11 +194,12 @@ def _evaluate(
         loss, tokens = float(m["eval_loss"]), int(m["eval_tokens"])
         full_loss = float(m["full_eval_loss"]) if "full_eval_loss" in m else None
         base = {k: float(m[k]) for k in ("base_loss", "full_base_loss") if k in m}
+        references.append({k: float(m[k]) for k in ("reference_loss", "base_reference_loss") if k in m})
         results.append(
             evaluation.EvalResult(user, loss, tokens, reply.content.get("personal"), full_loss, **base)
         )
     bytes_down = sum(a.nbytes for a in arrays.values()) * len(members)
-    out = {**evaluation.eval_metrics(results), "bytes_down_eval": bytes_down}
+    out = {**evaluation.eval_metrics(results), **reference_metrics(references), "bytes_down_eval": bytes_down}
     if len(members) < len(link.roster.on_base()):
         out["eval_of"] = len(link.roster.on_base())  # a --fraction-evaluate sample of this many
     return out
@@ -256,6 +262,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
     unrecoverable input."""
     link = _Link(grid, ConfigRecord(to_run_config(cfg)))
     link.sampled_evaluation = cfg.federation.fraction_evaluate < 1
+    link.reference = cfg.data.reference_text != "off"
     checkpoint = checkpoint_path(run_dir, resume) if resume is not None else None
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     pinned = state.info.fingerprint if state is not None else cfg.federation.base_fingerprint
@@ -298,7 +305,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
                 link.dp.budget,
             )
             break
-        start = time.perf_counter()
+        start, before = time.perf_counter(), state
         state, metrics = (_secure_round if cfg.federation.secagg else _train_round)(link, cfg, state)
         eval_start = time.perf_counter()
         members = evaluation.eval_clients(cfg, state.round, link.roster.on_base())
@@ -310,6 +317,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
             metrics.update(_evaluate(link, state, personal, ahead, full, last, members))
             metrics["eval_seconds"] = time.perf_counter() - eval_start
             evaluation.add_base(metrics, state.history)
+        if not metrics.get("skipped") and (why := forgets(metrics, cfg.federation.max_forgetting)):
+            log.warning("round %d kept the previous global adapter: %s", state.round, why)
+            state = skip_round(before)  # its noise, if any, was still released: dp accounts for it below
+            metrics["kept_previous"] = why
         if link.dp is not None:
             metrics["dp"] = link.dp.metrics(state.history, metrics)
         metrics.pop("dp_sum", None)  # in `dp` now

@@ -59,3 +59,22 @@ def train_mostly_gone(msg: Message, context: Context) -> Message:
     if int(context.node_config["partition-id"]) >= 2 and int(msg.content["task"].get("secagg-stage", 0)) == 3:
         raise ConnectionError("gone")
     return real.train(msg, context)
+
+
+# Client 0 sends a destructive update: its LoRA B delta reversed and scaled 15x, so the mean of the round
+# unlearns what training taught the tiny random base (which cannot be pushed much above uniform: ~+8% at
+# most on the reference text). The forgetting guard must keep it out.
+destructive = ClientApp()
+destructive.query()(real.describe)
+destructive.evaluate()(real.evaluate)
+
+
+@destructive.train()
+def train_destructively(msg: Message, context: Context) -> Message:
+    reply = real.train(msg, context)
+    if int(context.node_config["partition-id"]) == 0:
+        delta = real.record_to_arrays(reply.content["delta"])
+        reply.content["delta"] = real.arrays_to_record(
+            {k: v * (-15 if ".lora_B." in k else 1) for k, v in delta.items()}
+        )
+    return reply

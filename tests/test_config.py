@@ -84,7 +84,16 @@ def test_every_field_is_typed_documented_and_has_a_unique_flag() -> None:
     for f in fields():
         if f.meta["flag"]:
             flags.setdefault(f.meta["flag"], []).append(f.key)
-        free_text = ("model", "cache_dir", "data", "base_fingerprint", "store", "base_id", "ray_address")
+        free_text = (
+            "model",
+            "cache_dir",
+            "data",
+            "base_fingerprint",
+            "store",
+            "base_id",
+            "ray_address",
+            "reference_text",
+        )
         assert f.hint is not str or f.name in free_text, f.key
     enumerated = {f.key for f in fields() if choices(f.hint)}
     assert enumerated == {

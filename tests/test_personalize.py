@@ -517,3 +517,29 @@ def test_a_store_that_cannot_be_written_is_a_one_line_error(tmp_path: Path) -> N
     store = PersonalStore(blocker, "ann")  # a device whose store root turned into a file mid-run
     with pytest.raises(FedpeftError, match="cannot write the personal store"):
         store.save_choice({"use": "global"})
+
+
+def test_a_device_keeps_its_global_adapter_over_a_personal_one_that_forgets(
+    tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _cfg(users, cache_dir, tmp_path / "store", "finetune")
+    cfg = replace(cfg, federation=replace(cfg.federation, max_forgetting=2.0))
+    device = Device(cfg, clients=None)
+    user0 = [d.user for d in device.clients].index("user0")
+    init = {k: v for k, v in device.init_state.items() if k in device.keys}
+    # the decision, on a crafted adapter: a trained LoRA B reversed and scaled unlearns what training taught
+    # the tiny random base (+7% on the reference text, about the most this near-uniform base allows)
+    delta = device.fit(user0, init, 1).delta
+    bad = {k: init[k] + (-5 if ".lora_B." in k else 1) * delta[k] for k in init}
+    out: dict = {}
+    why = device._personal_forgetting({**device.init_state, **bad}, out)
+    assert "the personal adapter forgets" in why and "reference_loss_personal" in out
+    assert device._personal_forgetting({**device.init_state, **init}, {}) == ""  # the base itself: no
+    # the wiring: a personal adapter that wins on validation is still not kept when it forgets
+    assert device.personalize(user0, dict(device.init_state), rnd=2)["kept"] == "personal"
+    monkeypatch.setattr(
+        device, "_personal_forgetting", lambda personal, out: "the personal adapter forgets: x"
+    )
+    out = device.personalize(user0, dict(device.init_state), rnd=2)
+    assert out["kept"] == "global" and out["note"].startswith("the personal adapter forgets")
+    assert out["val_loss_personal"] < out["val_loss_global"]

@@ -65,6 +65,9 @@ def test_federation_learns_writes_its_files_and_resumes_identically(
     assert [("full_eval_ppl" in h) for h in history] == [True, False, False, True]
     assert history[0]["full_eval_ppl"] != history[0]["eval_ppl"]  # what NF4 costs
     assert all(h["quant"] == "nf4" and "vs_base" in h and "vs_full_base" in h for h in history[1:])
+    # every evaluation also scored the reference text (Hamlet by default); this random tiny base only gains
+    assert all(h["forgetting"] < 5 and h["reference_clients"] == 4 for h in history)
+    assert history[0]["base_reference_ppl"] == pytest.approx(history[-1]["base_reference_ppl"])
     # --device auto, resolved on this machine, is what config.json and the metrics name
     used = "cuda" if torch.cuda.is_available() else "cpu"
     assert history[0]["device"] == used
@@ -92,6 +95,19 @@ def test_ffa_only_b_travels_and_a_stays_at_the_shared_init(
     for k in final:
         same = np.array_equal(final[k], init[k])
         assert same == (".lora_A." in k), k
+
+
+def test_the_forgetting_guard_keeps_a_destructive_round_out(
+    tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    cfg = _cfg(users, cache_dir, clients=3, fraction=1.0, rounds=1, max_forgetting=2.0)
+    state = simulate(cfg, tmp_path / "guarded", client_app="tests.faulty_client:destructive")
+    last = state.history[-1]
+    assert last["forgetting"] > 2 and "above the base's" in last["kept_previous"]
+    assert not last.get("skipped") and len(last["accepted"]) == 3  # aggregated, then kept out
+    init = load_file(tmp_path / "guarded" / "checkpoints" / "round-000" / "global.safetensors")
+    for k, v in _global(tmp_path / "guarded").items():
+        np.testing.assert_array_equal(v, init[k])
 
 
 def test_bad_clients_are_refused_and_the_round_goes_on(
