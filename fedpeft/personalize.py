@@ -236,6 +236,21 @@ def summarize(per_client: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         "without_personal": sorted(u for u, c in per_client.items() if "kept" in c and u not in rows),
         "no_validation": sorted(u for u, c in rows.items() if c.get("note", "").startswith("too little")),
         **_specificity_summary(rows),
+        **_reference_summary(rows),
+    }
+
+
+def _reference_summary(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The personal adapters on the reference text (fedpeft.reference): their median perplexity, and how
+    many a device kept out for forgetting."""
+    scored = [c["personal_reference_ppl"] for c in rows.values() if "personal_reference_ppl" in c]
+    if not scored:
+        return {}
+    return {
+        "personal_reference_ppl_median": statistics.median(scored),
+        "forgetting_kept_global": sum(
+            c.get("note", "").startswith("the personal adapter forgets") for c in rows.values()
+        ),
     }
 
 
@@ -266,6 +281,10 @@ def summary_line(s: dict[str, Any], method: str) -> str:
             f"; specificity median {s['specificity_median']:.2f} (gain on its own user's text "
             f"{s['own_gain_median']:+.1%}, on other users' {s['others_gain_median']:+.1%})"
         )
+    if "personal_reference_ppl_median" in s:
+        line += f"; reference text ppl median {s['personal_reference_ppl_median']:.2f}"
+        if s["forgetting_kept_global"]:
+            line += f" ({s['forgetting_kept_global']} kept global: their personal adapter forgets)"
     if s["no_validation"]:
         line += f"; {len(s['no_validation'])} with too little text for a validation part keep global"
     if s["without_personal"]:

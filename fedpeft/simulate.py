@@ -104,6 +104,11 @@ def summary(rnd: int, history: list[dict[str, Any]], method: str = "none") -> st
     )
     if "full_eval_ppl" in last:
         line += f"; on the {last.get('full_base')} base {last['full_eval_ppl']:.2f} (what a merge gives)"
+    if "reference_ppl" in last:  # how much general ability the adapter kept (fedpeft.reference)
+        line += (
+            f"; reference text ppl {last['reference_ppl']:.2f} (the base {last['base_reference_ppl']:.2f}, "
+            f"{last['forgetting']:+.1f}%)"
+        )
     line += f"; {per_client:,} bytes up per client in the last round"
     from fedpeft.privacy.plan import summary as dp_summary
 

@@ -104,6 +104,16 @@ def test_summary_counts_users_and_changes() -> None:
     assert (s["users"], s["beats_global"], s["kept_personal"]) == (2, 1, 1)
     assert s["median_change"] == pytest.approx(-0.05) and s["worst_change"] == pytest.approx(0.1)
     assert s["worst_user"] == "b" and s["without_personal"] == ["c"] and s["kept_change_worst"] == 0.0
+    assert "personal_reference_ppl_median" not in s  # no reference text: nothing claimed
+    per_client["a"]["personal_reference_ppl"] = 40.0
+    per_client["b"].update(personal_reference_ppl=50.0, note="the personal adapter forgets: ...")
+    s = summarize(per_client)
+    assert s["personal_reference_ppl_median"] == 45.0 and s["forgetting_kept_global"] == 1
+    from fedpeft.personalize import summary_line
+
+    assert "reference text ppl median 45.00 (1 kept global: their personal adapter forgets)" in summary_line(
+        s, "finetune"
+    )
 
 
 # --- on a device (tiny model, no Flower) ---------------------------------------------------------------
