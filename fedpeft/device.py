@@ -9,6 +9,7 @@ scalar metrics do).
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -56,6 +57,14 @@ class FitResult:
     personal_seconds: float = 0.0  # on top of the federated training: the personal adapter's (ditto, fedsa)
 
 
+def _digest(arrays: Arrays) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(arrays):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(arrays[k]).tobytes())
+    return h.hexdigest()
+
+
 class Device:
     """One process's base + adapter + data. Reused across messages and virtual clients (simulation)."""
 
@@ -77,7 +86,8 @@ class Device:
         self._base_losses: dict[int, float] = {}  # per local client: the base alone never changes
         self._full_base_losses: dict[int, float | None] = {}
         self._reference: list | None = None  # the reference text's blocks, tokenized on first use
-        self._reference_round: tuple[int, float] | None = None  # (round, the global adapter's loss on it)
+        # ((round, the adapter's digest), the global adapter's loss on the reference text)
+        self._reference_round: tuple[tuple[int, str], float] | None = None
         self._base_reference: float | None = None
         self.method = cfg.personal.method
         self.keys = shared_keys(list(self.init_state), cfg.federation.lora_mode, self.method)
@@ -268,9 +278,11 @@ class Device:
         base = self._base_reference_loss()
         if base is None:
             return {}
-        if self._reference_round is None or self._reference_round[0] != rnd:
+        # keyed by the adapter's bytes too: a device's worker may serve a later run whose rounds count anew
+        key = (rnd, _digest(global_arrays))
+        if self._reference_round is None or self._reference_round[0] != key:
             self._apply(global_arrays)
-            self._reference_round = (rnd, self._eval(self._reference or []).loss)
+            self._reference_round = (key, self._eval(self._reference or []).loss)
         return {"reference_loss": self._reference_round[1], "base_reference_loss": base}
 
     def _base_reference_loss(self) -> float | None:
