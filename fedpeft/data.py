@@ -59,9 +59,10 @@ def _read_default() -> list[UserText]:
     return [UserText(u, "\n".join(texts[u]), labels[u]) for u in sorted(texts)]
 
 
-def _read_text(path: Path) -> str:
-    """A user's .txt file as UTF-8 text. A file that is not text (NUL bytes: a binary file, a PDF renamed
-    .txt, UTF-16) is refused naming it: training on it would make a client of garbage. Undecodable bytes in
+def read_text(path: Path) -> str:
+    """A .txt file (a user's, or the reference text) as UTF-8 text. A file that is not text (NUL bytes: a
+    binary file, a PDF renamed .txt, UTF-16) is refused naming it: training on it would make a client of
+    garbage. Undecodable bytes in
     otherwise UTF-8 text (a Latin-1 file) become U+FFFD, with a warning that says how many."""
     try:
         raw = path.read_bytes()
@@ -95,9 +96,9 @@ def _read_folder(root: Path) -> list[UserText]:
             continue
         if entry.is_dir():
             files = sorted(entry.rglob("*.txt"))
-            text = "\n".join(_read_text(p) for p in files)
+            text = "\n".join(read_text(p) for p in files)
         elif entry.suffix == ".txt":
-            text = _read_text(entry)
+            text = read_text(entry)
         else:
             continue
         if text.strip():
@@ -123,9 +124,9 @@ def load_device_user(path: str, name: str = "") -> UserText:
     sub-folder of a corpus folder is, so a user's text reads identically in simulation and deployment)."""
     p = Path(path).expanduser()
     if p.is_file():
-        text = _read_text(p)
+        text = read_text(p)
     elif p.is_dir():
-        text = "\n".join(_read_text(f) for f in sorted(p.rglob("*.txt")))
+        text = "\n".join(read_text(f) for f in sorted(p.rglob("*.txt")))
     else:
         raise FedpeftError(f"data path does not exist: {p}")
     if not text.strip():

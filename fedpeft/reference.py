@@ -45,7 +45,7 @@ def reference_path(spec: str) -> Path | None:
 
 def reference_blocks(cfg: DataConfig, tokenizer: Any) -> list[torch.Tensor]:
     """The first --eval-max-tokens tokens of the reference text in --block-size blocks ([] when off)."""
-    from fedpeft.data import prefix, to_blocks
+    from fedpeft.data import prefix, read_text, to_blocks
 
     try:
         path = reference_path(cfg.reference_text)
@@ -57,10 +57,7 @@ def reference_blocks(cfg: DataConfig, tokenizer: Any) -> list[torch.Tensor]:
         return []
     if path is None:
         return []
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise FedpeftError(f"--reference-text {path}: {e.strerror or e}") from None
+    text = read_text(path)  # a binary file is refused, as for a user's text
     if not text.strip():
         raise FedpeftError(f"--reference-text {path} is empty")
     blocks = to_blocks(tokenizer, text, cfg.block_size)

@@ -28,6 +28,9 @@ def test_the_default_is_public_domain_text_every_install_has() -> None:
 def test_a_missing_reference_file_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(FedpeftError, match="no such file"):
         reference_blocks(DataConfig(reference_text=str(tmp_path / "nope.txt")), _Bytes())
+    (tmp_path / "binary.txt").write_bytes(b"PK\x03\x04\0\0")
+    with pytest.raises(FedpeftError, match="is not text"):
+        reference_blocks(DataConfig(reference_text=str(tmp_path / "binary.txt")), _Bytes())
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(FedpeftError, match="is empty"):
         reference_blocks(DataConfig(reference_text=str(tmp_path / "empty.txt")), _Bytes())
