@@ -402,7 +402,7 @@ class Device:
             out["val_loss_global"] = val_global
         kept = choose(val_global, out["val_loss_personal"]) if "val_loss_personal" in out else GLOBAL
         if forgetting:
-            kept = GLOBAL
+            kept, out["forgets"] = GLOBAL, 1.0
         self._save(local, GLOBAL, full_global, rnd)
         store.save_choice(
             {

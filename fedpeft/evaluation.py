@@ -192,6 +192,7 @@ def personal_entry(report: Mapping[str, Any], global_ppl: float) -> dict[str, An
             entry[key] = float(p[key])
     if "reference_loss_personal" in p:  # the personal adapter on the reference text (fedpeft.reference)
         entry["personal_reference_ppl"] = ppl(float(p["reference_loss_personal"]))
+        entry["forgets"] = bool(float(p.get("forgets", 0.0)))  # the device kept global: the personal forgot
     if "others_loss_global" in p and "personal_ppl" in entry:
         from fedpeft.personalize import gain, specificity
 

@@ -248,9 +248,7 @@ def _reference_summary(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {}
     return {
         "personal_reference_ppl_median": statistics.median(scored),
-        "forgetting_kept_global": sum(
-            c.get("note", "").startswith("the personal adapter forgets") for c in rows.values()
-        ),
+        "forgetting_kept_global": sum(bool(c.get("forgets")) for c in rows.values()),
     }
 
 

@@ -27,8 +27,8 @@ log = logging.getLogger("fedpeft")
 PLAIN_STAGES = ("load", "train", "personal", "wait")
 SECURE_STAGES = ("load", "train", "mask", "personal", "wait")
 # what a device says of itself, kept next to its seconds when it reports them: base loads since it started
-# (1 when the worker keeps its base resident), the peak RSS of its processes (and GPU memory on CUDA), and under DP whether clipping
-# scaled its delta (1) or not (0)
+# (1 when the worker keeps its base resident), the peak RSS of its processes, its peak GPU memory on CUDA,
+# and under DP whether clipping scaled its delta (1) or not (0)
 DEVICE_FIGURES = ("base_loads", "peak_rss_mib", "gpu_peak_mib", "dp_clipped")
 
 

@@ -106,7 +106,7 @@ def test_summary_counts_users_and_changes() -> None:
     assert s["worst_user"] == "b" and s["without_personal"] == ["c"] and s["kept_change_worst"] == 0.0
     assert "personal_reference_ppl_median" not in s  # no reference text: nothing claimed
     per_client["a"]["personal_reference_ppl"] = 40.0
-    per_client["b"].update(personal_reference_ppl=50.0, note="the personal adapter forgets: ...")
+    per_client["b"].update(personal_reference_ppl=50.0, forgets=True)
     s = summarize(per_client)
     assert s["personal_reference_ppl_median"] == 45.0 and s["forgetting_kept_global"] == 1
     from fedpeft.personalize import summary_line
@@ -551,5 +551,9 @@ def test_a_device_keeps_its_global_adapter_over_a_personal_one_that_forgets(
         device, "_personal_forgetting", lambda personal, out: "the personal adapter forgets: x"
     )
     out = device.personalize(user0, dict(device.init_state), rnd=2)
-    assert out["kept"] == "global" and out["note"].startswith("the personal adapter forgets")
+    assert (
+        out["kept"] == "global"
+        and out["note"].startswith("the personal adapter forgets")
+        and out["forgets"] == 1.0
+    )
     assert out["val_loss_personal"] < out["val_loss_global"]
