@@ -17,13 +17,17 @@ log = logging.getLogger("fedpeft")
 
 
 def _check_data(cfg: RunConfig) -> None:
-    """Fail before Ray starts if the data cannot form the clients (needs the tokenizer only)."""
+    """Fail before Ray starts if the data cannot form the clients or the reference text cannot be read
+    (needs the tokenizer only)."""
     from transformers import AutoTokenizer
 
     from fedpeft.base import resolve_base_dir
     from fedpeft.partition import partition
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_dir(cfg.base.model, cfg.base.cache_dir))
+    from fedpeft.reference import reference_blocks
+
+    reference_blocks(cfg.data, tokenizer)  # a --reference-text that is missing or not text, before Ray starts
     f = cfg.federation
     clients = partition(cfg.data, tokenizer, f.clients, f.split, f.dirichlet_alpha, f.seed)
     log.info(

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,11 @@ def test_too_few_clients_for_the_data(tmp_path: Path, users: Path, cache_dir: st
     with pytest.raises(FedpeftError, match="only 6 users"):
         simulate(_cfg(users, cache_dir, clients=8), tmp_path / "few")
     assert not (tmp_path / "few").exists()
+    missing = _cfg(users, cache_dir)
+    missing = replace(missing, data=replace(missing.data, reference_text=str(tmp_path / "nope.txt")))
+    with pytest.raises(FedpeftError, match="--reference-text .*nope.txt: no such file"):
+        simulate(missing, tmp_path / "no-reference")  # before Ray starts, not as every client's failure
+    assert not (tmp_path / "no-reference").exists()
 
 
 def test_corrupt_checkpoint_at_resume_stops_cleanly(
