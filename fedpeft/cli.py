@@ -19,6 +19,7 @@ log = logging.getLogger("fedpeft")
 
 def _build_parser() -> argparse.ArgumentParser:
     from fedpeft.deploy.commands import add_deploy_commands
+    from fedpeft.serve.command import add_serve_command
 
     parser = argparse.ArgumentParser(prog="fedpeft", description="Federated on-device adapter fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -115,6 +116,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="tokens to generate (default: %(default)s)",
     )
     _add_base_location(gen)
+    add_serve_command(sub)
     return parser
 
 
@@ -193,6 +195,12 @@ def cmd_export(a: argparse.Namespace) -> None:
     )
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    from fedpeft.serve.command import cmd_serve as serve
+
+    serve(a)
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
     from fedpeft.compare import compare
 
@@ -236,7 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in ("server", "client", "certs"):  # these never load a model in this process
         quiet_libraries()
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops what we started, as Ctrl-C does
-    commands = {"train": cmd_train, "simulate": cmd_simulate, "export": cmd_export, "generate": cmd_generate}
+    commands = {
+        "train": cmd_train,
+        "simulate": cmd_simulate,
+        "export": cmd_export,
+        "generate": cmd_generate,
+        "serve": cmd_serve,
+    }
     try:
         {**commands, **COMMANDS}[args.command](args)
     except FedpeftError as e:

@@ -87,7 +87,7 @@ class BaseConfig:
         "where the base, training and evaluation run: cuda when torch sees a GPU (auto), cpu, or cuda (an "
         "error without one); a simulation writes the one it used into config.json",
         flag="--device",
-        commands=("train", "simulate"),
+        commands=("train", "simulate", "serve"),
     )
     cache_dir: str | None = option(
         None,

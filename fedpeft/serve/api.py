@@ -1,0 +1,262 @@
+"""The OpenAI-compatible HTTP API over the batcher: GET /v1/models, POST /v1/completions and
+/v1/chat/completions (`stream: true` as server-sent events), errors in OpenAI's shape
+({"error": {"message", "type", "param", "code"}}) so client libraries raise their usual exceptions."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fedpeft.errors import FedpeftError
+from fedpeft.serve.batcher import Batcher
+from fedpeft.serve.engine import Engine, Job, Sampling
+
+MAX_STOPS = 4  # as OpenAI's API
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = {401: "authentication_error", 404: "invalid_request_error"}.get(status, "invalid_request_error")
+    if status >= 500:
+        kind = "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
+
+    model: str
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1)  # one choice per prompt; several prompts batch instead
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+
+
+def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens: int) -> FastAPI:
+    app = FastAPI(title="fedpeft serve", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error(e.status, e.message, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_body(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "malformed request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(400, f"{where + ': ' if where else ''}{first.get('msg')}", where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error(e.status_code, str(e.detail))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Any:
+        if api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), api_key.encode()):
+                return _error(
+                    401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key"
+                )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "batches": batcher.batches,
+            "requests": batcher.rows,
+            "largest": batcher.largest,
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        data = []
+        for name in engine.names:
+            e = engine.entries.get(name)
+            info = {"adapter": e.kind, "round": e.round} if e else {"adapter": None, "round": None}
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "fedpeft", **info})
+        return {"object": "list", "data": data}
+
+    def sampling(req: _Common, wanted: int) -> Sampling:
+        if req.model not in engine.names:
+            raise ApiError(
+                404,
+                f"the model {req.model!r} does not exist here; GET /v1/models lists them",
+                "model",
+                "model_not_found",
+            )
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
+            raise ApiError(400, f"stop: at most {MAX_STOPS} non-empty strings", "stop")
+        if wanted > max_tokens:
+            raise ApiError(
+                400,
+                f"max_tokens {wanted} exceeds this server's limit of {max_tokens} (--max-tokens)",
+                "max_tokens",
+            )
+        return Sampling(wanted, req.temperature, req.top_p, tuple(stops), req.seed)
+
+    def prepare(prompts: list[str], model: str, s: Sampling) -> list[Job]:
+        jobs = []
+        for p in prompts:
+            ids = engine.encode(p)
+            if not ids:
+                raise ApiError(400, "the prompt is empty", "prompt")
+            try:
+                engine.check_budget(ids, s.max_tokens)
+            except FedpeftError as e:
+                raise ApiError(400, str(e), "max_tokens") from None
+            jobs.append(Job(ids, model, s))
+        return jobs
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest) -> Any:
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts:
+            raise ApiError(400, "prompt: no prompt given", "prompt")
+        jobs = prepare(prompts, req.model, sampling(req, req.max_tokens or 16))
+        return await respond(jobs, req, "text_completion", "cmpl")
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: ChatRequest) -> Any:
+        wanted = req.max_completion_tokens or req.max_tokens
+        s = sampling(req, wanted or 1)
+        try:
+            prompt = engine.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
+        except FedpeftError as e:
+            raise ApiError(400, str(e), "messages") from None
+        except Exception as e:  # the template's own checks (e.g. roles out of order)
+            raise ApiError(400, f"messages: {str(e).splitlines()[0]}", "messages") from None
+        if wanted is None:  # as OpenAI: up to what the context leaves (within the server's limit)
+            s = replace(s, max_tokens=max(1, min(max_tokens, engine.context - len(engine.encode(prompt)))))
+        return await respond(prepare([prompt], req.model, s), req, "chat.completion", "chatcmpl")
+
+    async def respond(jobs: list[Job], req: _Common, kind: str, prefix: str) -> Any:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, str, str | None]] = asyncio.Queue()
+        for i, j in enumerate(jobs):
+            j.on_text = lambda delta, finish, i=i: loop.call_soon_threadsafe(
+                events.put_nowait, (i, delta, finish)
+            )
+        head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
+        batcher.submit(jobs)
+        if req.stream:
+            return StreamingResponse(_stream(jobs, events, head, kind), media_type="text/event-stream")
+        try:
+            texts = ["" for _ in jobs]
+            left = len(jobs)
+            while left:
+                i, delta, finish = await events.get()
+                texts[i] += delta
+                left -= finish is not None
+        finally:
+            for j in jobs:
+                j.cancelled = j.cancelled or not j.done  # the client went away: stop decoding for it
+        failed = [j for j in jobs if j.finish == "error"]
+        if failed:
+            raise ApiError(500, failed[0].error)
+        choices = [_choice(kind, i, texts[i], j.finish) for i, j in enumerate(jobs)]
+        prompt_tokens = sum(len(j.prompt_ids) for j in jobs)
+        completion_tokens = sum(len(j.ids) for j in jobs)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        return {**head, "object": kind, "choices": choices, "usage": usage}
+
+    return app
+
+
+def _choice(kind: str, index: int, text: str, finish: str | None) -> dict[str, Any]:
+    if kind == "chat.completion":
+        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+async def _stream(
+    jobs: list[Job], events: asyncio.Queue[tuple[int, str, str | None]], head: dict[str, Any], kind: str
+) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per piece of text, a last one per choice with its finish reason, then
+    [DONE], as OpenAI streams. A client that goes away cancels its rows of the batch."""
+    chat = kind == "chat.completion"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(i: int, text: str | None, finish: str | None) -> str:
+        if chat:
+            delta = (
+                {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+            )
+            choice: dict[str, Any] = {"index": i, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return f"data: {json.dumps({**head, 'object': obj, 'choices': [choice]})}\n\n"
+
+    try:
+        if chat:
+            for i in range(len(jobs)):
+                yield chunk(i, None, None)
+        left = len(jobs)
+        while left:
+            i, delta, finish = await events.get()
+            if finish == "error":
+                body = {
+                    "error": {"message": jobs[i].error, "type": "server_error", "param": None, "code": None}
+                }
+                yield f"data: {json.dumps(body)}\n\n"
+                left -= 1
+                continue
+            if delta:
+                yield chunk(i, delta, None)
+            if finish is not None:
+                yield chunk(i, "", finish)
+                left -= 1
+        yield "data: [DONE]\n\n"
+    finally:
+        for j in jobs:
+            j.cancelled = j.cancelled or not j.done

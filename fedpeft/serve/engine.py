@@ -1,0 +1,222 @@
+"""One peft model holding every served adapter, and the decode loop of a batch of requests.
+
+LoRA requests for different adapters (and the base) run in one forward: peft's mixed-adapter batches
+(`adapter_names`, one name per row; LoRAX and S-LoRA serve many LoRAs over one base the same way) apply each
+row's LoRA to its own rows only. IA3 has no mixed-batch forward in peft 0.21, so an IA3 batch is decoded
+one adapter group after another.
+
+The loop is ours rather than `generate()`: each row keeps its own sampling settings, stop strings, token
+budget and stream, which `generate()` applies batch-wide. Rows are left-padded with explicit position ids,
+so a padded row computes what it computes alone (up to float rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedpeft.base import Base
+from fedpeft.errors import FedpeftError
+from fedpeft.placement import model_device
+from fedpeft.serve.catalog import BASE, Entry
+from fedpeft.train import autocast_for
+
+MIXED = "__base__"  # peft's row name for "no adapter" in a mixed batch: any name no layer holds
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+class Job:
+    """One request's generation: its prompt, adapter and sampling; the tokens it got and its text so far.
+    `on_text(delta, finish)` gets the text that is safe to send: never a part of a stop string or half a
+    UTF-8 character; `finish` is None until the last call ("stop" or "length", OpenAI's reasons, or "error"
+    with `error` set)."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        adapter: str,
+        sampling: Sampling,
+        on_text: Callable[[str, str | None], None] | None = None,
+    ) -> None:
+        self.prompt_ids = prompt_ids
+        self.adapter = adapter
+        self.sampling = sampling
+        self.on_text = on_text
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.finish: str | None = None
+        self.error = ""
+        self.cancelled = False  # set from another thread when the client went away
+        self.generator: torch.Generator | None = None
+        if sampling.temperature > 0:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None or self.cancelled
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token from this row's last logits (float32, on the CPU)."""
+        s = self.sampling
+        probs = torch.softmax(logits / s.temperature, dim=-1)
+        if s.top_p < 1.0:  # nucleus: the smallest set of tokens whose probability reaches top_p
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < s.top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def add(self, token: int, tokenizer: Any, eos: set[int]) -> None:
+        if token in eos:
+            self._emit("stop")
+            return
+        self.ids.append(token)
+        self.text = tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((i for i in (self.text.find(s) for s in self.sampling.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self._emit("stop")
+        else:
+            self._emit("length" if len(self.ids) >= self.sampling.max_tokens else None)
+
+    def fail(self, message: str) -> None:
+        self.error = message
+        self._emit("error")
+
+    def _emit(self, finish: str | None) -> None:
+        self.finish = finish
+        end = len(self.text)
+        if finish is None:  # hold back what a stop string or the next byte of a character may still change
+            end -= max((len(s) - 1 for s in self.sampling.stop), default=0)
+            while end > self.sent and self.text[end - 1] == "\ufffd":
+                end -= 1
+        delta = self.text[self.sent : max(end, self.sent)]
+        self.sent += len(delta)
+        if self.on_text is not None and (delta or finish is not None):
+            self.on_text(delta, finish)
+
+
+class Engine:
+    """The base (loaded once) with every adapter of `entries` loaded into one peft model."""
+
+    def __init__(self, base: Base, entries: list[Entry]) -> None:
+        from fedpeft.adapters import _peft_config, check_fingerprint, check_schema, inject, schema_of
+
+        self.base = base
+        self.tokenizer = base.tokenizer
+        self.names = [BASE] + [e.name for e in entries]
+        self.entries = {e.name: e for e in entries}
+        self.kind = entries[0].kind if entries else None
+        self._internal: dict[str, str] = {}  # API name -> peft adapter name (peft names hold no dots)
+        eos = base.model.generation_config.eos_token_id
+        self.eos = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos)
+        self.context = int(getattr(base.model.config, "max_position_embeddings", 2048))
+        if not entries:
+            self.model = base.model
+            return
+        for e in entries:
+            check_fingerprint(e.files.fingerprint, base, f"adapter {e.name} ({e.files.path})")
+        self.model = inject(base, entries[0].files.adapter_config)
+        for i, e in enumerate(entries):
+            internal = "default" if i == 0 else f"a{i}"
+            if i > 0:
+                self.model.add_adapter(internal, _peft_config(e.files.adapter_config))
+            self._internal[e.name] = internal
+            self._load(internal, e, check_schema, schema_of)
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def _load(self, internal: str, e: Entry, check_schema: Any, schema_of: Any) -> None:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        expected = get_peft_model_state_dict(self.model, adapter_name=internal, save_embedding_layers=False)
+        expected = {k: v.detach().cpu().numpy() for k, v in expected.items()}
+        check_schema(schema_of(expected), schema_of(e.files.arrays), f"adapter {e.name} ({e.files.path})")
+        state = {k: torch.from_numpy(v.copy()) for k, v in e.files.arrays.items()}
+        result = set_peft_model_state_dict(self.model, state, adapter_name=internal)
+        if getattr(result, "unexpected_keys", None):
+            raise FedpeftError(f"adapter {e.name}: peft did not place {result.unexpected_keys[0]}")
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise FedpeftError("this base model has no chat template: use /v1/completions")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @torch.no_grad()
+    def run(self, jobs: list[Job]) -> None:
+        """Decode `jobs` to the end (each finishes by its own budget, stop string or end of text)."""
+        if self.kind == "lora" or self.kind is None:
+            self._decode(jobs, mixed=self.kind == "lora")
+            return
+        for name in dict.fromkeys(j.adapter for j in jobs):  # IA3: one adapter group at a time
+            group = [j for j in jobs if j.adapter == name]
+            if name == BASE:
+                with self.model.disable_adapter():
+                    self._decode(group, mixed=False)
+            else:
+                self.model.set_adapter(self._internal[name])
+                self._decode(group, mixed=False)
+
+    def _decode(self, jobs: list[Job], mixed: bool) -> None:
+        device = model_device(self.model)
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.full((len(jobs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, j in enumerate(jobs):
+            ids[row, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
+            mask[row, width - len(j.prompt_ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        extra: dict[str, Any] = {}
+        if mixed:
+            extra["adapter_names"] = [self._internal.get(j.adapter, MIXED) for j in jobs]
+        greedy = torch.tensor([j.sampling.temperature == 0 for j in jobs])
+        past = None
+        with autocast_for(self.base.quant, device.type):
+            for _ in range(max(j.sampling.max_tokens for j in jobs)):
+                out = self.model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=positions.to(device),
+                    cache=past,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **extra,
+                )
+                past = out.cache
+                logits = out.logits[:, -1, :].float().cpu()
+                tokens = logits.argmax(-1)
+                for row, j in enumerate(jobs):
+                    if j.done:
+                        tokens[row] = self.pad
+                        continue
+                    if not greedy[row]:
+                        tokens[row] = j.pick(logits[row])
+                    j.add(int(tokens[row]), self.tokenizer, self.eos)
+                if all(j.done for j in jobs):
+                    return
+                ids = tokens[:, None]
+                mask = torch.cat([mask, torch.ones((len(jobs), 1), dtype=torch.long)], dim=-1)
+                positions = positions[:, -1:] + 1
+
+    def check_budget(self, prompt_ids: list[int], max_tokens: int) -> None:
+        if len(prompt_ids) + max_tokens > self.context:
+            raise FedpeftError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceed the model's "
+                f"context of {self.context} tokens"
+            )

@@ -1,0 +1,48 @@
+"""Run folders of adapters with random (non-zero) weights, laid out as a federation writes them: RUN/global
+and RUN/personal/<user>/{personal,global,choice.json}. Serving does not care how an adapter was trained, and
+random LoRA B makes every adapter's outputs differ from the base's and from each other's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpeft.adapters import adapter_state, inject, load_adapter_state, peft_config_dict, save_adapter
+from fedpeft.base import Base
+from fedpeft.config import AdapterConfig
+from fedpeft.personalize import PersonalStore
+
+
+def random_arrays(model: Any, seed: int, scale: float) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, v in adapter_state(model).items():
+        if ".lora_B." in k or ".ia3_" in k:
+            v = v + rng.normal(0, scale, v.shape).astype(v.dtype)
+        out[k] = v
+    return out
+
+
+def write_run(
+    root: Path,
+    base: Base,
+    users: list[str],
+    cfg: AdapterConfig | None = None,
+    scale: float = 0.02,
+    seed: int = 0,
+) -> Any:
+    """Write the run folder; returns the peft model (holding the last adapter written) for reference outputs."""
+    cfg = cfg or AdapterConfig()
+    model = inject(base, cfg)
+    load_adapter_state(model, random_arrays(model, seed, scale))
+    save_adapter(model, base, cfg, root / "global", extra={"round": 3})
+    doc = base.doc() | {"path": str(base.path)}  # as fedpeft.device saves a store
+    for i, user in enumerate(users):
+        store = PersonalStore(root / "personal", user)
+        arrays = random_arrays(model, seed + 1 + i, scale)
+        for which in ("personal", "global"):
+            store.save(which, arrays, peft_config_dict(model), doc, cfg, 3, "finetune")
+        store.save_choice({"use": "personal", "global_round": 3, "note": ""})
+    return model

@@ -1,0 +1,124 @@
+"""The decode loop on the tiny model: a mixed batch of adapters computes what each request computes alone
+and what peft's own generate() computes with that adapter; stop strings, budgets and streaming pieces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpeft.base import load_base
+from fedpeft.config import AdapterConfig, BaseConfig
+from fedpeft.serve.catalog import discover
+from fedpeft.serve.engine import Engine, Job, Sampling
+
+PROMPTS = ["the quick brown fox", "a small bird sings about", "over the lazy dog and the long road", "home;"]
+
+
+def engine_for(tmp: Path, cache_dir: str, cfg: AdapterConfig) -> Engine:
+    from tests.serve.runs import write_run
+
+    base = load_base(BaseConfig(model="tiny", quant="none", cache_dir=cache_dir))
+    write_run(tmp / "run", base, ["alice", "bob"], cfg=cfg, scale=0.5)
+    return Engine(
+        load_base(BaseConfig(model="tiny", quant="none", cache_dir=cache_dir)),
+        discover([str(tmp / "run")], []),
+    )
+
+
+def greedy(engine: Engine, prompts: list[str], models: list[str], tokens: int = 12) -> list[list[int]]:
+    jobs = [
+        Job(engine.encode(p), m, Sampling(tokens, temperature=0))
+        for p, m in zip(prompts, models, strict=True)
+    ]
+    engine.run(jobs)
+    return [j.ids for j in jobs]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [AdapterConfig(), AdapterConfig(kind="ia3", target_modules=("k_proj", "v_proj", "down_proj"))],
+    ids=["lora", "ia3"],
+)
+def test_a_mixed_batch_equals_each_request_alone_and_peft_generate(
+    tmp_path: Path, tiny_path: Path, cache_dir: str, cfg: AdapterConfig
+) -> None:
+    engine = engine_for(tmp_path, cache_dir, cfg)
+    models = ["base", "global", "personal/alice", "personal/bob"]
+    batched = greedy(engine, PROMPTS, models)
+    alone = [greedy(engine, [p], [m])[0] for p, m in zip(PROMPTS, models, strict=True)]
+    assert batched == alone
+    # each adapter computes its own logits: the rows did not all run the base (or one adapter)
+    assert len({round(last_logit(engine, PROMPTS[0], m), 4) for m in models}) == 4
+    # and what a row computed is what peft computes with that adapter active, one request, generate()
+    for prompt, model, ids in zip(PROMPTS, models, batched, strict=True):
+        enc = engine.tokenizer(prompt, return_tensors="pt")
+        kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=engine.pad)
+        if model == "base":
+            with engine.model.disable_adapter():
+                out = engine.model.generate(**enc, **kwargs)
+        else:
+            engine.model.set_adapter(engine._internal[model])
+            out = engine.model.generate(**enc, **kwargs)
+        theirs = out[0, enc["input_ids"].shape[1] :].tolist()
+        assert ids == [t for t in theirs if t not in engine.eos][: len(ids)]
+
+
+@torch.no_grad()
+def last_logit(engine: Engine, prompt: str, model: str) -> float:
+    """The summed last-position logits of one prompt under one adapter (peft's own switch)."""
+    enc = engine.tokenizer(prompt, return_tensors="pt")
+    if model == "base":
+        with engine.model.disable_adapter():
+            return float(engine.model(**enc).logits[0, -1].abs().sum())
+    engine.model.set_adapter(engine._internal[model])
+    return float(engine.model(**enc).logits[0, -1].abs().sum())
+
+
+class Chars:
+    """A tokenizer whose token i is the character chr(i)."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def feed(text: str, sampling: Sampling, eos: set[int] = frozenset()) -> tuple[list[str], Job]:
+    pieces: list[str] = []
+    job = Job(
+        [1], "base", sampling, lambda delta, finish: pieces.append(delta + (f"|{finish}" if finish else ""))
+    )
+    for ch in text:
+        if job.done:
+            break
+        job.add(ord(ch), Chars(), set(eos))
+    return pieces, job
+
+
+def test_stop_strings_are_cut_and_never_half_sent() -> None:
+    pieces, job = feed("ab<|x|>cd", Sampling(20, stop=("<|x|>",)))
+    assert "".join(pieces) == "ab|stop" and job.text == "ab" and job.finish == "stop"
+    assert not any("<" in p for p in pieces)  # the start of the stop string was held back, not sent
+    pieces, job = feed("abc<|y", Sampling(20, stop=("<|x|>",)))
+    assert job.finish is None and "".join(pieces) == "ab"  # 4 characters held back until they cannot stop
+    pieces, job = feed("abcdef", Sampling(3))
+    assert pieces == ["a", "b", "c|length"] and job.ids == [97, 98, 99]
+    pieces, job = feed("ab\x00cd", Sampling(20), eos={0})
+    assert "".join(pieces) == "ab|stop" and job.ids == [97, 98]
+    pieces, job = feed("a\ufffd", Sampling(20))
+    assert pieces == ["a"]  # half a character waits for its next byte
+
+
+def test_sampling_follows_its_seed_and_top_p(tmp_path: Path, tiny_path: Path, cache_dir: str) -> None:
+    engine = engine_for(tmp_path, cache_dir, AdapterConfig())
+
+    def sample(seed: int, top_p: float = 1.0) -> list[int]:
+        job = Job(engine.encode(PROMPTS[0]), "global", Sampling(16, temperature=1.0, top_p=top_p, seed=seed))
+        engine.run([job])
+        return job.ids
+
+    assert sample(1) == sample(1) and sample(1) != sample(2)
+    assert sample(5, top_p=1e-6) == greedy(engine, [PROMPTS[0]], ["global"], 16)[0]  # the top token only
+    logits = torch.tensor([0.0, 10.0, 9.9, -5.0])
+    job = Job([1], "base", Sampling(1, temperature=1.0, top_p=0.6, seed=0))
+    assert {job.pick(logits) for _ in range(50)} == {1, 2}  # the nucleus: the two tokens reaching 0.6
