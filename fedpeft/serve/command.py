@@ -152,7 +152,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         print(f"  {e.name:<24} {e.kind}, round {e.round}: {e.origin}")
     exposed = "" if _loopback(a.host) else "; reachable from other machines"
     print(
-        f"serving base + {len(entries)} adapter(s) on {base.spec} ({base.quant}, {base.device}) at {url}"
+        f"serving base + {len(entries)} adapter(s) on {base.public_id or base.spec} ({base.quant}, {base.device}) at {url}"
         f"{'; API key required' if key else ''}{exposed}{'; plain HTTP: the key travels in clear' if key and scheme == 'http' and exposed else ''}",
         flush=True,
     )

@@ -136,6 +136,7 @@ class Engine:
                 self.model.add_adapter(internal, _peft_config(e.files.adapter_config))
             self._internal[e.name] = internal
             self._load(internal, e, check_schema, schema_of)
+            e.files.arrays.clear()  # now in the model: a second copy would double each adapter's memory
         self.model.requires_grad_(False)
         self.model.eval()
 
