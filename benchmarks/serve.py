@@ -118,7 +118,7 @@ def wave(url: str, models: list[str], tokens: int) -> tuple[float, list[float], 
 def throughput(adapters: list[Path], args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for mode, max_batch in (("mixed batches", "16"), ("one at a time", "1")):
-        server = Server(adapters[:16], "--max-batch", max_batch, "--batch-wait-ms", "20")
+        server = Server(adapters[:16], "--max-batch", max_batch)
         try:
             wave(server.url, ["a0"], 4)  # warm-up
             for concurrency in (1, 4, 16):

@@ -61,9 +61,11 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--batch-wait-ms",
         type=float,
-        default=10.0,
+        default=50.0,
         metavar="MS",
-        help="how long an idle server waits for more requests to batch with the first (default: %(default)s)",
+        help="how long an idle server waits for more requests to batch with the first; next to a decode of a "
+        "second or more on a CPU it is cheap, and it lets clients that start a little apart share a batch "
+        "(default: %(default)s)",
     )
     b.add_argument(
         "--max-tokens",
@@ -136,6 +138,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     entries = discover(a.sources, a.adapter)
     sock = _bind(a.host, a.port)  # before the base loads: a taken port is a one-line error, not a wait
     meta = entries[0].files.meta
+    shown = meta.get("base", {}).get("id") or meta["base_path"]  # the public id when the base has one
     device = config_from_args(a, "serve").base.device
     base = load_base(
         BaseConfig(
@@ -152,7 +155,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         print(f"  {e.name:<24} {e.kind}, round {e.round}: {e.origin}")
     exposed = "" if _loopback(a.host) else "; reachable from other machines"
     print(
-        f"serving base + {len(entries)} adapter(s) on {base.public_id or base.spec} ({base.quant}, {base.device}) at {url}"
+        f"serving base + {len(entries)} adapter(s) on {shown} ({base.quant}, {base.device}) at {url}"
         f"{'; API key required' if key else ''}{exposed}{'; plain HTTP: the key travels in clear' if key and scheme == 'http' and exposed else ''}",
         flush=True,
     )
