@@ -2,6 +2,7 @@
 
     python benchmarks/federation.py quality   # default model: base vs federated (natural/IID, fedavg/ffa) vs centralized
     python benchmarks/federation.py scale     # tiny model, 1,000 and 10,000 virtual clients, next to Flower's bare round
+    python benchmarks/federation.py adapters  # the main command's federation with LoRA, IA3, prompt and prefix tuning
 
 Quality: every federated run uses the same clients, rounds, sampled clients and local steps; the
 centralized baseline trains one adapter on the union of the clients' training text for the same total
@@ -67,6 +68,8 @@ def _federate(cfg: RunConfig, work: Path, name: str) -> dict:
         "ppl": h[-1]["eval_ppl"],
         "loss": h[-1]["eval_loss"],
         "ppl_per_round": [r["eval_ppl"] for r in h],
+        "reference_ppl": h[-1].get("reference_ppl"),
+        "base_reference_ppl": h[-1].get("base_reference_ppl"),
         "wall_s": time.perf_counter() - start,
         "peak_rss_mib": peak.peak,
         "round_s": statistics.median(r["seconds"] for r in rounds),
@@ -179,6 +182,29 @@ def quality(a: argparse.Namespace, work: Path) -> dict:
     return runs
 
 
+def adapters(a: argparse.Namespace, work: Path) -> list[dict]:
+    """The main command's federation (its defaults: bf16 base, 10 clients, 5 rounds) once per adapter type,
+    each at its default learning rate: bytes each client sends a round, held-out and reference perplexity."""
+    kinds = a.kinds.split(",")
+    runs = []
+    for kind in kinds:
+        cfg = RunConfig(adapter=AdapterConfig(kind=kind), train=TrainConfig(progress=False))
+        runs.append({"kind": kind, **_federate(cfg, work, kind)})
+        print(json.dumps({k: v for k, v in runs[-1].items() if k != "history"}), flush=True)
+    print(
+        "\n| adapter | bytes up per client a round | held-out ppl: base -> after 5 rounds | change "
+        "| reference ppl (base) | round (s) |\n|---|---|---|---|---|---|"
+    )
+    for r in runs:
+        change = r["ppl"] / r["ppl_start"] - 1
+        ref = r["reference_ppl"] / r["base_reference_ppl"] - 1
+        print(
+            f"| {r['kind']} | {r['bytes_up_per_client']:,.0f} | {r['ppl_start']:.2f} -> {r['ppl']:.2f} | {change:+.1%} "
+            f"| {r['reference_ppl']:.2f} ({r['base_reference_ppl']:.2f}, {ref:+.1%}) | {r['round_s']:.0f} |"
+        )
+    return runs
+
+
 def _synthetic_users(root: Path, n: int, words: int = 150) -> Path:
     """n users of random words (a cost measure needs many users, not meaningful text)."""
     import numpy as np
@@ -253,7 +279,8 @@ def scale(a: argparse.Namespace, work: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("quality", "scale"))
+    p.add_argument("what", choices=("quality", "scale", "adapters"))
+    p.add_argument("--kinds", default="lora,ia3,prompt,prefix", help="adapters: which adapter types")
     p.add_argument("--model", default="default")
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--fraction", type=float, default=0.5)
@@ -264,7 +291,7 @@ def main() -> None:
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedpeft-bench-"))
     try:
-        runs = quality(a, work) if a.what == "quality" else scale(a, work)
+        runs = {"quality": quality, "scale": scale, "adapters": adapters}[a.what](a, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(a.json or f"benchmarks/results/federation-{a.what}.json")

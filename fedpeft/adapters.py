@@ -53,7 +53,17 @@ def _peft_config(cfg: AdapterConfig) -> Any:
             feedforward_modules=[m for m in cfg.feedforward_modules if m in cfg.targets()],
             task_type="CAUSAL_LM",
         )
-    raise FedpeftError(f"unknown adapter {cfg.kind!r}; choose lora or ia3")
+    if cfg.kind == "prompt":
+        from peft import PromptTuningConfig
+
+        return PromptTuningConfig(
+            num_virtual_tokens=cfg.virtual_tokens, prompt_tuning_init="SAMPLE_VOCAB", task_type="CAUSAL_LM"
+        )
+    if cfg.kind == "prefix":
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(num_virtual_tokens=cfg.virtual_tokens, task_type="CAUSAL_LM")
+    raise FedpeftError(f"unknown adapter {cfg.kind!r}; choose lora, ia3, prompt or prefix")
 
 
 def check_targets(model: Any, targets: tuple[str, ...]) -> None:
@@ -71,7 +81,8 @@ def inject(base: Base, cfg: AdapterConfig) -> Any:
     same seed builds the same LoRA A (what FFA-LoRA relies on). Returns a peft PeftModel."""
     from peft import get_peft_model
 
-    check_targets(base.model, cfg.targets())
+    if not cfg.prompt_learning:
+        check_targets(base.model, cfg.targets())
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         model = get_peft_model(base.model, _peft_config(cfg))
@@ -84,7 +95,7 @@ def inject(base: Base, cfg: AdapterConfig) -> Any:
 def set_trainable(model: Any, cfg: AdapterConfig) -> None:
     """The one place that decides what trains: adapter weights only; with freeze_a, LoRA B only."""
     for name, p in model.named_parameters():
-        is_adapter = ".lora_" in name or ".ia3_" in name
+        is_adapter = ".lora_" in name or ".ia3_" in name or name.startswith("prompt_encoder.")
         p.requires_grad_(is_adapter and not (cfg.freeze_a and ".lora_A." in name))
 
 
@@ -177,9 +188,18 @@ def load_adapter_state(model: Any, arrays: dict[str, np.ndarray], what: str = "a
                 view.copy_(torch.from_numpy(np.ascontiguousarray(arrays[k])))
         return
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-    result = set_peft_model_state_dict(model, state)
-    if getattr(result, "unexpected_keys", None):
-        raise FedpeftError(f"{what}: peft did not place {result.unexpected_keys[0]}")
+    unplaced = not_placed(model, set_peft_model_state_dict(model, state))
+    if unplaced:
+        raise FedpeftError(f"{what}: peft did not place {unplaced[0]}")
+
+
+def not_placed(model: Any, result: Any) -> list[str]:
+    """The keys set_peft_model_state_dict left unused. Prompt learning's prompt_embeddings always show as
+    unexpected to the module load, and peft loads them into the prompt encoder after it."""
+    keys = list(getattr(result, "unexpected_keys", None) or [])
+    if getattr(model, "_is_prompt_learning", False):
+        keys = [k for k in keys if k != "prompt_embeddings"]
+    return keys
 
 
 @dataclass

@@ -21,7 +21,7 @@ from fedpeft.errors import FedpeftError
 
 Quant = Literal["auto", "none", "bf16", "int8", "nf4"]
 FullBase = Literal["fp32", "bf16", "off"]
-AdapterKind = Literal["lora", "ia3"]
+AdapterKind = Literal["lora", "ia3", "prompt", "prefix"]
 LoraMode = Literal["fedavg", "ffa"]
 Split = Literal["natural", "iid", "dirichlet"]
 ServerOpt = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
@@ -41,6 +41,9 @@ LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_p
 # IA3 rescales keys, values and the feed-forward input (Liu et al., NeurIPS 2022, "(IA)^3").
 IA3_TARGETS: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
 IA3_FEEDFORWARD: tuple[str, ...] = ("down_proj",)
+
+# Prompt and prefix tuning's default learning rates (AdamW): PROMPT_LR_NOTE
+LEARNING_RATES = {"prompt": 3e-2, "prefix": 5e-3}
 
 # Commands that take a config tree. The sections of RunConfig say which commands see their flags.
 TRAIN = ("train",)
@@ -99,7 +102,12 @@ class BaseConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    kind: AdapterKind = option("lora", "adapter type", flag="--adapter")
+    kind: AdapterKind = option(
+        "lora",
+        "adapter type: lora, ia3, prompt (prompt tuning: learned input embeddings, Lester et al. 2021) or prefix "
+        "(prefix tuning: learned keys and values in every layer, Li and Liang 2021)",
+        flag="--adapter",
+    )
     r: int = option(8, "LoRA rank", flag="--lora-r", metavar="R", gt=0)
     alpha: float = option(16.0, "LoRA alpha; scale = alpha/r", flag="--lora-alpha", metavar="A", gt=0)
     dropout: float = option(0.0, "dropout on the LoRA input", flag="--lora-dropout", metavar="P", ge=0, lt=1)
@@ -118,7 +126,18 @@ class AdapterConfig:
         "FFA-LoRA: keep LoRA A at its seeded shared init and train B only (Sun et al., ICLR 2024)",
         flag="--freeze-a",
     )
+    # Prompt tuning's virtual tokens start as the embeddings of tokens sampled from the vocabulary (peft's
+    # SAMPLE_VOCAB; Lester et al. found vocabulary inits better than random ones), seeded like LoRA's A.
+    virtual_tokens: int = option(
+        20, "prompt and prefix tuning: virtual tokens", flag="--virtual-tokens", metavar="N", gt=0
+    )
     seed: int = option(0, flag="--seed")  # seeds the adapter init, so every client builds the same A
+
+    @property
+    def prompt_learning(self) -> bool:
+        """Prompt and prefix tuning: the adapter lives in front of the input (or the keys and values), not in
+        the layers; it runs through peft's own forward and cannot merge into the weights."""
+        return self.kind in ("prompt", "prefix")
 
     def targets(self) -> tuple[str, ...]:
         if self.kind == "ia3" and self.target_modules == LORA_TARGETS:
@@ -226,6 +245,8 @@ class TrainConfig:
             return self.lr
         if kind == "ia3":
             return 5e-3
+        if kind in LEARNING_RATES:
+            return LEARNING_RATES[kind]
         # Training B alone (FFA-LoRA) needs a larger step: on the default IID federation lr 2e-4 ended at
         # held-out ppl 34.46 vs 30.89 for FedAvg of A and B; 5e-4 ended at 30.77 (benchmarks/federation.py).
         return 5e-4 if freeze_a else 2e-4

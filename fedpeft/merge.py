@@ -20,6 +20,7 @@ from fedpeft.adapters import AdapterFiles, check_fingerprint, inject, load_adapt
 from fedpeft.base import Base, dequantize_linears, load_base
 from fedpeft.checkpoint import atomic_dir
 from fedpeft.config import BaseConfig
+from fedpeft.errors import FedpeftError
 
 MergeOnto = Literal["full", "quantized"]
 
@@ -28,6 +29,12 @@ def merge_base(files: AdapterFiles, onto: MergeOnto, model: str, cache_dir: str 
     """The base to merge onto, as plain fp32 layers. The adapter's own (quantized) base is loaded first
     and its fingerprint checked: that proves `model` is the file the adapter was trained on, which the
     full-precision base (a different fingerprint) could not prove alone."""
+    kind = files.adapter_config.kind
+    if files.adapter_config.prompt_learning:
+        raise FedpeftError(
+            f"a {kind} tuning adapter has no weights to merge into the base (its virtual tokens run in front of "
+            "the input): export it without --merge and load it with peft"
+        )
     quant = files.meta["quant"]
     # on the CPU wherever a GPU is: the exported weights must not depend on the machine that merged them
     own = load_base(BaseConfig(model=model, quant=quant, cache_dir=cache_dir, device="cpu"))

@@ -150,6 +150,8 @@ def causal_nll(model: Any, batch: dict[str, torch.Tensor], chunk: int) -> tuple[
     labels = batch["labels"][:, 1:]
     keep = labels != -100
     n = int(keep.sum())
+    if getattr(model, "_is_prompt_learning", False):
+        return _prompt_learning_nll(model, batch, n)
     parts = _decoder_and_head(model) if chunk > 0 else None
     if parts is None:
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
@@ -172,6 +174,19 @@ def causal_nll(model: Any, batch: dict[str, torch.Tensor], chunk: int) -> tuple[
         else:
             total = total + fn(h, y)
     return total, n
+
+
+def _prompt_learning_nll(model: Any, batch: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, int]:
+    """Prompt and prefix tuning live in peft's own forward (virtual tokens before the input, or keys and
+    values before every layer's), so the decoder cannot run alone: the whole forward with labels (peft
+    masks the virtual positions), whose mean over the n label tokens, times n, is the sum. All logits at
+    once: no chunking."""
+    if n == 0:
+        return torch.zeros((), dtype=torch.float32, device=batch["input_ids"].device), 0
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
+    )
+    return out.loss.float() * n, n
 
 
 @dataclass
@@ -226,7 +241,10 @@ def train(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     stream = _block_stream(len(data.train), cfg.seed)
     result = TrainResult()
-    was_checkpointing = set_checkpointing(model, cfg.checkpointing)
+    # Prefix tuning hands every layer a cache holding the prefix's keys and values, which each forward
+    # extends; a checkpointed layer's recompute would extend it twice. peft's prefix tuning trains without.
+    prefix = getattr(getattr(model, "active_peft_config", None), "peft_type", None) == "PREFIX_TUNING"
+    was_checkpointing = set_checkpointing(model, cfg.checkpointing and not prefix)
     model.train()
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=desc, disable=not show_bars(cfg.progress), leave=False, unit="step")

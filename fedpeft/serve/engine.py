@@ -3,7 +3,8 @@
 LoRA requests for different adapters (and the base) run in one forward: peft's mixed-adapter batches
 (`adapter_names`, one name per row; LoRAX and S-LoRA serve many LoRAs over one base the same way) apply each
 row's LoRA to its own rows only. IA3 has no mixed-batch forward in peft 0.21, so an IA3 batch is decoded
-one adapter group after another.
+one adapter group after another; prompt and prefix tuning, one request after another through peft's
+generate().
 
 The loop is ours rather than `generate()`: each row keeps its own sampling settings, stop strings, token
 budget and stream, which `generate()` applies batch-wide. Rows are left-padded with explicit position ids,
@@ -91,6 +92,9 @@ class Job:
         else:
             self._emit("length" if len(self.ids) >= self.sampling.max_tokens else None)
 
+    def end(self, finish: str) -> None:
+        self._emit(finish)
+
     def fail(self, message: str) -> None:
         self.error = message
         self._emit("error")
@@ -143,13 +147,15 @@ class Engine:
     def _load(self, internal: str, e: Entry, check_schema: Any, schema_of: Any) -> None:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+        from fedpeft.adapters import not_placed
+
         expected = get_peft_model_state_dict(self.model, adapter_name=internal, save_embedding_layers=False)
         expected = {k: v.detach().cpu().numpy() for k, v in expected.items()}
         check_schema(schema_of(expected), schema_of(e.files.arrays), f"adapter {e.name} ({e.files.path})")
         state = {k: torch.from_numpy(v.copy()) for k, v in e.files.arrays.items()}
-        result = set_peft_model_state_dict(self.model, state, adapter_name=internal)
-        if getattr(result, "unexpected_keys", None):
-            raise FedpeftError(f"adapter {e.name}: peft did not place {result.unexpected_keys[0]}")
+        unplaced = not_placed(self.model, set_peft_model_state_dict(self.model, state, adapter_name=internal))
+        if unplaced:
+            raise FedpeftError(f"adapter {e.name}: peft did not place {unplaced[0]}")
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -170,9 +176,59 @@ class Engine:
             if name == BASE:
                 with self.model.disable_adapter():
                     self._decode(group, mixed=False)
+            elif self.kind in ("prompt", "prefix"):  # virtual tokens: peft's generate(), one request at a time
+                self.model.set_adapter(self._internal[name])
+                for j in group:
+                    self._generate(j)
             else:
                 self.model.set_adapter(self._internal[name])
                 self._decode(group, mixed=False)
+
+    def _generate(self, job: Job) -> None:
+        """One request through peft's generate(), which puts the virtual tokens (or keys and values) in front
+        of every step; our own loop cannot. Tokens reach the job through a streamer, as they come."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        engine = self
+
+        class Feed(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value: torch.Tensor) -> None:
+                if not self.prompt_seen:  # generate() first hands over the prompt itself
+                    self.prompt_seen = True
+                    return
+                if not job.done:
+                    job.add(int(value.reshape(-1)[0]), engine.tokenizer, engine.eos)
+
+            def end(self) -> None:
+                pass
+
+        class Done(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                return torch.full((input_ids.shape[0],), job.done, dtype=torch.bool, device=input_ids.device)
+
+        device = model_device(self.model)
+        ids = torch.tensor([job.prompt_ids], device=device)
+        s = job.sampling
+        sampling = {"do_sample": False} if s.temperature == 0 else {"do_sample": True, "temperature": s.temperature}
+        if s.temperature > 0:
+            sampling["top_p"] = s.top_p
+        with torch.random.fork_rng(devices=[]), autocast_for(self.base.quant, device.type):
+            if s.temperature > 0:
+                torch.manual_seed(s.seed if s.seed is not None else torch.seed())
+            self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=s.max_tokens,
+                pad_token_id=self.pad,
+                streamer=Feed(),
+                stopping_criteria=StoppingCriteriaList([Done()]),
+                **sampling,
+            )
+        if not job.done:  # generate() stopped on its own (its max_new_tokens)
+            job.end("length")
 
     def _decode(self, jobs: list[Job], mixed: bool) -> None:
         device = model_device(self.model)
