@@ -24,6 +24,7 @@ from fedpeft.serve.batcher import Batcher
 from fedpeft.serve.engine import Engine, Job, Sampling
 
 MAX_STOPS = 4  # as OpenAI's API
+MAX_PROMPTS = 128  # prompts in one completions request (each is a row of a batch; OpenAI allows more)
 
 
 class ApiError(Exception):
@@ -157,8 +158,8 @@ def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest) -> Any:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not prompts:
-            raise ApiError(400, "prompt: no prompt given", "prompt")
+        if not prompts or len(prompts) > MAX_PROMPTS:
+            raise ApiError(400, f"prompt: give 1 to {MAX_PROMPTS} prompts", "prompt")
         jobs = prepare(prompts, req.model, sampling(req, req.max_tokens or 16))
         return await respond(jobs, req, "text_completion", "cmpl")
 

@@ -13,6 +13,7 @@ so a padded row computes what it computes alone (up to float rounding).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -79,12 +80,12 @@ class Job:
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
-    def add(self, token: int, tokenizer: Any, eos: set[int]) -> None:
+    def add(self, token: int, decode: Callable[[list[int]], str], eos: set[int]) -> None:
         if token in eos:
             self._emit("stop")
             return
         self.ids.append(token)
-        self.text = tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.text = decode(self.ids)
         cut = min((i for i in (self.text.find(s) for s in self.sampling.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.text = self.text[:cut]
@@ -120,6 +121,9 @@ class Engine:
 
         self.base = base
         self.tokenizer = base.tokenizer
+        # A fast tokenizer used from two threads at once can fail ("Already borrowed", huggingface/tokenizers
+        # #537): the API thread encodes while the batcher thread decodes.
+        self._tokenizer_lock = threading.Lock()
         self.names = [BASE] + [e.name for e in entries]
         self.entries = {e.name: e for e in entries}
         self.kind = entries[0].kind if entries else None
@@ -158,12 +162,18 @@ class Engine:
             raise FedpeftError(f"adapter {e.name}: peft did not place {unplaced[0]}")
 
     def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        with self._tokenizer_lock:
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise FedpeftError("this base model has no chat template: use /v1/completions")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        with self._tokenizer_lock:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> None:
@@ -200,7 +210,7 @@ class Engine:
                     self.prompt_seen = True
                     return
                 if not job.done:
-                    job.add(int(value.reshape(-1)[0]), engine.tokenizer, engine.eos)
+                    job.add(int(value.reshape(-1)[0]), engine.decode, engine.eos)
 
             def end(self) -> None:
                 pass
@@ -264,7 +274,7 @@ class Engine:
                         continue
                     if not greedy[row]:
                         tokens[row] = j.pick(logits[row])
-                    j.add(int(tokens[row]), self.tokenizer, self.eos)
+                    j.add(int(tokens[row]), self.decode, self.eos)
                 if all(j.done for j in jobs):
                     return
                 ids = tokens[:, None]

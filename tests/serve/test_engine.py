@@ -79,7 +79,7 @@ def last_logit(engine: Engine, prompt: str, model: str) -> float:
 class Chars:
     """A tokenizer whose token i is the character chr(i)."""
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids)
 
 
@@ -91,7 +91,7 @@ def feed(text: str, sampling: Sampling, eos: set[int] = frozenset()) -> tuple[li
     for ch in text:
         if job.done:
             break
-        job.add(ord(ch), Chars(), set(eos))
+        job.add(ord(ch), Chars().decode, set(eos))
     return pieces, job
 
 
