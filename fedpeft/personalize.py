@@ -157,9 +157,12 @@ class PersonalStore:
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
+            doc = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise FedpeftError(f"unreadable {path}: {e}") from None
+        if not isinstance(doc, dict):
+            raise FedpeftError(f"unreadable {path}: not a JSON object")
+        return doc
 
 
 def find_store(src: str | Path, user: str) -> PersonalStore:
@@ -185,6 +188,8 @@ def user_adapter(src: str | Path, user: str, which: str) -> tuple[Path, str]:
     choice = store.choice() or {}
     if which == "kept":
         which = choice.get("use", PERSONAL if (store.dir / PERSONAL).is_dir() else GLOBAL)
+        if which not in (PERSONAL, GLOBAL):  # a path here would serve or export any folder as this user's
+            raise FedpeftError(f"{store.dir / CHOICE_FILE}: 'use' must be {PERSONAL} or {GLOBAL}, got {which!r}")
         why = f"kept by the device after round {choice.get('global_round')}" if choice else "kept"
     else:
         why = "as asked"

@@ -20,11 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedpeft.errors import FedpeftError
-from fedpeft.serve.batcher import Batcher
+from fedpeft.serve.batcher import Batcher, Busy
 from fedpeft.serve.engine import Engine, Job, Sampling
 
 MAX_STOPS = 4  # as OpenAI's API
 MAX_PROMPTS = 128  # prompts in one completions request (each is a row of a batch; OpenAI allows more)
+MAX_STOP_CHARS = 256
+MAX_CHARS_PER_TOKEN = 32  # a prompt this many characters per context token is past the context for sure
 
 
 class ApiError(Exception):
@@ -49,7 +51,7 @@ class _Common(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     n: int = Field(1, ge=1, le=1)  # one choice per prompt; several prompts batch instead
 
 
@@ -105,14 +107,12 @@ def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens
                 )
         return await call_next(request)
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "batches": batcher.batches,
-            "requests": batcher.rows,
-            "largest": batcher.largest,
-        }
+    @app.get("/health", response_model=None)
+    async def health() -> Any:
+        body = {"batches": batcher.batches, "requests": batcher.rows, "largest": batcher.largest}
+        if not batcher.alive:  # the decoding thread is gone: nothing would be answered
+            return JSONResponse({"status": "down", **body}, status_code=503)
+        return {"status": "ok", **body}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -132,8 +132,10 @@ def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens
                 "model_not_found",
             )
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stops) > MAX_STOPS or any(not s for s in stops):
-            raise ApiError(400, f"stop: at most {MAX_STOPS} non-empty strings", "stop")
+        if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(
+                400, f"stop: at most {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} characters", "stop"
+            )
         if wanted > max_tokens:
             raise ApiError(
                 400,
@@ -142,10 +144,14 @@ def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens
             )
         return Sampling(wanted, req.temperature, req.top_p, tuple(stops), req.seed)
 
-    def prepare(prompts: list[str], model: str, s: Sampling) -> list[Job]:
+    async def prepare(prompts: list[str], model: str, s: Sampling) -> list[Job]:
         jobs = []
         for p in prompts:
-            ids = engine.encode(p)
+            if len(p) > MAX_CHARS_PER_TOKEN * engine.context:  # surely past the context: not worth encoding
+                raise ApiError(
+                    400, f"the prompt is longer than the model's context of {engine.context} tokens", "prompt"
+                )
+            ids = await asyncio.to_thread(engine.encode, p)  # off the event loop: other streams go on
             if not ids:
                 raise ApiError(400, "the prompt is empty", "prompt")
             try:
@@ -156,28 +162,36 @@ def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens
         return jobs
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(req: CompletionRequest, request: Request) -> Any:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts or len(prompts) > MAX_PROMPTS:
             raise ApiError(400, f"prompt: give 1 to {MAX_PROMPTS} prompts", "prompt")
-        jobs = prepare(prompts, req.model, sampling(req, req.max_tokens or 16))
-        return await respond(jobs, req, "text_completion", "cmpl")
+        jobs = await prepare(prompts, req.model, sampling(req, req.max_tokens or 16))
+        return await respond(jobs, req, request, "text_completion", "cmpl")
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(req: ChatRequest) -> Any:
+    async def chat(req: ChatRequest, request: Request) -> Any:
         wanted = req.max_completion_tokens or req.max_tokens
         s = sampling(req, wanted or 1)
         try:
-            prompt = engine.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            if sum(len(m["content"]) for m in messages) > MAX_CHARS_PER_TOKEN * engine.context:
+                raise ApiError(
+                    400, f"the messages are longer than the model's context of {engine.context} tokens"
+                )
+            prompt = await asyncio.to_thread(engine.chat_prompt, messages)
         except FedpeftError as e:
             raise ApiError(400, str(e), "messages") from None
         except Exception as e:  # the template's own checks (e.g. roles out of order)
             raise ApiError(400, f"messages: {str(e).splitlines()[0]}", "messages") from None
         if wanted is None:  # as OpenAI: up to what the context leaves (within the server's limit)
-            s = replace(s, max_tokens=max(1, min(max_tokens, engine.context - len(engine.encode(prompt)))))
-        return await respond(prepare([prompt], req.model, s), req, "chat.completion", "chatcmpl")
+            used = len(await asyncio.to_thread(engine.encode, prompt))
+            s = replace(s, max_tokens=max(1, min(max_tokens, engine.context - used)))
+        return await respond(
+            await prepare([prompt], req.model, s), req, request, "chat.completion", "chatcmpl"
+        )
 
-    async def respond(jobs: list[Job], req: _Common, kind: str, prefix: str) -> Any:
+    async def respond(jobs: list[Job], req: _Common, request: Request, kind: str, prefix: str) -> Any:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, str, str | None]] = asyncio.Queue()
         for i, j in enumerate(jobs):
@@ -185,14 +199,22 @@ def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens
                 events.put_nowait, (i, delta, finish)
             )
         head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
-        batcher.submit(jobs)
+        try:
+            batcher.submit(jobs)
+        except Busy as e:
+            raise ApiError(503, f"the server is busy: {e}; retry later") from None
         if req.stream:
             return StreamingResponse(_stream(jobs, events, head, kind), media_type="text/event-stream")
         try:
             texts = ["" for _ in jobs]
             left = len(jobs)
             while left:
-                i, delta, finish = await events.get()
+                try:
+                    i, delta, finish = await asyncio.wait_for(events.get(), timeout=1.0)
+                except TimeoutError:
+                    if await request.is_disconnected():  # nobody waits for the answer: stop decoding it
+                        break
+                    continue
                 texts[i] += delta
                 left -= finish is not None
         finally:

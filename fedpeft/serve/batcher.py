@@ -12,16 +12,22 @@ import queue
 import threading
 import time
 
-from fedpeft.serve.engine import Engine, Job
+from fedpeft.serve.engine import Engine, Job, failure
 
 log = logging.getLogger("fedpeft")
 
 
+class Busy(Exception):
+    """More requests wait than the server takes (--max-queue): the client should come back later."""
+
+
 class Batcher:
-    def __init__(self, engine: Engine, max_batch: int, wait_s: float) -> None:
+    def __init__(self, engine: Engine, max_batch: int, wait_s: float, max_queue: int) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.wait_s = wait_s
+        self.max_queue = max_queue
+        self._stopping = False
         self.batches = 0  # decoded so far, and the rows they held (GET /health reports them)
         self.rows = 0
         self.largest = 0
@@ -31,14 +37,30 @@ class Batcher:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def submit(self, jobs: list[Job]) -> None:
+        """Queue the jobs of one request, all or none (Busy when the queue is full or the server stops)."""
+        if self._stopping or self._queue.qsize() + len(jobs) > self.max_queue:
+            raise Busy(f"{self._queue.qsize()} requests are waiting (--max-queue {self.max_queue})")
         for j in jobs:
             self._queue.put(j)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the batch under way, then end the thread (requests still queued are dropped)."""
+    def stop(self, timeout: float = 15.0) -> None:
+        """Finish the batch under way, fail the requests still queued, then end the thread."""
+        self._stopping = True
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.fail("the server is stopping")
         self._queue.put(None)
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _collect(self, first: Job) -> tuple[list[Job], bool]:
         batch, deadline = [first], time.monotonic() + self.wait_s
@@ -72,4 +94,4 @@ class Batcher:
                 log.error("a batch of %d request(s) failed: %s", len(batch), e)
                 for j in batch:
                     if not j.done:
-                        j.fail(f"generation failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                        j.fail(failure(e))

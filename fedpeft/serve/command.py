@@ -68,6 +68,13 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
         "(default: %(default)s)",
     )
     b.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        metavar="N",
+        help="prompts that may wait for a batch; more are answered 503, busy (default: %(default)s)",
+    )
+    b.add_argument(
         "--max-tokens",
         type=int,
         default=512,
@@ -107,8 +114,10 @@ def _check_network(a: argparse.Namespace) -> str | None:
     for f in (a.ssl_certfile, a.ssl_keyfile):
         if f is not None and not Path(f).is_file():
             raise FedpeftError(f"no such file: {f}")
-    if a.max_batch < 1 or a.max_tokens < 1 or a.batch_wait_ms < 0:
-        raise FedpeftError("--max-batch and --max-tokens must be positive, --batch-wait-ms not negative")
+    if min(a.max_batch, a.max_tokens, a.max_queue) < 1 or a.batch_wait_ms < 0:
+        raise FedpeftError(
+            "--max-batch, --max-queue and --max-tokens must be positive, --batch-wait-ms not negative"
+        )
     return key or None
 
 
@@ -146,7 +155,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         )
     )
     engine = Engine(base, entries)
-    batcher = Batcher(engine, a.max_batch, a.batch_wait_ms / 1000)
+    batcher = Batcher(engine, a.max_batch, a.batch_wait_ms / 1000, a.max_queue)
     app = create_app(engine, batcher, key, a.max_tokens)
     host, port = sock.getsockname()[:2]
     scheme = "https" if a.ssl_certfile else "http"

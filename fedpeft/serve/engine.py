@@ -13,6 +13,7 @@ so a padded row computes what it computes alone (up to float rounding).
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,16 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        # below this, logits / temperature overflows float32 into inf and NaN probabilities; it is greedy anyway
+        return self.temperature < 1e-4
+
+
+def failure(e: BaseException) -> str:
+    """A failed generation, in the one line its request gets back."""
+    return f"generation failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
 
 
 class Job:
@@ -62,9 +73,9 @@ class Job:
         self.error = ""
         self.cancelled = False  # set from another thread when the client went away
         self.generator: torch.Generator | None = None
-        if sampling.temperature > 0:
+        if not sampling.greedy:  # its own generator: a request's seed decides its draws whatever the batch
             self.generator = torch.Generator()
-            self.generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+            self.generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
 
     @property
     def done(self) -> bool:
@@ -110,7 +121,10 @@ class Job:
         delta = self.text[self.sent : max(end, self.sent)]
         self.sent += len(delta)
         if self.on_text is not None and (delta or finish is not None):
-            self.on_text(delta, finish)
+            try:
+                self.on_text(delta, finish)
+            except RuntimeError:  # the request's event loop is gone (the server is stopping): nobody listens
+                self.cancelled = True
 
 
 class Engine:
@@ -186,10 +200,16 @@ class Engine:
             if name == BASE:
                 with self.model.disable_adapter():
                     self._decode(group, mixed=False)
-            elif self.kind in ("prompt", "prefix"):  # virtual tokens: peft's generate(), one request at a time
+            elif self.kind in (
+                "prompt",
+                "prefix",
+            ):  # virtual tokens: peft's generate(), one request at a time
                 self.model.set_adapter(self._internal[name])
                 for j in group:
-                    self._generate(j)
+                    try:
+                        self._generate(j)
+                    except Exception as e:  # this request fails, not the ones after it
+                        j.fail(failure(e))
             else:
                 self.model.set_adapter(self._internal[name])
                 self._decode(group, mixed=False)
@@ -222,12 +242,13 @@ class Engine:
         device = model_device(self.model)
         ids = torch.tensor([job.prompt_ids], device=device)
         s = job.sampling
-        sampling = {"do_sample": False} if s.temperature == 0 else {"do_sample": True, "temperature": s.temperature}
-        if s.temperature > 0:
-            sampling["top_p"] = s.top_p
+        sampling: dict[str, Any] = {"do_sample": False}
+        if not s.greedy:
+            sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
+        # generate() draws from torch's global generator: seeded here, and restored after (fork_rng)
         with torch.random.fork_rng(devices=[]), autocast_for(self.base.quant, device.type):
-            if s.temperature > 0:
-                torch.manual_seed(s.seed if s.seed is not None else torch.seed())
+            if not s.greedy:
+                torch.manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
             self.model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
@@ -252,7 +273,7 @@ class Engine:
         extra: dict[str, Any] = {}
         if mixed:
             extra["adapter_names"] = [self._internal.get(j.adapter, MIXED) for j in jobs]
-        greedy = torch.tensor([j.sampling.temperature == 0 for j in jobs])
+        greedy = [j.sampling.greedy for j in jobs]
         past = None
         with autocast_for(self.base.quant, device.type):
             for _ in range(max(j.sampling.max_tokens for j in jobs)):
@@ -272,14 +293,20 @@ class Engine:
                     if j.done:
                         tokens[row] = self.pad
                         continue
-                    if not greedy[row]:
-                        tokens[row] = j.pick(logits[row])
-                    j.add(int(tokens[row]), self.decode, self.eos)
+                    try:
+                        if not greedy[row]:
+                            tokens[row] = j.pick(logits[row])
+                        j.add(int(tokens[row]), self.decode, self.eos)
+                    except Exception as e:  # this row's request fails, not the batch it shares
+                        j.fail(failure(e))
                 if all(j.done for j in jobs):
                     return
+                live = torch.tensor([[0 if j.done else 1] for j in jobs], dtype=torch.long)
                 ids = tokens[:, None]
-                mask = torch.cat([mask, torch.ones((len(jobs), 1), dtype=torch.long)], dim=-1)
-                positions = positions[:, -1:] + 1
+                # a finished row attends to nothing new and stays at its last position: with learned absolute
+                # positions (GPT-2's table) a long-finished row would otherwise run past the table's end
+                mask = torch.cat([mask, live], dim=-1)
+                positions = positions[:, -1:] + live
 
     def check_budget(self, prompt_ids: list[int], max_tokens: int) -> None:
         if len(prompt_ids) + max_tokens > self.context:

@@ -84,3 +84,17 @@ def test_a_corrupt_adapter_is_refused_with_its_path(runs: dict[str, Path], tmp_p
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(FedpeftError, match="corrupt adapter weights .*alice"):
         discover([str(run)], [])
+
+
+def test_a_choice_that_names_anything_but_its_two_adapters_is_refused(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(runs["lora"], run)
+    for doc, why in [
+        ('{"use": "../../bob/personal"}', "'use' must be personal or global"),
+        ("[1]", "not a JSON object"),
+    ]:
+        (run / "personal" / "alice" / "choice.json").write_text(doc)
+        with pytest.raises(FedpeftError, match=why):
+            discover([str(run)], [])

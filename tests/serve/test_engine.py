@@ -27,10 +27,13 @@ def engine_for(tmp: Path, cache_dir: str, cfg: AdapterConfig) -> Engine:
     )
 
 
-def greedy(engine: Engine, prompts: list[str], models: list[str], tokens: int = 12) -> list[list[int]]:
+def greedy(
+    engine: Engine, prompts: list[str], models: list[str], tokens: int | list[int] = 12
+) -> list[list[int]]:
+    budgets = tokens if isinstance(tokens, list) else [tokens] * len(prompts)
     jobs = [
-        Job(engine.encode(p), m, Sampling(tokens, temperature=0))
-        for p, m in zip(prompts, models, strict=True)
+        Job(engine.encode(p), m, Sampling(n, temperature=0))
+        for p, m, n in zip(prompts, models, budgets, strict=True)
     ]
     engine.run(jobs)
     return [j.ids for j in jobs]
@@ -49,6 +52,8 @@ def test_a_mixed_batch_equals_each_request_alone_and_peft_generate(
     batched = greedy(engine, PROMPTS, models)
     alone = [greedy(engine, [p], [m])[0] for p, m in zip(PROMPTS, models, strict=True)]
     assert batched == alone
+    # rows that finish early are masked out and stop advancing; the others go on as alone
+    assert greedy(engine, PROMPTS, models, [2, 12, 5, 12]) == [alone[0][:2], alone[1], alone[2][:5], alone[3]]
     # each adapter computes its own logits: the rows did not all run the base (or one adapter)
     assert len({round(last_logit(engine, PROMPTS[0], m), 4) for m in models}) == 4
     # and what a row computed is what peft computes with that adapter active, one request, generate()
@@ -122,3 +127,19 @@ def test_sampling_follows_its_seed_and_top_p(tmp_path: Path, tiny_path: Path, ca
     logits = torch.tensor([0.0, 10.0, 9.9, -5.0])
     job = Job([1], "base", Sampling(1, temperature=1.0, top_p=0.6, seed=0))
     assert {job.pick(logits) for _ in range(50)} == {1, 2}  # the nucleus: the two tokens reaching 0.6
+
+
+def test_a_vanishing_temperature_is_greedy_and_a_full_queue_is_busy() -> None:
+    from fedpeft.serve.batcher import Batcher, Busy
+
+    assert Sampling(4, temperature=1e-30).greedy and not Sampling(4, temperature=0.5).greedy
+    failed: list[str] = []
+    batcher = Batcher(None, max_batch=4, wait_s=0.0, max_queue=2)  # type: ignore[arg-type]
+    jobs = [Job([1], "base", Sampling(2), lambda d, f: failed.append(f)) for _ in range(3)]
+    batcher.submit(jobs[:2])
+    with pytest.raises(Busy, match="--max-queue 2"):
+        batcher.submit(jobs[2:])
+    batcher.stop(timeout=1)  # never started: the queued requests fail, nothing waits for an answer
+    assert failed == ["error", "error"] and jobs[0].error == "the server is stopping"
+    with pytest.raises(Busy):
+        batcher.submit(jobs[2:])

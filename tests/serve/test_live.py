@@ -164,10 +164,12 @@ def test_errors_are_openai_shaped(served: dict[str, Any]) -> None:
         bad_json = c.post("/completions", content=b"{not json", headers={"content-type": "application/json"})
         missing = c.post("/completions", json={"model": "global"})
         too_long = c.post("/completions", json={"model": "global", "prompt": "hi", "max_tokens": 10_000})
+        big_seed = c.post("/completions", json={"model": "global", "prompt": "hi", "seed": 2**70})
+        long_stop = c.post("/completions", json={"model": "global", "prompt": "hi", "stop": "x" * 300})
         bad_role = c.post(
             "/chat/completions", json={"model": "global", "messages": [{"role": "x", "content": "y"}]}
         )
-    for r in (bad_json, missing, too_long, bad_role):
+    for r in (bad_json, missing, too_long, big_seed, long_stop, bad_role):
         assert r.status_code == 400 and set(r.json()["error"]) >= {"message", "type"}, r.text
     assert (
         "prompt" in missing.json()["error"]["message"]
