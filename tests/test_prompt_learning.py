@@ -137,6 +137,28 @@ def test_served_prompt_adapters_answer_what_peft_generate_does(
         assert job.ids == theirs[: len(job.ids)]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_fedpeft_generate_puts_prompt_adapters_side_by_side(
+    cache_dir: str, tiny_path: Path, tmp_path: Path, kind: str
+) -> None:
+    from fedpeft.compare import compare
+    from tests.serve.runs import write_run
+
+    write_run(
+        tmp_path / "run",
+        _base(cache_dir),
+        ["alice"],
+        cfg=AdapterConfig(kind=kind, virtual_tokens=4),
+        scale=0.5,
+    )
+    out = compare(tmp_path / "run", "alice", "the quick brown", 6, None, cache_dir)
+    assert (
+        "--- base ---" in out
+        and "--- global (round 3) ---" in out
+        and "--- personal (round 3, kept) ---" in out
+    )
+
+
 @pytest.fixture
 def fed_users(tmp_path: Path) -> Path:
     root = tmp_path / "users"

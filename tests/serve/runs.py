@@ -19,7 +19,7 @@ def random_arrays(model: Any, seed: int, scale: float) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
     for k, v in adapter_state(model).items():
-        if ".lora_B." in k or ".ia3_" in k:
+        if ".lora_B." in k or ".ia3_" in k or k == "prompt_embeddings":
             v = v + rng.normal(0, scale, v.shape).astype(v.dtype)
         out[k] = v
     return out
