@@ -192,27 +192,26 @@ class Engine:
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> None:
         """Decode `jobs` to the end (each finishes by its own budget, stop string or end of text)."""
-        if self.kind == "lora" or self.kind is None:
+        if self.kind is None or (self.kind == "lora" and len({j.adapter for j in jobs}) > 1):
             self._decode(jobs, mixed=self.kind == "lora")
             return
-        for name in dict.fromkeys(j.adapter for j in jobs):  # IA3: one adapter group at a time
+        # One adapter group at a time (IA3 and prompt learning; LoRA when the whole batch wants one adapter:
+        # peft's plain forward, without the mixed batch's per-row gathers).
+        for name in dict.fromkeys(j.adapter for j in jobs):
             group = [j for j in jobs if j.adapter == name]
             if name == BASE:
                 with self.model.disable_adapter():
                     self._decode(group, mixed=False)
-            elif self.kind in (
-                "prompt",
-                "prefix",
-            ):  # virtual tokens: peft's generate(), one request at a time
-                self.model.set_adapter(self._internal[name])
-                for j in group:
-                    try:
-                        self._generate(j)
-                    except Exception as e:  # this request fails, not the ones after it
-                        j.fail(failure(e))
-            else:
-                self.model.set_adapter(self._internal[name])
+                continue
+            self.model.set_adapter(self._internal[name])
+            if self.kind not in ("prompt", "prefix"):
                 self._decode(group, mixed=False)
+                continue
+            for j in group:  # virtual tokens: peft's generate(), one request at a time
+                try:
+                    self._generate(j)
+                except Exception as e:  # this request fails, not the ones after it
+                    j.fail(failure(e))
 
     def _generate(self, job: Job) -> None:
         """One request through peft's generate(), which puts the virtual tokens (or keys and values) in front
