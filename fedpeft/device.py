@@ -278,6 +278,8 @@ class Device:
         base = self._base_reference_loss()
         if base is None:
             return {}
+        if rnd == 0:  # round 0 reports the base, as its held-out figure does (prompt tuning's init is not it)
+            return {"reference_loss": base, "base_reference_loss": base}
         # keyed by the adapter's bytes too: a device's worker may serve a later run whose rounds count anew
         key = (rnd, _digest(global_arrays))
         if self._reference_round is None or self._reference_round[0] != key:

@@ -168,6 +168,26 @@ def fed_users(tmp_path: Path) -> Path:
     return root
 
 
+def test_round_zero_reports_the_base_although_the_prompts_init_is_not_it(
+    fed_users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    from fedpeft.device import Device
+
+    cfg = RunConfig(
+        base=BaseConfig(model="tiny", quant="none", cache_dir=cache_dir),
+        adapter=AdapterConfig(kind="prompt", virtual_tokens=4),
+        data=DataConfig(data=str(fed_users), block_size=32),
+        train=TrainConfig(progress=False),
+        federation=FederationConfig(clients=4, fraction=1.0, rounds=1),
+    )
+    device = Device(cfg)
+    init = device.init_state
+    zero, one = device.reference_losses(0, init), device.reference_losses(1, init)
+    assert zero["reference_loss"] == zero["base_reference_loss"] == one["base_reference_loss"]
+    assert one["reference_loss"] != one["base_reference_loss"]  # the sampled virtual tokens change the output
+    assert device.evaluate(0, init, bare=True)[0] != device.evaluate(0, init)[0]
+
+
 @pytest.mark.simulation
 @pytest.mark.parametrize("kind,secure", [("prompt", True), ("prefix", False)])
 def test_a_federation_learns_and_its_global_adapter_loads_in_peft(
