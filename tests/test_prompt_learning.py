@@ -65,6 +65,19 @@ def test_only_the_virtual_tokens_train_and_travel(cache_dir: str, tiny_path: Pat
         assert all(any(np.array_equal(row, v) for v in vocab) for row in state["prompt_embeddings"])
 
 
+def test_prefix_tuning_starts_as_the_base_after_its_sampled_tokens(cache_dir: str, tiny_path: Path) -> None:
+    from fedpeft.adapters import prefix_init_ids
+
+    base = _base(cache_dir)
+    cfg = AdapterConfig(kind="prefix", virtual_tokens=5)
+    model = inject(base, cfg)
+    ids = prefix_init_ids(base.model.get_input_embeddings().weight.shape[0], cfg)
+    x = torch.tensor([[7, 8, 9, 10, 11, 12]])
+    with model.disable_adapter():
+        after_tokens = _logits(model, torch.cat([ids, x], dim=1))[:, ids.shape[1] :]
+    torch.testing.assert_close(_logits(model, x), after_tokens, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_learns_and_peft_reloads_the_same_logits(
     cache_dir: str, tiny_path: Path, users_dir: Path, tmp_path: Path, kind: str
