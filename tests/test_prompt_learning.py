@@ -124,6 +124,7 @@ def test_served_prompt_adapters_answer_what_peft_generate_does(
 ) -> None:
     from fedpeft.serve.catalog import discover
     from fedpeft.serve.engine import Engine, Job, Sampling
+    from tests.serve.runs import peft_generate
 
     base = _base(cache_dir)
     cfg = AdapterConfig(kind="prompt", virtual_tokens=4)
@@ -138,16 +139,7 @@ def test_served_prompt_adapters_answer_what_peft_generate_does(
     engine.run(jobs)
     assert all(j.finish in ("stop", "length") for j in jobs)
     for (name, prompt), job in zip(prompts.items(), jobs, strict=True):
-        enc = engine.tokenizer(prompt, return_tensors="pt")
-        kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=engine.pad)
-        if name == "base":
-            with engine.model.disable_adapter():
-                out = engine.model.generate(**enc, **kwargs)
-        else:
-            engine.model.set_adapter(engine._internal[name])
-            out = engine.model.generate(**enc, **kwargs)
-        theirs = [t for t in out[0, enc["input_ids"].shape[1] :].tolist() if t not in engine.eos]
-        assert job.ids == theirs[: len(job.ids)]
+        assert job.ids == peft_generate(engine, name, prompt, 10)[: len(job.ids)]
 
 
 @pytest.mark.parametrize("kind", KINDS)

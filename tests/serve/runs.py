@@ -46,3 +46,17 @@ def write_run(
             store.save(which, arrays, peft_config_dict(model), doc, cfg, 3, "finetune")
         store.save_choice({"use": "personal", "global_round": 3, "note": ""})
     return model
+
+
+def peft_generate(engine: Any, name: str, prompt: str, tokens: int) -> list[int]:
+    """Greedy token ids peft's own generate() gives `prompt` with the served adapter `name` active (or none for
+    the base), end-of-text tokens left out: what a served request must match."""
+    enc = engine.tokenizer(prompt, return_tensors="pt")
+    kwargs = dict(max_new_tokens=tokens, do_sample=False, pad_token_id=engine.pad)
+    if name == "base":
+        with engine.model.disable_adapter():
+            out = engine.model.generate(**enc, **kwargs)
+    else:
+        engine.model.set_adapter(engine._internal[name])
+        out = engine.model.generate(**enc, **kwargs)
+    return [t for t in out[0, enc["input_ids"].shape[1] :].tolist() if t not in engine.eos]

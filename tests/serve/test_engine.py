@@ -12,13 +12,12 @@ from fedpeft.base import load_base
 from fedpeft.config import AdapterConfig, BaseConfig
 from fedpeft.serve.catalog import discover
 from fedpeft.serve.engine import Engine, Job, Sampling
+from tests.serve.runs import peft_generate, write_run
 
 PROMPTS = ["the quick brown fox", "a small bird sings about", "over the lazy dog and the long road", "home;"]
 
 
 def engine_for(tmp: Path, cache_dir: str, cfg: AdapterConfig) -> Engine:
-    from tests.serve.runs import write_run
-
     base = load_base(BaseConfig(model="tiny", quant="none", cache_dir=cache_dir))
     write_run(tmp / "run", base, ["alice", "bob"], cfg=cfg, scale=0.5)
     return Engine(
@@ -58,16 +57,7 @@ def test_a_mixed_batch_equals_each_request_alone_and_peft_generate(
     assert len({round(last_logit(engine, PROMPTS[0], m), 4) for m in models}) == 4
     # and what a row computed is what peft computes with that adapter active, one request, generate()
     for prompt, model, ids in zip(PROMPTS, models, batched, strict=True):
-        enc = engine.tokenizer(prompt, return_tensors="pt")
-        kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=engine.pad)
-        if model == "base":
-            with engine.model.disable_adapter():
-                out = engine.model.generate(**enc, **kwargs)
-        else:
-            engine.model.set_adapter(engine._internal[model])
-            out = engine.model.generate(**enc, **kwargs)
-        theirs = out[0, enc["input_ids"].shape[1] :].tolist()
-        assert ids == [t for t in theirs if t not in engine.eos][: len(ids)]
+        assert ids == peft_generate(engine, model, prompt, 12)[: len(ids)]
 
 
 @torch.no_grad()
