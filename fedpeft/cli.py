@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from fedpeft.errors import FedpeftError
-from fedpeft.flags import add_config_flags, add_run_flags, config_from_args, print_config
+from fedpeft.flags import add_base_location, add_config_flags, add_run_flags, config_from_args, print_config
 
 log = logging.getLogger("fedpeft")
 
@@ -97,7 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=("float32", "bfloat16"),
         help="weights dtype of a merged model (default: %(default)s; bf16 rounds away small adapter deltas)",
     )
-    _add_base_location(e)
+    add_base_location(e)
 
     gen = sub.add_parser(
         "generate",
@@ -115,20 +115,9 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tokens to generate (default: %(default)s)",
     )
-    _add_base_location(gen)
+    add_base_location(gen)
     add_serve_command(sub)
     return parser
-
-
-def _add_base_location(p: argparse.ArgumentParser) -> None:
-    """Where an existing adapter's base is, when it moved (export, generate)."""
-    p.add_argument(
-        "--model",
-        default=None,
-        metavar="PATH",
-        help="the base model, if it is no longer where the adapter says (default: from the adapter)",
-    )
-    p.add_argument("--cache-dir", default=None, metavar="DIR", help="cache of converted bases")
 
 
 def check_out(out: Path, *sources: Path) -> None:

@@ -110,6 +110,18 @@ def add_run_flags(group: argparse._ArgumentGroup, out_help: str) -> None:
     )
 
 
+def add_base_location(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Where an existing adapter's base is, when it moved (export, generate, serve): not part of the config
+    tree, whose --model builds a new base rather than finding an adapter's."""
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH",
+        help="the base model, if it is no longer where the adapter says (default: from the adapter)",
+    )
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="cache of converted bases")
+
+
 def print_config(args: argparse.Namespace, command: str) -> bool:
     """--print-config: print the resolved config as a config file; True if the command should stop."""
     if not getattr(args, "print_config", False):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from fedpeft.errors import FedpeftError
-from fedpeft.flags import add_config_flags, config_from_args
+from fedpeft.flags import add_base_location, add_config_flags, config_from_args
 
 API_KEY_ENV = "FEDPEFT_API_KEY"
 
@@ -81,14 +81,7 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="the most tokens one request may generate (default: %(default)s)",
     )
-    base = add_config_flags(p, "serve")["base"]
-    base.add_argument(
-        "--model",
-        default=None,
-        metavar="PATH",
-        help="the base model, if it is no longer where the adapters say (default: from the adapters)",
-    )
-    base.add_argument("--cache-dir", default=None, metavar="DIR", help="cache of converted bases")
+    add_base_location(add_config_flags(p, "serve")["base"])
 
 
 def _loopback(host: str) -> bool:
