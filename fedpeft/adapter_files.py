@@ -48,6 +48,15 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def adapter_json(cfg: AdapterConfig) -> dict[str, Any]:
+    """The adapter's settings as checkpoints and fedpeft.json hold them. virtual_tokens only where it means
+    something (prompt and prefix tuning): a LoRA or IA3 file stays what earlier code wrote and reads."""
+    doc = _jsonable(asdict(cfg))
+    if not cfg.prompt_learning:
+        doc.pop("virtual_tokens")
+    return doc
+
+
 @dataclass(frozen=True)
 class AdapterDescription:
     """What the server knows of the adapter without loading the base: one client describes it at
@@ -69,7 +78,7 @@ class AdapterDescription:
             "schema": schema_json(self.schema),
             "travel_keys": list(self.travel_keys),
             "peft_config": _jsonable(self.peft_config),
-            "adapter": _jsonable(asdict(self.adapter)),
+            "adapter": adapter_json(self.adapter),
             "base_path": self.base_path,
             "quant": self.quant,
             **({"base": dict(self.base)} if self.base else {}),  # checkpoints before it had none
@@ -106,7 +115,7 @@ def adapter_meta(
         "base_fingerprint": fingerprint,
         "base_path": base_path,
         "quant": quant,
-        "adapter": _jsonable(asdict(cfg)),
+        "adapter": adapter_json(cfg),
         "schema": schema_json(schema_of(arrays)),
         "round": None,
         **extra,
