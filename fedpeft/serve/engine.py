@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fedpeft.adapters import _peft_config, check_fingerprint, check_schema, inject, not_placed, schema_of
 from fedpeft.base import Base
 from fedpeft.errors import FedpeftError
 from fedpeft.placement import model_device
@@ -131,8 +132,6 @@ class Engine:
     """The base (loaded once) with every adapter of `entries` loaded into one peft model."""
 
     def __init__(self, base: Base, entries: list[Entry]) -> None:
-        from fedpeft.adapters import _peft_config, check_fingerprint, check_schema, inject, schema_of
-
         self.base = base
         self.tokenizer = base.tokenizer
         # A fast tokenizer used from two threads at once can fail ("Already borrowed", huggingface/tokenizers
@@ -157,15 +156,13 @@ class Engine:
             if i > 0:
                 self.model.add_adapter(internal, _peft_config(e.files.adapter_config))
             self._internal[e.name] = internal
-            self._load(internal, e, check_schema, schema_of)
+            self._load(internal, e)
             e.files.arrays.clear()  # now in the model: a second copy would double each adapter's memory
         self.model.requires_grad_(False)
         self.model.eval()
 
-    def _load(self, internal: str, e: Entry, check_schema: Any, schema_of: Any) -> None:
+    def _load(self, internal: str, e: Entry) -> None:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-        from fedpeft.adapters import not_placed
 
         expected = get_peft_model_state_dict(self.model, adapter_name=internal, save_embedding_layers=False)
         expected = {k: v.detach().cpu().numpy() for k, v in expected.items()}
