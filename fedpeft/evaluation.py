@@ -39,7 +39,11 @@ class EvalResult:
 def eval_metrics(results: Sequence[EvalResult]) -> dict[str, Any]:
     """The round's evaluation over the clients that answered (in client order): token-weighted loss and
     its perplexity, the mean of the clients' perplexities, and each client's entry by name. A malformed
-    personal report is logged and left out: a device's bad report must not stop the run."""
+    personal report is logged and left out: a device's bad report must not stop the run. No client at all
+    (every evaluation failed): no figures, only `eval_failed`, so the round reads as not evaluated rather than
+    as a perplexity of 1."""
+    if not results:
+        return {"eval_failed": True}
     per_client, nll, tokens, full_nll, full_tokens, full_clients = {}, 0.0, 0, 0.0, 0, 0
     for r in results:
         entry: dict[str, Any] = {"loss": r.loss, "ppl": ppl(r.loss), "tokens": r.tokens}
@@ -220,7 +224,7 @@ def add_base(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -> N
     add_changes(metrics, history)
     if "eval_per_client" not in metrics:  # a round that evaluated no client (--eval-every)
         return
-    base = history[0]["eval_per_client"] if history else {}
+    base = history[0].get("eval_per_client", {}) if history else {}
     for user, entry in metrics["eval_per_client"].items():
         if "kept" in entry and user in base:
             entry["base_ppl"] = base[user]["ppl"]

@@ -203,7 +203,8 @@ def round_line(m: Mapping[str, Any]) -> str:
     from fedpeft.evaluation import base_name, changes_text
 
     if "eval_ppl" not in m:
-        text = f"round {m['round']}: not evaluated (--eval-every)"
+        why = "every client's evaluation failed" if m.get("eval_failed") else "--eval-every"
+        text = f"round {m['round']}: not evaluated ({why})"
     else:
         text = f"round {m['round']}: held-out ppl {m['eval_ppl']:.2f} (loss {m['eval_loss']:.3f}"
         if m.get("eval_of"):

@@ -101,11 +101,17 @@ def summary(rnd: int, history: list[dict[str, Any]], method: str = "none") -> st
     from fedpeft.evaluation import changes_text
 
     changes = changes_text(last)
-    line = (
-        # on the same clients: a sampled last round names the base's figure on its own sample
-        f"global adapter after round {rnd}: held-out ppl {last.get('base_ppl', first['eval_ppl']):.2f} -> "
-        f"{last['eval_ppl']:.2f}" + (f" ({changes})" if changes else "")
-    )
+    if "eval_ppl" not in last:  # every client's evaluation of the last round failed
+        line = f"global adapter after round {rnd}: not evaluated (every client's evaluation failed)"
+    else:
+        before = last.get("base_ppl", first.get("eval_ppl"))
+        line = (
+            # on the same clients: a sampled last round names the base's figure on its own sample
+            f"global adapter after round {rnd}: held-out ppl "
+            + (f"{before:.2f} -> " if before is not None else "")
+            + f"{last['eval_ppl']:.2f}"
+            + (f" ({changes})" if changes else "")
+        )
     if "full_eval_ppl" in last:
         line += f"; on the {last.get('full_base')} base {last['full_eval_ppl']:.2f} (what a merge gives)"
     if "reference_ppl" in last:  # how much general ability the adapter kept (fedpeft.reference)

@@ -18,10 +18,17 @@ def test_eval_metrics_weight_the_loss_by_tokens_and_sort_clients_by_name() -> No
     assert m["eval_per_client"]["bob"] == {"loss": 2.0, "ppl": pytest.approx(math.exp(2.0)), "tokens": 30}
 
 
-def test_no_reply_gives_zeros_not_a_division_error() -> None:
+def test_no_reply_is_not_evaluated_not_a_perplexity_of_one() -> None:
+    from fedpeft.rounds import round_line
+    from fedpeft.simulate import summary
+
     m = eval_metrics([])
-    assert m["eval_loss"] == 0.0 and m["eval_ppl"] == 1.0 and m["eval_tokens"] == 0
-    assert m["eval_ppl_client_mean"] == 0.0 and m["eval_per_client"] == {}
+    assert m == {"eval_failed": True}  # no figures: nothing reads it as ppl 1.00
+    history = [{"round": 0, **eval_metrics([EvalResult("ann", 2.0, 10)])}, {"round": 1, **m}]
+    add_base(history[1], history[:1])
+    assert round_line(history[1]).startswith("round 1: not evaluated (every client's evaluation failed)")
+    assert summary(1, history).startswith("global adapter after round 1: not evaluated (every client's")
+    assert "held-out ppl 7.39;" in summary(1, [{"round": 0, **m}, history[0]])  # no base figure: the adapter's alone
 
 
 def test_perplexity_is_capped() -> None:
