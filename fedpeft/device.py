@@ -41,6 +41,7 @@ from fedpeft.personalize import (
     choose,
     personal_seed,
     shared_keys,
+    specific_change,
     split_validation,
 )
 from fedpeft.train import evaluate, train
@@ -379,6 +380,8 @@ class Device:
         if self.method == "finetune":  # from the latest global adapter
             self._train_personal(local, client, rnd)
             personal = adapter_state(self.model)
+            if self.cfg.personal.change == "specific":
+                personal = specific_change(personal, full_global, self.init_state)
         else:
             personal = store.load()
             if personal is not None and self.method == "fedsa":

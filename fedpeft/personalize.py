@@ -2,7 +2,8 @@
 the validation part that decides between global and personal, and the per-user summary.
 
 Methods (their training runs in fedpeft.device):
-- finetune: the latest global adapter plus a few local steps, made at the federation's last evaluation;
+- finetune: the latest global adapter plus a few local steps, made at the federation's last evaluation,
+  by default keeping only the part of their change that is specific to the user (specific_change);
 - fedsa: FedSA-LoRA (Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated Learning",
   ICLR 2025): LoRA A is shared and aggregated, B never leaves the device. Alone, the global adapter
   (A with B at its zero init) computes exactly the base model;
@@ -71,6 +72,27 @@ def split_validation(data: UserData, fraction: float, min_tokens: int) -> tuple[
     if len(data.train) - n < 1 or sum(len(b) for b in val) < min_tokens:
         return data, []
     return UserData(data.user, data.train[:-n], data.eval), val
+
+
+def specific_change(
+    personal: dict[str, np.ndarray], global_: dict[str, np.ndarray], init: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """finetune's personal adapter with only what is specific to its user (--personal-change specific).
+    Tensor by tensor, the personal steps' change d = personal - global loses its component along
+    v = global - init, the direction in which the federation moved the adapter from the init every client
+    builds identically: personal' = global + d - (<d, v> / <v, v>) v. That direction is what all users'
+    text shares, so steps along it help every user alike. A tensor the federation has not moved keeps its
+    whole change. Needs nothing beyond the device's own global adapter: no server input to trust."""
+    out = {}
+    for name, p in personal.items():
+        g = global_[name]
+        d = p.astype(np.float64) - g
+        v = g.astype(np.float64) - init[name]
+        vv = float(np.vdot(v, v))
+        if vv > 0.0:
+            d -= (float(np.vdot(d, v)) / vv) * v
+        out[name] = (g + d).astype(p.dtype)
+    return out
 
 
 def choose(val_global: float, val_personal: float) -> str:

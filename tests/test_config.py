@@ -105,6 +105,7 @@ def test_every_field_is_typed_documented_and_has_a_unique_flag() -> None:
         "federation.split",
         "server_opt.name",
         "personal.method",
+        "personal.change",
         "privacy.mode",
     }
     shared = {flag: keys for flag, keys in flags.items() if len(keys) > 1}

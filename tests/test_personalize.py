@@ -31,6 +31,7 @@ from fedpeft.personalize import (
     check_store,
     choose,
     shared_keys,
+    specific_change,
     split_validation,
     summarize,
 )
@@ -92,6 +93,30 @@ def test_validation_is_the_tail_of_the_training_blocks_or_nothing() -> None:
     same, none = split_validation(small, 0.5, 16)
     assert none == [] and same is small  # 10 tokens < 16: no validation part, training text unchanged
     assert choose(1.0, 0.99) == "personal" and choose(1.0, 1.0) == "global"
+
+
+def test_specific_change_drops_the_federations_direction_tensor_by_tensor() -> None:
+    """personal = global + a v + w, v the federation's move from init and w orthogonal to it: only w stays.
+    A tensor the federation left at its init keeps its whole change."""
+    rng = np.random.default_rng(0)
+    init = {"a": rng.normal(size=(4, 6)).astype(np.float32), "b": np.zeros((6, 4), np.float32)}
+    v = {"a": rng.normal(size=(4, 6)), "b": rng.normal(size=(6, 4))}
+    glob = {k: (init[k] + v[k]).astype(np.float32) for k in init}
+    w = {}
+    for k in init:  # a random change with its component along v removed
+        r = rng.normal(size=v[k].shape)
+        w[k] = r - (np.vdot(r, v[k]) / np.vdot(v[k], v[k])) * v[k]
+    personal = {k: (glob[k] + 0.7 * v[k] + w[k]).astype(np.float32) for k in init}
+    out = specific_change(personal, glob, init)
+    for k in init:
+        assert out[k].dtype == np.float32
+        np.testing.assert_allclose(out[k], glob[k] + w[k], atol=1e-5)
+        assert abs(np.vdot(out[k].astype(np.float64) - glob[k], v[k])) < 1e-4
+    unmoved = specific_change(personal, {**glob, "b": init["b"]}, init)
+    np.testing.assert_array_equal(unmoved["b"], personal["b"])
+    along = {k: (glob[k] + 2.0 * v[k]).astype(np.float32) for k in init}  # nothing specific: the global
+    for k, a in specific_change(along, glob, init).items():
+        np.testing.assert_allclose(a, glob[k], atol=1e-5)
 
 
 def test_summary_counts_users_and_changes() -> None:
@@ -191,6 +216,30 @@ def test_finetune_and_the_fallback_for_too_little_text(
     assert "personal_eval_loss" in out and "val_loss_personal" not in out
     ok = device.personalize(names.index("user0"), dict(device.init_state), rnd=2)
     assert ok["personal_eval_loss"] < ok["eval_loss"] and ok["kept"] == "personal"
+
+
+def test_finetune_keeps_the_specific_part_of_the_same_personal_steps(
+    tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    """--personal-change specific stores exactly the whole change (all) with the direction the federation
+    moved the global adapter in projected out, tensor by tensor: the same seeded steps, two stores."""
+    stored = {}
+    for change in ("all", "specific"):
+        device = Device(_cfg(users, cache_dir, tmp_path / change, "finetune", change=change))
+        fit = device.fit(0, dict(device.init_state), rnd=1)
+        glob = {**device.init_state, **{k: device.init_state[k] + d for k, d in fit.delta.items()}}
+        device.personalize(1, glob, rnd=2)
+        stored[change] = device.stores[1].load()
+    expect = specific_change(stored["all"], glob, device.init_state)
+    moved = 0
+    for k, a in stored["specific"].items():
+        np.testing.assert_allclose(a, expect[k], atol=1e-6)
+        v = glob[k].astype(np.float64) - device.init_state[k]
+        if np.vdot(v, v) > 0:
+            moved += 1
+            d = a.astype(np.float64) - glob[k]
+            assert abs(np.vdot(d, v)) <= 1e-4 * np.linalg.norm(d) * np.linalg.norm(v) + 1e-12
+    assert moved > 0 and not all(np.array_equal(stored["all"][k], stored["specific"][k]) for k in expect)
 
 
 def test_round_zero_global_is_the_base(users: Path, cache_dir: str, tiny_path: Path, tmp_path: Path) -> None:
