@@ -1,14 +1,14 @@
 """How personal are personal adapters? Finetune's settings swept from one federation's final global adapter.
 
     python benchmarks/specificity.py RUN                        # RUN: a finished `fedpeft simulate --out RUN`
-    python benchmarks/specificity.py RUN --settings 5:2e-4,20:1e-3 --split dirichlet
+    python benchmarks/specificity.py RUN --settings 5:2e-4:all,10:2e-4:specific
 
-For each setting (personal steps : learning rate) every client of RUN's federation makes its personal adapter
+For each setting (personal steps : learning rate : --personal-change, specific or all) every client of RUN's federation makes its personal adapter
 exactly as `--personalize finetune` does at the last round (fedpeft.device.Device.personalize, from RUN's
-global adapter), and scores it on its own held-out text and on up to 9 other users' (the first 4 held-out blocks
+global adapter, on RUN's own split), and scores it on its own held-out text and on up to 9 other users' (the first 4 held-out blocks
 of each): own gain, gain on others, specificity = own / others (fedpeft.personalize.specificity), and whether it
 beats the global adapter on its own text. One process, settings one after another; prints a markdown table and
-writes benchmarks/results/specificity.json.
+writes benchmarks/results/specificity-<split>.json.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def sweep(run: Path, steps: int, lr: float, split: str, store: Path) -> dict:
+def sweep(run: Path, steps: int, lr: float, change: str, store: Path) -> dict:
     from fedpeft.adapters import read_adapter
     from fedpeft.config_io import from_run_config
     from fedpeft.device import Device
@@ -32,8 +32,8 @@ def sweep(run: Path, steps: int, lr: float, split: str, store: Path) -> dict:
     from fedpeft.personalize import summarize
 
     cfg = from_run_config(json.loads((run / "config.json").read_text()))
-    personal = replace(cfg.personal, method="finetune", steps=steps, lr=lr, store=str(store))
-    cfg = replace(cfg, personal=personal, federation=replace(cfg.federation, split=split))
+    personal = replace(cfg.personal, method="finetune", steps=steps, lr=lr, change=change, store=str(store))
+    cfg = replace(cfg, personal=personal)
     files = read_adapter(run / "global")
     device = Device(cfg)
     start = time.perf_counter()
@@ -47,7 +47,8 @@ def sweep(run: Path, steps: int, lr: float, split: str, store: Path) -> dict:
     return {
         "steps": steps,
         "lr": lr,
-        "split": split,
+        "change": change,
+        "split": cfg.federation.split,
         "seconds": time.perf_counter() - start,
         "summary": s,
         "per_client": per_client,
@@ -57,27 +58,29 @@ def sweep(run: Path, steps: int, lr: float, split: str, store: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path)
-    p.add_argument("--settings", default="5:2e-4,20:2e-4,20:1e-3,40:1e-3", help="steps:lr,...")
-    p.add_argument("--split", default="natural", help="natural (the run's own) or dirichlet")
+    p.add_argument(
+        "--settings", default="5:2e-4:all,5:2e-4:specific,10:2e-4:specific", help="steps:lr:change,..."
+    )
     a = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedpeft-spec-") as tmp:
         for i, setting in enumerate(a.settings.split(",")):
-            steps, lr = setting.split(":")
-            rows.append(sweep(a.run, int(steps), float(lr), a.split, Path(tmp) / str(i)))
+            steps, lr, change = setting.split(":")
+            rows.append(sweep(a.run, int(steps), float(lr), change, Path(tmp) / str(i)))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_client"}), flush=True)
     print(
-        "\n| steps | lr | beats global | median change own | specificity median | own gain | others' gain | s |"
+        "\n| steps | lr | change | beats global | median change own | specificity median | own gain | "
+        "others' gain | s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         s = r["summary"]
         print(
-            f"| {r['steps']} | {r['lr']:g} | {s['beats_global']}/{s['users']} | {s['median_change']:+.1%} | "
+            f"| {r['steps']} | {r['lr']:g} | {r['change']} | {s['beats_global']}/{s['users']} | {s['median_change']:+.1%} | "
             f"{s['specificity_median']:.2f} | {s['own_gain_median']:+.1%} | {s['others_gain_median']:+.1%} | "
             f"{r['seconds']:.0f} |"
         )
-    out = Path(__file__).parent / "results" / f"specificity-{a.split}.json"
+    out = Path(__file__).parent / "results" / f"specificity-{rows[0]['split']}.json"
     out.write_text(json.dumps({"run": str(a.run), "rows": rows}, indent=1) + "\n")
 
 
