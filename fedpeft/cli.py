@@ -137,6 +137,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_simulate(a: argparse.Namespace) -> None:
+    from fedpeft.personalize import method_label
     from fedpeft.simulate import simulate, summary
 
     if print_config(a, "simulate"):
@@ -148,7 +149,7 @@ def cmd_simulate(a: argparse.Namespace) -> None:
     check_out(out)
     state = simulate(cfg, out, resume=a.resume, resume_from=a.resume_from)
     print(
-        summary(state.round, state.history, cfg.personal.method)
+        summary(state.round, state.history, method_label(cfg.personal))
         + f"\nrun folder {out} (metrics.jsonl, plot.png, global/)"
     )
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from fedpeft.adapter_files import META_FILE, adapter_meta, write_adapter_dir
 from fedpeft.checkpoint import atomic_write_json
-from fedpeft.config import AdapterConfig, RunConfig
+from fedpeft.config import AdapterConfig, PersonalConfig, RunConfig
 from fedpeft.errors import FedpeftError
 
 if TYPE_CHECKING:
@@ -289,6 +289,13 @@ def _specificity_summary(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "others_gain_median": statistics.median(c["others_gain"] for c in scored),
         "specificity_users": len(scored),
     }
+
+
+def method_label(personal: PersonalConfig) -> str:
+    """The method as the summary line names it: finetune says which part of its change it keeps."""
+    if personal.method == "finetune":
+        return f"finetune, {'specific' if personal.change == 'specific' else 'whole'} change"
+    return personal.method
 
 
 def summary_line(s: dict[str, Any], method: str) -> str:

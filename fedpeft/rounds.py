@@ -237,8 +237,9 @@ class Progress:
         from tqdm.auto import tqdm
 
         from fedpeft.log import show_bars
+        from fedpeft.personalize import method_label
 
-        rounds, self.method = cfg.federation.rounds, cfg.personal.method
+        rounds, self.method = cfg.federation.rounds, method_label(cfg.personal)
         self.bar = tqdm(
             total=rounds,
             initial=min(state.round, rounds),

@@ -30,6 +30,7 @@ from fedpeft.personalize import (
     PersonalStore,
     check_store,
     choose,
+    method_label,
     shared_keys,
     specific_change,
     split_validation,
@@ -117,6 +118,12 @@ def test_specific_change_drops_the_federations_direction_tensor_by_tensor() -> N
     along = {k: (glob[k] + 2.0 * v[k]).astype(np.float32) for k in init}  # nothing specific: the global
     for k, a in specific_change(along, glob, init).items():
         np.testing.assert_allclose(a, glob[k], atol=1e-5)
+
+
+def test_the_summary_names_which_part_of_its_change_finetune_keeps() -> None:
+    assert method_label(PersonalConfig(method="finetune")) == "finetune, specific change"
+    assert method_label(PersonalConfig(method="finetune", change="all")) == "finetune, whole change"
+    assert method_label(PersonalConfig(method="ditto", change="all")) == "ditto"
 
 
 def test_summary_counts_users_and_changes() -> None:

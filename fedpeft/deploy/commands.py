@@ -188,6 +188,7 @@ def cmd_certs(a: argparse.Namespace) -> None:
 
 def cmd_server(a: argparse.Namespace) -> None:
     from fedpeft.deploy.server import ServerOptions, run_server
+    from fedpeft.personalize import method_label
     from fedpeft.simulate import summary
 
     if print_config(a, "server"):
@@ -206,7 +207,7 @@ def cmd_server(a: argparse.Namespace) -> None:
         raise FedpeftError(f"--port must be between 1 and 65535, got {a.port}")
     result = run_server(cfg, Path(a.out), opts, resume=a.resume, resume_from=a.resume_from)
     print(
-        summary(result.rounds, result.history, cfg.personal.method)
+        summary(result.rounds, result.history, method_label(cfg.personal))
         + f"\nserver folder {a.out} (metrics.jsonl, plot.png, global/)"
     )
 
