@@ -101,10 +101,10 @@ def _centralized(cfg: RunConfig, steps: int) -> dict:
     data = pooled(clients)
     model = inject(base, replace(cfg.adapter, seed=f.seed))
     pad = base.tokenizer.pad_token_id
-    before = evaluate(model, data.eval, pad, base.quant)
+    before = evaluate(model, data.eval, pad, base.compute)
     tcfg = replace(cfg.train, steps=steps, seed=f.seed, progress=False)
-    result = train(model, data, tcfg, tcfg.learning_rate(cfg.adapter.kind), pad, base.quant)
-    after = evaluate(model, data.eval, pad, base.quant)
+    result = train(model, data, tcfg, tcfg.learning_rate(cfg.adapter.kind), pad, base.compute)
+    after = evaluate(model, data.eval, pad, base.compute)
     return {
         "name": f"centralized ({f.split} clients' text)",
         "ppl_start": before.ppl,

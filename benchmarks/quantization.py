@@ -80,12 +80,12 @@ def base_only(quant: str) -> dict:
     blocks = [b for c in clients for b in c.eval]
     pad = base.tokenizer.pad_token_id
     start = time.perf_counter()
-    ppl = evaluate(base.model, blocks, pad, base.quant, cfg.train.eval_batch_size).ppl
+    ppl = evaluate(base.model, blocks, pad, base.compute, cfg.train.eval_batch_size).ppl
     eval_s = time.perf_counter() - start
     model = inject(base, cfg.adapter)
     steps = []
     for _ in range(6):
-        r = train(model, clients[0], replace(cfg.train, steps=1, progress=False), 2e-4, pad, base.quant)
+        r = train(model, clients[0], replace(cfg.train, steps=1, progress=False), 2e-4, pad, base.compute)
         steps.append(r.seconds)
     return {
         "quant": base.quant,

@@ -87,7 +87,7 @@ def inject(base: Base, cfg: AdapterConfig) -> Any:
         torch.manual_seed(cfg.seed)
         model = get_peft_model(base.model, _peft_config(cfg))
     if cfg.kind == "prefix":
-        _init_prefix(model, base.quant, cfg)
+        _init_prefix(model, base.compute, cfg)
     # a name a user elsewhere can resolve (the public id when known), not a path into this machine's cache
     model.peft_config["default"].base_model_name_or_path = base.public_id or str(base.path)
     set_trainable(model, cfg)
@@ -100,19 +100,19 @@ def prefix_init_ids(vocab: int, cfg: AdapterConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _init_prefix(model: Any, quant: str, cfg: AdapterConfig) -> None:
+def _init_prefix(model: Any, compute: str, cfg: AdapterConfig) -> None:
     """Prefix tuning's keys and values start as the base's own for `prefix_init_ids`, as if those tokens came
     before the text (as prompt tuning starts from their embeddings; Li and Liang, 2021, found initializing
     from real words' activations better). peft's default, N(0, 1) values, swamps the real keys and values:
     on the default model the main command's federation went from held-out ppl 31.46 to 732 in its first
     round (benchmarks/federation.py adapters)."""
     from fedpeft.placement import model_device
-    from fedpeft.train import autocast_for
+    from fedpeft.precision import autocast
 
     hf = model.get_base_model()
     device = model_device(hf)
     ids = prefix_init_ids(hf.get_input_embeddings().weight.shape[0], cfg).to(device)
-    with autocast_for(quant, device.type):
+    with autocast(compute, device.type):
         out = hf(input_ids=ids, use_cache=True)
     cache = getattr(out, "cache", None) or out.past_key_values
     n = cfg.virtual_tokens

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -42,6 +43,8 @@ from fedpeft.checkpoint import atomic_dir
 from fedpeft.config import QUANTS, BaseConfig
 from fedpeft.errors import FedpeftError
 from fedpeft.placement import resolve_device
+from fedpeft.precision import Precision
+from fedpeft.precision import apply as apply_precision
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,13 @@ class Base:
     spec: str = ""  # --model as given: default, tiny or a path
     public_id: str = ""  # what adapter_config.json names (BaseConfig.base_id; public_id())
     device: str = "cpu"  # where it computes (--device resolved); loaded and fingerprinted on the CPU
+    # what its matmuls run in (--compute-dtype resolved on this machine; fedpeft.precision): not in the fingerprint
+    precision: Precision = dataclasses.field(default_factory=lambda: Precision("fp32", "as loaded"))
+
+    @property
+    def compute(self) -> str:
+        """fp32, bf16 or fp16: what train/evaluate/generate autocast to (fedpeft.precision.autocast)."""
+        return self.precision.dtype
 
     def doc(self) -> dict[str, str]:
         """fedpeft.json's "base": how a user elsewhere gets this exact base back, and its fingerprint."""
@@ -315,8 +325,9 @@ def build_tiny(cache_dir: str | None = None, seed: int = 0) -> Path:
 
 
 def quantization_kwargs(quant: str) -> dict[str, Any]:
-    """from_pretrained arguments for one quantization mode. bf16 compute wherever the CPU has it
-    (avx512_bf16 makes bf16 ~4x fp32 here); 'none' is the fp32 reference."""
+    """from_pretrained arguments for one quantization mode: how the base is stored. The compute dtype
+    named here (bf16 for 4-bit layers) is only the stored default that enters the fingerprint's settings;
+    what a device computes in is set after loading (fedpeft.precision.apply). 'none' is the fp32 reference."""
     if quant not in QUANTS:
         raise FedpeftError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS)}")
     if quant == "auto":
@@ -416,8 +427,10 @@ def resolve_quant(quant: str, path: Path) -> str:
     return "nf4" if parameter_count(path) >= AUTO_NF4_PARAMS else "bf16"
 
 
-def load_base(cfg: BaseConfig) -> Base:
-    """Load the frozen, quantized base and its tokenizer; compute the fingerprint; move it to --device.
+def load_base(cfg: BaseConfig, max_memory: float | None = None) -> Base:
+    """Load the frozen, quantized base and its tokenizer; compute the fingerprint; choose and apply the
+    compute dtype (--compute-dtype; `max_memory`: the device's --max-memory in MiB, which fp32 copies of
+    bf16-stored weights must fit for `auto` to choose fp32); move it to --device.
 
     nf4/int8 read the cache's pre-quantized copy when it is there and valid; otherwise they quantize
     the full-precision folder at load and write the copy for next time (when the cache is writable).
@@ -436,6 +449,8 @@ def load_base(cfg: BaseConfig) -> Base:
         if qdir is not None and not _store_quantized(model, quant, fp, qdir, path):
             qdir = None
     tokenizer = _load_tokenizer(path)
+    precision = choose_precision(cfg, model, quant, device, max_memory)
+    apply_precision(model, precision.dtype)  # after the fingerprint: it covers the stored bytes only
     if device != "cpu":  # after the fingerprint: the same bytes on every device
         move_model(model, device)
     return Base(
@@ -450,6 +465,29 @@ def load_base(cfg: BaseConfig) -> Base:
         spec=cfg.model,
         public_id=public_id(cfg),
         device=device,
+        precision=precision,
+    )
+
+
+def choose_precision(
+    cfg: BaseConfig, model: Any, quant: str, device: str, max_memory: float | None = None
+) -> Precision:
+    """--compute-dtype for this loaded base on this machine (fedpeft.precision.choose), the measured speeds
+    cached beside the base cache."""
+    from fedpeft.precision import cache_file, choose, probe_shape, widen_bytes
+
+    fits = True
+    if max_memory:
+        from fedpeft.memory import fp32_fits
+
+        fits = fp32_fits(model, widen_bytes(model), max_memory)
+    return choose(
+        cfg.compute_dtype,
+        quant,
+        device,
+        probe_shape(model.config),
+        cache_file(cache_root(cfg.cache_dir)),
+        fits,
     )
 
 

@@ -39,11 +39,11 @@ def compare(
     kept = (store.choice() or {}).get("use")
     outputs = []
     with peft_model.disable_adapter():
-        outputs.append(("base", generate(peft_model, base.tokenizer, prompt, max_new_tokens, base.quant)))
+        outputs.append(("base", generate(peft_model, base.tokenizer, prompt, max_new_tokens, base.compute)))
     for which, files in adapters.items():
         load_adapter_state(peft_model, files.arrays, what=f"adapter {files.path}")
         label = f"{which} (round {files.meta.get('round')}{', kept' if which == kept else ''})"
-        outputs.append((label, generate(peft_model, base.tokenizer, prompt, max_new_tokens, base.quant)))
+        outputs.append((label, generate(peft_model, base.tokenizer, prompt, max_new_tokens, base.compute)))
     return f"user {store.user}, prompt: {prompt!r}\n" + side_by_side(outputs)
 
 

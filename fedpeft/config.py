@@ -29,6 +29,7 @@ Personalize = Literal["none", "finetune", "fedsa", "ditto"]
 PersonalChange = Literal["specific", "all"]
 DpMode = Literal["off", "central", "distributed"]
 TorchDevice = Literal["auto", "cpu", "cuda"]
+ComputeDtype = Literal["auto", "fp32", "bf16", "fp16"]
 
 QUANTS: tuple[str, ...] = typing.get_args(Quant)
 ADAPTERS: tuple[str, ...] = typing.get_args(AdapterKind)
@@ -65,9 +66,18 @@ class BaseConfig:
     )
     quant: Quant = option(
         "auto",
-        "precision of the frozen base: none (fp32), bf16, int8 or nf4 via bitsandbytes; auto: nf4 for models "
-        "of 1B parameters and more, bf16 below (4-bit rounding costs small models most)",
+        "how the frozen base is stored (its bytes, hence its fingerprint): none (fp32), bf16, int8 or nf4 via "
+        "bitsandbytes; auto: nf4 for models of 1B parameters and more, bf16 below (4-bit rounding costs small "
+        "models most)",
         flag="--quant",
+    )
+    # Each device decides for itself (fedpeft.precision): the same stored base computed in fp32 on one device
+    # and bf16 on another keeps one fingerprint, so both join one federation.
+    compute_dtype: ComputeDtype = option(
+        "auto",
+        "what the base's matmuls run in: fp32, bf16 or fp16; auto: what this machine does fast (bf16 where the "
+        "CPU or GPU has it natively and a short measured matmul confirms it, else fp32; fp32 for --quant none)",
+        flag="--compute-dtype",
     )
     # What the quantization costs shows only against the unquantized base: NF4 raised the default model's
     # held-out perplexity by 21% (README, "What the quantized base costs"). bf16 by default: it is the

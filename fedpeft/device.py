@@ -77,7 +77,7 @@ class Device:
         name: str = "",
     ) -> None:
         self.cfg = cfg
-        self.base: Base = load_base(cfg.base)
+        self.base: Base = load_base(cfg.base, cfg.train.max_memory)
         BASE_LOADS[0] += 1
         adapter_cfg = client_adapter(cfg)
         self.adapter_cfg = adapter_cfg
@@ -154,7 +154,7 @@ class Device:
             tcfg,
             client_lr(self.cfg),
             self.base.tokenizer.pad_token_id,
-            self.base.quant,
+            self.base.compute,
         )
         trained = adapter_state(self.model)
         delta = {k: (trained[k] - global_arrays[k]).astype(np.float32) for k in self.keys}
@@ -186,7 +186,7 @@ class Device:
             tcfg,
             self.cfg.personal.lr or client_lr(self.cfg),
             self.base.tokenizer.pad_token_id,
-            self.base.quant,
+            self.base.compute,
             prox=prox,
         )
 
@@ -255,7 +255,7 @@ class Device:
             self.model,
             blocks,
             self.base.tokenizer.pad_token_id,
-            self.base.quant,
+            self.base.compute,
             self.cfg.train.eval_batch_size,
         )
 
@@ -327,15 +327,17 @@ class Device:
                 quant, len(self.clients[local].eval[0]) if self.clients[local].eval else 0
             ):
                 return None
-            full = load_base(replace(self.cfg.base, quant=quant))
+            # it computes as this device's own base does (fp32 for the fp32 reference)
+            compute = "fp32" if quant == "none" else self.base.compute
+            full = load_base(replace(self.cfg.base, quant=quant, compute_dtype=compute))
             self._full = (full, inject(full, self.adapter_cfg))
         full, model = self._full
         load_adapter_state(model, {**self.init_state, **global_arrays}, what="global adapter")
         pad, batch = full.tokenizer.pad_token_id, self.cfg.train.eval_batch_size
         if not bare:
-            return evaluate(model, self.clients[local].eval, pad, full.quant, batch).loss
+            return evaluate(model, self.clients[local].eval, pad, full.compute, batch).loss
         with model.disable_adapter():
-            return evaluate(model, self.clients[local].eval, pad, full.quant, batch).loss
+            return evaluate(model, self.clients[local].eval, pad, full.compute, batch).loss
 
     def _full_base_fits(self, quant: str, block_len: int) -> bool:
         """A device's --max-memory holds the unquantized base beside its own, or the device skips that

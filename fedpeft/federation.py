@@ -299,6 +299,7 @@ RESUMABLE = (
     "base.base_id",
     # where it runs: a run interrupted on a GPU machine may continue on another machine
     "base.device",
+    "base.compute_dtype",  # not in the fingerprint: a run may continue on a machine that computes otherwise
     "federation.client_cpus",
     "federation.client_gpus",
 )

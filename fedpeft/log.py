@@ -32,3 +32,61 @@ def show_bars(progress: bool) -> bool:
     """Progress bars only on a terminal: written to a log file or a pipe, each redraw of a bar is one more
     carriage-return line of noise. The lines printed after each round stay."""
     return progress and sys.stderr.isatty()
+
+
+class Waiting:
+    """Progress of one long wait (an evaluation pass, a conversion, a model load): a tqdm bar on a terminal,
+    shown only once the wait passes `delay` seconds; elsewhere (a log file, a pipe, a Ray actor) a log line
+    after `first` seconds and then every `every` seconds with what is done and the rate. `total` and
+    update() count `unit`s (tokens, blocks). Used as a context manager; `enabled` False shows nothing."""
+
+    def __init__(
+        self,
+        desc: str,
+        total: int | None = None,
+        unit: str = "tokens",
+        enabled: bool = True,
+        delay: float = 2.0,
+        first: float = 10.0,
+        every: float = 30.0,
+    ) -> None:
+        import time
+
+        from tqdm.auto import tqdm
+
+        self.desc, self.total, self.unit, self.every, self.done = desc, total, unit, every, 0
+        self._clock = time.monotonic
+        self._start = self._clock()
+        self._next = self._start + first
+        self._lines = enabled and not sys.stderr.isatty()
+        self._bar = None
+        if enabled and sys.stderr.isatty():
+            self._bar = tqdm(total=total, desc=desc, unit=unit, delay=delay, leave=False, unit_scale=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        if self._lines and (now := self._clock()) >= self._next:
+            self._next = now + self.every
+            log.info("%s", self.line(now - self._start))
+
+    def line(self, elapsed: float) -> str:
+        """`evaluating: 1,024 of 34,187 tokens (3%) in 30 s, 34 tokens/s`."""
+        rate = self.done / max(elapsed, 1e-9)
+        of = f" of {self.total:,}" if self.total else ""
+        share = f" ({self.done / self.total:.0%})" if self.total else ""
+        return (
+            f"{self.desc}: {self.done:,}{of} {self.unit}{share} in {elapsed:.0f} s, {rate:,.0f} {self.unit}/s"
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> Waiting:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -195,7 +195,7 @@ def fit_micro_batch(
     trainable parameters; `block_len` tokens per sequence) under train_cfg's checkpointing and loss_chunk.
     A budget no micro-batch fits raises FedpeftError naming the smallest one that does. Pure: a device can
     check its --max-memory once at start, before any round."""
-    act_bytes = 4 if base.quant == "none" else 2
+    act_bytes = 4 if base.compute == "fp32" else 2
     return _fit(
         train_cfg, Shape.of(base.model.config), base.nbytes, adapter_params, block_len, budget_mib, act_bytes
     )
@@ -216,11 +216,12 @@ def base_bytes_of(model: Any) -> int:
     return total
 
 
-def fit_model(cfg: TrainConfig, model: Any, block_len: int, budget_mib: float, quant: str) -> TrainConfig:
-    """fit_micro_batch for what train() holds: the peft model (base bytes and adapter counted on it)."""
+def fit_model(cfg: TrainConfig, model: Any, block_len: int, budget_mib: float, compute: str) -> TrainConfig:
+    """fit_micro_batch for what train() holds: the peft model (base bytes and adapter counted on it), whose
+    activations are `compute` (fp32: 4 bytes, bf16/fp16: 2)."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    act_bytes = 4 if quant == "none" else 2
+    act_bytes = 4 if compute == "fp32" else 2
     return _fit(
         cfg, Shape.of(hf.config), base_bytes_of(model), adapter_params, block_len, budget_mib, act_bytes
     )
@@ -232,8 +233,9 @@ def full_base_mib(base: Any, full_quant: str, adapter_params: int, tokens: int, 
     --full-base costs a device at round 0 and in the last round, on top of its own base."""
     from fedpeft.base import parameter_count
 
-    full_bytes = parameter_count(base.path) * (4 if full_quant == "none" else 2)
-    act_bytes = 4 if full_quant == "none" else 2
+    wide = full_quant == "none" or base.compute == "fp32"  # it computes as the device's own base does
+    full_bytes = parameter_count(base.path) * (4 if wide else 2)
+    act_bytes = 4 if wide else 2
     shape = Shape.of(base.model.config)
     return peak_mib(
         shape,
@@ -245,3 +247,14 @@ def full_base_mib(base: Any, full_quant: str, adapter_params: int, tokens: int, 
         False,
         act_bytes,
     )
+
+
+def fp32_fits(model: Any, extra_bytes: int, budget_mib: float, tokens: int = 128) -> bool:
+    """Whether a base computed in fp32 (its bf16-stored tensors widened: `extra_bytes` more) still trains one
+    block of `tokens` within `budget_mib` (the smallest micro-batch, compact heap, fp32 activations)."""
+    try:
+        shape = Shape.of(model.config)
+    except FedpeftError:
+        return True  # no estimate for this architecture: --max-memory is checked when training starts
+    need = peak_mib(shape, base_bytes_of(model) + extra_bytes, 0, tokens, True, 128, True, act_bytes=4)
+    return need <= budget_mib

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -17,19 +16,12 @@ from tqdm.auto import tqdm
 from fedpeft.adapters import trainable_parameters
 from fedpeft.config import TrainConfig
 from fedpeft.data import UserData, collate
-from fedpeft.log import show_bars
+from fedpeft.log import Waiting, show_bars
 from fedpeft.memory import fit_model, release_heap
 from fedpeft.placement import model_device, to_device
+from fedpeft.precision import autocast
 
 log = logging.getLogger(__name__)
-
-
-def autocast_for(quant: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
-    """bf16 autocast for every quantized/bf16 base: the frozen matmuls already run in bf16 and the
-    fp32 adapter matmuls follow (avx512_bf16 CPUs do bf16 ~4x faster than fp32). 'none' stays fp32."""
-    if quant == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
 def _hf(model: Any) -> Any:
@@ -216,7 +208,7 @@ def train(
     cfg: TrainConfig,
     lr: float,
     pad_id: int,
-    quant: str,
+    compute: str,
     desc: str = "train",
     prox: tuple[float, list[torch.Tensor]] | None = None,
 ) -> TrainResult:
@@ -236,7 +228,7 @@ def train(
     if cfg.max_memory and device.type != "cpu":  # a budget of this process's RSS: GPU memory is not in it
         log.warning("--max-memory sizes CPU training; on %s the micro-batch stays --batch-size", device.type)
     elif cfg.max_memory:
-        cfg = fit_model(cfg, model, max(len(b) for b in data.train), cfg.max_memory, quant)
+        cfg = fit_model(cfg, model, max(len(b) for b in data.train), cfg.max_memory, compute)
     release_heap(cfg.compact_heap)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     stream = _block_stream(len(data.train), cfg.seed)
@@ -258,7 +250,7 @@ def train(
                 step_loss = 0.0
                 for i in range(0, len(blocks), cfg.batch_size):
                     batch = to_device(collate(blocks[i : i + cfg.batch_size], pad_id), device)
-                    with autocast_for(quant, device.type):
+                    with autocast(compute, device.type):
                         nll, _ = causal_nll(model, batch, cfg.loss_chunk)
                     loss = nll / labelled
                     if prox is not None and i == 0:  # once per step
@@ -288,32 +280,38 @@ def evaluate(
     model: Any,
     blocks: list[torch.Tensor],
     pad_id: int,
-    quant: str,
+    compute: str,
     batch_size: int = 8,
     loss_chunk: int = TrainConfig.loss_chunk,
+    desc: str = "evaluating",
+    progress: bool = True,
 ) -> EvalResult:
     """Token-weighted mean next-token loss over held-out blocks (padding excluded), and exp of it; logits
-    `loss_chunk` tokens at a time (0: all at once)."""
+    `loss_chunk` tokens at a time (0: all at once). A pass that takes more than a few seconds shows its
+    progress (fedpeft.log.Waiting: a bar on a terminal, a line every ~30 s elsewhere)."""
     model.eval()
     device = model_device(model)
     nll, tokens = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        batch = to_device(collate(blocks[i : i + batch_size], pad_id), device)
-        with autocast_for(quant, device.type):
-            batch_nll, n = causal_nll(model, batch, loss_chunk)
-        nll += batch_nll.item()
-        tokens += n
+    total = sum(max(len(b) - 1, 0) for b in blocks)
+    with Waiting(desc, total, "tokens", enabled=progress) as wait:
+        for i in range(0, len(blocks), batch_size):
+            batch = to_device(collate(blocks[i : i + batch_size], pad_id), device)
+            with autocast(compute, device.type):
+                batch_nll, n = causal_nll(model, batch, loss_chunk)
+            nll += batch_nll.item()
+            tokens += n
+            wait.update(n)
     loss = nll / max(tokens, 1)
     return EvalResult(loss=loss, ppl=math.exp(min(loss, 50.0)), tokens=tokens)
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, quant: str) -> str:
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, compute: str) -> str:
     """Greedy continuation of `prompt` (deterministic, so outputs of two adapters compare directly)."""
     model.eval()
     device = model_device(model)
     ids = to_device(dict(tokenizer(prompt, return_tensors="pt")), device)
-    with autocast_for(quant, device.type):
+    with autocast(compute, device.type):
         out = model.generate(
             **ids,
             max_new_tokens=max_new_tokens,

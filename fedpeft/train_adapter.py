@@ -23,7 +23,7 @@ def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
 
     log.info("loading base %s (quant %s)", cfg.base.model, cfg.base.quant)
     base = load_base(cfg.base)
-    log.info("base on %s", base.device)
+    log.info("base on %s, %s", base.device, base.precision.line())
     data, skipped = load_user_data(cfg.data, base.tokenizer, user)
     if skipped:
         log.info("skipped %d users with too little text", skipped)
@@ -36,15 +36,33 @@ def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
     )
     model = inject(base, cfg.adapter)
     pad = base.tokenizer.pad_token_id
-    before = evaluate(model, data.eval, pad, base.quant, cfg.train.eval_batch_size)
+    progress = cfg.train.progress
+    before = evaluate(
+        model,
+        data.eval,
+        pad,
+        base.compute,
+        cfg.train.eval_batch_size,
+        desc="evaluating the base",
+        progress=progress,
+    )
     lr = cfg.train.learning_rate(cfg.adapter.kind, cfg.adapter.freeze_a)
-    result = train(model, data, cfg.train, lr, pad, base.quant, desc=f"train {cfg.adapter.kind}")
-    after = evaluate(model, data.eval, pad, base.quant, cfg.train.eval_batch_size)
+    result = train(model, data, cfg.train, lr, pad, base.compute, desc=f"train {cfg.adapter.kind}")
+    after = evaluate(
+        model,
+        data.eval,
+        pad,
+        base.compute,
+        cfg.train.eval_batch_size,
+        desc="evaluating the adapter",
+        progress=progress,
+    )
     adapter_bytes = sum(v.nbytes for v in adapter_state(model).values())
     metrics = {
         "user": data.user,
         "adapter": cfg.adapter.kind,
         "quant": base.quant,
+        "compute": base.precision.metrics(),
         "device": base.device,
         "steps": cfg.train.steps,
         "lr": lr,
@@ -75,6 +93,6 @@ def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
     )
     return (
         f"{cfg.adapter.kind} adapter for {data.user}: held-out ppl {before.ppl:.2f} -> {after.ppl:.2f} "
-        f"on the {base_name(base.quant)} base after {cfg.train.steps} steps ({result.seconds:.1f} s); {adapter_bytes:,} bytes "
+        f"on the {base_name(base.quant)} base ({base.compute} compute) after {cfg.train.steps} steps ({result.seconds:.1f} s); {adapter_bytes:,} bytes "
         f"({adapter_bytes / base.nbytes:.2%} of the base); saved to {out}"
     )

@@ -18,13 +18,15 @@ from fedpeft.adapters import (
 from fedpeft.base import load_base
 from fedpeft.config import AdapterConfig, BaseConfig
 from fedpeft.errors import FedpeftError
-from fedpeft.train import autocast_for
+from fedpeft.precision import autocast
 
 X = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
 
 
 def _base(cache_dir: str, quant: str = "none"):
-    return load_base(BaseConfig(model="tiny", quant=quant, cache_dir=cache_dir))
+    # a stored bf16/int8/nf4 base computes in bf16 here: the autocast path, whatever `auto` would measure
+    compute = "fp32" if quant == "none" else "bf16"
+    return load_base(BaseConfig(model="tiny", quant=quant, compute_dtype=compute, cache_dir=cache_dir))
 
 
 def _perturb(model) -> None:
@@ -37,8 +39,8 @@ def _perturb(model) -> None:
 
 
 def _logits(model, quant: str = "none") -> torch.Tensor:
-    # fedpeft runs every non-fp32 base under bf16 autocast (train.autocast_for); so does this check
-    with torch.no_grad(), autocast_for(quant):
+    # _base computes every non-fp32 base in bf16 (fedpeft.precision.autocast); so does this check
+    with torch.no_grad(), autocast("fp32" if quant == "none" else "bf16"):
         return model(input_ids=X).logits.float()
 
 

@@ -98,6 +98,7 @@ def test_every_field_is_typed_documented_and_has_a_unique_flag() -> None:
     enumerated = {f.key for f in fields() if choices(f.hint)}
     assert enumerated == {
         "base.quant",
+        "base.compute_dtype",
         "base.full_base",
         "base.device",
         "adapter.kind",

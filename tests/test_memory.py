@@ -40,7 +40,8 @@ def _base(shape: Shape = DEFAULT, nbytes: int = DEFAULT_NF4_BYTES, quant: str = 
         intermediate_size=shape.intermediate,
         vocab_size=shape.vocab,
     )
-    return SimpleNamespace(model=SimpleNamespace(config=config), nbytes=nbytes, quant=quant)
+    compute = "fp32" if quant == "none" else "bf16"
+    return SimpleNamespace(model=SimpleNamespace(config=config), nbytes=nbytes, quant=quant, compute=compute)
 
 
 @pytest.mark.parametrize(
@@ -100,7 +101,7 @@ def test_fp32_activations_and_longer_blocks_need_more() -> None:
 
 def test_a_config_without_sizes_is_refused() -> None:
     base = SimpleNamespace(
-        model=SimpleNamespace(config=SimpleNamespace(vocab_size=10)), nbytes=1, quant="nf4"
+        model=SimpleNamespace(config=SimpleNamespace(vocab_size=10)), nbytes=1, quant="nf4", compute="bf16"
     )
     with pytest.raises(FedpeftError, match="cannot estimate"):
         fit_micro_batch(TrainConfig(), base, 1, 128, 1e6)
@@ -111,14 +112,14 @@ def test_fit_model_counts_what_the_loaded_base_counted(cache_dir: str, tiny_path
     from fedpeft.base import load_base
     from fedpeft.config import AdapterConfig, BaseConfig
 
-    base = load_base(BaseConfig(model="tiny", quant="nf4", cache_dir=cache_dir))
+    base = load_base(BaseConfig(model="tiny", quant="nf4", compute_dtype="bf16", cache_dir=cache_dir))
     model = inject(base, AdapterConfig())
     assert base_bytes_of(model) == base.nbytes
     params = sum(p.numel() for p in trainable_parameters(model))
     cfg = TrainConfig(batch_size=4, grad_accum=2)
     small = peak_mib(Shape.of(base.model.config), base.nbytes, params, 2 * 32, True, 128, False) + 0.01
-    assert fit_model(cfg, model, 32, small, "nf4") == fit_micro_batch(cfg, base, params, 32, small)
-    assert fit_model(cfg, model, 32, small, "nf4").batch_size == 2
+    assert fit_model(cfg, model, 32, small, "bf16") == fit_micro_batch(cfg, base, params, 32, small)
+    assert fit_model(cfg, model, 32, small, "bf16").batch_size == 2
 
 
 PROBE = """
@@ -129,10 +130,10 @@ from fedpeft.base import load_base
 from fedpeft.config import AdapterConfig, BaseConfig, DataConfig, TrainConfig
 from fedpeft.data import load_user_data
 from fedpeft.train import train
-base = load_base(BaseConfig(model="tiny", quant="nf4", cache_dir={cache!r}))
+base = load_base(BaseConfig(model="tiny", quant="nf4", compute_dtype="bf16", cache_dir={cache!r}))
 data, _ = load_user_data(DataConfig(data={users!r}, block_size=32), base.tokenizer, "alice")
 model = inject(base, AdapterConfig())
-train(model, data, TrainConfig(steps=2, batch_size=4, progress=False), 1e-3, base.tokenizer.pad_token_id, "nf4")
+train(model, data, TrainConfig(steps=2, batch_size=4, progress=False), 1e-3, base.tokenizer.pad_token_id, base.compute)
 hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:")) / 1024
 print(json.dumps({{"hwm": hwm, "nbytes": base.nbytes, "params": sum(p.numel() for p in trainable_parameters(model))}}))
 """

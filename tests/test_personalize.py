@@ -59,7 +59,7 @@ def users(tmp_path: Path) -> Path:
 
 def _cfg(users: Path, cache_dir: str, store: Path, method: str = "fedsa", **personal) -> RunConfig:
     return RunConfig(
-        base=BaseConfig(model="tiny", quant="nf4", cache_dir=cache_dir),
+        base=BaseConfig(model="tiny", quant="nf4", compute_dtype="bf16", cache_dir=cache_dir),
         adapter=AdapterConfig(kind="lora", r=4),
         data=DataConfig(data=str(users), block_size=32, min_train_tokens=8, min_eval_tokens=8),
         train=TrainConfig(lr=5e-3, batch_size=4, progress=False),
@@ -256,7 +256,7 @@ def test_round_zero_global_is_the_base(users: Path, cache_dir: str, tiny_path: P
     device = Device(_cfg(users, cache_dir, tmp_path / "store", "none"))
     loss, _ = device.evaluate(0, dict(device.init_state))
     with device.model.disable_adapter():
-        base = evaluate(device.model, device.clients[0].eval, 0, "nf4")
+        base = evaluate(device.model, device.clients[0].eval, 0, device.base.compute)
     assert loss == pytest.approx(base.loss, abs=1e-6)
 
 
@@ -275,8 +275,8 @@ def test_round_zero_is_one_base_whatever_the_adapter_and_the_full_base_is_anothe
         losses.append(device.evaluate(0, dict(device.init_state), bare=True)[0])
     assert losses[0] == losses[1]
     full = device.evaluate_full(0, dict(device.init_state), bare=True)  # --full-base bf16, the default
-    bf16 = load_base(replace(cfg.base, quant="bf16"))
-    assert full == evaluate(bf16.model, device.clients[0].eval, 0, "bf16").loss and full != losses[1]
+    bf16 = load_base(replace(cfg.base, quant="bf16", compute_dtype=device.base.compute))
+    assert full == evaluate(bf16.model, device.clients[0].eval, 0, bf16.compute).loss and full != losses[1]
     device.drop_full_base()
     assert device._full is None
 

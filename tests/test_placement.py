@@ -90,16 +90,20 @@ def test_a_deployed_device_computes_on_its_cpu_whatever_the_server_says(tmp_path
 def test_the_gpu_base_is_the_cpu_base_moved(quant: str, cache_dir: str, tiny_path: Path) -> None:
     """Same fingerprint (quantized on the CPU, then moved), and the same logits within bf16 rounding."""
     from fedpeft.base import load_base
-    from fedpeft.train import autocast_for
+    from fedpeft.precision import autocast
 
-    on_cpu = load_base(BaseConfig(model="tiny", quant=quant, cache_dir=cache_dir, device="cpu"))
-    on_gpu = load_base(BaseConfig(model="tiny", quant=quant, cache_dir=cache_dir, device="cuda"))
+    on_cpu = load_base(
+        BaseConfig(model="tiny", quant=quant, compute_dtype="bf16", cache_dir=cache_dir, device="cpu")
+    )
+    on_gpu = load_base(
+        BaseConfig(model="tiny", quant=quant, compute_dtype="bf16", cache_dir=cache_dir, device="cuda")
+    )
     assert on_gpu.device == "cuda" and on_gpu.fingerprint == on_cpu.fingerprint
     ids = torch.arange(1, 33)[None] % on_cpu.model.config.vocab_size
     with torch.no_grad():
-        with autocast_for(quant, "cpu"):
+        with autocast("bf16", "cpu"):
             want = on_cpu.model(input_ids=ids).logits.float()
-        with autocast_for(quant, "cuda"):
+        with autocast("bf16", "cuda"):
             got = on_gpu.model(input_ids=ids.cuda()).logits.float().cpu()
     assert torch.allclose(got, want, atol=0.1, rtol=0.05), (got - want).abs().max()
 

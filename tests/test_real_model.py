@@ -13,7 +13,9 @@ from fedpeft.adapters import apply_adapter, inject, read_adapter, save_adapter
 from fedpeft.base import disable_cpu_4bit_packing, load_base, quantization_kwargs
 from fedpeft.config import AdapterConfig, BaseConfig, DataConfig, TrainConfig
 from fedpeft.data import load_user_data
-from fedpeft.train import autocast_for, evaluate, train
+from fedpeft.precision import apply as apply_precision
+from fedpeft.precision import autocast
+from fedpeft.train import evaluate, train
 
 pytestmark = pytest.mark.real
 PROMPT = "The most important thing about our country is"
@@ -32,7 +34,7 @@ def test_default_base_is_the_real_smollm2(nf4) -> None:
     again = load_base(BaseConfig(model=str(nf4.path), quant="nf4"))
     assert again.fingerprint == nf4.fingerprint
     ids = nf4.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    with torch.no_grad(), autocast_for("nf4"):
+    with torch.no_grad(), autocast(nf4.compute):
         out = nf4.model.generate(ids, max_new_tokens=8, do_sample=False)
     text = nf4.tokenizer.decode(out[0, ids.shape[1] :])
     assert len(text.strip()) > 0
@@ -49,16 +51,16 @@ def test_train_save_and_peft_reload_on_real_model(tmp_path: Path, quant: str, ki
     model = inject(base, cfg)
     pad = base.tokenizer.pad_token_id
     held_out = data.eval[:2]
-    before = evaluate(model, held_out, pad, quant)
+    before = evaluate(model, held_out, pad, base.compute)
     train(
         model,
         data,
         TrainConfig(steps=4, batch_size=2, progress=False),
         TrainConfig().learning_rate(kind) * 4,
         pad,
-        quant,
+        base.compute,
     )
-    after = evaluate(model, held_out, pad, quant)
+    after = evaluate(model, held_out, pad, base.compute)
     assert after.loss < before.loss  # 4 steps on the speaker's own text lower their held-out loss
     out = save_adapter(model, base, cfg, tmp_path / kind)
 
@@ -69,13 +71,14 @@ def test_train_save_and_peft_reload_on_real_model(tmp_path: Path, quant: str, ki
 
     hf = AutoModelForCausalLM.from_pretrained(resolve_base_dir("default"), **quantization_kwargs(quant))
     disable_cpu_4bit_packing(hf)
+    apply_precision(hf, base.compute)  # peft's own load, computing as the device did
     loaded = PeftModel.from_pretrained(hf, out)
     x = held_out[0][None, :64]
-    with torch.no_grad(), autocast_for(quant):
+    with torch.no_grad(), autocast(base.compute):
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
 
     again = apply_adapter(load_base(BaseConfig(model="default", quant=quant)), read_adapter(out))
-    assert evaluate(again, held_out, pad, quant).loss == pytest.approx(after.loss, rel=1e-6)
+    assert evaluate(again, held_out, pad, base.compute).loss == pytest.approx(after.loss, rel=1e-6)
 
 
 def test_fedsa_personal_adapter_on_the_real_model_and_generate(tmp_path: Path, capsys) -> None:

@@ -25,8 +25,8 @@ from fedpeft.adapters import _peft_config, check_fingerprint, check_schema, inje
 from fedpeft.base import Base
 from fedpeft.errors import FedpeftError
 from fedpeft.placement import model_device
+from fedpeft.precision import autocast
 from fedpeft.serve.catalog import BASE, Entry
-from fedpeft.train import autocast_for
 
 MIXED = "__base__"  # peft's row name for "no adapter" in a mixed batch: any name no layer holds
 
@@ -242,7 +242,7 @@ class Engine:
         if not s.greedy:
             sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
         # generate() draws from torch's global generator: seeded here, and restored after (fork_rng)
-        with torch.random.fork_rng(devices=[]), autocast_for(self.base.quant, device.type):
+        with torch.random.fork_rng(devices=[]), autocast(self.base.compute, device.type):
             if not s.greedy:
                 torch.manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
             self.model.generate(
@@ -271,7 +271,7 @@ class Engine:
             extra["adapter_names"] = [self._internal.get(j.adapter, MIXED) for j in jobs]
         greedy = [j.sampling.greedy for j in jobs]
         past = None
-        with autocast_for(self.base.quant, device.type):
+        with autocast(self.base.compute, device.type):
             for _ in range(max(j.sampling.max_tokens for j in jobs)):
                 out = self.model(
                     input_ids=ids.to(device),

@@ -53,9 +53,9 @@ def write_and_answer(root: Path) -> tuple[dict[str, Path], dict[str, str]]:
     def reference(name: str, prompt: str, tokens: int = TOKENS) -> str:
         if name == "base":
             with model.disable_adapter():
-                return generate(model, base.tokenizer, prompt, tokens, base.quant)
+                return generate(model, base.tokenizer, prompt, tokens, base.compute)
         load_adapter_state(model, read_adapter(paths[name]).arrays)
-        return generate(model, base.tokenizer, prompt, tokens, base.quant)
+        return generate(model, base.tokenizer, prompt, tokens, base.compute)
 
     refs = {name: reference(name, prompt) for name, prompt in ASKS}
     chat_prompt = base.tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
