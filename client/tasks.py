@@ -86,6 +86,8 @@ def info(device: Device, local: int, client: int) -> ConfigRecord:
             "name": data.user,
             # under DP every client weighs the same, and its amount of text is not sent
             "num-examples": 1 if device.cfg.privacy.mode != "off" else data.train_tokens,
+            # what this device computes in and why, for round 0 of metrics.jsonl (fedpeft.precision)
+            **{f"compute-{k}": v for k, v in device.base.precision.metrics().items()},
         }
     )
 

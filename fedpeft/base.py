@@ -469,6 +469,32 @@ def load_base(cfg: BaseConfig, max_memory: float | None = None) -> Base:
     )
 
 
+def preview_precision(cfg: BaseConfig, threads: int | None = None) -> Precision:
+    """What load_base will choose for --compute-dtype on this machine, from the model's config alone (no
+    weights read): for a start-up line before the base loads elsewhere (Ray's actors, a device's worker,
+    with `threads` torch threads). The measured speeds it caches are the ones the later load reads."""
+    from transformers import AutoConfig
+
+    from fedpeft.precision import cache_file, choose, probe_shape
+
+    path = resolve_base_dir(cfg.model, cfg.cache_dir)
+    device = resolve_device(cfg.device)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        shape = probe_shape(AutoConfig.from_pretrained(path))
+        return choose(
+            cfg.compute_dtype,
+            resolve_quant(cfg.quant, path),
+            device,
+            shape,
+            cache_file(cache_root(cfg.cache_dir)),
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
 def choose_precision(
     cfg: BaseConfig, model: Any, quant: str, device: str, max_memory: float | None = None
 ) -> Precision:

@@ -30,16 +30,24 @@ class Registration:
     fingerprint: str  # of the base the node holds
     examples: float  # training tokens: the FedAvg weight
     client: int | None = None  # partition index (simulation); None for a device, indexed here
+    # what the node computes in and why (fedpeft.precision.Precision.metrics): each device decides for itself
+    compute: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_info(cls, node: int, info: Mapping[str, Any]) -> Registration:
-        """From the "info" record of a reply (client/app.py `_info`)."""
+        """From the "info" record of a reply (client/tasks.py `info`)."""
+        compute = {  # reported by the node: only short scalars are kept
+            k.removeprefix("compute-"): v if not isinstance(v, str) else v[:200]
+            for k, v in info.items()
+            if k.startswith("compute-") and isinstance(v, (str, int, float)) and not isinstance(v, bool)
+        }
         return cls(
             node,
             str(info["name"]),
             str(info["fingerprint"]),
             float(info["num-examples"]),
             int(info["client"]) if "client" in info else None,
+            compute,
         )
 
 
@@ -52,6 +60,7 @@ class Roster:
     fingerprints: dict[int, str] = field(default_factory=dict)
     examples: dict[int, float] = field(default_factory=dict)  # training tokens: the FedAvg weight
     samples: dict[int, list[int]] = field(default_factory=dict)  # each DP round's Poisson sample, drawn once
+    compute: dict[int, dict[str, Any]] = field(default_factory=dict)  # each client's compute dtype and why
     fingerprint: str = ""  # the federation's base
 
     def sample(self, f: FederationConfig, rnd: int, poisson: bool = False) -> list[int]:
@@ -122,6 +131,8 @@ def make_roster(
         client = index if r.client is None else r.client
         roster.node_of[client], roster.names[client] = r.node, r.name
         roster.fingerprints[client], roster.examples[client] = r.fingerprint, r.examples
+        if r.compute:
+            roster.compute[client] = dict(r.compute)
     if len(set(roster.names.values())) < len(roster.names):
         log.warning("two clients report the same name; they are told apart by node id")
     roster.fingerprint = vote(roster.fingerprints, pinned)

@@ -198,6 +198,26 @@ def aggregation_note(cfg: RunConfig) -> str:
     return "FedAvg of LoRA A and B separately (mean of B·A is not mean(B)·mean(A): an approximation)"
 
 
+def compute_metrics(names: Mapping[int, str], compute: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """Round 0's `compute`: each client's compute dtype, why, and the speeds it chose from, by user name."""
+    return {"compute": {names[c]: dict(compute[c]) for c in sorted(compute)}} if compute else {}
+
+
+def compute_text(per_client: Mapping[str, Mapping[str, Any]]) -> str:
+    """`computing in fp32 (auto: AVX2 CPU: bf16 matmul 0.024x fp32's speed)`, one phrase per distinct
+    choice, with how many clients made it when they differ."""
+    groups: dict[tuple[str, str], int] = {}
+    for c in per_client.values():
+        key = (str(c.get("dtype", "?")), str(c.get("why", "")))
+        groups[key] = groups.get(key, 0) + 1
+    if len(groups) == 1:
+        ((dtype, why),) = groups
+        return f"computing in {dtype} ({why})" if why else f"computing in {dtype}"
+    return "computing in " + "; ".join(
+        f"{dtype} on {n} ({why})" for (dtype, why), n in sorted(groups.items())
+    )
+
+
 def round_line(m: Mapping[str, Any]) -> str:
     """A round's metrics as the line a run prints (`simulate` under its bar, `server` from metrics.jsonl)."""
     from fedpeft.evaluation import base_name, changes_text
@@ -213,6 +233,8 @@ def round_line(m: Mapping[str, Any]) -> str:
         text += f"; {changes})" if changes else ")"
     if m["round"] == 0 and "quant" in m:
         text += f" on the {base_name(m['quant'])} base"
+        if m.get("compute"):
+            text += f", {compute_text(m['compute'])}"
         if "full_eval_ppl" in m:
             cost = m["eval_ppl"] / m["full_eval_ppl"] - 1
             text += f"; {m['full_eval_ppl']:.2f} on the {m['full_base']} base (quantizing costs {cost:+.1%})"

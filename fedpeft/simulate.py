@@ -39,6 +39,21 @@ def _check_data(cfg: RunConfig) -> None:
     )
 
 
+def _precision_note(cfg: RunConfig) -> None:
+    """Say what the clients will compute in, before Ray starts: each actor chooses for itself, on this
+    machine from the same cached measurement (fedpeft.precision). On a Ray cluster each node chooses."""
+    if cfg.federation.ray_address:
+        log.info(
+            "compute dtype: --compute-dtype %s, chosen by each Ray node for itself", cfg.base.compute_dtype
+        )
+        return
+    from fedpeft.base import preview_precision
+    from fedpeft.engine import backend_config
+
+    threads = backend_config(cfg, "")[1]  # the actors' torch threads: the speeds depend on them
+    log.info("clients %s", preview_precision(cfg.base, threads).line())
+
+
 def with_store(cfg: RunConfig, run_dir: Path) -> RunConfig:
     """Personalization without --store keeps one personal store per virtual client in RUN/personal."""
     from dataclasses import replace
@@ -86,6 +101,7 @@ def simulate(
     cfg = with_device(with_store(cfg, run_dir))
     start_round = plan_run(run_dir, cfg, resume, resume_from)
     _check_data(cfg)
+    _precision_note(cfg)
     open_run(run_dir, cfg, start_round)
     os.environ.setdefault("FLWR_HOME", str(run_dir.resolve() / "flwr"))
     state, error = run_engine(cfg, run_dir, start_round, client_app)

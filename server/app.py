@@ -282,6 +282,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
             {
                 "round": 0,
                 "quant": description.quant,  # as the devices loaded it (`auto` resolved)
+                # what each client computes in and why: each device chooses for itself (fedpeft.precision)
+                **rounds.compute_metrics(link.roster.names, link.roster.compute),
                 # where a simulation's clients compute (--device resolved; deployed devices run on CPU)
                 **({"device": cfg.base.device} if cfg.base.device != "auto" else {}),
                 **({"full_base": cfg.base.full_base} if full else {}),

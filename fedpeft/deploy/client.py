@@ -166,7 +166,18 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
     if opts.max_wait is not None:
         args += ["--max-wait-time", str(opts.max_wait)]
     log.info("user %r, %d characters of text; base %s", user.user, len(user.text), base_dir)
+    _precision_note(base_dir, store / "base", opts.threads)
     return node_file, args
+
+
+def _precision_note(base_dir: Path, cache_dir: Path, threads: int | None) -> None:
+    """What this device will compute in where the federation leaves --compute-dtype at auto: the device
+    chooses for itself (fedpeft.precision), and its worker reads the same cached measurement."""
+    from fedpeft.base import preview_precision
+    from fedpeft.config import BaseConfig
+
+    precision = preview_precision(BaseConfig(model=str(base_dir), cache_dir=str(cache_dir)), threads)
+    log.info("this device is %s (where the federation's --compute-dtype is auto)", precision.line())
 
 
 class Worker:
