@@ -39,6 +39,8 @@ def config_for(content: RecordDict, node: DeviceNode | None) -> RunConfig:
         cfg = replace(cfg, base=base, personal=replace(cfg.personal, store=node.personal_dir))
         # a device computes where its owner runs it (CPU): the server's --device is not its to choose
         cfg = replace(cfg, base=replace(cfg.base, device="cpu"))
+        if node.compute_dtype:  # the device's own choice of compute precision (fedpeft.precision)
+            cfg = replace(cfg, base=replace(cfg.base, compute_dtype=node.compute_dtype))
         if node.max_memory:  # the device's own budget: micro-batches that fit, same effective batch
             cfg = replace(cfg, train=replace(cfg.train, max_memory=node.max_memory))
     return cfg

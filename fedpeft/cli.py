@@ -12,7 +12,15 @@ import warnings
 from pathlib import Path
 
 from fedpeft.errors import FedpeftError
-from fedpeft.flags import add_base_location, add_config_flags, add_run_flags, config_from_args, print_config
+from fedpeft.flags import (
+    add_base_location,
+    add_config_flags,
+    add_field_flag,
+    add_run_flags,
+    config_from_args,
+    field_value,
+    print_config,
+)
 
 log = logging.getLogger("fedpeft")
 
@@ -116,6 +124,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="tokens to generate (default: %(default)s)",
     )
     add_base_location(gen)
+    add_field_flag(gen, "base.compute_dtype")
     add_serve_command(sub)
     return parser
 
@@ -194,7 +203,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
 def cmd_generate(a: argparse.Namespace) -> None:
     from fedpeft.compare import compare
 
-    print(compare(Path(a.source), a.user, a.prompt, a.max_new_tokens, a.model, a.cache_dir))
+    compute = field_value(a, "base.compute_dtype") or "auto"
+    print(compare(Path(a.source), a.user, a.prompt, a.max_new_tokens, a.model, a.cache_dir, compute))
 
 
 def quiet_libraries() -> None:

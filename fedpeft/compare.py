@@ -12,7 +12,13 @@ from fedpeft.errors import FedpeftError
 
 
 def compare(
-    source: Path, user: str, prompt: str, max_new_tokens: int, model: str | None, cache_dir: str | None
+    source: Path,
+    user: str,
+    prompt: str,
+    max_new_tokens: int,
+    model: str | None,
+    cache_dir: str | None,
+    compute_dtype: str = "auto",
 ) -> str:
     """Greedy continuations of `prompt` by the base, the global and the personal adapter of `user` in a run
     folder or a device store, laid out side by side."""
@@ -31,7 +37,12 @@ def compare(
         raise FedpeftError(f"user {store.user} has no adapters in {store.dir} yet")
     first = next(iter(adapters.values()))
     base = load_base(
-        BaseConfig(model=model or base_model(first.meta), quant=first.meta["quant"], cache_dir=cache_dir)
+        BaseConfig(
+            model=model or base_model(first.meta),
+            quant=first.meta["quant"],
+            cache_dir=cache_dir,
+            compute_dtype=compute_dtype,
+        )
     )
     for files in adapters.values():
         check_fingerprint(files.fingerprint, base, f"adapter {files.path}")

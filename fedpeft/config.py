@@ -78,6 +78,7 @@ class BaseConfig:
         "what the base's matmuls run in: fp32, bf16 or fp16; auto: what this machine does fast (bf16 where the "
         "CPU or GPU has it natively and a short measured matmul confirms it, else fp32; fp32 for --quant none)",
         flag="--compute-dtype",
+        commands=(*ALL, "serve"),
     )
     # What the quantization costs shows only against the unquantized base: NF4 raised the default model's
     # held-out perplexity by 21% (README, "What the quantized base costs"). bf16 by default: it is the

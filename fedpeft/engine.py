@@ -13,6 +13,7 @@ process Ray starts belongs to that session:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib
 import json
@@ -136,6 +137,10 @@ def run_engine(
                 except EOFError:  # the driver died without a word
                     break
         driver.join(timeout=60)
+    except BaseException:  # an interrupt: the user asked to stop, and hears one line (fedpeft.cli)
+        if driver.is_alive():
+            _silence(Path(temp_dir))
+        raise
     finally:
         stop_session(driver.pid)  # the driver (if still there) and whatever Ray left
         (run_dir / SESSION_FILE).unlink(missing_ok=True)
@@ -201,6 +206,36 @@ def _gpu_count() -> int:
     return torch.cuda.device_count()
 
 
+# On an interrupt the command asks the driver to go quiet (a file in Ray's temp folder: a signal's blocked
+# mask would be inherited by every process Ray starts) before it stops the driver's session: without it,
+# every Ray worker's "SIGTERM received" and Flower's ActorUnavailableError traceback reached the terminal
+# after the user had asked to stop.
+QUIET_REQUEST, QUIET_ACK = "quiet-request", "quiet"
+
+
+def _quiet_on_request(temp_dir: Path, every: float = 0.05) -> None:
+    """In the driver: once QUIET_REQUEST appears, point this process's stdout and stderr at /dev/null (Ray's
+    log monitor prints its workers' lines through them) and acknowledge with QUIET_ACK."""
+    while not (temp_dir / QUIET_REQUEST).exists():
+        time.sleep(every)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    with contextlib.suppress(OSError):
+        (temp_dir / QUIET_ACK).touch()
+
+
+def _silence(temp_dir: Path, timeout: float = 2.0) -> None:
+    """Ask the driver to go quiet and wait (at most `timeout` s) until it has."""
+    try:
+        (temp_dir / QUIET_REQUEST).touch()
+    except OSError:
+        return
+    deadline = time.monotonic() + timeout
+    while not (temp_dir / QUIET_ACK).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def _watch_parent(parent: int, run_dir: Path, temp_dir: str) -> None:
     """In the driver: when the command that started us is gone (killed), stop this whole session."""
     while os.getppid() == parent:
@@ -229,6 +264,7 @@ def _drive(
     """The driver process: leads a new session, runs Flower's simulation, sends back (state, error)."""
     os.setsid()
     os.environ[MARKER] = temp_dir
+    threading.Thread(target=_quiet_on_request, args=(Path(temp_dir),), daemon=True).start()
     threading.Thread(target=_watch_parent, args=(parent, run_dir, temp_dir), daemon=True).start()
     from fedpeft.log import setup_console
 

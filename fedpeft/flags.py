@@ -51,6 +51,31 @@ def _add(group: argparse._ArgumentGroup, f: Field) -> None:
     )
 
 
+def add_field_flag(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, key: str, default_help: str | None = None
+) -> None:
+    """One field's flag on a hand-written command (client, serve, generate), with the tree's help; the value
+    is read back with field_value(). `default_help` replaces "(default: ...)" where the command's default
+    is not the tree's (None in the namespace means "as the tree or the federation says")."""
+    f = next(f for f in fields() if f.key == key)
+    text = f.meta["help"].replace("%", "%%")
+    text += f" (default: {default_help or _shown(f.default)})"
+    options = choices(f.hint)
+    metavar = f.meta["metavar"] or ("{" + ",".join(options) + "}" if options else None)
+    parser.add_argument(f.meta["flag"], dest=_dest(f.meta["flag"]), metavar=metavar, default=None, help=text)
+
+
+def field_value(args: argparse.Namespace, key: str) -> Any:
+    """The value of add_field_flag's flag, checked by the tree's own rules (a one-line error), or None."""
+    from fedpeft.config_fields import check_value
+
+    f = next(f for f in fields() if f.key == key)
+    value = getattr(args, _dest(f.meta["flag"]), None)
+    if value is not None:
+        check_value(f, value)
+    return value
+
+
 def add_config_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, argparse._ArgumentGroup]:
     """Add the flags of every field `command` offers, grouped by section; a flag several fields share
     (--seed) is added once. Flags left out are absent from the namespace (default SUPPRESS), so only what

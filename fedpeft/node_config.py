@@ -28,6 +28,9 @@ class DeviceNode:
     # distributed DP: the least noise this device adds itself, over its sensitivity (0: no floor); > 0
     # refuses any round in which its update would leave without it
     min_local_noise: float = 0.0
+    # what this device computes in ("": as the federation's --compute-dtype says, whose `auto` the device
+    # resolves itself): a device's own hardware decides, not the server (fedpeft.precision)
+    compute_dtype: str = ""
 
     def to_node_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -52,5 +55,9 @@ class DeviceNode:
                 raise FedpeftError(f"node config {key!r} must be {want.__name__}, got {value!r}")
             values[f.name] = value
         device = cls(**values)
+        if device.compute_dtype not in ("", "auto", "fp32", "bf16", "fp16"):
+            raise FedpeftError(
+                f"node config 'compute-dtype' must be auto, fp32, bf16 or fp16, got {device.compute_dtype!r}"
+            )
         # never below 1, whatever the file says: with no neighbour the server alone unmasks the update
         return dataclasses.replace(device, min_neighbours=max(1, device.min_neighbours))

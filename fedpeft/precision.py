@@ -69,6 +69,10 @@ def cpu_capability() -> str:
     return str(torch.backends.cpu.get_cpu_capability())
 
 
+def torch_version() -> str:
+    return str(torch.__version__)
+
+
 def cpu_name() -> str:
     """The CPU's model name (a new machine is measured anew even with the same capability string)."""
     with contextlib.suppress(OSError):
@@ -104,7 +108,7 @@ def probe_shape(model_config: Any) -> tuple[int, int]:
 def machine_key(k: int, n: int) -> str:
     """What the measured speeds depend on: torch, the CPU, the threads, the shape."""
     return "|".join(
-        [torch.__version__, cpu_capability(), cpu_name(), f"threads={torch.get_num_threads()}", f"{k}x{n}"]
+        [torch_version(), cpu_capability(), cpu_name(), f"threads={torch.get_num_threads()}", f"{k}x{n}"]
     )
 
 

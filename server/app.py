@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from fedpeft.federation import (
     save_round,
     skip_round,
 )
+from fedpeft.log import Waiting
 from fedpeft.privacy.plan import DpPlan
 from fedpeft.privacy.plan import note as dp_note
 from fedpeft.privacy.plan import plan as privacy_plan
@@ -66,6 +68,7 @@ class _Link:
     dp: DpPlan | None = None  # the federation's differential privacy, when on
     sampled_evaluation: bool = False  # --fraction-evaluate < 1: round 0 covered a sample only
     reference: bool = False  # clients also score the reference text (--reference-text)
+    progress: bool = True  # --progress: a long wait for replies shows how many came (fedpeft.log.Waiting)
 
     def message(self, node: int, kind: str, task: dict[str, Any], arrays: Arrays | None = None) -> Message:
         content = RecordDict({"config": self.config, "task": ConfigRecord(task)})
@@ -78,7 +81,11 @@ class _Link:
         answers, not by its sender: an error reply the SuperLink makes for a node that stopped sending
         heartbeats (a device gone mid-round) comes from the SuperLink's own node id."""
         order = list(messages.items())
-        replies = _send_and_receive(self.grid, [m for _, m in order])
+        kinds = sorted({m.metadata.message_type for _, m in order})
+        what = {"query": "registering clients", "train": "training", "evaluate": "evaluating"}
+        desc = ", ".join(what.get(k.split(".")[0], k) for k in kinds) or "waiting"
+        with Waiting(desc, len(order), "replies", enabled=self.progress) as wait:
+            replies = _send_and_receive(self.grid, [m for _, m in order], wait.update)
         key_of = {m.metadata.message_id: k for k, m in order}
         answered = [r for r in replies if r.metadata.reply_to_message_id in key_of]
         return {key_of[r.metadata.reply_to_message_id]: r for r in answered}
@@ -95,15 +102,20 @@ class _Link:
 POLL_SECONDS, POLL_MAX_SECONDS = 0.1, 1.0
 
 
-def _send_and_receive(grid: Grid, messages: list[Message]) -> list[Message]:
+def _send_and_receive(
+    grid: Grid, messages: list[Message], progress: Callable[[int], None] | None = None
+) -> list[Message]:
     """Grid.send_and_receive with a short poll: push, then pull until every message has its reply (the
-    SuperLink answers for a node that died with an error reply, so this ends)."""
+    SuperLink answers for a node that died with an error reply, so this ends). `progress(n)` hears of
+    each batch of n replies."""
     waiting = set(grid.push_messages(messages))
     replies: list[Message] = []
     delay = POLL_SECONDS
     while waiting:
         got = list(grid.pull_messages(waiting))
         replies += got
+        if progress is not None and got:
+            progress(len(got))
         waiting -= {m.metadata.reply_to_message_id for m in got}
         if waiting:
             # never a busy loop: each pull checks every waiting id, and with 10,000 virtual clients a pull
@@ -263,6 +275,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: int | None
     link = _Link(grid, ConfigRecord(to_run_config(cfg)))
     link.sampled_evaluation = cfg.federation.fraction_evaluate < 1
     link.reference = cfg.data.reference_text != "off"
+    link.progress = cfg.train.progress
     checkpoint = checkpoint_path(run_dir, resume) if resume is not None else None
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     pinned = state.info.fingerprint if state is not None else cfg.federation.base_fingerprint

@@ -53,6 +53,7 @@ class ClientOptions:
     min_neighbours: int = MIN_NEIGHBOURS
     min_local_noise: float = 0.0  # distributed DP: the least noise this device adds, over its sensitivity
     max_memory: int = 0  # MiB for the training process (0: no limit); micro-batches that fit it
+    compute_dtype: str = ""  # "": as the federation says (its `auto` resolved here)
 
 
 def _check_server(address: str) -> None:
@@ -142,6 +143,7 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
         min_local_noise=float(opts.min_local_noise),
         worker=str(sock),
         max_memory=opts.max_memory,
+        compute_dtype=opts.compute_dtype,
     )
     node_file = store / "node-config.toml"
     atomic_write_bytes(node_file, tomli_w.dumps(node.to_node_config()).encode())
@@ -166,18 +168,20 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
     if opts.max_wait is not None:
         args += ["--max-wait-time", str(opts.max_wait)]
     log.info("user %r, %d characters of text; base %s", user.user, len(user.text), base_dir)
-    _precision_note(base_dir, store / "base", opts.threads)
+    _precision_note(base_dir, store / "base", opts.threads, opts.compute_dtype)
     return node_file, args
 
 
-def _precision_note(base_dir: Path, cache_dir: Path, threads: int | None) -> None:
-    """What this device will compute in where the federation leaves --compute-dtype at auto: the device
-    chooses for itself (fedpeft.precision), and its worker reads the same cached measurement."""
+def _precision_note(base_dir: Path, cache_dir: Path, threads: int | None, compute_dtype: str) -> None:
+    """What this device will compute in: its own --compute-dtype, or where the federation's is auto, what
+    the device chooses for itself (fedpeft.precision); its worker reads the same cached measurement."""
     from fedpeft.base import preview_precision
     from fedpeft.config import BaseConfig
 
-    precision = preview_precision(BaseConfig(model=str(base_dir), cache_dir=str(cache_dir)), threads)
-    log.info("this device is %s (where the federation's --compute-dtype is auto)", precision.line())
+    cfg = BaseConfig(model=str(base_dir), cache_dir=str(cache_dir), compute_dtype=compute_dtype or "auto")
+    precision = preview_precision(cfg, threads)
+    where = "" if compute_dtype else " (where the federation's --compute-dtype is auto)"
+    log.info("this device is %s%s", precision.line(), where)
 
 
 class Worker:

@@ -8,7 +8,15 @@ import shlex
 from pathlib import Path
 
 from fedpeft.errors import FedpeftError
-from fedpeft.flags import add_config_flags, add_run_flags, config_from_args, print_config, require_out
+from fedpeft.flags import (
+    add_config_flags,
+    add_field_flag,
+    add_run_flags,
+    config_from_args,
+    field_value,
+    print_config,
+    require_out,
+)
 from fedpeft.secagg.protocol import MIN_NEIGHBOURS
 
 log = logging.getLogger("fedpeft")
@@ -119,6 +127,7 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
         help="memory the training process may use: micro-batches that fit it, the same effective batch; "
         "a budget too small is refused naming the smallest that works (default: no limit)",
     )
+    add_field_flag(k, "base.compute_dtype", "the federation's, whose auto this device resolves itself")
     sec = k.add_argument_group("this device's protection (the server cannot lower it)")
     sec.add_argument(
         "--require-secagg",
@@ -233,6 +242,7 @@ def cmd_client(a: argparse.Namespace) -> None:
             min_neighbours=a.min_neighbours,
             min_local_noise=a.dp_min_local_noise,
             max_memory=a.max_memory,
+            compute_dtype=field_value(a, "base.compute_dtype") or "",
         )
     )
     if code not in (0, 130, -15):

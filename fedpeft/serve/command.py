@@ -141,10 +141,14 @@ def cmd_serve(a: argparse.Namespace) -> None:
     sock = _bind(a.host, a.port)  # before the base loads: a taken port is a one-line error, not a wait
     meta = entries[0].files.meta
     shown = meta.get("base", {}).get("id") or meta["base_path"]  # the public id when the base has one
-    device = config_from_args(a, "serve").base.device
+    chosen = config_from_args(a, "serve").base
     base = load_base(
         BaseConfig(
-            model=a.model or base_model(meta), quant=meta["quant"], cache_dir=a.cache_dir, device=device
+            model=a.model or base_model(meta),
+            quant=meta["quant"],
+            cache_dir=a.cache_dir,
+            device=chosen.device,
+            compute_dtype=chosen.compute_dtype,
         )
     )
     engine = Engine(base, entries)
@@ -157,7 +161,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         print(f"  {e.name:<24} {e.kind}, round {e.round}: {e.origin}")
     exposed = "" if _loopback(a.host) else "; reachable from other machines"
     print(
-        f"serving base + {len(entries)} adapter(s) on {shown} ({base.quant}, {base.device}) at {url}"
+        f"serving base + {len(entries)} adapter(s) on {shown} ({base.quant}, {base.device}, {base.precision.line()}) at {url}"
         f"{'; API key required' if key else ''}{exposed}{'; plain HTTP: the key travels in clear' if key and scheme == 'http' and exposed else ''}",
         flush=True,
     )
