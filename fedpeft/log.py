@@ -74,11 +74,10 @@ class Waiting:
     def line(self, elapsed: float) -> str:
         """`evaluating: 1,024 of 34,187 tokens (3%) in 30 s, 34 tokens/s`."""
         rate = self.done / max(elapsed, 1e-9)
+        shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
         of = f" of {self.total:,}" if self.total else ""
         share = f" ({self.done / self.total:.0%})" if self.total else ""
-        return (
-            f"{self.desc}: {self.done:,}{of} {self.unit}{share} in {elapsed:.0f} s, {rate:,.0f} {self.unit}/s"
-        )
+        return f"{self.desc}: {self.done:,}{of} {self.unit}{share} in {elapsed:.0f} s, {shown} {self.unit}/s"
 
     def close(self) -> None:
         if self._bar is not None:

@@ -114,7 +114,7 @@ def _send_and_receive(
     while waiting:
         got = list(grid.pull_messages(waiting))
         replies += got
-        if progress is not None and got:
+        if progress is not None:  # every poll, replies or not: a long silence still gets its line
             progress(len(got))
         waiting -= {m.metadata.reply_to_message_id for m in got}
         if waiting:
