@@ -22,7 +22,7 @@ def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
     from fedpeft.train import evaluate, train
 
     log.info("loading base %s (quant %s)", cfg.base.model, cfg.base.quant)
-    base = load_base(cfg.base)
+    base = load_base(cfg.base, cfg.train.max_memory)
     log.info("base on %s, %s", base.device, base.precision.line())
     data, skipped = load_user_data(cfg.data, base.tokenizer, user)
     if skipped:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.simulation
 
 
-def _start(tmp_path: Path, cache_dir: str) -> tuple[subprocess.Popen, Path, int]:
+def _start(
+    tmp_path: Path, cache_dir: str, stderr: Any = subprocess.DEVNULL
+) -> tuple[subprocess.Popen, Path, int]:
     """A long federation on the tiny model; returns once its rounds are running on Ray."""
     users = tmp_path / "users"
     users.mkdir()
@@ -40,7 +43,7 @@ def _start(tmp_path: Path, cache_dir: str) -> tuple[subprocess.Popen, Path, int]
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedpeft.cli", *args],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         start_new_session=True,
     )
@@ -85,6 +88,23 @@ def test_kill_9_of_simulate_leaves_no_process_of_the_run(
     proc.wait()
     assert _gone(sid, 30), [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in session_members(sid)]
     assert not (run / SESSION_FILE).exists() and not (run / "ray").exists()
+
+
+def test_an_interrupt_prints_one_line_exits_130_and_leaves_no_process(
+    tmp_path: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    """Ctrl-C: the user asked to stop, so neither Ray's "SIGTERM received" lines nor Flower's traceback for the
+    actors it loses may follow; "fedpeft: interrupted" is all."""
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as err:
+        proc, run, sid = _start(tmp_path, cache_dir, err)
+        before = log.stat().st_size
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    after = log.read_bytes()[before:].decode(errors="replace")
+    assert after.strip().splitlines()[-1:] == ["fedpeft: interrupted"], after[-2000:]
+    assert "SIGTERM" not in after and "Traceback" not in after and "Error" not in after, after[-2000:]
+    assert _gone(sid, 30)
 
 
 def test_what_a_killed_run_left_is_stopped_at_the_next_start_in_its_folder(

@@ -13,13 +13,20 @@ from fedpeft.base import dequantize_linears, load_base, public_id
 from fedpeft.cli import main
 from fedpeft.config import AdapterConfig, BaseConfig
 from fedpeft.merge import export_merged, merge_base
-from fedpeft.train import autocast_for
+from fedpeft.precision import autocast
 
 X = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
 
 
+def _compute(quant: str) -> str:
+    """Every stored bf16/int8/nf4 base computes in bf16 here, as on a CPU with native bf16."""
+    return "fp32" if quant == "none" else "bf16"
+
+
 def _base(cache_dir: str, quant: str):
-    return load_base(BaseConfig(model="tiny", quant=quant, cache_dir=cache_dir))
+    return load_base(
+        BaseConfig(model="tiny", quant=quant, compute_dtype=_compute(quant), cache_dir=cache_dir)
+    )
 
 
 def _adapter(tmp_path: Path, cache_dir: str, quant: str, kind: str) -> Path:
@@ -35,7 +42,7 @@ def _adapter(tmp_path: Path, cache_dir: str, quant: str, kind: str) -> Path:
 
 
 def _logits(model, quant: str = "none") -> torch.Tensor:
-    with torch.no_grad(), autocast_for(quant):
+    with torch.no_grad(), autocast(_compute(quant)):
         return model(input_ids=X).logits.float()
 
 

@@ -123,9 +123,9 @@ def test_training_on_the_gpu_lowers_the_loss_and_reports_gpu_memory(
     data, _ = load_user_data(DataConfig(data=str(users_dir), block_size=32), base.tokenizer, "alice")
     model = inject(base, AdapterConfig(kind="lora", r=4))
     pad = base.tokenizer.pad_token_id
-    before = evaluate(model, data.eval, pad, base.quant)
-    train(model, data, TrainConfig(steps=20, lr=5e-3, batch_size=4, progress=False), 5e-3, pad, base.quant)
-    after = evaluate(model, data.eval, pad, base.quant)
+    before = evaluate(model, data.eval, pad, base.compute)
+    train(model, data, TrainConfig(steps=20, lr=5e-3, batch_size=4, progress=False), 5e-3, pad, base.compute)
+    after = evaluate(model, data.eval, pad, base.compute)
     assert after.loss < before.loss
     state = adapter_state(model)
     assert all(isinstance(v, np.ndarray) and np.isfinite(v).all() for v in state.values())
