@@ -90,13 +90,13 @@ def test_training_learns_and_peft_reloads_the_same_logits(
     model = inject(base, cfg)
     data, _ = load_user_data(DataConfig(data=str(users_dir), block_size=32), base.tokenizer, "alice")
     pad = base.tokenizer.pad_token_id
-    base_loss = evaluate(base.model, data.eval, pad, "none").loss  # prompt learning leaves the layers alone
-    before = evaluate(model, data.eval, pad, "none")
-    result = train(model, data, TrainConfig(steps=30, batch_size=4, progress=False), 5e-2, pad, "none")
-    after = evaluate(model, data.eval, pad, "none")
+    base_loss = evaluate(base.model, data.eval, pad, "fp32").loss  # prompt learning leaves the layers alone
+    before = evaluate(model, data.eval, pad, "fp32")
+    result = train(model, data, TrainConfig(steps=30, batch_size=4, progress=False), 5e-2, pad, "fp32")
+    after = evaluate(model, data.eval, pad, "fp32")
     assert after.loss < before.loss - 0.1 and np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
     with model.disable_adapter():  # the base is still there under the adapter
-        assert evaluate(model, data.eval, pad, "none").loss == pytest.approx(base_loss, rel=1e-5)
+        assert evaluate(model, data.eval, pad, "fp32").loss == pytest.approx(base_loss, rel=1e-5)
     save_adapter(model, base, cfg, tmp_path / "adapter")
     ids = data.eval[0][None, :20]
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path), tmp_path / "adapter")

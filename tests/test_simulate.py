@@ -185,10 +185,21 @@ def test_secagg_equals_plain_aggregation_within_quantization_error(
     # 4 bytes per parameter plus O(k) key material
     params = sum(v.size for v in _global(tmp_path / "plain").values())
     assert state.history[-1]["bytes_up"] / 5 < 4 * (params + 1) + 2000
-    plain, secure = _global(tmp_path / "plain"), _global(tmp_path / "secure")
+    from fedpeft.federation import checkpoint_path, load_checkpoint
+
+    # round 1 aggregates the same deltas: equal within the ring code's rounding (~1e-10 here)
+    plain, secure = (
+        load_checkpoint(checkpoint_path(tmp_path / run, 1)).arrays for run in ("plain", "secure")
+    )
     for k, v in plain.items():
         np.testing.assert_allclose(secure[k], v, atol=1e-6)
     assert not all(np.array_equal(secure[k], v) for k, v in plain.items())  # it did go through the ring code
+    # round 2 trains from those two globals: in fp32 compute AdamW's early, sign-like steps amplify that
+    # rounding on coordinates whose gradient is near zero (bf16 compute used to absorb it), so the last
+    # global agrees closely as a whole, not bit for bit
+    plain, secure = _global(tmp_path / "plain"), _global(tmp_path / "secure")
+    for k, v in plain.items():
+        assert np.linalg.norm(secure[k] - v) <= 1e-3 * np.linalg.norm(v) + 1e-6, k
 
 
 def test_secagg_survives_dropouts_in_training_and_at_unmask(

@@ -42,7 +42,10 @@ def _flags(users: Path, cache_dir: str, *extra: str) -> list[str]:
     return [
         "--model", "tiny", "--cache-dir", cache_dir, "--lora-r", "4", "--data", str(users),
         "--block-size", "32", "--lr", "5e-3", "--fraction", "1", "--local-steps", "2", "--seed", "1",
-        "--no-progress", *extra,
+        "--no-progress",
+        # the deployed devices and the simulation they are compared with compute alike (each would resolve
+        # auto on its own, with its own threads)
+        "--compute-dtype", "fp32", *extra,
     ]  # fmt: skip
 
 
@@ -158,8 +161,16 @@ def test_secure_federation_over_tls_equals_simulation_and_refuses_strangers(
     sim = load_file(tmp_path / "sim" / "global" / "adapter_model.safetensors")
     dep = load_file(tmp_path / "server" / "global" / "adapter_model.safetensors")
     assert sim.keys() == dep.keys()
+    from fedpeft.federation import checkpoint_path, load_checkpoint
+
+    # round 1 sums the same deltas: equal within the ring code's rounding; round 2 trains on from the two
+    # globals, and fp32 compute lets AdamW's sign-like early steps amplify that rounding where a gradient is
+    # near zero (tests/test_simulate.py, secagg): close as a whole there
+    first = [load_checkpoint(checkpoint_path(tmp_path / run, 1)).arrays for run in ("sim", "server")]
+    for k, v in first[0].items():
+        np.testing.assert_allclose(first[1][k], v, atol=1e-6)
     for k in sim:
-        np.testing.assert_allclose(dep[k], sim[k], atol=1e-6)  # the ring code's quantization error at most
+        assert np.linalg.norm(dep[k] - sim[k]) <= 1e-3 * np.linalg.norm(sim[k]) + 1e-6, k
     history = deployment.metrics()
     assert [h["round"] for h in history] == [0, 1, 2]
     for h in history[1:]:
