@@ -37,12 +37,17 @@ def merge_base(files: AdapterFiles, onto: MergeOnto, model: str, cache_dir: str 
         )
     quant = files.meta["quant"]
     # on the CPU wherever a GPU is: the exported weights must not depend on the machine that merged them
-    own = load_base(BaseConfig(model=model, quant=quant, cache_dir=cache_dir, device="cpu"))
+    # fp32 compute: a merge multiplies nothing at speed, and widens the weights to fp32 anyway
+    own = load_base(
+        BaseConfig(model=model, quant=quant, cache_dir=cache_dir, device="cpu", compute_dtype="fp32")
+    )
     check_fingerprint(files.fingerprint, own, f"adapter {files.path}")
     if onto == "full" and quant != "none":
         del own
         gc.collect()
-        return load_base(BaseConfig(model=model, quant="none", cache_dir=cache_dir, device="cpu"))
+        return load_base(
+            BaseConfig(model=model, quant="none", cache_dir=cache_dir, device="cpu", compute_dtype="fp32")
+        )
     dequantize_linears(own.model)  # nf4/int8 weights exactly as the device multiplies them, in fp32
     own.model.float()  # bf16 values are exact in fp32; merging in fp32 keeps small deltas
     return own
