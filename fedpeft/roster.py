@@ -21,6 +21,10 @@ from fedpeft.federation import sample_clients
 log = logging.getLogger("fedpeft")
 
 
+# what a node may report of its compute precision (fedpeft.precision.Precision.metrics)
+COMPUTE_KEYS = ("dtype", "why", "capability", "fp32_gflops", "bf16_gflops")
+
+
 @dataclass(frozen=True)
 class Registration:
     """One node's answer to the registration query."""
@@ -36,10 +40,10 @@ class Registration:
     @classmethod
     def from_info(cls, node: int, info: Mapping[str, Any]) -> Registration:
         """From the "info" record of a reply (client/tasks.py `info`)."""
-        compute = {  # reported by the node: only short scalars are kept
-            k.removeprefix("compute-"): v if not isinstance(v, str) else v[:200]
-            for k, v in info.items()
-            if k.startswith("compute-") and isinstance(v, (str, int, float)) and not isinstance(v, bool)
+        compute = {  # reported by the node: only the known keys, as short scalars
+            k: v if not isinstance(v, str) else v[:200]
+            for k in COMPUTE_KEYS
+            if isinstance(v := info.get(f"compute-{k}"), (str, int, float)) and not isinstance(v, bool)
         }
         return cls(
             node,
