@@ -35,7 +35,7 @@ def show_bars(progress: bool) -> bool:
 
 
 class Waiting:
-    """Progress of one long wait (an evaluation pass, a conversion, a model load): a tqdm bar on a terminal,
+    """Progress of one long wait (an evaluation pass, the server's wait for replies): a tqdm bar on a terminal,
     shown only once the wait passes `delay` seconds; elsewhere (a log file, a pipe, a Ray actor) a log line
     after `first` seconds and then every `every` seconds with what is done and the rate. `total` and
     update() count `unit`s (tokens, blocks). Used as a context manager; `enabled` False shows nothing."""

@@ -6,11 +6,15 @@ can change it: it carries the device's own security policy."""
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any
 
+from fedpeft.config import ComputeDtype
 from fedpeft.errors import FedpeftError
 from fedpeft.secagg.protocol import MIN_NEIGHBOURS
+
+COMPUTE_CHOICES: tuple[str, ...] = typing.get_args(ComputeDtype)  # the config tree's, "" aside
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,10 @@ class DeviceNode:
                 raise FedpeftError(f"node config {key!r} must be {want.__name__}, got {value!r}")
             values[f.name] = value
         device = cls(**values)
-        if device.compute_dtype not in ("", "auto", "fp32", "bf16", "fp16"):
+        if device.compute_dtype and device.compute_dtype not in COMPUTE_CHOICES:
             raise FedpeftError(
-                f"node config 'compute-dtype' must be auto, fp32, bf16 or fp16, got {device.compute_dtype!r}"
+                f"node config 'compute-dtype' must be one of {', '.join(COMPUTE_CHOICES)}, "
+                f"got {device.compute_dtype!r}"
             )
         # never below 1, whatever the file says: with no neighbour the server alone unmasks the update
         return dataclasses.replace(device, min_neighbours=max(1, device.min_neighbours))

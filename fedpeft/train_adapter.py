@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -36,27 +37,13 @@ def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
     )
     model = inject(base, cfg.adapter)
     pad = base.tokenizer.pad_token_id
-    progress = cfg.train.progress
-    before = evaluate(
-        model,
-        data.eval,
-        pad,
-        base.compute,
-        cfg.train.eval_batch_size,
-        desc="evaluating the base",
-        progress=progress,
+    held_out = functools.partial(
+        evaluate, model, data.eval, pad, base.compute, cfg.train.eval_batch_size, progress=cfg.train.progress
     )
+    before = held_out(desc="evaluating the base")
     lr = cfg.train.learning_rate(cfg.adapter.kind, cfg.adapter.freeze_a)
     result = train(model, data, cfg.train, lr, pad, base.compute, desc=f"train {cfg.adapter.kind}")
-    after = evaluate(
-        model,
-        data.eval,
-        pad,
-        base.compute,
-        cfg.train.eval_batch_size,
-        desc="evaluating the adapter",
-        progress=progress,
-    )
+    after = held_out(desc="evaluating the adapter")
     adapter_bytes = sum(v.nbytes for v in adapter_state(model).values())
     metrics = {
         "user": data.user,
