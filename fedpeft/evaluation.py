@@ -34,6 +34,7 @@ class EvalResult:
     full_loss: float | None = None  # the same adapter on the unquantized base (round 0 and the last)
     base_loss: float | None = None  # a sampled evaluation: the base alone on the same text
     full_base_loss: float | None = None  # ... and the unquantized base alone (full-base rounds)
+    task: Mapping[str, Any] | None = None  # task data: its scores (fedpeft.task_eval.client_entry)
 
 
 def eval_metrics(results: Sequence[EvalResult]) -> dict[str, Any]:
@@ -51,6 +52,8 @@ def eval_metrics(results: Sequence[EvalResult]) -> dict[str, Any]:
             entry["base_loss"] = r.base_loss
         if r.full_base_loss is not None:
             entry["full_base_loss"] = r.full_base_loss
+        if r.task is not None:
+            entry["task"] = dict(r.task)
         if r.full_loss is not None:
             entry["full_ppl"] = ppl(r.full_loss)
             full_nll, full_tokens = full_nll + r.full_loss * r.tokens, full_tokens + r.tokens
@@ -70,6 +73,10 @@ def eval_metrics(results: Sequence[EvalResult]) -> dict[str, Any]:
         "eval_ppl_client_mean": sum(c["ppl"] for c in per_client.values()) / max(len(per_client), 1),
         "eval_per_client": dict(sorted(per_client.items())),
     }
+    if any(r.task for r in results):  # task data: the pooled task figures (fedpeft.task_eval)
+        from fedpeft.task_eval import pooled
+
+        out["task"] = pooled([r.task for r in results if r.task])
     if full_tokens:  # over the clients that reported it: all of them unless one failed or lacked the memory
         out["full_eval_loss"] = full_nll / full_tokens
         out["full_eval_ppl"] = ppl(full_nll / full_tokens)
@@ -190,6 +197,11 @@ def personal_entry(report: Mapping[str, Any], global_ppl: float) -> dict[str, An
     }
     if "personal_eval_loss" in p:
         entry["personal_ppl"] = ppl(float(p["personal_eval_loss"]))
+    from fedpeft.task_eval import client_entry
+
+    personal_task = client_entry(p, "personal_task_")  # task data: the personal adapter's task scores
+    if personal_task is not None:
+        entry["personal_task"] = personal_task
     entry["kept_ppl"] = entry["personal_ppl"] if entry["kept"] == "personal" else global_ppl
     for key in ("val_loss_global", "val_loss_personal"):
         if key in p:
@@ -220,8 +232,10 @@ def add_base(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -> N
     (round 0 evaluates the base with the adapter disabled). Adds the personalization summary when the
     round has personal figures."""
     from fedpeft.personalize import summarize
+    from fedpeft.task_eval import add_task_changes
 
     add_changes(metrics, history)
+    add_task_changes(metrics, history)
     if "eval_per_client" not in metrics:  # a round that evaluated no client (--eval-every)
         return
     base = history[0].get("eval_per_client", {}) if history else {}

@@ -7,20 +7,23 @@ client is evaluated on text from its own distribution.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
 from fedpeft.config import SPLITS, DataConfig
-from fedpeft.data import UserData, load_users, tokenize_user
+from fedpeft.data import UserData, UserText, fit_note, load_users, tokenize_user
 from fedpeft.errors import FedpeftError
+
+log = logging.getLogger("fedpeft")
 
 DIRICHLET_DRAWS = 1000  # redraws allowed until every client gets training and held-out text
 
 
-def _usable(cfg: DataConfig, tokenizer: Any) -> list[tuple[UserData, str | None]]:
+def _usable(cfg: DataConfig, tokenizer: Any, users: list[UserText]) -> list[tuple[UserData, str | None]]:
     out = []
-    for u in load_users(cfg.data):
+    for u in users:
         try:
             out.append((tokenize_user(u, tokenizer, cfg), u.label))
         except FedpeftError:  # too little text: such a user cannot be a client on its own
@@ -41,13 +44,19 @@ def partition(
         raise FedpeftError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if n < 1:
         raise FedpeftError(f"--clients must be at least 1, got {n}")
-    users = _usable(cfg, tokenizer)
+    corpus = load_users(cfg)
+    if split != "natural" and corpus[0].examples:
+        clients = _split_examples(cfg, tokenizer, corpus, n, split, alpha, seed)
+        _note(cfg, clients)
+        return clients
+    users = _usable(cfg, tokenizer, corpus)
     if split == "natural":
         if len(users) < n:
             raise FedpeftError(
                 f"only {len(users)} users in {cfg.data} have enough text for a client; asked for {n}"
             )
         chosen = sorted(users, key=lambda x: (-x[0].train_tokens, x[0].user))[:n]
+        _note(cfg, [d for d, _ in chosen])
         return sorted((d for d, _ in chosen), key=lambda d: d.user)
 
     rng = np.random.default_rng([seed, 1234])
@@ -87,4 +96,46 @@ def partition(
             f"(e.g. {empty[0]}{f' in {DIRICHLET_DRAWS} draws' if split == 'dirichlet' else ''}); "
             "use fewer --clients or a larger Dirichlet alpha"
         )
+    return clients
+
+
+def _note(cfg: DataConfig, clients: list[UserData]) -> None:
+    note = fit_note(clients, cfg)
+    if note:
+        log.warning("%s", note)
+
+
+def _split_examples(
+    cfg: DataConfig, tokenizer: Any, users: list[UserText], n: int, split: str, alpha: float, seed: int
+) -> list[UserData]:
+    """Task examples of every user dealt to N clients by Flower Datasets' partitioners: IID (the examples
+    shuffled with the seed, then cut in N) or Dirichlet over the labels (DirichletPartitioner, which
+    redraws until every client holds --min-examples). Each client then holds out its own tail."""
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    examples = [e for u in users for e in u.examples]
+    if split == "dirichlet" and any(e.label is None for e in examples):
+        raise FedpeftError(f"a Dirichlet split needs labeled examples (--label-column); {cfg.data} has none")
+    table = datasets.Dataset.from_dict(
+        {"i": list(range(len(examples))), "label": [e.label or "" for e in examples]}
+    )
+    if split == "iid":
+        part: Any = IidPartitioner(num_partitions=n)
+        table = table.shuffle(seed=seed).flatten_indices()
+    else:
+        part = DirichletPartitioner(n, "label", alpha, min_partition_size=cfg.min_examples, seed=seed)
+    part.dataset = table
+    try:
+        dealt = [part.load_partition(i)["i"] for i in range(n)]
+    except ValueError as e:  # the Dirichlet draws never gave every client enough examples
+        raise FedpeftError(
+            f"the {split} split of {len(examples)} examples into {n} clients failed ({e}); use fewer --clients or a larger alpha"
+        ) from None
+    clients = []
+    for i, idx in enumerate(dealt):
+        user = UserText(
+            f"{split}-{i:03d}", "", examples=tuple(examples[j] for j in idx), labels=users[0].labels
+        )
+        clients.append(tokenize_user(user, tokenizer, cfg))  # a client with too few examples stops the run
     return clients

@@ -65,13 +65,13 @@ def split_validation(data: UserData, fraction: float, min_tokens: int) -> tuple[
     """The tail `fraction` of a user's training blocks becomes the validation part (time order, as with the
     held-out part); it is no longer trained on. Too little text for `min_tokens`, or nothing left to
     train on: no validation part (the user then keeps the global adapter)."""
-    from fedpeft.data import UserData
+    from dataclasses import replace
 
     n = max(1, round(len(data.train) * fraction))
     val = data.train[-n:]
     if len(data.train) - n < 1 or sum(len(b) for b in val) < min_tokens:
         return data, []
-    return UserData(data.user, data.train[:-n], data.eval), val
+    return replace(data, train=data.train[:-n]), val
 
 
 def specific_change(
@@ -211,7 +211,9 @@ def user_adapter(src: str | Path, user: str, which: str) -> tuple[Path, str]:
     if which == "kept":
         which = choice.get("use", PERSONAL if (store.dir / PERSONAL).is_dir() else GLOBAL)
         if which not in (PERSONAL, GLOBAL):  # a path here would serve or export any folder as this user's
-            raise FedpeftError(f"{store.dir / CHOICE_FILE}: 'use' must be {PERSONAL} or {GLOBAL}, got {which!r}")
+            raise FedpeftError(
+                f"{store.dir / CHOICE_FILE}: 'use' must be {PERSONAL} or {GLOBAL}, got {which!r}"
+            )
         why = f"kept by the device after round {choice.get('global_round')}" if choice else "kept"
     else:
         why = "as asked"
@@ -264,6 +266,28 @@ def summarize(per_client: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         "no_validation": sorted(u for u, c in rows.items() if c.get("note", "").startswith("too little")),
         **_specificity_summary(rows),
         **_reference_summary(rows),
+        **_task_summary(rows),
+    }
+
+
+def _task_summary(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Task data: for how many users the personal adapter scores at least as well as the global one on
+    their held-out examples (accuracy or ROUGE-L), and both pooled over those users."""
+    from fedpeft.task_eval import headline, pooled
+
+    both = {u: c for u, c in rows.items() if c.get("task") and c.get("personal_task")}
+    if not both:
+        return {}
+    return {
+        "task_users": len(both),
+        "task_at_least_global": sum(
+            headline(c["personal_task"]) >= headline(c["task"]) for c in both.values()
+        ),
+        "task_global": headline(pooled([c["task"] for c in both.values()])),
+        "task_personal": headline(pooled([c["personal_task"] for c in both.values()])),
+        "task_metric": {"classify": "accuracy", "generate": "ROUGE-L"}[
+            next(iter(both.values()))["task"]["kind"]
+        ],
     }
 
 
@@ -317,6 +341,11 @@ def summary_line(s: dict[str, Any], method: str) -> str:
         line += f"; reference text ppl median {s['personal_reference_ppl_median']:.2f}"
         if s["forgetting_kept_global"]:
             line += f" ({s['forgetting_kept_global']} kept global: their personal adapter forgets)"
+    if "task_users" in s:
+        line += (
+            f"; {s['task_metric']} at least the global adapter's for {s['task_at_least_global']}/{s['task_users']} "
+            f"users (pooled: personal {s['task_personal']:.3f}, global {s['task_global']:.3f})"
+        )
     if s["no_validation"]:
         line += f"; {len(s['no_validation'])} with too little text for a validation part keep global"
     if s["without_personal"]:

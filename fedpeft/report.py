@@ -87,13 +87,17 @@ def federation_png(history: list[dict]) -> bytes:
         )
         ax2.axhline(history[0].get("base_reference_ppl", reference[0][1]), color="tab:purple", ls=":", lw=1,
                     label="the base, reference text")  # fmt: skip
-    kept = [(h["round"], _kept_ppl(h)) for h in history if "personal" in h]
+    if "task" in history[0]:  # task data: the task's own figure, not the answers' perplexity
+        ax2.clear()
+        _task_panel(ax2, history)
+    kept = [(h["round"], _kept_ppl(h)) for h in history if "personal" in h and "task" not in h]
     if kept:
         ax2.plot(*zip(*kept, strict=True), "D-", color="tab:orange", label="adapters the users keep")
     for ax in (ax1, ax2):
         ax.xaxis.get_major_locator().set_params(integer=True)
     ax2.set_xlabel("round")
-    ax2.set_ylabel("perplexity")
+    if "task" not in history[0]:
+        ax2.set_ylabel("perplexity")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
@@ -101,6 +105,34 @@ def federation_png(history: list[dict]) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _task_panel(ax, history: list[dict]) -> None:
+    """The global adapter's task figure per round, the zero-shot base as a line, the per-client spread,
+    and the personal adapters' pooled figure where a round has them."""
+    from fedpeft.evaluation import base_name
+    from fedpeft.task_eval import HEADLINE, headline, pooled
+
+    rows = [h for h in history if h.get("task")]
+    key = HEADLINE[rows[0]["task"]["kind"]]
+    name = {"accuracy": "accuracy", "rouge_l": "ROUGE-L"}[key]
+    on = f" on the {base_name(history[0]['quant'])} base" if "quant" in history[0] else ""
+    ax.plot([h["round"] for h in rows], [headline(h["task"]) for h in rows], "o-", color="tab:green",
+            label=f"global adapter{on}")  # fmt: skip
+    ax.axhline(headline(rows[0]["task"]), color="tab:gray", ls=":", lw=1, label="the base, zero-shot")
+    spread = [
+        (h["round"], [c["task"][key] for c in h["eval_per_client"].values() if "task" in c]) for h in rows
+    ]
+    spread = [(r, min(v), max(v)) for r, v in spread if v]
+    if spread:
+        r, lo, hi = zip(*spread, strict=True)
+        ax.fill_between(r, lo, hi, color="tab:green", alpha=0.15, label="per-client min-max")
+    personal = [(h["round"], pooled([c["personal_task"] for c in h["eval_per_client"].values()
+                                     if "personal_task" in c])) for h in rows]  # fmt: skip
+    personal = [(r, headline(p)) for r, p in personal if p]
+    if personal:
+        ax.plot(*zip(*personal, strict=True), "D", color="tab:orange", label="personal adapters")
+    ax.set_ylabel(f"held-out {name}")
 
 
 def _epsilon(ax, history: list[dict]) -> None:

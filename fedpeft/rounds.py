@@ -226,7 +226,11 @@ def round_line(m: Mapping[str, Any]) -> str:
         why = "every client's evaluation failed" if m.get("eval_failed") else "--eval-every"
         text = f"round {m['round']}: not evaluated ({why})"
     else:
-        text = f"round {m['round']}: held-out ppl {m['eval_ppl']:.2f} (loss {m['eval_loss']:.3f}"
+        from fedpeft.task_eval import task_text
+
+        task = task_text(m)
+        text = f"round {m['round']}: " + (f"{task}; answer " if task else "held-out ")
+        text += f"ppl {m['eval_ppl']:.2f} (loss {m['eval_loss']:.3f}"
         if m.get("eval_of"):
             text += f" over {len(m.get('eval_per_client', {}))} of {m['eval_of']} clients"
         changes = changes_text(m)

@@ -115,16 +115,22 @@ def summary(rnd: int, history: list[dict[str, Any]], method: str = "none") -> st
     first, last = history[0], history[-1]
     per_client = last.get("bytes_up", 0) // max(len(last.get("accepted", [])), 1)
     from fedpeft.evaluation import changes_text
+    from fedpeft.task_eval import task_summary
 
     changes = changes_text(last)
     if "eval_ppl" not in last:  # every client's evaluation of the last round failed
         line = f"global adapter after round {rnd}: not evaluated (every client's evaluation failed)"
     else:
         before = last.get("base_ppl", first.get("eval_ppl"))
+        task = last.get("task", {})
         line = (
+            f"global adapter after round {rnd}: {task_summary(task)}; answer ppl "
+            if task
+            else f"global adapter after round {rnd}: held-out ppl "
+        )
+        line += (
             # on the same clients: a sampled last round names the base's figure on its own sample
-            f"global adapter after round {rnd}: held-out ppl "
-            + (f"{before:.2f} -> " if before is not None else "")
+            (f"{before:.2f} -> " if before is not None else "")
             + f"{last['eval_ppl']:.2f}"
             + (f" ({changes})" if changes else "")
         )

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from fedpeft.adapters import trainable_parameters
 from fedpeft.config import TrainConfig
-from fedpeft.data import UserData, collate
+from fedpeft.data import UserData, collate, label_tokens
 from fedpeft.log import Waiting, show_bars
 from fedpeft.memory import fit_model, release_heap
 from fedpeft.placement import model_device, to_device
@@ -176,7 +176,10 @@ def _prompt_learning_nll(model: Any, batch: dict[str, torch.Tensor], n: int) -> 
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=batch["input_ids"].device), 0
     out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+        use_cache=False,
     )
     return out.loss.float() * n, n
 
@@ -246,7 +249,7 @@ def train(
             for _ in bar:
                 opt.zero_grad(set_to_none=True)
                 blocks = [data.train[next(stream)] for _ in range(cfg.batch_size * cfg.grad_accum)]
-                labelled = max(sum(len(b) - 1 for b in blocks), 1)  # label tokens in the whole step
+                labelled = max(label_tokens(blocks), 1)  # label tokens in the whole step
                 step_loss = 0.0
                 for i in range(0, len(blocks), cfg.batch_size):
                     batch = to_device(collate(blocks[i : i + cfg.batch_size], pad_id), device)
@@ -292,7 +295,7 @@ def evaluate(
     model.eval()
     device = model_device(model)
     nll, tokens = 0.0, 0
-    total = sum(max(len(b) - 1, 0) for b in blocks)
+    total = label_tokens(blocks)
     with Waiting(desc, total, "tokens", enabled=progress) as wait:
         for i in range(0, len(blocks), batch_size):
             batch = to_device(collate(blocks[i : i + batch_size], pad_id), device)

@@ -208,13 +208,32 @@ def _evaluate(
         base = {k: float(m[k]) for k in ("base_loss", "full_base_loss") if k in m}
         references.append({k: float(m[k]) for k in ("reference_loss", "base_reference_loss") if k in m})
         results.append(
-            evaluation.EvalResult(user, loss, tokens, reply.content.get("personal"), full_loss, **base)
+            evaluation.EvalResult(
+                user,
+                loss,
+                tokens,
+                reply.content.get("personal"),
+                full_loss,
+                **base,
+                task=_task_entry(m, user),
+            )
         )
     bytes_down = sum(a.nbytes for a in arrays.values()) * len(members)
     out = {**evaluation.eval_metrics(results), **reference_metrics(references), "bytes_down_eval": bytes_down}
     if len(members) < len(link.roster.on_base()):
         out["eval_of"] = len(link.roster.on_base())  # a --fraction-evaluate sample of this many
     return out
+
+
+def _task_entry(m: Any, user: str) -> dict[str, Any] | None:
+    """A client's task scores (fedpeft.task_eval), or None; a malformed report is left out, not fatal."""
+    from fedpeft.task_eval import client_entry
+
+    try:
+        return client_entry(m)
+    except (KeyError, TypeError, ValueError) as e:
+        log.warning("ignored a malformed task report from %s: %r", user, e)
+        return None
 
 
 def _train_round(link: _Link, cfg: RunConfig, state: ServerState) -> tuple[ServerState, dict[str, Any]]:

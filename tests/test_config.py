@@ -93,6 +93,12 @@ def test_every_field_is_typed_documented_and_has_a_unique_flag() -> None:
             "base_id",
             "ray_address",
             "reference_text",
+            # task data's column names and label set are the user's own words
+            "user_column",
+            "prompt_column",
+            "completion_column",
+            "label_column",
+            "labels",
         )
         assert f.hint is not str or f.name in free_text, f.key
     enumerated = {f.key for f in fields() if choices(f.hint)}
@@ -108,6 +114,9 @@ def test_every_field_is_typed_documented_and_has_a_unique_flag() -> None:
         "personal.method",
         "personal.change",
         "privacy.mode",
+        "data.format",
+        "data.task",
+        "data.too_long",
     }
     shared = {flag: keys for flag, keys in flags.items() if len(keys) > 1}
     assert shared == {"--seed": ["adapter.seed", "train.seed", "federation.seed"]}

@@ -57,7 +57,7 @@ def test_collate_pads_and_masks_labels() -> None:
 
 
 def test_empty_data_folder(tmp_path: Path) -> None:
-    with pytest.raises(FedpeftError, match="no user text"):
+    with pytest.raises(FedpeftError, match="no user data"):
         load_users(str(tmp_path))
 
 

@@ -125,7 +125,9 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
         raise FedpeftError(f"--dp-min-local-noise must be a number at least 0, got {opts.min_local_noise}")
     if opts.max_memory < 0:
         raise FedpeftError(f"--max-memory must be at least 0 MiB, got {opts.max_memory}")
-    user = load_device_user(str(opts.data), opts.name)  # one-line error if there is no text
+    # one-line error if there is no data; records are read here and interpreted with the federation's
+    # options (columns, label set) by the worker, which has them
+    user = load_device_user(str(opts.data), opts.name, interpret=False)
     store = opts.store.resolve()
     store.mkdir(parents=True, exist_ok=True)
     store.chmod(0o700)  # the worker's socket lives here: only the device's owner may reach it
@@ -167,7 +169,8 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
         args += ["--auth-supernode-private-key", str(opts.key.resolve())]
     if opts.max_wait is not None:
         args += ["--max-wait-time", str(opts.max_wait)]
-    log.info("user %r, %d characters of text; base %s", user.user, len(user.text), base_dir)
+    what = f"{len(user.examples)} records" if user.examples else f"{len(user.text)} characters of text"
+    log.info("user %r, %s; base %s", user.user, what, base_dir)
     _precision_note(base_dir, store / "base", opts.threads, opts.compute_dtype)
     return node_file, args
 

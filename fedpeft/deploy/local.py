@@ -25,8 +25,9 @@ from fedpeft.federation import plan_run
 log = logging.getLogger("fedpeft")
 
 
-def _users(cfg: RunConfig) -> list[tuple[str, str]]:
-    """(name, text) of the users a natural-split simulation of this config would have as clients."""
+def _users(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """(name, file name, content) of the users a natural-split simulation of this config would have as
+    clients: their text, or their examples as JSONL records (fedpeft.task_data.to_records)."""
     from transformers import AutoTokenizer
 
     from fedpeft.base import resolve_base_dir
@@ -36,9 +37,14 @@ def _users(cfg: RunConfig) -> list[tuple[str, str]]:
     if cfg.federation.split != "natural":
         raise FedpeftError("deploy-local gives each client one user's own text: use --split natural")
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_dir(cfg.base.model, cfg.base.cache_dir))
+    from fedpeft.task_data import to_jsonl
+
     chosen = partition(cfg.data, tokenizer, cfg.federation.clients, "natural")
-    users = load_users(cfg.data.data)
-    return [(d.user, find_user(users, d.user).text) for d in chosen]
+    users = [find_user(load_users(cfg.data), d.user) for d in chosen]
+    return [
+        (u.user, "data.jsonl", to_jsonl(u.examples, cfg.data)) if u.examples else (u.user, "data.txt", u.text)
+        for u in users
+    ]
 
 
 def deploy_local(
@@ -55,10 +61,13 @@ def deploy_local(
     from fedpeft.deploy.server import RUN_CONFIG
 
     out = Path(out).resolve()
+    from fedpeft.task_data import device_config
+
+    cfg = device_config(cfg)  # the columns and label set every device reads its records with
     plan_run(out / "server", cfg, resume, resume_from)  # verify before certificates or logs are written
     users = _users(cfg)
     base_dir = resolve_base_dir(cfg.base.model, cfg.base.cache_dir)  # convert once, shared by all clients
-    certs = make_certs(out / "certs", ["127.0.0.1", "localhost"], [name for name, _ in users])
+    certs = make_certs(out / "certs", ["127.0.0.1", "localhost"], [name for name, _, _ in users])
     port = port or free_port()
     if port_in_use("127.0.0.1", port):
         raise FedpeftError(f"port {port} is already in use")
@@ -100,11 +109,11 @@ def deploy_local(
             if time.monotonic() > deadline:
                 raise FedpeftError("the server did not start within 120 s")
             time.sleep(0.3)
-        for name, text in users:
+        for name, file, content in users:
             home = out / "clients" / name
             home.mkdir(parents=True, exist_ok=True)
-            data = home / "data.txt"
-            data.write_text(text, encoding="utf-8")
+            data = home / file
+            data.write_text(content, encoding="utf-8")
             args = [
                 sys.executable,
                 "-m",
