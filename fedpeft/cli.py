@@ -125,8 +125,55 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     add_base_location(gen)
     add_field_flag(gen, "base.compute_dtype")
+    _add_eval_command(sub)
     add_serve_command(sub)
     return parser
+
+
+EVAL_DATA_FIELDS = ("data", "format", "user_column", "prompt_column", "completion_column", "label_column",
+                    "labels", "task", "block_size", "eval_fraction", "eval_max_examples", "answer_tokens")  # fmt: skip
+
+
+def _add_eval_command(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="score the base, adapters or personal adapters on task data (accuracy/macro-F1 or ROUGE-L/EM)",
+        description="Score SOURCEs on task data with the federation's metric code: `base` (zero-shot), a run "
+        "folder (its global adapter), an adapter folder (fedpeft train, export), or personal=RUN_OR_STORE "
+        "(each user's kept adapter on that user's examples).",
+    )
+    ev.add_argument(
+        "sources", nargs="+", metavar="SOURCE", help="base | RUN | ADAPTER_DIR | personal=RUN_OR_STORE"
+    )
+    for name in EVAL_DATA_FIELDS:
+        add_field_flag(ev, f"data.{name}")
+    ev.add_argument(
+        "--examples",
+        default="held-out",
+        choices=("held-out", "all"),
+        help="each user's held-out tail, as a federation holds it out, or all of its examples (new users, "
+        "new data) (default: %(default)s)",
+    )
+    ev.add_argument("--users", default="", metavar="A,B,...", help="only these users (default: all)")
+    ev.add_argument("--json", default=None, metavar="FILE", help="also write every figure, per user, to FILE")
+    add_base_location(ev)
+    add_field_flag(ev, "base.compute_dtype")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from fedpeft.config import DataConfig
+    from fedpeft.eval_command import evaluate_sources, report, write_json
+
+    values = {n: v for n in EVAL_DATA_FIELDS if (v := field_value(a, f"data.{n}")) is not None}
+    data = replace(DataConfig(), **values)
+    only = [u.strip() for u in a.users.split(",") if u.strip()]
+    compute = field_value(a, "base.compute_dtype") or "auto"
+    results = evaluate_sources(a.sources, data, a.examples, only, a.model, a.cache_dir, compute)
+    if a.json:
+        write_json(results, Path(a.json))
+    print(report(results))
 
 
 def check_out(out: Path, *sources: Path) -> None:
@@ -249,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "simulate": cmd_simulate,
         "export": cmd_export,
         "generate": cmd_generate,
+        "eval": cmd_eval,
         "serve": cmd_serve,
     }
     try:

@@ -68,10 +68,12 @@ def add_field_flag(
 def field_value(args: argparse.Namespace, key: str) -> Any:
     """The value of add_field_flag's flag, checked by the tree's own rules (a one-line error), or None."""
     from fedpeft.config_fields import check_value
+    from fedpeft.config_io import parse_value
 
     f = next(f for f in fields() if f.key == key)
     value = getattr(args, _dest(f.meta["flag"]), None)
     if value is not None:
+        value = parse_value(f, value)  # as the field's type: --block-size 64 is an int
         check_value(f, value)
     return value
 

@@ -84,7 +84,7 @@ def read_table(path: Path) -> tuple[Any, str]:
     try:
         with tempfile.TemporaryDirectory() as cache:  # a user's data leaves no copy behind
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
-            ds = ds.add_column(ROW, list(range(len(ds))), new_fingerprint="rows").flatten_indices(
+            ds = ds.add_column(ROW, _places(path, len(ds)), new_fingerprint="rows").flatten_indices(
                 keep_in_memory=True
             )
     except FileNotFoundError:
@@ -95,6 +95,17 @@ def read_table(path: Path) -> tuple[Any, str]:
         raise FedpeftError(f"{path}: not a readable {path.suffix[1:]} file") from None
     unit = {".jsonl": "line", ".json": "record"}.get(path.suffix, "row")
     return ds, unit
+
+
+def _places(path: Path, rows: int) -> list[int]:
+    """Each record's place in its file, from 0: a JSONL record's line (blank lines are skipped by the
+    reader, not by an editor's line count), otherwise its index."""
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [n for n, line in enumerate(f) if line.strip()]
+        if len(lines) == rows:
+            return lines
+    return list(range(rows))
 
 
 def by_user(ds: Any, column: str, name: str) -> dict[str, list[dict[str, Any]]]:
@@ -257,8 +268,13 @@ def to_jsonl(examples: Iterable[Example], cfg: DataConfig) -> str:
     """A user's examples as records `cfg` reads back the same: prompt-completion (or label) columns for
     one user turn and its answer, chats otherwise."""
     lines = []
+    examples = list(examples)
+    # one format per file: pairs as prompt-completion (labels kept), or every example as a chat
+    pairs = cfg.format != "messages" and all(
+        [r for r, _ in e.messages] == ["user", "assistant"] for e in examples
+    )
     for e in examples:
-        if cfg.format != "messages" and [r for r, _ in e.messages] == ["user", "assistant"]:
+        if pairs:
             answer = cfg.label_column if e.label is not None else cfg.completion_column
             record: dict[str, Any] = {cfg.prompt_column: e.messages[0][1], answer: e.answer}
         else:

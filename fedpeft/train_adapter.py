@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from fedpeft.config import RunConfig
 
@@ -41,9 +42,11 @@ def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
         evaluate, model, data.eval, pad, base.compute, cfg.train.eval_batch_size, progress=cfg.train.progress
     )
     before = held_out(desc="evaluating the base")
+    task_before = _task(model, base, data, cfg, bare=True)
     lr = cfg.train.learning_rate(cfg.adapter.kind, cfg.adapter.freeze_a)
     result = train(model, data, cfg.train, lr, pad, base.compute, desc=f"train {cfg.adapter.kind}")
     after = held_out(desc="evaluating the adapter")
+    task_after = _task(model, base, data, cfg)
     adapter_bytes = sum(v.nbytes for v in adapter_state(model).values())
     metrics = {
         "user": data.user,
@@ -63,6 +66,7 @@ def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
         "train_tokens": result.tokens,
         "adapter_bytes": adapter_bytes,
         "base_bytes": base.nbytes,
+        **({"task_before": task_before, "task_after": task_after} if task_after else {}),
     }
     png = train_loss_png(
         result.losses,
@@ -78,8 +82,29 @@ def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
         extra={"train": metrics | {"train_losses": None}},
         extra_files={"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(), "loss.png": png},
     )
+    from fedpeft.task_eval import headline, task_summary
+
+    task = ""
+    if task_after and task_before:
+        task = task_summary({**task_after, "base": headline(task_before),
+                             "vs_base": headline(task_after) - headline(task_before)}) + "; answer"  # fmt: skip
     return (
-        f"{cfg.adapter.kind} adapter for {data.user}: held-out ppl {before.ppl:.2f} -> {after.ppl:.2f} "
+        f"{cfg.adapter.kind} adapter for {data.user}: {task or 'held-out'} ppl {before.ppl:.2f} -> {after.ppl:.2f} "
         f"on the {base_name(base.quant)} base ({base.compute} compute) after {cfg.train.steps} steps ({result.seconds:.1f} s); {adapter_bytes:,} bytes "
         f"({adapter_bytes / base.nbytes:.2%} of the base); saved to {out}"
     )
+
+
+def _task(model: Any, base: Any, data: Any, cfg: RunConfig, bare: bool = False) -> dict[str, Any] | None:
+    """Task data: the adapter's (`bare`: the base's zero-shot) scores on the held-out examples."""
+    import contextlib
+
+    from fedpeft.task_eval import client_entry, score
+
+    if data.task is None:
+        return None
+    with model.disable_adapter() if bare else contextlib.nullcontext():
+        counts = score(
+            model, base.tokenizer, data.task, base.compute, cfg.data.answer_tokens, cfg.train.eval_batch_size
+        )
+    return client_entry(counts)
