@@ -217,12 +217,14 @@ class DataConfig:
         "pack several short examples into one block (none is ever split across blocks)",
         flag="--packing",
     )
+    # bounded: a device decodes this many tokens per held-out example, whatever a server's config asks
     answer_tokens: int = option(
         32,
         "--task generate: new tokens each greedy answer may take",
         flag="--answer-tokens",
         metavar="N",
         gt=0,
+        le=1024,
     )
     # a fixed set, so a client's figure is over the same examples every round (as --eval-max-tokens is)
     eval_max_examples: int = option(

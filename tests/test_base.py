@@ -218,7 +218,9 @@ def test_read_only_cache_quantizes_at_load(
         with caplog.at_level(logging.WARNING, logger="fedpeft.base"):
             for _ in range(2):
                 # an explicit compute dtype: `auto` would also cache its measured speeds here (tested apart)
-                base = load_base(BaseConfig(model="tiny", quant="int8", compute_dtype="fp32", cache_dir=cache))
+                base = load_base(
+                    BaseConfig(model="tiny", quant="int8", compute_dtype="fp32", cache_dir=cache)
+                )
                 assert not base.prequantized and base.quantized_path is None
                 assert base.fingerprint == ref.fingerprint
     finally:

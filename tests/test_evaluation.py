@@ -28,7 +28,9 @@ def test_no_reply_is_not_evaluated_not_a_perplexity_of_one() -> None:
     add_base(history[1], history[:1])
     assert round_line(history[1]).startswith("round 1: not evaluated (every client's evaluation failed)")
     assert summary(1, history).startswith("global adapter after round 1: not evaluated (every client's")
-    assert "held-out ppl 7.39;" in summary(1, [{"round": 0, **m}, history[0]])  # no base figure: the adapter's alone
+    assert "held-out ppl 7.39;" in summary(
+        1, [{"round": 0, **m}, history[0]]
+    )  # no base figure: the adapter's alone
 
 
 def test_perplexity_is_capped() -> None:
