@@ -121,6 +121,14 @@ def label_options(tokenizer: Any, labels: Sequence[str]) -> list[list[int]]:
     return out
 
 
+def end_of_turn(tokenizer: Any) -> str:
+    """The text the template writes after an assistant's answer ('<|im_end|>' for ChatML), stripped; where
+    that is not the tokenizer's end-of-text, a greedy answer is cut there."""
+    chat = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "X"}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    return text[text.rindex("X") + 1 :].strip()
+
+
 def task_eval(
     tokenizer: Any, examples: Sequence[Example], kind: str, labels: Sequence[str], max_prompt: int
 ) -> TaskEval:

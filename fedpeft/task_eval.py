@@ -33,7 +33,11 @@ def score(model: Any, tokenizer: Any, task: TaskEval, compute: str, answer_token
             model, tokenizer.pad_token_id, task.prompts, task.options, task.gold, compute, batch_size
         )
         return counts.to_metrics(prefix)
+    from fedpeft.chat import end_of_turn
+
+    stop = end_of_turn(tokenizer)
     answers = greedy_answers(model, tokenizer, task.prompts, answer_tokens, compute, batch_size)
+    answers = [a.split(stop)[0].strip() if stop else a for a in answers]
     return {
         f"{prefix}n": float(len(answers)),
         f"{prefix}em": sum(exact_match(a, r) for a, r in zip(answers, task.answers, strict=True)),
