@@ -19,13 +19,23 @@ from fedpeft.errors import FedpeftError
 from fedpeft.task_data import Example
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    """Token ids of a chat as the template writes it (the template adds any special tokens itself)."""
+def render(
+    tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, where: str = ""
+) -> list[int]:
+    """Token ids of a chat as the template writes it (the template adds any special tokens itself). A chat
+    the template refuses (roles out of order, a system turn it does not take) is a one-line error."""
     if not getattr(tokenizer, "chat_template", None):
         raise FedpeftError(
             "the base model has no chat template: task data needs one (--format text trains on raw text)"
         )
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as e:  # jinja's TemplateError, or the template's raise_exception()
+        raise FedpeftError(
+            f"{where or 'a chat'}: the chat template refuses it ({str(e).splitlines()[0]})"
+        ) from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -34,14 +44,16 @@ def example_ids(tokenizer: Any, ex: Example) -> tuple[list[int], list[bool]]:
     between the chat up to it (with the generation prompt) and the chat including it, its end-of-turn
     token included so the model learns to stop. A template that rewrites earlier turns (one that drops
     past reasoning) is refused: its spans would not line up."""
-    full = render(tokenizer, ex.as_dicts(), False)
+    full = render(tokenizer, ex.as_dicts(), False, ex.where)
     answer = [False] * len(full)
     for i, (role, _) in enumerate(ex.messages):
         if role != "assistant":
             continue
-        start = len(render(tokenizer, ex.as_dicts(i), True))
-        upto = render(tokenizer, ex.as_dicts(i + 1), False)
-        if full[: len(upto)] != upto or start > len(upto):
+        before = render(tokenizer, ex.as_dicts(i), True, ex.where)
+        upto = render(tokenizer, ex.as_dicts(i + 1), False, ex.where)
+        start = len(before)
+        # both must be prefixes of the whole chat's ids, or the span would sit on the wrong tokens
+        if full[: len(upto)] != upto or upto[:start] != before:
             raise FedpeftError(f"{ex.where}: the chat template renders turns differently in a longer chat")
         answer[start : len(upto)] = [True] * (len(upto) - start)
     return full, answer
@@ -133,7 +145,7 @@ def task_eval(
     tokenizer: Any, examples: Sequence[Example], kind: str, labels: Sequence[str], max_prompt: int
 ) -> TaskEval:
     """Held-out examples for scoring: prompts cut from their start to `max_prompt` tokens."""
-    prompts = [render(tokenizer, ex.as_dicts(-1), True)[-max_prompt:] for ex in examples]
+    prompts = [render(tokenizer, ex.as_dicts(-1), True, ex.where)[-max_prompt:] for ex in examples]
     gold = (
         [labels.index(ex.label) if ex.label in labels else -1 for ex in examples]
         if kind == "classify"

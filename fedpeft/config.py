@@ -228,7 +228,11 @@ class DataConfig:
     )
     # a fixed set, so a client's figure is over the same examples every round (as --eval-max-tokens is)
     eval_max_examples: int = option(
-        64, "held-out examples each client scores at most (task data)", flag="--eval-max-examples", ge=1
+        64,
+        "held-out examples each client scores at most (task data)",
+        flag="--eval-max-examples",
+        ge=1,
+        le=1024,  # bounded: each is scored once per label (or decoded) on the device every evaluation
     )
     min_examples: int = option(5, "task data: users with fewer examples are left out", ge=2)
     block_size: int = option(128, "tokens per training sequence", flag="--block-size", metavar="T", gt=0)

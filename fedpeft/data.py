@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedpeft.config import DataConfig
-from fedpeft.errors import FedpeftError
+from fedpeft.errors import FedpeftError, TooLittleData
 from fedpeft.task_data import TABLES, Example
 
 if TYPE_CHECKING:
@@ -113,15 +113,18 @@ def _read_folder(root: Path, cfg: DataConfig | None = None) -> list[UserText]:
     if not root.is_dir():
         raise FedpeftError(f"data folder does not exist: {root}")
     users = []
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
-            continue
+    entries = [e for e in sorted(root.iterdir()) if not e.name.startswith(".")]
+    text = any(e.is_dir() or e.suffix == ".txt" for e in entries)
+    tables = [e.name for e in entries if e.is_file() and e.suffix in TABLES]
+    if text and tables:  # a folder of text users with a stray metadata.csv, as before record files were read
+        log.warning("%s holds .txt users: left out %s (one kind of user per folder)", root, ", ".join(tables))
+    for entry in entries:
         if entry.is_dir():
             files = sorted(entry.rglob("*.txt"))
             user = UserText(_slug(entry.name), "\n".join(read_text(p) for p in files))
         elif entry.suffix == ".txt":
             user = UserText(_slug(entry.stem), read_text(entry))
-        elif entry.suffix in TABLES:
+        elif entry.suffix in TABLES and not text:
             user = _user(_slug(entry.stem), _read_records(entry, cfg))
         else:
             continue
@@ -303,12 +306,12 @@ def _tokenize_examples(user: UserText, tokenizer: Any, cfg: DataConfig) -> UserD
     n = len(user.examples)
     held = max(1, round(n * cfg.eval_fraction))
     if n < cfg.min_examples or n - held < 1:
-        raise FedpeftError(f"user {user.user!r} has too few examples ({n}; need {cfg.min_examples})")
+        raise TooLittleData(f"user {user.user!r} has too few examples ({n}; need {cfg.min_examples})")
     train, held_out = user.examples[:-held], user.examples[-held:][: cfg.eval_max_examples]
     fitted = example_blocks(tokenizer, train, cfg.block_size, cfg.too_long, cfg.packing)
     scored = example_blocks(tokenizer, held_out, cfg.block_size, cfg.too_long, False)
     if not fitted.blocks or not scored.blocks:
-        raise FedpeftError(f"user {user.user!r} has no example that fits --block-size {cfg.block_size}")
+        raise TooLittleData(f"user {user.user!r} has no example that fits --block-size {cfg.block_size}")
     kind = task_kind(cfg, user)
     task = None if kind == "lm" else task_eval(tokenizer, held_out, kind, user.labels, cfg.block_size)
     return UserData(
@@ -332,7 +335,7 @@ def tokenize_user(user: UserText, tokenizer: Any, cfg: DataConfig) -> UserData:
         to_blocks(tokenizer, eval_text, cfg.block_size),
     )
     if data.train_tokens < cfg.min_train_tokens or data.eval_tokens < cfg.min_eval_tokens:
-        raise FedpeftError(
+        raise TooLittleData(
             f"user {user.user!r} has too little text ({data.train_tokens} train / {data.eval_tokens} held-out tokens; "
             f"need {cfg.min_train_tokens} / {cfg.min_eval_tokens})"
         )
@@ -386,7 +389,7 @@ def load_user_data(cfg: DataConfig, tokenizer: Any, user: str) -> tuple[UserData
     for u in users:
         try:
             datas.append(tokenize_user(u, tokenizer, cfg))
-        except FedpeftError:
+        except TooLittleData:
             skipped += 1
     if not datas:
         raise FedpeftError(f"every user in {cfg.data} has too little text")

@@ -97,9 +97,7 @@ class Device:
         self.keys = shared_keys(list(self.init_state), cfg.federation.lora_mode, self.method)
         f = cfg.federation
         if data_path is not None:  # a real device: one user, its own text
-            clients = [
-                tokenize_user(load_device_user(data_path, name, cfg.data), self.base.tokenizer, cfg.data)
-            ]
+            clients = [_own_data(data_path, name, cfg, self.base.tokenizer)]
         self.clients = (
             clients
             if clients is not None
@@ -454,6 +452,20 @@ class Device:
         )
         out.update(kept=kept, note=note, personal_seconds=time.perf_counter() - start)
         return out
+
+
+def _own_data(data_path: str, name: str, cfg: RunConfig, tokenizer: Any) -> UserData:
+    """A device's own data read with the federation's data options. What is wrong with it stays in the
+    device's log: an error reply goes to the server, and the server chooses the options (columns, labels)
+    whose errors would quote the records (a label, a role, the columns' names) back to it."""
+    try:
+        return tokenize_user(load_device_user(data_path, name, cfg.data), tokenizer, cfg.data)
+    except FedpeftError as e:
+        log.error("this device's data does not fit the federation's data options: %s", e)
+        raise FedpeftError(
+            "this device's data does not fit the federation's data options (format, columns, labels, "
+            "block size); the reason is in the device's log"
+        ) from None
 
 
 CROSS_BLOCKS = 4  # per other user: 512 tokens at the default block size keep the last round's cost small

@@ -3,3 +3,8 @@
 
 class FedpeftError(Exception):
     """A mistake in the user's input (path, file, flag) or a mismatch they can fix."""
+
+
+class TooLittleData(FedpeftError):
+    """A user with too little text or too few examples to be a client: such users are left out of a corpus,
+    where any other error stops the run."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import BaseConfig, DataConfig
-from fedpeft.errors import FedpeftError
+from fedpeft.errors import FedpeftError, TooLittleData
 
 log = logging.getLogger("fedpeft")
 PERSONAL = "personal="
@@ -65,7 +65,7 @@ def user_tasks(data: DataConfig, tokenizer: Any, examples: str, only: list[str])
             continue
         try:
             tasks[u.user] = tokenize_user(u, tokenizer, data).task
-        except FedpeftError as e:
+        except TooLittleData as e:
             log.info("left out: %s", e)
     if not tasks:
         raise FedpeftError(
@@ -81,8 +81,7 @@ def evaluate_sources(
     """{source: {"task": pooled figures, "users": {user: entry}}} for every source."""
     from fedpeft.adapters import base_model, check_fingerprint, inject, load_adapter_state, read_adapter
     from fedpeft.base import load_base
-    from fedpeft.personalize import PERSONAL as KEPT_PERSONAL
-    from fedpeft.personalize import find_store
+    from fedpeft.personalize import user_adapter
     from fedpeft.task_eval import client_entry, pooled, score
 
     sources = read_sources(specs)
@@ -92,28 +91,32 @@ def evaluate_sources(
                           quant=meta.get("quant", "auto"), cache_dir=cache_dir, compute_dtype=compute)  # fmt: skip
     base = load_base(base_cfg)
     tasks = user_tasks(data, base.tokenizer, examples, only)
-    peft_model = None
+    peft_model, injected = None, None
     results: dict[str, Any] = {}
     for src in sources:
         per_user: dict[str, Any] = {}
         for user, task in tasks.items():
             files = src.files
-            if src.store is not None:  # the adapter this user keeps (personal or global)
+            if (
+                src.store is not None
+            ):  # the adapter this user keeps (personal or global), checked as export does
                 try:
-                    store = find_store(src.store, user)
+                    folder, _ = user_adapter(src.store, user, "kept")
                 except FedpeftError:
                     continue
-                kept = (store.choice() or {}).get("use", KEPT_PERSONAL)
-                if not (store.dir / kept).is_dir():
-                    continue
-                files = read_adapter(store.dir / kept)
+                files = read_adapter(folder)
             if files is None:
                 model_now = peft_model or base.model
                 ctx = peft_model.disable_adapter() if peft_model is not None else _null()
             else:
                 check_fingerprint(files.fingerprint, base, f"adapter {files.path}")
                 if peft_model is None:
-                    peft_model = inject(base, files.adapter_config)
+                    peft_model, injected = inject(base, files.adapter_config), files.adapter_config
+                elif files.adapter_config != injected:  # another kind, rank or scaling: another model
+                    raise FedpeftError(
+                        f"{files.path} is another kind of adapter than the first one ({injected.kind}, r "
+                        f"{injected.r}): score adapters of different configurations in separate commands"
+                    )
                 load_adapter_state(peft_model, files.arrays, what=f"adapter {files.path}")
                 model_now, ctx = peft_model, _null()
             with ctx:

@@ -74,9 +74,18 @@ def eval_metrics(results: Sequence[EvalResult]) -> dict[str, Any]:
         "eval_per_client": dict(sorted(per_client.items())),
     }
     if any(r.task for r in results):  # task data: the pooled task figures (fedpeft.task_eval)
-        from fedpeft.task_eval import pooled
+        from fedpeft.task_eval import pooled, task_kind
 
-        out["task"] = pooled([r.task for r in results if r.task])
+        kind = task_kind([r.task for r in results if r.task])
+        for user, entry in per_client.items():  # a client reporting another kind of task is left out
+            if (
+                entry.get("task", {}).get("kind", kind) != kind
+                or entry.get("personal_task", {}).get("kind", kind) != kind
+            ):
+                log.warning("ignored %s's task report: not a %s task as the others'", user, kind)
+                entry.pop("task", None)
+                entry.pop("personal_task", None)
+        out["task"] = pooled([e["task"] for e in per_client.values() if "task" in e])
     if full_tokens:  # over the clients that reported it: all of them unless one failed or lacked the memory
         out["full_eval_loss"] = full_nll / full_tokens
         out["full_eval_ppl"] = ppl(full_nll / full_tokens)

@@ -14,7 +14,7 @@ import numpy as np
 
 from fedpeft.config import SPLITS, DataConfig
 from fedpeft.data import UserData, UserText, fit_note, load_users, tokenize_user
-from fedpeft.errors import FedpeftError
+from fedpeft.errors import FedpeftError, TooLittleData
 
 log = logging.getLogger("fedpeft")
 
@@ -26,7 +26,7 @@ def _usable(cfg: DataConfig, tokenizer: Any, users: list[UserText]) -> list[tupl
     for u in users:
         try:
             out.append((tokenize_user(u, tokenizer, cfg), u.label))
-        except FedpeftError:  # too little text: such a user cannot be a client on its own
+        except TooLittleData:  # too little text: such a user cannot be a client on its own
             continue
     return out
 

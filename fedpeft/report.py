@@ -114,14 +114,17 @@ def _task_panel(ax, history: list[dict]) -> None:
     from fedpeft.task_eval import HEADLINE, headline, pooled
 
     rows = [h for h in history if h.get("task")]
-    key = HEADLINE[rows[0]["task"]["kind"]]
+    kind = rows[0]["task"]["kind"]
+    rows = [h for h in rows if h["task"].get("kind") == kind]
+    key = HEADLINE[kind]
     name = {"accuracy": "accuracy", "rouge_l": "ROUGE-L"}[key]
     on = f" on the {base_name(history[0]['quant'])} base" if "quant" in history[0] else ""
     ax.plot([h["round"] for h in rows], [headline(h["task"]) for h in rows], "o-", color="tab:green",
             label=f"global adapter{on}")  # fmt: skip
     ax.axhline(headline(rows[0]["task"]), color="tab:gray", ls=":", lw=1, label="the base, zero-shot")
     spread = [
-        (h["round"], [c["task"][key] for c in h["eval_per_client"].values() if "task" in c]) for h in rows
+        (h["round"], [c["task"][key] for c in h["eval_per_client"].values() if key in c.get("task", {})])
+        for h in rows
     ]
     spread = [(r, min(v), max(v)) for r, v in spread if v]
     if spread:
@@ -129,7 +132,7 @@ def _task_panel(ax, history: list[dict]) -> None:
         ax.fill_between(r, lo, hi, color="tab:green", alpha=0.15, label="per-client min-max")
     personal = [(h["round"], pooled([c["personal_task"] for c in h["eval_per_client"].values()
                                      if "personal_task" in c])) for h in rows]  # fmt: skip
-    personal = [(r, headline(p)) for r, p in personal if p]
+    personal = [(r, headline(p)) for r, p in personal if p and p["kind"] == kind]
     if personal:
         ax.plot(*zip(*personal, strict=True), "D", color="tab:orange", label="personal adapters")
     ax.set_ylabel(f"held-out {name}")

@@ -221,11 +221,25 @@ def parse_rows(rows: list[dict[str, Any]], cfg: DataConfig, name: str, unit: str
 
 
 def label_set(cfg: DataConfig, examples: Iterable[Example]) -> tuple[str, ...]:
-    """The closed label set: --labels, or every label in the data (sorted). A label outside a declared
-    set is refused naming its record."""
+    """The closed label set: --labels, or every label in the data (sorted). Labeled data is labeled
+    throughout; a label outside a declared set is refused naming its record."""
+    examples = list(examples)
     labels = [e for e in examples if e.label is not None]
+    if not labels:
+        if cfg.labels:
+            raise FedpeftError("--labels needs labeled records: name their column with --label-column")
+        return ()
+    if len(labels) != len(examples):
+        unlabeled = next(e for e in examples if e.label is None)
+        raise _bad(unlabeled.where, "no label, where the other records have one: label every record")
     if not cfg.labels:
-        return tuple(sorted({e.label for e in labels if e.label is not None}))
+        derived = tuple(sorted({e.label for e in labels if e.label is not None}))
+        if len(derived) > MAX_LABELS:
+            raise FedpeftError(f"{len(derived)} distinct labels: a classification takes at most {MAX_LABELS}")
+        comma = next((x for x in derived if "," in x), None)
+        if comma is not None:  # --labels, which a deployment's devices need, separates labels by commas
+            raise FedpeftError(f"label {comma!r} holds a comma: labels cannot be named on the command line")
+        return derived
     declared = tuple(x.strip() for x in cfg.labels.split(",") if x.strip())
     if len(set(declared)) != len(declared) or len(declared) < 2:
         raise FedpeftError(f"--labels {cfg.labels!r}: give at least two distinct labels")

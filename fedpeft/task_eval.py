@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedpeft.chat import TaskEval
-from fedpeft.task_metrics import ClassCounts
+from fedpeft.task_counts import ClassCounts
+
+if TYPE_CHECKING:  # the server pools counts without torch; only a device scores
+    from fedpeft.chat import TaskEval
 
 log = logging.getLogger("fedpeft")
 PREFIX = "task_"
@@ -35,8 +37,11 @@ def score(model: Any, tokenizer: Any, task: TaskEval, compute: str, answer_token
         return counts.to_metrics(prefix)
     from fedpeft.chat import end_of_turn
 
-    stop = end_of_turn(tokenizer)
-    answers = greedy_answers(model, tokenizer, task.prompts, answer_tokens, compute, batch_size)
+    stop = end_of_turn(tokenizer)  # a token of its own (ChatML's <|im_end|> in Qwen) or plain text
+    ids = tokenizer(stop, add_special_tokens=False)["input_ids"] if stop else []
+    answers = greedy_answers(
+        model, tokenizer, task.prompts, answer_tokens, compute, batch_size, ids[:1] if len(ids) == 1 else []
+    )
     answers = [a.split(stop)[0].strip() if stop else a for a in answers]
     return {
         f"{prefix}n": float(len(answers)),
@@ -63,8 +68,15 @@ def client_entry(m: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, Any] |
         if labels > MAX_LABELS:
             raise ValueError(f"{labels} labels")
         counts = ClassCounts.from_metrics(m, labels, prefix)
-        if counts.correct > counts.n:
-            raise ValueError("more correct than examples")
+        wrong = counts.n - counts.correct
+        # one prediction and one gold label per example: the counts must tell the same story
+        if (
+            wrong < 0
+            or sum(counts.tp) != counts.correct
+            or sum(counts.fp) != wrong
+            or sum(counts.fn) != wrong
+        ):
+            raise ValueError("the counts do not add up to the examples")
         return {"kind": "classify", **_classify_entry(counts)}
     em, rl = _count(m, f"{prefix}em"), _count(m, f"{prefix}rouge_l")
     if em > n or rl > n * (1 + 1e-6):
@@ -89,7 +101,7 @@ def pooled(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     entries = [e for e in entries if e]
     if not entries:
         return {}
-    kind = entries[0]["kind"]
+    kind = task_kind(entries)
     entries = [e for e in entries if e["kind"] == kind]
     if kind == "classify":
         width = max(len(e["tp"]) for e in entries)
@@ -106,6 +118,12 @@ def pooled(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "exact_match": sum(e["em_sum"] for e in entries) / max(n, 1),
         "rouge_l": sum(e["rouge_l_sum"] for e in entries) / max(n, 1),
     }
+
+
+def task_kind(entries: Sequence[Mapping[str, Any]]) -> str:
+    """The kind most clients report: a client that reports another is not pooled with them."""
+    kinds = [e["kind"] for e in entries]
+    return max(sorted(set(kinds)), key=kinds.count)
 
 
 def headline(task: Mapping[str, Any]) -> float:

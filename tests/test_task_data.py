@@ -477,3 +477,19 @@ def test_to_jsonl_of_mixed_chats_reads_back(tmp_path: Path) -> None:
     cfg = DataConfig(data=str(tmp_path))
     users = load_users(cfg)
     assert shape(_round_trip(tmp_path, users, cfg)) == shape(users[0].examples)
+
+
+def test_labels_without_labeled_records_are_refused(tmp_path: Path) -> None:
+    """--labels on records without a label column would score every example against a missing gold label."""
+    rows = [{"u": u, "prompt": "p", "completion": "c"} for u in "ab" for _ in range(6)]
+    path = write(tmp_path / "t.jsonl", rows)
+    with pytest.raises(FedpeftError, match="--labels needs labeled records"):
+        load(path, user_column="u", labels="yes,no")
+
+
+def test_a_stray_table_beside_text_users_is_left_out(tmp_path: Path) -> None:
+    """A folder of .txt users read as before record files were: a metadata.csv is not a user."""
+    (tmp_path / "alice.txt").write_text("some text " * 20)
+    (tmp_path / "bob.txt").write_text("other text " * 20)
+    (tmp_path / "metadata.csv").write_text("a,b\n1,2\n")
+    assert [u.user for u in load_users(str(tmp_path))] == ["alice", "bob"]

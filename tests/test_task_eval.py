@@ -76,3 +76,23 @@ def test_a_round_is_compared_with_the_zero_shot_base_on_the_same_clients() -> No
     assert sampled["task"]["vs_base"] == pytest.approx(0.25)
     assert "+25.0 points vs the base 50.0%" in task_text(sampled)
     assert task_summary(sampled["task"]) == "accuracy 50.0% -> 75.0% (+25.0 points over the zero-shot base)"
+
+
+def test_counts_that_do_not_add_up_are_refused() -> None:
+    # 2 examples, 1 correct, but two true positives claimed
+    with pytest.raises(ValueError, match="do not add up"):
+        client_entry(counts(2, 1, tp=[2, 0], fp=[0, 1], fn=[1, 0]))
+
+
+def test_a_client_reporting_another_kind_of_task_is_left_out_of_the_round() -> None:
+    from fedpeft.evaluation import EvalResult, eval_metrics
+
+    good = [client_entry(counts(2, 2, tp=[1, 1], fp=[0, 0], fn=[0, 0])) for _ in range(2)]
+    odd = client_entry({"task_n": 1.0, "task_em": 0.0, "task_rouge_l": 0.0})
+    # the odd client comes first, in client order: it must not decide the round's kind
+    results = [EvalResult("a-odd", 1.0, 10, task=odd)] + [
+        EvalResult(u, 1.0, 10, task=t) for u, t in zip("bc", good, strict=True)
+    ]
+    m = eval_metrics(results)
+    assert m["task"] == {"kind": "classify", "n": 4, "accuracy": 1.0, "macro_f1": 1.0}
+    assert "task" not in m["eval_per_client"]["a-odd"]

@@ -135,3 +135,21 @@ def test_a_labeled_table_federates_personalizes_and_fedpeft_eval_scores_the_run(
     }
     for user, entry in scored[f"personal={run}"]["users"].items():
         assert entry["accuracy"] == pytest.approx(kept[user]["accuracy"])
+
+
+def test_a_device_keeps_what_is_wrong_with_its_data_to_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server chooses the data options; a device whose records do not fit them says so without quoting
+    them (a label, a role, its columns' names) back to the server, and logs the reason locally."""
+    from fedpeft.base import _byte_tokenizer
+    from fedpeft.device import _own_data
+    from fedpeft.errors import FedpeftError
+
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"q": "x", "secret": f"private-{i}"}) + "\n" for i in range(12)))
+    probe = RunConfig(data=DataConfig(prompt_column="q", label_column="secret", labels="zz1,zz2"))
+    with pytest.raises(FedpeftError) as e:
+        _own_data(str(path), "me", probe, _byte_tokenizer())
+    assert "private" not in str(e.value) and "secret" not in str(e.value)
+    assert "private-0" in caplog.text  # the device's own log has the reason
