@@ -64,7 +64,10 @@ def client_entry(m: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, Any] |
         return None
     n = _count(m, f"{prefix}n")
     if f"{prefix}correct" in m:
-        labels = 1 + max((int(k.rsplit("_", 1)[1]) for k in m if k.startswith(f"{prefix}tp_")), default=-1)
+        ends = (
+            k.rsplit("_", 1)[1] for k in m if k.startswith((f"{prefix}tp_", f"{prefix}fp_", f"{prefix}fn_"))
+        )
+        labels = 1 + max((int(e) for e in ends if e.isdigit()), default=-1)
         if labels > MAX_LABELS:
             raise ValueError(f"{labels} labels")
         counts = ClassCounts.from_metrics(m, labels, prefix)

@@ -106,6 +106,11 @@ def test_server_and_cheap_client_stages_never_import_torch() -> None:
     model must not pay for importing torch."""
     code = (
         "import sys, client.app, server.app, fedpeft.secagg.flower, fedpeft.deploy.server, fedpeft.federation;"
+        # the server's side of task metrics: reading a client's counts, pooling, the round line
+        "from fedpeft.task_eval import client_entry; from fedpeft.evaluation import EvalResult, eval_metrics, add_base;"
+        "from fedpeft.rounds import round_line;"
+        "e = client_entry({'task_n': 2.0, 'task_correct': 1.0, 'task_tp_0': 1.0, 'task_fp_1': 1.0, 'task_fn_0': 1.0});"
+        "m = {'round': 0, **eval_metrics([EvalResult('a', 1.0, 4, task=e)])}; add_base(m, [m]); round_line(m);"
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'ray') if m in sys.modules))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
