@@ -122,7 +122,7 @@ def test_empty_data_folder(tmp_path: Path, cache_dir: str) -> None:
         str(tmp_path / "o"),
         cache_dir=cache_dir,
     )
-    assert_user_error(proc, "no user text")
+    assert_user_error(proc, "no user data")
 
 
 def test_target_modules_not_in_model(tmp_path: Path, cache_dir: str, trained: Path) -> None:
