@@ -74,7 +74,7 @@ def federation(cfg: RunConfig, work: Path, name: str) -> dict:
 
 def centralized(cfg: RunConfig) -> dict:
     """The pooled adapter, and the cost of label scoring against one client's local training."""
-    from fedpeft.adapters import inject
+    from fedpeft.adapters import adapter_state, inject, load_adapter_state
     from fedpeft.base import load_base
     from fedpeft.data import pooled
     from fedpeft.partition import partition
@@ -86,6 +86,7 @@ def centralized(cfg: RunConfig) -> dict:
     base = load_base(cfg.base)
     clients = partition(cfg.data, base.tokenizer, f.clients, f.split, f.dirichlet_alpha, f.seed)
     model = inject(base, cfg.adapter)
+    fresh = adapter_state(model)
     pad, lr = base.tokenizer.pad_token_id, cfg.train.learning_rate(cfg.adapter.kind)
 
     def scored(c) -> tuple[dict, float]:
@@ -101,7 +102,7 @@ def centralized(cfg: RunConfig) -> dict:
     for c in clients[:3]:
         t = train(model, c, local, lr, pad, base.compute).seconds
         cost.append(scored(c)[1] / t)
-    model = inject(load_base(cfg.base), cfg.adapter)  # a fresh adapter for the centralized run
+    load_adapter_state(model, fresh)  # the centralized run starts from the untrained adapter
     steps = f.rounds * max(1, round(f.clients * f.fraction)) * f.local_steps
     start = time.perf_counter()
     train(model, pooled(clients), replace(cfg.train, steps=steps), lr, pad, base.compute)

@@ -4,6 +4,7 @@ for held-out users or new data."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ def evaluate_sources(
                 files = read_adapter(folder)
             if files is None:
                 model_now = peft_model or base.model
-                ctx = peft_model.disable_adapter() if peft_model is not None else _null()
+                ctx = peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
             else:
                 check_fingerprint(files.fingerprint, base, f"adapter {files.path}")
                 if peft_model is None:
@@ -118,7 +119,7 @@ def evaluate_sources(
                         f"{injected.r}): score adapters of different configurations in separate commands"
                     )
                 load_adapter_state(peft_model, files.arrays, what=f"adapter {files.path}")
-                model_now, ctx = peft_model, _null()
+                model_now, ctx = peft_model, contextlib.nullcontext()
             with ctx:
                 counts = score(model_now, base.tokenizer, task, base.compute, data.answer_tokens, batch_size)
             per_user[user] = client_entry(counts)
@@ -126,12 +127,6 @@ def evaluate_sources(
             raise FedpeftError(f"{src.label}: no user of {data.data} has an adapter there")
         results[src.label] = {"task": pooled(list(per_user.values())), "users": per_user}
     return results
-
-
-def _null() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def report(results: dict[str, Any]) -> str:
