@@ -187,6 +187,8 @@ def load_users(data: str | DataConfig) -> list[UserText]:
 
         ds, unit = read_table(path)
         return _with_labels(_read_table_users(ds, unit, cfg, str(path)), cfg)
+    if path.suffix in TABLES and not path.exists():
+        raise FedpeftError(f"data file does not exist: {path}")
     if path.is_file():
         raise FedpeftError(
             f"--data {path}: a file must be one of {', '.join(TABLES)}; a folder holds .txt users"

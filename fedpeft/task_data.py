@@ -78,6 +78,7 @@ def read_table(path: Path) -> tuple[Any, str]:
     """A file's records, through `datasets`' local builders (no hub), and how its records are numbered
     in errors: JSONL by line, a JSON array by record, CSV and Parquet by data row."""
     import datasets
+    import pyarrow
 
     builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}[path.suffix]
     datasets.disable_progress_bars()
@@ -90,10 +91,12 @@ def read_table(path: Path) -> tuple[Any, str]:
             )
     except FileNotFoundError:
         raise FedpeftError(f"data file does not exist: {path}") from None
-    except datasets.exceptions.DatasetGenerationError:
+    except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException, ValueError) as e:
+        # the JSON builder wraps its parse errors; the Parquet reader raises pyarrow's own (a corrupt file)
         if builder == "json":
             raise _json_error(path) from None
-        raise FedpeftError(f"{path}: not a readable {path.suffix[1:]} file") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FedpeftError(f"{path}: not a readable {path.suffix[1:]} file ({why})") from None
     unit = {".jsonl": "line", ".json": "record"}.get(path.suffix, "row")
     return ds, unit
 

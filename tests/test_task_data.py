@@ -493,3 +493,15 @@ def test_a_stray_table_beside_text_users_is_left_out(tmp_path: Path) -> None:
     (tmp_path / "bob.txt").write_text("other text " * 20)
     (tmp_path / "metadata.csv").write_text("a,b\n1,2\n")
     assert [u.user for u in load_users(str(tmp_path))] == ["alice", "bob"]
+
+
+def test_a_missing_or_corrupt_record_file_is_one_line(tmp_path: Path) -> None:
+    """A record file that is not there, or not what its name says, is named in one line (no traceback)."""
+    with pytest.raises(FedpeftError, match="data file does not exist"):
+        load_users(DataConfig(data=str(tmp_path / "nope.jsonl"), user_column="u"))
+    (tmp_path / "a.parquet").write_bytes(b"not a parquet file")
+    write(tmp_path / "b.jsonl", [{"prompt": "p", "completion": "c"}])
+    with pytest.raises(
+        FedpeftError, match=re.escape(f"{tmp_path / 'a.parquet'}: not a readable parquet file")
+    ):
+        load_users(str(tmp_path))
