@@ -1,9 +1,9 @@
 """Cold start of a device: converting the packaged GGUF base, then loading it quantized, before and after
-the cache kept pre-quantized copies (fedpeft.base: quantized_dir, prepare_quantized).
+the cache kept pre-quantized copies (fedpeft.model.base: quantized_dir, prepare_quantized).
 
 Every step runs in a fresh subprocess, one at a time, on an empty FEDPEFT_CACHE per repeat:
   convert  before: transformers' plain path as fedpeft did it (fp32 load, parse the GGUF 3 times, .to(bf16), save)
-           after:  fedpeft.base.convert_gguf (GGUF read once, bf16 straight away) + the nf4 pre-quantized copy
+           after:  fedpeft.model.base.convert_gguf (GGUF read once, bf16 straight away) + the nf4 pre-quantized copy
   load     before: the bf16 folder, quantized by bitsandbytes at load (the bf16 copy materializes first)
            after:  load_base reading the pre-quantized copy (first load after the conversion, then a second);
                    and load_base where no copy exists yet (a --model FOLDER, another quant): quantize + write
@@ -56,12 +56,12 @@ def _tensor_digest(folder: Path) -> str:
 
 
 def _old_convert(gguf: Path, cache: Path) -> Path:
-    """fedpeft.base.convert_gguf as it was before the pre-quantized store (git 50bdbc7)."""
+    """fedpeft.model.base.convert_gguf as it was before the pre-quantized store (git 50bdbc7)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedpeft.base import _file_sha256
-    from fedpeft.checkpoint import atomic_dir
+    from fedpeft.atomic import atomic_dir
+    from fedpeft.model.base import _file_sha256
 
     dest = cache / f"{gguf.stem}-{_file_sha256(gguf)[:12]}"
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -86,8 +86,8 @@ def worker(job: dict) -> dict:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
-    import fedpeft.base as fb
-    from fedpeft.config import BaseConfig
+    import fedpeft.model.base as fb
+    from fedpeft.config.tree import BaseConfig
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

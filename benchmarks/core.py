@@ -70,11 +70,11 @@ def worker(job: dict) -> dict:
     """One configuration in this (fresh) process."""
     import torch
 
-    from fedpeft.adapters import adapter_state, inject
-    from fedpeft.base import load_base
-    from fedpeft.config import AdapterConfig, BaseConfig, DataConfig, TrainConfig
-    from fedpeft.data import load_user_data
-    from fedpeft.train import evaluate, train
+    from fedpeft.config.tree import AdapterConfig, BaseConfig, DataConfig, TrainConfig
+    from fedpeft.data.users import load_user_data
+    from fedpeft.model.adapters import adapter_state, inject
+    from fedpeft.model.base import load_base
+    from fedpeft.training.local import evaluate, train
 
     torch.set_num_threads(job["threads"])
     t0 = time.perf_counter()

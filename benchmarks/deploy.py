@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedpeft.config import BaseConfig, FederationConfig, RunConfig, TrainConfig  # noqa: E402
+from fedpeft.config.tree import BaseConfig, FederationConfig, RunConfig, TrainConfig  # noqa: E402
 from fedpeft.deploy.processes import descendants, process_table  # noqa: E402
 
 
@@ -77,7 +77,7 @@ class Sampler:
                     self.client_pss[name] = max(self.client_pss.get(name, 0), tree_pss)
                     app = sum(p.rss for p in tree if "flwr-clientapp" in p.cmdline)
                     self.clientapp[name] = max(self.clientapp.get(name, 0), app)
-                    worker = sum(p.rss for p in tree if "fedpeft.worker" in p.cmdline)
+                    worker = sum(p.rss for p in tree if "fedpeft.device.worker" in p.cmdline)
                     self.worker[name] = max(self.worker.get(name, 0), worker)
             time.sleep(0.3)
 
@@ -125,7 +125,7 @@ def deployment(cfg: RunConfig, out: Path) -> dict:
 
 
 def simulation(cfg: RunConfig, out: Path) -> dict:
-    from fedpeft.simulate import simulate
+    from fedpeft.simulation.run import simulate
 
     state = simulate(cfg, out)
     return {
@@ -136,7 +136,7 @@ def simulation(cfg: RunConfig, out: Path) -> dict:
 
 
 def new_client(cache: Path, quant: str) -> dict:
-    from fedpeft.base import load_base, resolve_base_dir
+    from fedpeft.model.base import load_base, resolve_base_dir
 
     t0 = time.perf_counter()
     resolve_base_dir("default", str(cache))

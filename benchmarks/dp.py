@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run(cfg, out: Path) -> dict:
-    from fedpeft.simulate import simulate
+    from fedpeft.simulation.run import simulate
 
     state = simulate(cfg, out)
     h = state.history
@@ -81,7 +81,7 @@ def encode_seconds(dim: int, repeats: int = 5) -> dict[str, float]:
 
 
 def main() -> None:
-    from fedpeft.config import (
+    from fedpeft.config.tree import (
         AdapterConfig,
         BaseConfig,
         FederationConfig,

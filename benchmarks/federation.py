@@ -27,7 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedpeft.config import AdapterConfig, BaseConfig, DataConfig, FederationConfig, RunConfig, TrainConfig  # noqa: E402
+from fedpeft.config.tree import (  # noqa: E402
+    AdapterConfig,
+    BaseConfig,
+    DataConfig,
+    FederationConfig,
+    RunConfig,
+    TrainConfig,
+)
 from fedpeft.deploy.processes import descendants, process_table  # noqa: E402
 
 
@@ -55,7 +62,7 @@ class TreePeak:
 
 
 def _federate(cfg: RunConfig, work: Path, name: str) -> dict:
-    from fedpeft.simulate import simulate
+    from fedpeft.simulation.run import simulate
 
     start = time.perf_counter()
     with TreePeak() as peak:
@@ -89,11 +96,11 @@ def _federate(cfg: RunConfig, work: Path, name: str) -> dict:
 
 
 def _centralized(cfg: RunConfig, steps: int) -> dict:
-    from fedpeft.adapters import inject
-    from fedpeft.base import load_base
-    from fedpeft.data import pooled
-    from fedpeft.partition import partition
-    from fedpeft.train import evaluate, train
+    from fedpeft.data.partition import partition
+    from fedpeft.data.users import pooled
+    from fedpeft.model.adapters import inject
+    from fedpeft.model.base import load_base
+    from fedpeft.training.local import evaluate, train
 
     base = load_base(cfg.base)
     f = cfg.federation

@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedpeft.config import RunConfig, sampled_per_round  # noqa: E402
+from fedpeft.config.tree import RunConfig, sampled_per_round  # noqa: E402
 
 
 def run(device: str, rounds: int, work: Path, client_gpus: float | None = None) -> dict:
-    from fedpeft.simulate import simulate
+    from fedpeft.simulation.run import simulate
 
     cfg = RunConfig()
     cfg = replace(

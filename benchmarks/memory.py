@@ -1,5 +1,5 @@
 """Memory benchmark: a device's training process on the shared base, with and without gradient checkpointing
-and the chunked cross-entropy (fedpeft.train), side by side in one run.
+and the chunked cross-entropy (fedpeft.training.local), side by side in one run.
 
 Each setting runs in a fresh subprocess, one at a time, so each peak is that setting's own:
   - process peak RSS: the kernel's high-water mark (VmHWM) of the whole process (torch, libraries, base,
@@ -13,7 +13,7 @@ Prints a markdown table with ratios to the plain setting and the issue's targets
 
     python benchmarks/memory.py                         # the default model, NF4, LoRA (~3 min on 2 cores)
     python benchmarks/memory.py --model tiny --steps 2  # a smoke run
-    python benchmarks/memory.py --calibrate             # the micro-batch sweep behind fedpeft/memory.py
+    python benchmarks/memory.py --calibrate             # the micro-batch sweep behind fedpeft/model/memory.py
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.core import PeakRSS, status  # noqa: E402
 
-SETTINGS = {  # name: (checkpointing, loss_chunk, heap: glibc's own, fast or compact; fedpeft.memory)
-    "before (glibc heap)": (False, 0, "glibc"),  # plain, as train() ran before fedpeft.memory existed
+SETTINGS = {  # name: (checkpointing, loss_chunk, heap: glibc's own, fast or compact; fedpeft.model.memory)
+    "before (glibc heap)": (False, 0, "glibc"),  # plain, as train() ran before fedpeft.model.memory existed
     "plain": (False, 0, "fast"),
     "checkpointing": (True, 0, "fast"),
     "chunked CE": (False, 128, "fast"),
@@ -55,12 +55,12 @@ def worker(job: dict) -> dict:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    from fedpeft import train as train_module
-    from fedpeft.adapters import inject, trainable_parameters
-    from fedpeft.base import load_base
-    from fedpeft.config import AdapterConfig, BaseConfig, DataConfig, TrainConfig
-    from fedpeft.data import load_user_data
-    from fedpeft.train import evaluate, train
+    from fedpeft.config.tree import AdapterConfig, BaseConfig, DataConfig, TrainConfig
+    from fedpeft.data.users import load_user_data
+    from fedpeft.model.adapters import inject, trainable_parameters
+    from fedpeft.model.base import load_base
+    from fedpeft.training import local as train_module
+    from fedpeft.training.local import evaluate, train
 
     if job["heap"] == "glibc":  # glibc's own heap policy: no fixed mmap threshold, no trim
         train_module.release_heap = lambda compact=False: None
@@ -198,7 +198,7 @@ def compare(a: argparse.Namespace, common: dict) -> dict:
 
 
 def calibrate(a: argparse.Namespace, common: dict) -> dict:
-    """Peak RSS per micro-batch and setting, for the memory model in fedpeft/memory.py."""
+    """Peak RSS per micro-batch and setting, for the memory model in fedpeft/model/memory.py."""
     rows = []
     micros = [m for m in (1, 2, 4, 8) if a.batch % m == 0 and m <= a.batch]
     print(

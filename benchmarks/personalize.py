@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedpeft.config import (  # noqa: E402
+from fedpeft.config.tree import (  # noqa: E402
     BaseConfig,
     DataConfig,
     FederationConfig,
@@ -40,7 +40,7 @@ SPLITS = (("natural", 0.5), ("dirichlet", 0.1), ("dirichlet", 1.0))
 
 
 def _run(cfg: RunConfig, work: Path, name: str) -> dict:
-    from fedpeft.simulate import simulate
+    from fedpeft.simulation.run import simulate
 
     start = time.perf_counter()
     state = simulate(cfg, work / name)

@@ -24,17 +24,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedpeft.config import RunConfig  # noqa: E402
+from fedpeft.config.tree import RunConfig  # noqa: E402
 
 
 def _base_mib(quant: str) -> float:
-    from fedpeft.base import load_base
+    from fedpeft.model.base import load_base
 
     return load_base(replace(RunConfig().base, quant=quant)).nbytes / 2**20
 
 
 def run(quant: str, rounds: int, work: Path) -> dict:
-    from fedpeft.simulate import simulate
+    from fedpeft.simulation.run import simulate
 
     cfg = RunConfig()
     cfg = replace(
@@ -68,10 +68,10 @@ def run(quant: str, rounds: int, work: Path) -> dict:
 def base_only(quant: str) -> dict:
     """The base alone: held-out perplexity over the default clients' held-out text, its tensors' size, and
     a local training step (the default batch, LoRA, median of 5 after one warm-up)."""
-    from fedpeft.adapters import inject
-    from fedpeft.base import load_base
-    from fedpeft.partition import partition
-    from fedpeft.train import evaluate, train
+    from fedpeft.data.partition import partition
+    from fedpeft.model.adapters import inject
+    from fedpeft.model.base import load_base
+    from fedpeft.training.local import evaluate, train
 
     cfg = RunConfig()
     base = load_base(replace(cfg.base, quant=quant))

@@ -39,9 +39,9 @@ PROMPTS = [
 
 
 def write_adapters(root: Path, model: str, count: int) -> list[Path]:
-    from fedpeft.adapters import inject, load_adapter_state, save_adapter
-    from fedpeft.base import load_base
-    from fedpeft.config import AdapterConfig, BaseConfig
+    from fedpeft.config.tree import AdapterConfig, BaseConfig
+    from fedpeft.model.adapters import inject, load_adapter_state, save_adapter
+    from fedpeft.model.base import load_base
     from tests.serve.runs import random_arrays
 
     base = load_base(BaseConfig(model=model))

@@ -4,9 +4,9 @@
     python benchmarks/specificity.py RUN --settings 5:2e-4:all,10:2e-4:specific
 
 For each setting (personal steps : learning rate : --personal-change, specific or all) every client of RUN's federation makes its personal adapter
-exactly as `--personalize finetune` does at the last round (fedpeft.device.Device.personalize, from RUN's
+exactly as `--personalize finetune` does at the last round (fedpeft.device.runtime.Device.personalize, from RUN's
 global adapter, on RUN's own split), and scores it on its own held-out text and on up to 9 other users' (the first 4 held-out blocks
-of each): own gain, gain on others, specificity = own / others (fedpeft.personalize.specificity), and whether it
+of each): own gain, gain on others, specificity = own / others (fedpeft.personal.methods.specificity), and whether it
 beats the global adapter on its own text. One process, settings one after another; prints a markdown table and
 writes benchmarks/results/specificity-<split>.json.
 """
@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def sweep(run: Path, steps: int, lr: float, change: str, store: Path) -> dict:
-    from fedpeft.adapters import read_adapter
-    from fedpeft.config_io import from_run_config
-    from fedpeft.device import Device
-    from fedpeft.evaluation import EvalResult, eval_metrics
-    from fedpeft.personalize import summarize
+    from fedpeft.config.files import from_run_config
+    from fedpeft.device.runtime import Device
+    from fedpeft.federation.evaluation import EvalResult, eval_metrics
+    from fedpeft.model.adapters import read_adapter
+    from fedpeft.personal.methods import summarize
 
     cfg = from_run_config(json.loads((run / "config.json").read_text()))
     personal = replace(cfg.personal, method="finetune", steps=steps, lr=lr, change=change, store=str(store))

@@ -28,14 +28,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedpeft.config import RunConfig  # noqa: E402
+from fedpeft.config.tree import RunConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
 def config(seed: int, quick: bool) -> RunConfig:
-    from fedpeft.config_io import load_toml
+    from fedpeft.config.files import load_toml
 
     cfg = load_toml(ROOT / "simulations" / "movies.toml")
     cfg = replace(
@@ -52,7 +52,7 @@ def config(seed: int, quick: bool) -> RunConfig:
 
 
 def federation(cfg: RunConfig, work: Path, name: str) -> dict:
-    from fedpeft.simulate import simulate
+    from fedpeft.simulation.run import simulate
 
     start = time.perf_counter()
     h = simulate(cfg, work / name).history
@@ -74,13 +74,13 @@ def federation(cfg: RunConfig, work: Path, name: str) -> dict:
 
 def centralized(cfg: RunConfig) -> dict:
     """The pooled adapter, and the cost of label scoring against one client's local training."""
-    from fedpeft.adapters import adapter_state, inject, load_adapter_state
-    from fedpeft.base import load_base
-    from fedpeft.data import pooled
-    from fedpeft.partition import partition
-    from fedpeft.task_eval import client_entry, score
-    from fedpeft.task_eval import pooled as pool
-    from fedpeft.train import train
+    from fedpeft.data.partition import partition
+    from fedpeft.data.users import pooled
+    from fedpeft.federation.task_eval import client_entry, score
+    from fedpeft.federation.task_eval import pooled as pool
+    from fedpeft.model.adapters import adapter_state, inject, load_adapter_state
+    from fedpeft.model.base import load_base
+    from fedpeft.training.local import train
 
     f = cfg.federation
     base = load_base(cfg.base)

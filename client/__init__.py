@@ -1,1 +1,1 @@
-"""fedpeft's Flower ClientApp (thin glue over fedpeft.device)."""
+"""fedpeft's Flower ClientApp for `flwr run` and a SuperNode: a re-export of fedpeft.flower.client_app."""

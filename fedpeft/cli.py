@@ -1,5 +1,5 @@
 """`fedpeft` command line: parsing and dispatch only. The config flags come from the config tree
-(fedpeft.flags); each command hands its config to the library."""
+(fedpeft.config.flags); each command hands its config to the library."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-from fedpeft.errors import FedpeftError
-from fedpeft.flags import (
+from fedpeft.config.flags import (
     add_base_location,
     add_config_flags,
     add_field_flag,
@@ -21,6 +20,7 @@ from fedpeft.flags import (
     field_value,
     print_config,
 )
+from fedpeft.errors import FedpeftError
 
 log = logging.getLogger("fedpeft")
 
@@ -163,8 +163,8 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(a: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from fedpeft.config import DataConfig
-    from fedpeft.eval_command import evaluate_sources, report, write_json
+    from fedpeft.config.tree import DataConfig
+    from fedpeft.training.eval_command import evaluate_sources, report, write_json
 
     values = {n: v for n in EVAL_DATA_FIELDS if (v := field_value(a, f"data.{n}")) is not None}
     data = replace(DataConfig(), **values)
@@ -185,7 +185,7 @@ def check_out(out: Path, *sources: Path) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from fedpeft.train_adapter import train_adapter
+    from fedpeft.training.train_command import train_adapter
 
     cfg = config_from_args(a, "train")
     check_out(Path(a.out))
@@ -193,8 +193,8 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_simulate(a: argparse.Namespace) -> None:
-    from fedpeft.personalize import method_label
-    from fedpeft.simulate import simulate, summary
+    from fedpeft.personal.methods import method_label
+    from fedpeft.simulation.run import simulate, summary
 
     if print_config(a, "simulate"):
         return
@@ -211,13 +211,13 @@ def cmd_simulate(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
-    from fedpeft.adapters import base_model, export_adapter, read_adapter
+    from fedpeft.model.adapters import base_model, export_adapter, read_adapter
 
     src, out = Path(a.adapter_dir), Path(a.out)
     check_out(out, src)
     what = "adapter"
     if a.user is not None:
-        from fedpeft.personalize import user_adapter
+        from fedpeft.personal.methods import user_adapter
 
         src, what = user_adapter(src, a.user, a.which)
         check_out(out, src)
@@ -228,7 +228,7 @@ def cmd_export(a: argparse.Namespace) -> None:
         return
     import torch
 
-    from fedpeft.merge import export_merged, merge_base
+    from fedpeft.model.merge import export_merged, merge_base
 
     base = merge_base(files, a.merge_onto, a.model or base_model(files.meta), a.cache_dir)
     export_merged(base, files, out, dtype=getattr(torch, a.dtype))
@@ -248,14 +248,14 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    from fedpeft.compare import compare
+    from fedpeft.serve.generate import compare
 
     compute = field_value(a, "base.compute_dtype") or "auto"
     print(compare(Path(a.source), a.user, a.prompt, a.max_new_tokens, a.model, a.cache_dir, compute))
 
 
 def quiet_libraries() -> None:
-    from fedpeft.simulate import quiet_environment
+    from fedpeft.simulation.run import quiet_environment
 
     quiet_environment()
     import transformers
@@ -267,7 +267,7 @@ def quiet_libraries() -> None:
 
 def resolve_base_main(argv: list[str]) -> int:
     """`fedpeft client`'s helper process: convert or build a base into a cache and print its folder."""
-    from fedpeft.base import resolve_base_dir
+    from fedpeft.model.base import resolve_base_dir
 
     quiet_libraries()
     try:

@@ -1,1 +1,1 @@
-"""fedpeft's Flower ServerApp (thin glue over fedpeft.federation)."""
+"""fedpeft's Flower ServerApp for `flwr run` and a SuperLink: a re-export of fedpeft.flower.server_app."""

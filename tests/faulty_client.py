@@ -4,7 +4,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client import app as real
+from fedpeft.flower import client_app as real
 
 app = ClientApp()
 app.query()(real.describe)

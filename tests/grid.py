@@ -24,7 +24,7 @@ class DeviceGrid:
     def push_messages(self, messages: list) -> list[str]:
         from uuid import uuid4
 
-        from client.app import describe, evaluate, train
+        from fedpeft.flower.client_app import describe, evaluate, train
 
         for m in messages:
             m.metadata.__dict__["_message_id"] = str(uuid4())

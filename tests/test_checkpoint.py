@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.checkpoint import atomic_dir, atomic_write_json, manifest_problem, write_manifest
+from fedpeft.atomic import atomic_dir, atomic_write_json, manifest_problem, write_manifest
 
 
 def test_atomic_dir_replaces_whole_folder_on_success(tmp_path: Path) -> None:

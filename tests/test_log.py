@@ -76,10 +76,10 @@ def test_a_slow_evaluation_says_how_far_it_got(
 
     import torch
 
-    from fedpeft.adapters import inject
-    from fedpeft.base import load_base
-    from fedpeft.config import AdapterConfig, BaseConfig
-    from fedpeft.train import evaluate
+    from fedpeft.config.tree import AdapterConfig, BaseConfig
+    from fedpeft.model.adapters import inject
+    from fedpeft.model.base import load_base
+    from fedpeft.training.local import evaluate
 
     base = load_base(BaseConfig(model="tiny", quant="none", cache_dir=cache_dir))
     model = inject(base, AdapterConfig())

@@ -8,7 +8,7 @@ The device needs no Ray and no GPU. What it keeps in its store (`--store`, mode 
   personal/<user>/   the personal adapter, the last global adapter and choice.json, when the federation
                      personalizes (--personalize); never sent anywhere
 Two processes of ours run on the device: this one, which supervises the SuperNode and the resident worker
-(fedpeft.worker: the base, the tokenized text and the personal store, loaded once), restarting either
+(fedpeft.device.worker: the base, the tokenized text and the personal store, loaded once), restarting either
 when it dies and stopping both on exit; and the worker. Flower's SuperNode starts a fresh ClientApp
 process per message; ours imports no torch and forwards the task to the worker.
 """
@@ -21,12 +21,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpeft.checkpoint import atomic_write_bytes
+from fedpeft.atomic import atomic_write_bytes
 from fedpeft.deploy.processes import executable, flower_env, free_port, stop_tree
+from fedpeft.device.link import socket_path
+from fedpeft.device.worker import LOADS_FILE
 from fedpeft.errors import FedpeftError
 from fedpeft.secagg.protocol import MIN_NEIGHBOURS
-from fedpeft.worker import LOADS_FILE
-from fedpeft.worker_link import socket_path
 
 # Flower's SuperExec looks for a task to launch every second by default; this is its supported setting
 # (flwr/supercore/superexec/run_superexec.py). The SuperNode's own 3 s poll of the SuperLink has none.
@@ -98,8 +98,8 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
     config file and the flower-supernode command line."""
     import tomli_w
 
-    from fedpeft.data import load_device_user
-    from fedpeft.node_config import DeviceNode
+    from fedpeft.config.node import DeviceNode
+    from fedpeft.data.users import load_device_user
 
     _check_server(opts.server)
     if opts.min_neighbours < 1:
@@ -177,9 +177,9 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
 
 def _precision_note(base_dir: Path, cache_dir: Path, threads: int | None, compute_dtype: str) -> None:
     """What this device will compute in: its own --compute-dtype, or where the federation's is auto, what
-    the device chooses for itself (fedpeft.precision); its worker reads the same cached measurement."""
-    from fedpeft.base import preview_precision
-    from fedpeft.config import BaseConfig
+    the device chooses for itself (fedpeft.model.precision); its worker reads the same cached measurement."""
+    from fedpeft.config.tree import BaseConfig
+    from fedpeft.model.base import preview_precision
 
     cfg = BaseConfig(model=str(base_dir), cache_dir=str(cache_dir), compute_dtype=compute_dtype or "auto")
     precision = preview_precision(cfg, threads)
@@ -188,7 +188,7 @@ def _precision_note(base_dir: Path, cache_dir: Path, threads: int | None, comput
 
 
 class Worker:
-    """The resident worker (fedpeft.worker), restarted when it dies. Crashes in a row that each come
+    """The resident worker (fedpeft.device.worker), restarted when it dies. Crashes in a row that each come
     within a minute of their start mean it cannot run (say, the store is broken): then give up."""
 
     MAX_QUICK_CRASHES = 5
@@ -203,7 +203,7 @@ class Worker:
         import sys
 
         self.started = time.monotonic()
-        return subprocess.Popen([sys.executable, "-m", "fedpeft.worker", str(self.store)], env=self.env)
+        return subprocess.Popen([sys.executable, "-m", "fedpeft.device.worker", str(self.store)], env=self.env)
 
     def check(self) -> None:
         """Restart the worker if it has exited; raise FedpeftError when it keeps dying at start."""

@@ -7,8 +7,7 @@ import logging
 import shlex
 from pathlib import Path
 
-from fedpeft.errors import FedpeftError
-from fedpeft.flags import (
+from fedpeft.config.flags import (
     add_config_flags,
     add_field_flag,
     add_run_flags,
@@ -17,6 +16,7 @@ from fedpeft.flags import (
     print_config,
     require_out,
 )
+from fedpeft.errors import FedpeftError
 from fedpeft.secagg.protocol import MIN_NEIGHBOURS
 
 log = logging.getLogger("fedpeft")
@@ -197,8 +197,8 @@ def cmd_certs(a: argparse.Namespace) -> None:
 
 def cmd_server(a: argparse.Namespace) -> None:
     from fedpeft.deploy.server import ServerOptions, run_server
-    from fedpeft.personalize import method_label
-    from fedpeft.simulate import summary
+    from fedpeft.personal.methods import method_label
+    from fedpeft.simulation.run import summary
 
     if print_config(a, "server"):
         return

@@ -15,29 +15,29 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fedpeft.checkpoint import atomic_write_bytes
-from fedpeft.config import RunConfig
+from fedpeft.atomic import atomic_write_bytes
+from fedpeft.config.tree import RunConfig
 from fedpeft.deploy.certs import make_certs
 from fedpeft.deploy.processes import Child, flower_env, free_port, port_in_use
 from fedpeft.errors import FedpeftError
-from fedpeft.federation import plan_run
+from fedpeft.federation.state import plan_run
 
 log = logging.getLogger("fedpeft")
 
 
 def _users(cfg: RunConfig) -> list[tuple[str, str, str]]:
     """(name, file name, content) of the users a natural-split simulation of this config would have as
-    clients: their text, or their examples as JSONL records (fedpeft.task_data.to_records)."""
+    clients: their text, or their examples as JSONL records (fedpeft.data.records.to_records)."""
     from transformers import AutoTokenizer
 
-    from fedpeft.base import resolve_base_dir
-    from fedpeft.data import find_user, load_users
-    from fedpeft.partition import partition
+    from fedpeft.data.partition import partition
+    from fedpeft.data.users import find_user, load_users
+    from fedpeft.model.base import resolve_base_dir
 
     if cfg.federation.split != "natural":
         raise FedpeftError("deploy-local gives each client one user's own text: use --split natural")
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_dir(cfg.base.model, cfg.base.cache_dir))
-    from fedpeft.task_data import to_jsonl
+    from fedpeft.data.records import to_jsonl
 
     chosen = partition(cfg.data, tokenizer, cfg.federation.clients, "natural")
     users = [find_user(load_users(cfg.data), d.user) for d in chosen]
@@ -56,12 +56,12 @@ def deploy_local(
     resume_from: int | None = None,
 ) -> int:
     """Run the federation of `cfg` as a local deployment; returns the server's exit code."""
-    from fedpeft.base import resolve_base_dir
-    from fedpeft.config_io import dumps_toml
+    from fedpeft.config.files import dumps_toml
     from fedpeft.deploy.server import RUN_CONFIG
+    from fedpeft.model.base import resolve_base_dir
 
     out = Path(out).resolve()
-    from fedpeft.task_data import device_config
+    from fedpeft.data.records import device_config
 
     cfg = device_config(cfg)  # the columns and label set every device reads its records with
     plan_run(out / "server", cfg, resume, resume_from)  # verify before certificates or logs are written

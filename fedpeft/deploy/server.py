@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpeft.checkpoint import atomic_write_bytes
-from fedpeft.config import RunConfig
-from fedpeft.config_io import app_dir, overrides
+from fedpeft.atomic import atomic_write_bytes
+from fedpeft.config.files import app_dir, overrides
+from fedpeft.config.tree import RunConfig
 from fedpeft.deploy.certs import CertPaths, check_server_files
 from fedpeft.deploy.processes import (
     Child,
@@ -38,7 +38,7 @@ from fedpeft.deploy.processes import (
     wait_listening,
 )
 from fedpeft.errors import FedpeftError
-from fedpeft.federation import latest_checkpoint, open_run, plan_run, resume_round
+from fedpeft.federation.state import latest_checkpoint, open_run, plan_run, resume_round
 
 log = logging.getLogger("fedpeft")
 CONNECTION = "fedpeft"  # the flwr CLI's name for our SuperLink
@@ -218,7 +218,7 @@ class Server:
 
 
 def _round_line(m: dict[str, Any]) -> str:
-    from fedpeft.rounds import round_line
+    from fedpeft.federation.rounds import round_line
 
     refused = (
         [f"\n  refused {r['client']}: {r['reason']}" for r in m.get("rejected", [])] if m["round"] else []

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedpeft.aggregate import Arrays
+from fedpeft.federation.aggregate import Arrays
 
 
 def l2_norm(arrays: Arrays) -> float:

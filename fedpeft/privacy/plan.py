@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedpeft.config import RunConfig, dp_delta
+from fedpeft.config.tree import RunConfig, dp_delta
 from fedpeft.errors import FedpeftError
 from fedpeft.privacy.accountant import SAMPLING, epsilon, epsilon_of_rounds, noise_for_budget
 

@@ -4,7 +4,7 @@ A client with FedAvg weight w (its example count) and delta x sends, before mask
     [ round(S * (w/W) * clip(x, -c, c)) ...,  round(S_w * (w/W)) ]  mod 2^32
 where W is a public upper bound on any client's weight. The server's unmasked sum, read as signed
 int32 and divided by the scales, is sum_i (w_i/W) x_i and sum_i (w_i/W): their ratio is the FedAvg
-mean, so every aggregation mode of fedpeft.aggregate composes (it needs only a sum and a weight).
+mean, so every aggregation mode of fedpeft.federation.aggregate composes (it needs only a sum and a weight).
 
 Headroom: every entry of a client is at most S*c + 1 (resp. S_w + 1, the +1 from rounding up) in magnitude,
 and S = (2^31 - 1 - n_max) / (n_max c), so the sum of up to n_max clients stays inside [-(2^31 - 1), 2^31 - 1]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fedpeft import rounds
-from fedpeft.config import RunConfig, client_lr
-from fedpeft.federation import ServerState, apply_mean, skip_round
+from fedpeft.config.tree import RunConfig, client_lr
+from fedpeft.federation import rounds
+from fedpeft.federation.state import ServerState, apply_mean, skip_round
 from fedpeft.privacy.distributed import DistributedCode
 from fedpeft.secagg.flower import Keys, SecAggParams, secure_sum, stage1_tasks, unflatten
 from fedpeft.secagg.protocol import SecAggAbort

@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpeft.adapters import AdapterFiles, read_adapter
 from fedpeft.errors import FedpeftError
-from fedpeft.personalize import CHOICE_FILE, GLOBAL, PERSONAL, user_adapter
+from fedpeft.model.adapters import AdapterFiles, read_adapter
+from fedpeft.personal.methods import CHOICE_FILE, GLOBAL, PERSONAL, user_adapter
 
 BASE = "base"  # the model name that means no adapter
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")

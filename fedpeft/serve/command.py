@@ -9,8 +9,8 @@ import socket
 import sys
 from pathlib import Path
 
+from fedpeft.config.flags import add_base_location, add_config_flags, config_from_args
 from fedpeft.errors import FedpeftError
-from fedpeft.flags import add_base_location, add_config_flags, config_from_args
 
 API_KEY_ENV = "FEDPEFT_API_KEY"
 
@@ -129,9 +129,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
         from fedpeft.serve.api import create_app
     except ImportError as e:
         raise FedpeftError(f"fedpeft serve needs the serve extra (pip install -e '.[serve]'): {e}") from None
-    from fedpeft.adapters import base_model
-    from fedpeft.base import load_base
-    from fedpeft.config import BaseConfig
+    from fedpeft.config.tree import BaseConfig
+    from fedpeft.model.adapters import base_model
+    from fedpeft.model.base import load_base
     from fedpeft.serve.batcher import Batcher
     from fedpeft.serve.catalog import discover
     from fedpeft.serve.engine import Engine

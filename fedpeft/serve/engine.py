@@ -21,11 +21,18 @@ from typing import Any
 
 import torch
 
-from fedpeft.adapters import _peft_config, check_fingerprint, check_schema, inject, not_placed, schema_of
-from fedpeft.base import Base
 from fedpeft.errors import FedpeftError
-from fedpeft.placement import model_device
-from fedpeft.precision import autocast
+from fedpeft.model.adapters import (
+    _peft_config,
+    check_fingerprint,
+    check_schema,
+    inject,
+    not_placed,
+    schema_of,
+)
+from fedpeft.model.base import Base
+from fedpeft.model.placement import model_device
+from fedpeft.model.precision import autocast
 from fedpeft.serve.catalog import BASE, Entry
 
 MIXED = "__base__"  # peft's row name for "no adapter" in a mixed batch: any name no layer holds

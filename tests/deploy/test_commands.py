@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord
 
-from client.tasks import check_base
-from fedpeft.data import _read_folder, load_device_user
+from fedpeft.data.users import _read_folder, load_device_user
 from fedpeft.deploy.certs import make_certs
 from fedpeft.errors import FedpeftError
+from fedpeft.flower.client_tasks import check_base
 from tests.test_cli import assert_user_error
 
 
@@ -105,10 +105,10 @@ def test_server_and_cheap_client_stages_never_import_torch() -> None:
     """The server never loads a model, and a SuperNode starts a process per message: stages that need no
     model must not pay for importing torch."""
     code = (
-        "import sys, client.app, server.app, fedpeft.secagg.flower, fedpeft.deploy.server, fedpeft.federation;"
+        "import sys, client.app, server.app, fedpeft.secagg.flower, fedpeft.deploy.server, fedpeft.federation.state;"
         # the server's side of task metrics: reading a client's counts, pooling, the round line
-        "from fedpeft.task_eval import client_entry; from fedpeft.evaluation import EvalResult, eval_metrics, add_base;"
-        "from fedpeft.rounds import round_line;"
+        "from fedpeft.federation.task_eval import client_entry; from fedpeft.federation.evaluation import EvalResult, eval_metrics, add_base;"
+        "from fedpeft.federation.rounds import round_line;"
         "e = client_entry({'task_n': 2.0, 'task_correct': 1.0, 'task_tp_0': 1.0, 'task_fp_1': 1.0, 'task_fn_0': 1.0});"
         "m = {'round': 0, **eval_metrics([EvalResult('a', 1.0, 4, task=e)])}; add_base(m, [m]); round_line(m);"
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'ray') if m in sys.modules))"

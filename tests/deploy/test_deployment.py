@@ -161,11 +161,11 @@ def test_secure_federation_over_tls_equals_simulation_and_refuses_strangers(
     sim = load_file(tmp_path / "sim" / "global" / "adapter_model.safetensors")
     dep = load_file(tmp_path / "server" / "global" / "adapter_model.safetensors")
     assert sim.keys() == dep.keys()
-    from fedpeft.federation import checkpoint_path, load_checkpoint
+    from fedpeft.federation.state import checkpoint_path, load_checkpoint
 
     # round 1 sums the same deltas: equal within the ring code's rounding; round 2 trains on from the two
     # globals, and fp32 compute lets AdamW's sign-like early steps amplify that rounding where a gradient is
-    # near zero (tests/test_simulate.py, secagg): close as a whole there
+    # near zero (tests/simulation/test_simulate.py, secagg): close as a whole there
     first = [load_checkpoint(checkpoint_path(tmp_path / run, 1)).arrays for run in ("sim", "server")]
     for k, v in first[0].items():
         np.testing.assert_allclose(first[1][k], v, atol=1e-6)
@@ -276,7 +276,7 @@ def test_each_device_loads_its_base_once_and_a_worker_killed_mid_round_is_restar
     while not bob_log.is_file() or bob_log.read_text(errors="replace").count("Receiving: train message") < 2:
         assert time.monotonic() < deadline and local.alive(), local.log_tail(20)
         time.sleep(0.1)
-    worker = _pid_of("fedpeft.worker", str(out / "clients" / "bob"))
+    worker = _pid_of("fedpeft.device.worker", str(out / "clients" / "bob"))
     idle = _cpu_seconds(worker)
     while _cpu_seconds(worker) < idle + 0.5:  # it has started training
         assert time.monotonic() < deadline and local.alive(), local.log_tail(20)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fedpeft.config import FederationConfig, PrivacyConfig, RunConfig
+from fedpeft.config.tree import FederationConfig, PrivacyConfig, RunConfig
 from fedpeft.errors import FedpeftError
 from fedpeft.privacy.accountant import epsilon
 from fedpeft.privacy.plan import DpPlan, plan
@@ -102,7 +102,7 @@ def test_distributed_rounds_are_accounted_with_the_noise_their_survivors_added()
 
 
 def test_distributed_dp_needs_secure_aggregation() -> None:
-    from fedpeft.config import validate
+    from fedpeft.config.tree import validate
 
     with pytest.raises(FedpeftError, match="needs --secagg"):
         validate(replace(_distributed(noise_multiplier=1.0), federation=FederationConfig(clients=20)))
@@ -111,9 +111,9 @@ def test_distributed_dp_needs_secure_aggregation() -> None:
 def test_a_plain_dp_round_clips_again_on_the_server_and_divides_by_the_expected_count() -> None:
     """With negligible noise the update is the sum of the clipped deltas over q x N, whatever a client
     sent: an unclipped delta from a faulty client is clipped here too."""
-    from fedpeft.rounds import plain_round
-    from tests.test_federation import _state
-    from tests.test_rounds import B, _update
+    from fedpeft.federation.rounds import plain_round
+    from tests.federation.test_federation import _state
+    from tests.federation.test_rounds import B, _update
 
     state = _state()
     replies = {0: _update(10.0, 1.0, 1.0), 1: _update(0.01, 1.0, 1.0)}
@@ -128,7 +128,7 @@ def test_a_plain_dp_round_clips_again_on_the_server_and_divides_by_the_expected_
 
 def test_the_summary_line_ends_with_the_guarantee() -> None:
     from fedpeft.privacy.plan import summary
-    from fedpeft.simulate import summary as run_summary
+    from fedpeft.simulation.run import summary as run_summary
 
     last = {
         "round": 1,
@@ -142,7 +142,7 @@ def test_the_summary_line_ends_with_the_guarantee() -> None:
 
 
 def test_a_budget_no_noise_can_hold_is_refused_before_the_run_folder_exists(tmp_path) -> None:
-    from fedpeft.federation import plan_run
+    from fedpeft.federation.state import plan_run
 
     cfg = replace(_cfg(epsilon=1e-4), federation=FederationConfig(clients=20, fraction=1.0, rounds=50))
     with pytest.raises(FedpeftError, match="cannot hold for 50 rounds"):

@@ -95,10 +95,10 @@ def test_the_k0_t1_attack_is_refused_before_any_update_leaves_a_client() -> None
     that sends them anyway gets one-line refusals from the real ClientApp and nothing else."""
     from flwr.app import Context
 
-    from client.app import train
-    from fedpeft.config import FederationConfig, RunConfig
-    from fedpeft.config_io import from_run_config, to_run_config
+    from fedpeft.config.files import from_run_config, to_run_config
+    from fedpeft.config.tree import FederationConfig, RunConfig
     from fedpeft.errors import FedpeftError
+    from fedpeft.flower.client_app import train
 
     bad = {**to_run_config(RunConfig(federation=FederationConfig(secagg=True))), "federation.secagg_k": 0}
     with pytest.raises(FedpeftError, match="--secagg-k must be at least 2"):
@@ -143,9 +143,9 @@ def test_the_k0_t1_attack_is_refused_before_any_update_leaves_a_client() -> None
 def test_a_device_that_requires_secagg_refuses_a_plain_round() -> None:
     from flwr.app import Context
 
-    from client.app import train
-    from fedpeft.config import RunConfig
-    from fedpeft.config_io import to_run_config
+    from fedpeft.config.files import to_run_config
+    from fedpeft.config.tree import RunConfig
+    from fedpeft.flower.client_app import train
 
     content = RecordDict(
         {

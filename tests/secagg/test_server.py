@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedpeft.config import FederationConfig, RunConfig
+from fedpeft.config.tree import FederationConfig, RunConfig
 from fedpeft.secagg.flower import flatten, handle
 from fedpeft.secagg.server import ring_code, round_tag, secure_round
-from tests.test_federation import FP, _state
+from tests.federation.test_federation import FP, _state
 
 B = "x.lora_B.weight"
 NAMES = {c: f"user{c}" for c in range(6)}

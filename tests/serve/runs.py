@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.adapters import adapter_state, inject, load_adapter_state, peft_config_dict, save_adapter
-from fedpeft.base import Base
-from fedpeft.config import AdapterConfig
-from fedpeft.personalize import PersonalStore
+from fedpeft.config.tree import AdapterConfig
+from fedpeft.model.adapters import adapter_state, inject, load_adapter_state, peft_config_dict, save_adapter
+from fedpeft.model.base import Base
+from fedpeft.personal.methods import PersonalStore
 
 
 def random_arrays(model: Any, seed: int, scale: float) -> dict[str, np.ndarray]:
@@ -38,7 +38,7 @@ def write_run(
     model = inject(base, cfg)
     load_adapter_state(model, random_arrays(model, seed, scale))
     save_adapter(model, base, cfg, root / "global", extra={"round": 3})
-    doc = base.doc() | {"path": str(base.path)}  # as fedpeft.device saves a store
+    doc = base.doc() | {"path": str(base.path)}  # as fedpeft.device.runtime saves a store
     for i, user in enumerate(users):
         store = PersonalStore(root / "personal", user)
         arrays = random_arrays(model, seed + 1 + i, scale)

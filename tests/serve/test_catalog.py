@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.base import load_base
-from fedpeft.config import AdapterConfig, BaseConfig
+from fedpeft.config.tree import AdapterConfig, BaseConfig
 from fedpeft.errors import FedpeftError
+from fedpeft.model.base import load_base
 from fedpeft.serve.catalog import discover
 from tests.serve.runs import write_run
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from fedpeft.config import AdapterConfig, BaseConfig, DataConfig, RunConfig, TrainConfig
+from fedpeft.config.tree import AdapterConfig, BaseConfig, DataConfig, RunConfig, TrainConfig
 
 QUESTION = "What colour is the sky?"
 ANSWER = "blue sky"
@@ -19,13 +19,13 @@ ANSWER = "blue sky"
 def test_a_chat_adapter_answers_through_chat_completions(
     tmp_path: Path, tiny_path: Path, cache_dir: str
 ) -> None:
-    from fedpeft.base import load_base
-    from fedpeft.chat import render
+    from fedpeft.data.chat import render
+    from fedpeft.model.base import load_base
     from fedpeft.serve.api import create_app
     from fedpeft.serve.batcher import Batcher
     from fedpeft.serve.catalog import discover
     from fedpeft.serve.engine import Engine
-    from fedpeft.train_adapter import train_adapter
+    from fedpeft.training.train_command import train_adapter
 
     data = tmp_path / "chats"
     data.mkdir()

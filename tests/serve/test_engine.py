@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpeft.base import load_base
-from fedpeft.config import AdapterConfig, BaseConfig
+from fedpeft.config.tree import AdapterConfig, BaseConfig
+from fedpeft.model.base import load_base
 from fedpeft.serve.catalog import discover
 from fedpeft.serve.engine import Engine, Job, Sampling
 from tests.serve.runs import peft_generate, write_run

@@ -36,10 +36,10 @@ CHAT = [{"role": "user", "content": "Name one thing every city needs."}]
 
 def write_and_answer(root: Path) -> tuple[dict[str, Path], dict[str, str]]:
     """A run folder of the real base's adapters, and what peft's generate() answers with each of them."""
-    from fedpeft.adapters import load_adapter_state, read_adapter
-    from fedpeft.base import load_base
-    from fedpeft.config import BaseConfig
-    from fedpeft.train import generate
+    from fedpeft.config.tree import BaseConfig
+    from fedpeft.model.adapters import load_adapter_state, read_adapter
+    from fedpeft.model.base import load_base
+    from fedpeft.training.local import generate
     from tests.serve.runs import write_run
 
     base = load_base(BaseConfig(quant="none"))

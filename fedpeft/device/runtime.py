@@ -1,0 +1,488 @@
+"""What runs on a device in a federation: load the base once per process, then per message apply the
+global adapter, train locally and return the delta, or evaluate. No Flower here (client/ is the glue).
+
+With personalization (fedpeft.personal.methods) the device also keeps one personal adapter per user in its
+store: it is read and written here and nothing of it goes into a reply (only the shared keys' delta and
+scalar metrics do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from fedpeft.config.tree import RunConfig, client_adapter, client_lr
+from fedpeft.data.chat import TaskEval
+from fedpeft.data.partition import partition
+from fedpeft.data.users import UserData, load_device_user, tokenize_user
+from fedpeft.errors import FedpeftError
+from fedpeft.federation.aggregate import Arrays
+from fedpeft.federation.evaluation import FULL_QUANT
+from fedpeft.federation.state import client_seed
+from fedpeft.federation.task_eval import PREFIX, score
+from fedpeft.model.adapter_files import AdapterDescription, schema_json
+from fedpeft.model.adapters import (
+    adapter_state,
+    inject,
+    load_adapter_state,
+    peft_config_dict,
+    schema_of,
+    trainable_parameters,
+)
+from fedpeft.model.base import Base, load_base
+from fedpeft.personal.methods import (
+    GLOBAL,
+    PERSONAL,
+    PersonalStore,
+    choose,
+    personal_seed,
+    shared_keys,
+    specific_change,
+    split_validation,
+)
+from fedpeft.training.local import evaluate, train
+
+log = logging.getLogger("fedpeft")
+
+
+@dataclass
+class FitResult:
+    delta: Arrays  # local minus global, travel keys only
+    num_examples: int  # training tokens of this client: the FedAvg weight n_k
+    train_loss: float  # mean over the local steps
+    seconds: float
+    personal_seconds: float = 0.0  # on top of the federated training: the personal adapter's (ditto, fedsa)
+
+
+def _digest(arrays: Arrays) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(arrays):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(arrays[k]).tobytes())
+    return h.hexdigest()
+
+
+class Device:
+    """One process's base + adapter + data. Reused across messages and virtual clients (simulation)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        clients: list[UserData] | None = None,
+        data_path: str | None = None,
+        name: str = "",
+    ) -> None:
+        self.cfg = cfg
+        self.base: Base = load_base(cfg.base, cfg.train.max_memory)
+        BASE_LOADS[0] += 1
+        adapter_cfg = client_adapter(cfg)
+        self.adapter_cfg = adapter_cfg
+        self.model = inject(self.base, adapter_cfg)
+        self.init_state = adapter_state(self.model)
+        self._full: tuple[Base, Any] | None = None  # the unquantized base, for round 0 and the last round
+        self._base_losses: dict[int, float] = {}  # per local client: the base alone never changes
+        self._full_base_losses: dict[int, float | None] = {}
+        self._reference: list | None = None  # the reference text's blocks, tokenized on first use
+        # ((round, the adapter's digest), the global adapter's loss on the reference text)
+        self._reference_round: tuple[tuple[int, str], float] | None = None
+        self._base_reference: float | None = None
+        self.method = cfg.personal.method
+        self.keys = shared_keys(list(self.init_state), cfg.federation.lora_mode, self.method)
+        f = cfg.federation
+        if data_path is not None:  # a real device: one user, its own text
+            clients = [_own_data(data_path, name, cfg, self.base.tokenizer)]
+        self.clients = (
+            clients
+            if clients is not None
+            else partition(cfg.data, self.base.tokenizer, f.clients, f.split, f.dirichlet_alpha, f.seed)
+        )
+        self.val: list[list] = [[] for _ in self.clients]  # validation blocks: global vs personal
+        self.stores: list[PersonalStore] = []
+        if self.method != "none":
+            parts = [
+                split_validation(d, cfg.personal.val_fraction, cfg.data.min_eval_tokens) for d in self.clients
+            ]
+            self.clients, self.val = [p[0] for p in parts], [p[1] for p in parts]
+            if not cfg.personal.store:
+                raise FedpeftError("personalization needs a store for the personal adapters (--store)")
+            schema = schema_json(schema_of(self.init_state))
+            self.stores = [PersonalStore(cfg.personal.store, d.user) for d in self.clients]
+            for store in self.stores:  # refuse a foreign store before anything could write to it
+                store.check(self.fingerprint, schema)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.base.fingerprint
+
+    def describe(self) -> AdapterDescription:
+        """What the server needs to know without loading the base: fingerprint, schema, PEFT config."""
+        return AdapterDescription(
+            fingerprint=self.fingerprint,
+            schema=schema_of(self.init_state),
+            travel_keys=list(self.keys),
+            peft_config=peft_config_dict(self.model),
+            adapter=self.adapter_cfg,
+            base_path=str(self.base.path),
+            quant=self.base.quant,
+            base=self.base.doc(),
+        )
+
+    def _apply(self, global_arrays: Arrays) -> None:
+        load_adapter_state(self.model, {**self.init_state, **global_arrays}, what="global adapter")
+
+    def fit(self, local: int, global_arrays: Arrays, rnd: int, client: int | None = None) -> FitResult:
+        """Train data `local` of this process; `client` (the federation's index, default `local`) seeds it."""
+        data = self.clients[local]
+        client = local if client is None else client
+        self.drop_full_base()  # training needs the memory; only round 0 and the last round use it
+        personal = self.stores[local].load() if self.method == "fedsa" else None
+        # FedSA: this user's own B under the shared A (the global arrays hold A only)
+        self._apply({**(personal or {}), **global_arrays})
+        tcfg = replace(
+            self.cfg.train,
+            steps=self.cfg.federation.local_steps,
+            seed=client_seed(self.cfg.federation.seed, rnd, client),
+            progress=False,
+        )
+        result = train(
+            self.model,
+            data,
+            tcfg,
+            client_lr(self.cfg),
+            self.base.tokenizer.pad_token_id,
+            self.base.compute,
+        )
+        trained = adapter_state(self.model)
+        delta = {k: (trained[k] - global_arrays[k]).astype(np.float32) for k in self.keys}
+        start = time.perf_counter()
+        if self.method == "fedsa":
+            self._save(local, PERSONAL, trained, rnd - 1)
+        elif self.method == "ditto":
+            self._ditto(local, client, global_arrays, rnd)
+        return FitResult(
+            delta,
+            data.train_tokens,
+            float(np.mean(result.losses)),
+            result.seconds,
+            time.perf_counter() - start,
+        )
+
+    def _train_personal(
+        self, local: int, client: int, rnd: int, prox: tuple[float, list] | None = None
+    ) -> None:
+        tcfg = replace(
+            self.cfg.train,
+            steps=self.cfg.personal.steps,
+            seed=personal_seed(self.cfg.federation.seed, rnd, client),
+            progress=False,
+        )
+        train(
+            self.model,
+            self.clients[local],
+            tcfg,
+            self.cfg.personal.lr or client_lr(self.cfg),
+            self.base.tokenizer.pad_token_id,
+            self.base.compute,
+            prox=prox,
+        )
+
+    def _ditto(self, local: int, client: int, global_arrays: Arrays, rnd: int) -> None:
+        """Ditto's personal step (Li et al., ICML 2021, Algorithm 1): from the stored personal adapter (the
+        global one the first time), `steps` steps on loss + lam/2 ||v - w||^2, w the global adapter the
+        round started from."""
+        self._apply(global_arrays)
+        ref = [p.detach().clone() for p in trainable_parameters(self.model)]
+        personal = self.stores[local].load()
+        if personal is not None:
+            load_adapter_state(self.model, personal, what=f"personal adapter in {self.stores[local].dir}")
+        self._train_personal(local, client, rnd, prox=(self.cfg.personal.lam, ref))
+        self._save(local, PERSONAL, adapter_state(self.model), rnd - 1)
+
+    def _save(self, local: int, which: str, arrays: Arrays, global_round: int) -> None:
+        self.stores[local].save(
+            which,
+            arrays,
+            peft_config_dict(self.model),
+            self.base.doc() | {"path": str(self.base.path)},
+            self.adapter_cfg,
+            global_round,
+            self.method,
+        )
+
+    def _personal_forgetting(self, personal: Arrays, out: dict[str, Any]) -> str:
+        """The personal adapter (loaded) on the reference text, into `out`; under --max-forgetting, why the
+        device keeps its global adapter instead ('' when it need not)."""
+        from fedpeft.federation.evaluation import ppl
+
+        base = self._base_reference_loss()
+        if base is None:
+            return ""
+        load_adapter_state(self.model, personal, what="personal adapter")
+        out["reference_loss_personal"] = self._eval(self._reference or []).loss
+        limit = self.cfg.federation.max_forgetting
+        worse = 100 * (ppl(out["reference_loss_personal"]) / ppl(base) - 1)
+        if limit > 0 and worse > limit:
+            return (
+                f"the personal adapter forgets: reference ppl {worse:.1f}% above the base's (--max-forgetting "
+                f"{limit:g}); keeping the global adapter"
+            )
+        return ""
+
+    def cross_eval(self, local: int, client: int, global_arrays: Arrays, personal: Arrays) -> dict[str, Any]:
+        """The global and the personal adapter of client `local` on other users' held-out text: the first
+        CROSS_BLOCKS blocks of up to personal.cross_users others (a seeded draw), pooled. A personal
+        adapter that helps others as much as its own user only took extra generic steps; the server
+        turns these into its specificity (fedpeft.personal.methods.specificity). Only a simulation's process
+        holds other users' text; a device has none and returns nothing."""
+        others = [i for i in range(len(self.clients)) if i != local]
+        n = min(self.cfg.personal.cross_users, len(others))
+        if n == 0:
+            return {}
+        rng = np.random.default_rng([self.cfg.federation.seed, client, 2])
+        chosen = sorted(rng.choice(others, size=n, replace=False).tolist())
+        blocks = [b for i in chosen for b in self.clients[i].eval[:CROSS_BLOCKS]]
+        load_adapter_state(self.model, global_arrays, what="global adapter")
+        on_global = self._eval(blocks).loss
+        load_adapter_state(self.model, personal, what="personal adapter")
+        return {"others_loss_global": on_global, "others_loss_personal": self._eval(blocks).loss, "others": n}
+
+    def _eval(self, blocks: list) -> Any:
+        return evaluate(
+            self.model,
+            blocks,
+            self.base.tokenizer.pad_token_id,
+            self.base.compute,
+            self.cfg.train.eval_batch_size,
+        )
+
+    def evaluate(self, local: int, global_arrays: Arrays, bare: bool = False) -> tuple[float, int]:
+        """Held-out loss of the global adapter on this client's text: (mean loss, tokens). `bare`: of the
+        base alone, adapter disabled. The initial adapter is the identity only up to float rounding: peft
+        runs LoRA's zero product and IA3's unit scales through fp32, so round 0 measured through them
+        differed by adapter type (57.35 LoRA, 57.46 IA3 on the same base and text)."""
+        self._apply(global_arrays)
+        if not bare:
+            r = self._eval(self.clients[local].eval)
+        else:
+            with self.model.disable_adapter():
+                r = self._eval(self.clients[local].eval)
+        return r.loss, r.tokens
+
+    def task_scores(self, local: int, global_arrays: Arrays, bare: bool = False) -> dict[str, float]:
+        """The global adapter (`bare`: the base alone, zero-shot) on this client's held-out examples:
+        counts the server pools (fedpeft.federation.task_eval); {} for raw text."""
+        task = self.clients[local].task
+        if task is None:
+            return {}
+        self._apply(global_arrays)
+        with self.model.disable_adapter() if bare else contextlib.nullcontext():
+            return self._score(task)
+
+    def _score(self, task: TaskEval, prefix: str = PREFIX) -> dict[str, float]:
+        batch = self.cfg.train.eval_batch_size
+        return score(
+            self.model,
+            self.base.tokenizer,
+            task,
+            self.base.compute,
+            self.cfg.data.answer_tokens,
+            batch,
+            prefix,
+        )
+
+    def reference_losses(self, rnd: int, global_arrays: Arrays) -> dict[str, float]:
+        """The global adapter and the base alone on the reference text (fedpeft.federation.forgetting), or {} without
+        one. Every client of a round scores the same adapter on the same text: a process that serves many
+        (a simulation's actor) computes it once a round, and the base's once."""
+        base = self._base_reference_loss()
+        if base is None:
+            return {}
+        if rnd == 0:  # round 0 reports the base, as its held-out figure does (prompt tuning's init is not it)
+            return {"reference_loss": base, "base_reference_loss": base}
+        # keyed by the adapter's bytes too: a device's worker may serve a later run whose rounds count anew
+        key = (rnd, _digest(global_arrays))
+        if self._reference_round is None or self._reference_round[0] != key:
+            self._apply(global_arrays)
+            self._reference_round = (key, self._eval(self._reference or []).loss)
+        return {"reference_loss": self._reference_round[1], "base_reference_loss": base}
+
+    def _base_reference_loss(self) -> float | None:
+        """The base alone on the reference text (None without one); the blocks are tokenized once."""
+        if self._reference is None:
+            from fedpeft.federation.forgetting import reference_blocks
+
+            self._reference = reference_blocks(self.cfg.data, self.base.tokenizer)
+        if not self._reference:
+            return None
+        if self._base_reference is None:
+            with self.model.disable_adapter():
+                self._base_reference = self._eval(self._reference).loss
+        return self._base_reference
+
+    def base_loss(self, local: int, global_arrays: Arrays) -> float:
+        """The base alone on this client's held-out text: computed once (it never changes)."""
+        if local not in self._base_losses:
+            self._base_losses[local] = self.evaluate(local, global_arrays, bare=True)[0]
+        return self._base_losses[local]
+
+    def full_base_loss(self, local: int, global_arrays: Arrays) -> float | None:
+        """The unquantized base alone on the same text (None where evaluate_full gives none); once."""
+        if local not in self._full_base_losses:
+            self._full_base_losses[local] = self.evaluate_full(local, global_arrays, bare=True)
+        return self._full_base_losses[local]
+
+    def evaluate_full(self, local: int, global_arrays: Arrays, bare: bool = False) -> float | None:
+        """Held-out loss of the same adapter on the unquantized base (cfg.base.full_base): what the
+        quantization costs (round 0, `bare`) and what a merge onto the full-precision base gives (last
+        round). None when off or when the device's base is that base already."""
+        quant = FULL_QUANT.get(self.cfg.base.full_base)
+        if quant is None:
+            return None
+        if quant == self.base.quant:
+            return self.evaluate(local, global_arrays, bare)[0]
+        if self._full is None:  # loaded on first use, dropped before the next training
+            if not self._full_base_fits(
+                quant, len(self.clients[local].eval[0]) if self.clients[local].eval else 0
+            ):
+                return None
+            # it computes as this device's own base does (fp32 for the fp32 reference)
+            compute = "fp32" if quant == "none" else self.base.compute
+            full = load_base(replace(self.cfg.base, quant=quant, compute_dtype=compute))
+            self._full = (full, inject(full, self.adapter_cfg))
+        full, model = self._full
+        load_adapter_state(model, {**self.init_state, **global_arrays}, what="global adapter")
+        pad, batch = full.tokenizer.pad_token_id, self.cfg.train.eval_batch_size
+        if not bare:
+            return evaluate(model, self.clients[local].eval, pad, full.compute, batch).loss
+        with model.disable_adapter():
+            return evaluate(model, self.clients[local].eval, pad, full.compute, batch).loss
+
+    def _full_base_fits(self, quant: str, block_len: int) -> bool:
+        """A device's --max-memory holds the unquantized base beside its own, or the device skips that
+        evaluation (the server reports the full-base figures of the devices that ran it)."""
+        budget = self.cfg.train.max_memory
+        if not budget:
+            return True
+        from fedpeft.model.memory import full_base_mib
+
+        adapter_params = sum(int(np.prod(a.shape)) for a in self.init_state.values())
+        tokens = max(block_len, 1) * self.cfg.train.eval_batch_size
+        need = full_base_mib(self.base, quant, adapter_params, tokens, self.cfg.train)
+        if need > budget:
+            log.warning(
+                "the unquantized base (%s) needs about %.0f MiB beside this device's %s base, over --max-memory "
+                "%g MiB: this device skips the full-base evaluation",
+                quant, need, self.base.quant, budget,
+            )  # fmt: skip
+            return False
+        return True
+
+    def drop_full_base(self) -> None:
+        if self._full is not None:
+            self._full = None
+            gc.collect()
+
+    def personalize(
+        self, local: int, global_arrays: Arrays, rnd: int, client: int | None = None, others: bool = False
+    ) -> dict[str, Any]:
+        """Held-out loss of the global and the personal adapter after global round `rnd`; keep the better
+        one on the validation part (choice.json). Makes the personal adapter first under finetune. With
+        `others` (a simulation's last round), also both adapters on other users' text (cross_eval).
+        Returns scalars and short strings only: this is all that leaves the device."""
+        client = local if client is None else client
+        store, val = self.stores[local], self.val[local]
+        full_global = {**self.init_state, **global_arrays}
+        self._apply(global_arrays)
+        held_out = self._eval(self.clients[local].eval)
+        out: dict[str, Any] = {"eval_loss": held_out.loss, "eval_tokens": held_out.tokens}
+        start = time.perf_counter()  # what follows is personalization's extra on-device time
+        val_global = self._eval(val).loss if val else None
+        if self.method == "finetune":  # from the latest global adapter
+            self._train_personal(local, client, rnd)
+            personal = adapter_state(self.model)
+            if self.cfg.personal.change == "specific":
+                personal = specific_change(personal, full_global, self.init_state)
+        else:
+            personal = store.load()
+            if personal is not None and self.method == "fedsa":
+                personal = {**personal, **global_arrays}  # the latest shared A under this user's own B
+        note = forgetting = ""
+        if personal is None:
+            note = "no personal adapter yet (not sampled so far)"
+        else:
+            load_adapter_state(self.model, personal, what=f"personal adapter in {store.dir}")
+            out["personal_eval_loss"] = self._eval(self.clients[local].eval).loss
+            task = self.clients[local].task
+            if task is not None:  # the personal adapter on the same examples as the global one
+                out.update(self._score(task, "personal_" + PREFIX))
+            if others:
+                out.update(self.cross_eval(local, client, full_global, personal))
+            if val:
+                out["val_loss_personal"] = self._eval(val).loss
+            else:
+                note = "too little text for a validation part; keeping the global adapter"
+            forgetting = self._personal_forgetting(personal, out)
+            note = forgetting or note
+            # new (finetune) or under the latest shared A (fedsa); Ditto's stays as it was trained
+            if self.method != "ditto":
+                self._save(local, PERSONAL, personal, rnd)
+        if val_global is not None:
+            out["val_loss_global"] = val_global
+        kept = choose(val_global, out["val_loss_personal"]) if "val_loss_personal" in out else GLOBAL
+        if forgetting:
+            kept, out["forgets"] = GLOBAL, 1.0
+        self._save(local, GLOBAL, full_global, rnd)
+        store.save_choice(
+            {
+                "user": store.user,
+                "use": kept,
+                "method": self.method,
+                "global_round": rnd,
+                "note": note,
+                **{k: v for k, v in out.items() if k not in ("eval_loss", "eval_tokens")},
+                "eval_loss_global": out["eval_loss"],
+            }
+        )
+        out.update(kept=kept, note=note, personal_seconds=time.perf_counter() - start)
+        return out
+
+
+def _own_data(data_path: str, name: str, cfg: RunConfig, tokenizer: Any) -> UserData:
+    """A device's own data read with the federation's data options. What is wrong with it stays in the
+    device's log: an error reply goes to the server, and the server chooses the options (columns, labels)
+    whose errors would quote the records (a label, a role, the columns' names) back to it."""
+    try:
+        return tokenize_user(load_device_user(data_path, name, cfg.data), tokenizer, cfg.data)
+    except FedpeftError as e:
+        log.error("this device's data does not fit the federation's data options: %s", e)
+        raise FedpeftError(
+            "this device's data does not fit the federation's data options (format, columns, labels, "
+            "block size); the reason is in the device's log"
+        ) from None
+
+
+CROSS_BLOCKS = 4  # per other user: 512 tokens at the default block size keep the last round's cost small
+
+_DEVICES: dict[tuple[RunConfig, str | None, str], Device] = {}
+BASE_LOADS = [0]  # how many times this process has loaded a base (reported per round: should stay 1)
+
+
+def get_device(cfg: RunConfig, data_path: str | None = None, name: str = "") -> Device:
+    """A per-process cache: a Flower actor, or a device's resident worker (fedpeft.device.worker), loads the base
+    once, not every round. A new run config that changes the base, the adapter or the data loads anew."""
+    key = (
+        replace(cfg, federation=replace(cfg.federation, rounds=0), server_opt=type(cfg.server_opt)()),
+        data_path,
+        name,
+    )
+    if key not in _DEVICES:
+        _DEVICES.clear()  # one base per process: memory is the edge device's scarcest resource
+        _DEVICES[key] = Device(cfg, data_path=data_path, name=name)
+    return _DEVICES[key]

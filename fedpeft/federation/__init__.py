@@ -1,0 +1,1 @@
+"""The server's side of a federation without Flower: state, roster, rounds, aggregation, evaluation, metrics."""

@@ -1,0 +1,152 @@
+"""Registration without Flower: who is in the federation, under which client index, on which base.
+
+server/app.py asks every node to describe itself and hands the answers here as `Registration`s. Simulated
+clients report their partition index and keep it; real devices report a name and are indexed in name
+order (node id breaks ties), so a deployment of the same users as a simulation gets the same indices,
+hence the same seeds. The federation's base is the one most clients hold (ties go to the lowest client
+index) unless a base is pinned (a resumed run's checkpoint, --base-fingerprint).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedpeft.config.tree import FederationConfig
+from fedpeft.errors import FedpeftError
+from fedpeft.federation.state import sample_clients
+
+log = logging.getLogger("fedpeft")
+
+
+# what a node may report of its compute precision (fedpeft.model.precision.Precision.metrics)
+COMPUTE_KEYS = ("dtype", "why", "capability", "fp32_gflops", "bf16_gflops")
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One node's answer to the registration query."""
+
+    node: int  # Flower node id
+    name: str  # the user's name
+    fingerprint: str  # of the base the node holds
+    examples: float  # training tokens: the FedAvg weight
+    client: int | None = None  # partition index (simulation); None for a device, indexed here
+    # what the node computes in and why (fedpeft.model.precision.Precision.metrics): each device decides for itself
+    compute: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_info(cls, node: int, info: Mapping[str, Any]) -> Registration:
+        """From the "info" record of a reply (client/tasks.py `info`)."""
+        compute = {  # reported by the node: only the known keys, as short scalars
+            k: v if not isinstance(v, str) else v[:200]
+            for k in COMPUTE_KEYS
+            if isinstance(v := info.get(f"compute-{k}"), (str, int, float)) and not isinstance(v, bool)
+        }
+        return cls(
+            node,
+            str(info["name"]),
+            str(info["fingerprint"]),
+            float(info["num-examples"]),
+            int(info["client"]) if "client" in info else None,
+            compute,
+        )
+
+
+@dataclass
+class Roster:
+    """What registration learned of each client (by client index)."""
+
+    node_of: dict[int, int] = field(default_factory=dict)  # Flower node id
+    names: dict[int, str] = field(default_factory=dict)
+    fingerprints: dict[int, str] = field(default_factory=dict)
+    examples: dict[int, float] = field(default_factory=dict)  # training tokens: the FedAvg weight
+    samples: dict[int, list[int]] = field(default_factory=dict)  # each DP round's Poisson sample, drawn once
+    compute: dict[int, dict[str, Any]] = field(default_factory=dict)  # each client's compute dtype and why
+    fingerprint: str = ""  # the federation's base
+
+    def sample(self, f: FederationConfig, rnd: int, poisson: bool = False) -> list[int]:
+        """This round's clients; indices into the registered clients (some devices may have failed). With
+        `poisson` (DP runs) each joins with probability --fraction from secret randomness, drawn once a
+        round (the next round's sample is drawn early when its secure-aggregation keys travel ahead)."""
+        ids = sorted(self.node_of)
+        if not poisson:
+            return [ids[i] for i in sample_clients(len(ids), f.fraction, f.min_clients, f.seed, rnd)]
+        if rnd not in self.samples:
+            from fedpeft.privacy.central import poisson_sample
+
+            self.samples[rnd] = poisson_sample(ids, f.fraction)
+        return self.samples[rnd]
+
+    def on_base(self) -> list[int]:
+        """Clients whose base is the federation's (the others are refused, and refuse, every round)."""
+        return [c for c in sorted(self.node_of) if self.fingerprints[c] == self.fingerprint]
+
+    def off_base(self) -> list[int]:
+        return [c for c in sorted(self.node_of) if self.fingerprints[c] != self.fingerprint]
+
+    def task(self, client: int, **task: Any) -> dict[str, Any]:
+        """Every task after registration names its client index and the federation's base fingerprint: a
+        device learns its index from it and refuses to train on another base."""
+        return {**task, "client": client, "fingerprint": self.fingerprint}
+
+
+def order(replies: Sequence[Registration]) -> list[Registration]:
+    """Simulated clients by partition index, devices by name, then node id."""
+    return sorted(replies, key=lambda r: (-1 if r.client is None else r.client, r.name, r.node))
+
+
+def vote(fingerprints: Mapping[int, str], pinned: str = "") -> str:
+    """The pinned base, or the one most clients hold; a tie goes to the base of the lowest client index."""
+    if pinned:
+        return pinned
+    counts: dict[str, int] = {}
+    for c in sorted(fingerprints):  # dicts keep insertion order and max keeps the first maximum
+        counts[fingerprints[c]] = counts.get(fingerprints[c], 0) + 1
+    return max(counts, key=lambda fp: counts[fp])
+
+
+def make_roster(
+    replies: Sequence[Registration],
+    failures: Sequence[str],
+    want: int,
+    min_clients: int,
+    pinned: str = "",
+) -> Roster:
+    """The federation from the nodes' answers (`failures`: the one-line errors of the nodes that could not
+    start). Keeps the first `want` clients in `order`; raises FedpeftError when a simulated client failed
+    (they share one data set: a failure there is the run's, not one device's), when fewer than
+    `min_clients` started, or when no client holds the federation's base."""
+    if failures:
+        for reason in failures:
+            log.warning("a client failed to start and is left out: %s", reason)
+        if all(r.client is not None for r in replies):
+            raise FedpeftError(f"a client failed to start: {failures[0]}")
+    if len(replies) < min_clients:
+        raise FedpeftError(f"only {len(replies)} clients started; --min-clients is {min_clients}")
+    good = order(replies)
+    if len(good) > want:
+        log.warning("%d clients connected; the federation takes the first %d by name", len(good), want)
+        good = good[:want]
+    roster = Roster()
+    for index, r in enumerate(good):
+        client = index if r.client is None else r.client
+        roster.node_of[client], roster.names[client] = r.node, r.name
+        roster.fingerprints[client], roster.examples[client] = r.fingerprint, r.examples
+        if r.compute:
+            roster.compute[client] = dict(r.compute)
+    if len(set(roster.names.values())) < len(roster.names):
+        log.warning("two clients report the same name; they are told apart by node id")
+    roster.fingerprint = vote(roster.fingerprints, pinned)
+    odd = roster.off_base()
+    if odd:
+        log.warning(
+            "clients on another base than the federation's (%s...); they are refused every round: %s",
+            roster.fingerprint[:16],
+            ", ".join(roster.names[c] for c in odd),
+        )
+    if not roster.on_base():
+        raise FedpeftError(f"no client holds the federation's base {roster.fingerprint[:16]}...")
+    return roster

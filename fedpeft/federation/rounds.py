@@ -1,0 +1,292 @@
+"""A training round's outcome and metrics without Flower, the same for plain and secure rounds.
+
+server/app.py moves the messages and hands the replies here: `plain_round` checks and aggregates a plain
+round's updates (fedpeft.secagg.server does a secure round's sum); `train_result` reads one client's
+figures and `train_metrics` makes the round's of them; `secure_metrics`, `aborted_metrics` and
+`secagg_rejections` read secure_sum's report. fedpeft.federation.evaluation has the evaluation side.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fedpeft.config.tree import RunConfig
+from fedpeft.federation.aggregate import Arrays
+from fedpeft.federation.state import ServerState, aggregate_round, apply_mean, check_update, skip_round
+
+if TYPE_CHECKING:
+    from fedpeft.privacy.plan import DpPlan
+
+log = logging.getLogger("fedpeft")
+
+# where a client's time goes, reported as <stage>_seconds; wait: its messages waiting to start (transport,
+# the SuperNode's poll, the ClientApp's process start); mask: encoding and masking (secure stage 3)
+PLAIN_STAGES = ("load", "train", "personal", "wait")
+SECURE_STAGES = ("load", "train", "mask", "personal", "wait")
+# what a device says of itself, kept next to its seconds when it reports them: base loads since it started
+# (1 when the worker keeps its base resident), the peak RSS of its processes, its peak GPU memory on CUDA,
+# and under DP whether clipping scaled its delta (1) or not (0)
+DEVICE_FIGURES = ("base_loads", "peak_rss_mib", "gpu_peak_mib", "dp_clipped")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """One client's training figures in a round."""
+
+    user: str
+    examples: float  # training tokens: the weight of its loss
+    loss: float  # mean training loss over its local steps
+    seconds: dict[str, float]  # by stage (PLAIN_STAGES or SECURE_STAGES), and the DEVICE_FIGURES it sent
+
+
+def train_result(
+    user: str, m: Mapping[str, Any], stages: Sequence[str], lenient: bool = False
+) -> TrainResult:
+    """A client's figures from its metrics record. A plain round's reply must carry its example count, loss
+    and training time (KeyError otherwise). Under secure aggregation (`lenient`) they are metrics only,
+    the weights travel masked: a missing figure counts 0 and the count at least 1e-12, so a client's
+    malformed report cannot stop the round. Other stages' times count 0 when missing."""
+    if lenient:
+        examples = max(float(m.get("num-examples", 1.0)), 1e-12)
+        loss = float(m.get("train_loss", 0.0))
+    else:
+        examples, loss = float(m["num-examples"]), float(m["train_loss"])
+    seconds = {
+        s: float(m[f"{s}_seconds"] if s == "train" and not lenient else m.get(f"{s}_seconds", 0.0))
+        for s in stages
+    }
+    for k in DEVICE_FIGURES:
+        if k in m:
+            seconds[k] = float(m[k])
+    return TrainResult(user, examples, loss, seconds)
+
+
+def train_metrics(results: Sequence[TrainResult]) -> dict[str, Any]:
+    """The round's training figures from its accepted clients (at least one), in client order."""
+    weights = [r.examples for r in results]
+    return {
+        "train_loss": sum(r.loss * w for r, w in zip(results, weights, strict=True)) / sum(weights),
+        "train_seconds_max": max(r.seconds["train"] for r in results),
+        "train_seconds_sum": sum(r.seconds["train"] for r in results),
+        "client_seconds": {r.user: dict(r.seconds) for r in results},
+    }
+
+
+def skipped_metrics(**extra: Any) -> dict[str, Any]:
+    """A round that left the global adapter unchanged."""
+    return {"skipped": True, "train_loss": None, **extra}
+
+
+@dataclass(frozen=True)
+class Update:
+    """One client's reply to a plain training round."""
+
+    delta: Arrays  # travel keys only
+    fingerprint: str  # of the base it trained on
+    metrics: Mapping[str, Any]  # its metrics record: num-examples, train_loss, <stage>_seconds
+
+
+def plain_round(
+    state: ServerState,
+    cfg: RunConfig,
+    names: Mapping[int, str],
+    sampled: Sequence[int],
+    replies: Mapping[int, Update | str],
+    dp: DpPlan | None = None,
+) -> tuple[ServerState, dict[str, Any]]:
+    """A plain round from the sampled clients' replies (an update, or the error text of a client that
+    failed): check each update against the state (fedpeft.federation.state.check_update), aggregate the valid
+    ones in client order (the result does not depend on reply arrival order), or leave the adapter
+    unchanged when fewer than min_clients are valid. Returns the next state and the round's metrics."""
+    rnd, min_clients = state.round + 1, cfg.federation.min_clients
+    deltas, results, rejected, bytes_up = [], [], [], 0
+    for client, reply in sorted(replies.items()):
+        if isinstance(reply, str):
+            rejected.append({"client": names.get(client, str(client)), "reason": f"client error: {reply}"})
+            continue
+        bytes_up += sum(a.nbytes for a in reply.delta.values())
+        reason = check_update(reply.delta, reply.fingerprint, float(reply.metrics["num-examples"]), state)
+        if reason:
+            rejected.append({"client": names[client], "reason": reason})
+        else:
+            deltas.append(reply.delta)
+            results.append(train_result(names[client], reply.metrics, PLAIN_STAGES))
+    for r in rejected:
+        log.warning("round %d: refused %s: %s", rnd, r["client"], r["reason"])
+    metrics: dict[str, Any] = {
+        "round": rnd,
+        "sampled": [names[c] for c in sampled],
+        "accepted": [r.user for r in results],
+        "rejected": rejected,
+        "bytes_up": bytes_up,
+        "bytes_down": sum(a.nbytes for a in state.travel_arrays().values()) * len(sampled),
+    }
+    if len(results) < min_clients:
+        log.warning(
+            "round %d: %d valid replies < min_clients %d; global adapter unchanged",
+            rnd,
+            len(results),
+            min_clients,
+        )
+        return skip_round(state), {**metrics, **skipped_metrics()}
+    if dp is not None:  # DP-FedAvg: the server clips again (its guarantee), sums, adds noise
+        from fedpeft.federation.aggregate import weighted_sum
+        from fedpeft.privacy.central import clip, noised_mean
+
+        total = weighted_sum([clip(d, dp.clip)[0] for d in deltas], [1.0] * len(deltas))
+        new = apply_mean(state, noised_mean(total, dp.expected_clients, dp.noise_std), cfg)
+    else:
+        new = aggregate_round(state, deltas, [r.examples for r in results], cfg)
+    return new, {**metrics, "skipped": False, **train_metrics(results)}
+
+
+def secure_metrics(
+    report: Mapping[str, Any], survivors: Sequence[int], names: Mapping[int, str], dim: int
+) -> dict[str, Any]:
+    """A secure round's metrics from secure_sum's report (fedpeft.secagg.flower), the survivors' training
+    figures included (they travel beside the masked input)."""
+    train = report["train_metrics"]
+    results = [train_result(names[c], train[c], SECURE_STAGES, lenient=True) for c in survivors]
+    return {
+        "rejected": secagg_rejections(report, survivors, names),
+        "left_before_unmask": [names[c] for c in survivors if c in report["dropped"]],
+        "skipped": False,
+        "accepted": [names[c] for c in survivors],
+        "secagg_k": report["k"],
+        "secagg_t": report["t"],
+        "secagg_stages": report.get("stages", 5),
+        "bytes_up": 4 * dim * len(survivors) + report["bytes_up_keys"],
+        **train_metrics(results),
+    }
+
+
+def aborted_metrics(
+    report: Mapping[str, Any], names: Mapping[int, str], rnd: int, error: str
+) -> dict[str, Any]:
+    """An aborted secure round: who dropped or refused, and why (a device's refusal says which of its
+    limits the round broke); the global adapter stays unchanged."""
+    log.warning("round %d: secure aggregation aborted (%s); global adapter unchanged", rnd, error)
+    rejected = secagg_rejections(report, [], names)
+    for r in rejected:
+        log.warning("round %d: %s: %s", rnd, r["client"], r["reason"])
+    return {"rejected": rejected, **skipped_metrics(accepted=[], bytes_up=0, abort=error)}
+
+
+def secagg_rejections(
+    report: Mapping[str, Any], survivors: Sequence[int], names: Mapping[int, str]
+) -> list[dict[str, str]]:
+    """Metrics entries for the clients whose input is not in the sum: dropped (with their own error reply,
+    a refusal included) or excluded. A client gone after stage 3 already sent its input: it still counts."""
+    out = []
+    for c, reason in {**report.get("dropped", {}), **report.get("excluded", {})}.items():
+        if c not in survivors:
+            out.append(
+                {"client": names[c], "reason": f"dropped at {reason}" if "stage" in reason else reason}
+            )
+    return out
+
+
+def aggregation_note(cfg: RunConfig) -> str:
+    """How LoRA's two matrices are aggregated under this configuration."""
+    if cfg.federation.lora_mode == "ffa":
+        return "FFA-LoRA (A frozen and shared, B averaged: exact)"
+    if cfg.personal.method == "fedsa":
+        return "FedSA-LoRA (A averaged, B personal: stays on each device)"
+    return "FedAvg of LoRA A and B separately (mean of B·A is not mean(B)·mean(A): an approximation)"
+
+
+def compute_metrics(names: Mapping[int, str], compute: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """Round 0's `compute`: each client's compute dtype, why, and the speeds it chose from, by user name."""
+    return {"compute": {names[c]: dict(compute[c]) for c in sorted(compute)}} if compute else {}
+
+
+def compute_text(per_client: Mapping[str, Mapping[str, Any]]) -> str:
+    """`computing in fp32 (auto: AVX2 CPU: bf16 matmul 0.024x fp32's speed)`, one phrase per distinct
+    choice, with how many clients made it when they differ."""
+    groups: dict[tuple[str, str], int] = {}
+    for c in per_client.values():
+        key = (str(c.get("dtype", "?")), str(c.get("why", "")))
+        groups[key] = groups.get(key, 0) + 1
+    if len(groups) == 1:
+        ((dtype, why),) = groups
+        return f"computing in {dtype} ({why})" if why else f"computing in {dtype}"
+    return "computing in " + "; ".join(
+        f"{dtype} on {n} ({why})" for (dtype, why), n in sorted(groups.items())
+    )
+
+
+def round_line(m: Mapping[str, Any]) -> str:
+    """A round's metrics as the line a run prints (`simulate` under its bar, `server` from metrics.jsonl)."""
+    from fedpeft.federation.evaluation import base_name, changes_text
+
+    if "eval_ppl" not in m:
+        why = "every client's evaluation failed" if m.get("eval_failed") else "--eval-every"
+        text = f"round {m['round']}: not evaluated ({why})"
+    else:
+        from fedpeft.federation.task_eval import task_text
+
+        task = task_text(m)
+        text = f"round {m['round']}: " + (f"{task}; answer " if task else "held-out ")
+        text += f"ppl {m['eval_ppl']:.2f} (loss {m['eval_loss']:.3f}"
+        if m.get("eval_of"):
+            text += f" over {len(m.get('eval_per_client', {}))} of {m['eval_of']} clients"
+        changes = changes_text(m)
+        text += f"; {changes})" if changes else ")"
+    if m["round"] == 0 and "quant" in m:
+        text += f" on the {base_name(m['quant'])} base"
+        if m.get("compute"):
+            text += f", {compute_text(m['compute'])}"
+        if "full_eval_ppl" in m:
+            cost = m["eval_ppl"] / m["full_eval_ppl"] - 1
+            text += f"; {m['full_eval_ppl']:.2f} on the {m['full_base']} base (quantizing costs {cost:+.1%})"
+    elif "full_eval_ppl" in m:
+        text += f"; {m['full_eval_ppl']:.2f} with the adapter on the {m.get('full_base')} base"
+    if "reference_ppl" in m:  # what the adapter costs the base's general ability (fedpeft.federation.forgetting)
+        text += f"; reference ppl {m['reference_ppl']:.2f}"
+        text += f" ({m['forgetting']:+.1f}% vs the base)" if m["round"] > 0 else ""
+    if m["round"] > 0:
+        text += f", {len(m.get('accepted', []))}/{len(m.get('sampled', []))} clients, {m.get('seconds', 0.0):.1f} s"
+        text += " [skipped]" if m.get("skipped") else ""
+        text += " [kept the previous adapter: it forgets]" if m.get("kept_previous") else ""
+        if m.get("dp"):
+            text += f", ε = {m['dp']['epsilon']:.2f}"
+    return text
+
+
+class Progress:
+    """The rounds bar (with --no-progress none) and the lines printed after each round."""
+
+    def __init__(self, cfg: RunConfig, state: ServerState) -> None:
+        from tqdm.auto import tqdm
+
+        from fedpeft.log import show_bars
+        from fedpeft.personal.methods import method_label
+
+        rounds, self.method = cfg.federation.rounds, method_label(cfg.personal)
+        self.bar = tqdm(
+            total=rounds,
+            initial=min(state.round, rounds),
+            desc="rounds",
+            disable=not show_bars(cfg.train.progress),
+            unit="round",
+        )
+        evaluated = [h for h in state.history if "eval_ppl" in h]  # round 0 always is
+        self.bar.set_postfix(ppl=f"{evaluated[-1]['eval_ppl']:.2f}" if evaluated else "")
+        if state.round == 0:  # what the base scores, on which base(s), before any training
+            self.bar.write(round_line(state.history[0]))
+
+    def round(self, m: Mapping[str, Any]) -> None:
+        from fedpeft.personal.methods import summary_line
+
+        self.bar.update(1)
+        if "eval_ppl" in m:
+            self.bar.set_postfix(ppl=f"{m['eval_ppl']:.2f}", loss=f"{m['eval_loss']:.3f}")
+        self.bar.write(round_line(m))
+        if "personal" in m:
+            self.bar.write(f"round {m['round']}: " + summary_line(m["personal"], self.method))
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,1 @@
+"""The Flower glue: the ServerApp and ClientApp, their task handlers and the wire format."""

@@ -1,0 +1,212 @@
+"""The work behind each message, shared by every way a client runs: a simulated client calls it in its Ray
+actor, a device in its resident worker (fedpeft.device.worker) that the ClientApp forwards to. Records in,
+records out; the base is loaded once per process (fedpeft.device.runtime.get_device).
+
+Tasks: "describe" (fingerprint, name, optionally the adapter schema and initial state), "train" (a plain
+round's delta), "update" (secure stage 3: the flat delta the ClientApp masks), "evaluate" (held-out loss,
+and personalization after the last round). Personal adapters stay in the store: replies carry the shared
+keys' delta and scalar metrics only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, NamedTuple
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedpeft.config.files import from_run_config
+from fedpeft.config.node import DeviceNode
+from fedpeft.config.tree import RunConfig
+from fedpeft.errors import FedpeftError
+from fedpeft.flower.records import arrays_to_record, record_to_arrays
+
+if TYPE_CHECKING:
+    from fedpeft.device.runtime import Device
+
+STATS = {"root_pid": 0, "loads_before": 0}  # set by the device worker: its device's process tree, loads
+
+
+def config_for(content: RecordDict, node: DeviceNode | None) -> RunConfig:
+    cfg = from_run_config(dict(content["config"]))
+    if node is not None:  # a real device: its own copy of the base and its own cache
+        base = replace(
+            cfg.base, model=node.model or cfg.base.model, cache_dir=node.cache_dir or cfg.base.cache_dir
+        )
+        # the server's path means nothing here: a device keeps its personal adapters in its own store
+        cfg = replace(cfg, base=base, personal=replace(cfg.personal, store=node.personal_dir))
+        # a device computes where its owner runs it (CPU): the server's --device is not its to choose
+        cfg = replace(cfg, base=replace(cfg.base, device="cpu"))
+        if node.compute_dtype:  # the device's own choice of compute precision (fedpeft.model.precision)
+            cfg = replace(cfg, base=replace(cfg.base, compute_dtype=node.compute_dtype))
+        if node.max_memory:  # the device's own budget: micro-batches that fit, same effective batch
+            cfg = replace(cfg, train=replace(cfg.train, max_memory=node.max_memory))
+    return cfg
+
+
+class Setup(NamedTuple):
+    device: Device
+    local: int  # this process's data index
+    client: int  # the client's index in the federation
+    load_seconds: float  # spent loading the base for this message (0 when the process already held it)
+
+
+def setup(content: RecordDict, node: DeviceNode | None, partition: int) -> Setup:
+    start = time.perf_counter()
+    from fedpeft.device.runtime import get_device
+
+    cfg = config_for(content, node)
+    task = content["task"]
+    if node is not None:
+        device, local = get_device(cfg, data_path=node.data_path, name=node.name), 0
+    else:
+        device, local = get_device(cfg), partition
+    client = int(task.get("client", local))
+    load_seconds = time.perf_counter() - start
+    check_base(task, device.fingerprint)
+    return Setup(device, local, client, load_seconds)
+
+
+def check_base(task: ConfigRecord, mine: str) -> None:
+    """Refuse before training: an update computed on another base would be meaningless to the federation."""
+    expected = task.get("fingerprint")
+    if expected and expected != mine:
+        raise FedpeftError(
+            f"refused: this device's base (fingerprint {mine[:16]}) differs from the federation's "
+            f"({str(expected)[:16]}); use the same model file and --quant as the server"
+        )
+
+
+def info(device: Device, local: int, client: int) -> ConfigRecord:
+    data = device.clients[local]
+    return ConfigRecord(
+        {
+            "fingerprint": device.fingerprint,
+            "client": client,
+            "name": data.user,
+            # under DP every client weighs the same, and its amount of text is not sent
+            "num-examples": 1 if device.cfg.privacy.mode != "off" else data.train_tokens,
+            # what this device computes in and why, for round 0 of metrics.jsonl (fedpeft.model.precision)
+            **{f"compute-{k}": v for k, v in device.base.precision.metrics().items()},
+        }
+    )
+
+
+def device_stats(device: str = "cpu") -> dict[str, float]:
+    """How often this device has loaded its base since it started, the peak RSS of its processes, and on
+    a GPU the peak GPU memory its process allocated."""
+    from fedpeft.deploy.processes import peak_rss, tree_peak_rss
+    from fedpeft.device.runtime import BASE_LOADS
+    from fedpeft.model.placement import gpu_figures
+
+    root = STATS["root_pid"]
+    # a device worker's tree (it may have restarted); a simulated client's actor starts no process, and
+    # scanning the process table for its children took 6% of the actor's time at 1,000 clients
+    rss = tree_peak_rss(root) if root else peak_rss()
+    return {
+        "base_loads": float(STATS["loads_before"] + BASE_LOADS[0]),
+        "peak_rss_mib": round(rss / 2**20, 1),
+        **gpu_figures(device),
+    }
+
+
+def describe(content: RecordDict, node: DeviceNode | None, partition: int) -> RecordDict:
+    device, local, client, _ = setup(content, node, partition)
+    record = info(device, local, client)
+    if node is not None:
+        del record["client"]  # a device has no index until the server assigns one
+    out = RecordDict({"info": record})
+    if content["task"].get("with-init", False):
+        out["description"] = ConfigRecord({"json": json.dumps(device.describe().to_json())})
+        out["init"] = arrays_to_record(device.init_state)
+    return out
+
+
+def _fit(content: RecordDict, node: DeviceNode | None, partition: int):
+    device, local, client, load_seconds = setup(content, node, partition)
+    rnd = int(content["task"]["round"])
+    result = device.fit(local, record_to_arrays(content["arrays"]), rnd, client)
+    dp: dict[str, float] = {}
+    if device.cfg.privacy.mode != "off":  # DP-FedAvg: the whole delta clipped, every client weighs the same
+        from fedpeft.privacy.central import clip
+
+        delta, clipped = clip(result.delta, device.cfg.privacy.clip)
+        result, dp = replace(result, delta=delta, num_examples=1), {"dp_clipped": float(clipped)}
+    metrics = {
+        **dp,
+        "num-examples": float(result.num_examples),
+        "train_loss": result.train_loss,
+        "train_seconds": result.seconds,
+        "load_seconds": load_seconds,
+        "personal_seconds": result.personal_seconds,
+        **device_stats(device.base.device),
+    }
+    return device, local, client, result, metrics
+
+
+def train(content: RecordDict, node: DeviceNode | None, partition: int) -> RecordDict:
+    device, local, client, result, metrics = _fit(content, node, partition)
+    return RecordDict(
+        {
+            "delta": arrays_to_record(result.delta),
+            "metrics": MetricRecord(metrics),
+            "info": info(device, local, client),
+        }
+    )
+
+
+def update(content: RecordDict, node: DeviceNode | None, partition: int) -> RecordDict:
+    """Secure stage 3's local training: the delta flattened in the travel keys' order, and its weight."""
+    from fedpeft.secagg.flower import flatten
+
+    device, local, client, result, metrics = _fit(content, node, partition)
+    flat = flatten(result.delta, device.keys)
+    return RecordDict(
+        {
+            "update": ArrayRecord({"flat": Array(flat)}),
+            "metrics": MetricRecord(metrics),
+            "info": info(device, local, client),
+        }
+    )
+
+
+def evaluate(content: RecordDict, node: DeviceNode | None, partition: int) -> RecordDict:
+    device, local, client, _ = setup(content, node, partition)
+    task = content["task"]
+    arrays = record_to_arrays(content["arrays"])
+    out = RecordDict({"info": info(device, local, client)})
+    if task.get("personal", False) and device.method != "none":
+        others = bool(task.get("specificity", False))
+        result = device.personalize(local, arrays, int(task["round"]), client, others)
+        loss, tokens = result.pop("eval_loss"), result.pop("eval_tokens")
+        out["personal"] = ConfigRecord(result)  # scalars and short strings: nothing of the adapter
+    else:
+        loss, tokens = device.evaluate(local, arrays, bare=int(task["round"]) == 0)
+    metrics = {"eval_loss": loss, "eval_tokens": tokens}
+    # task data: the global adapter's (round 0: the base's zero-shot) task scores (fedpeft.federation.task_eval)
+    metrics.update(device.task_scores(local, arrays, bare=int(task["round"]) == 0))
+    if task.get("reference", False):  # the forgetting guard's yardstick: general text, nobody's data
+        metrics.update(device.reference_losses(int(task["round"]), arrays))
+    if task.get("with_base", False):  # a sampled round: the base on the same text, for its comparison
+        metrics["base_loss"] = device.base_loss(local, arrays)
+    if task.get("full_base", False):  # round 0 and the last round: the same on the unquantized base
+        full = device.evaluate_full(local, arrays, bare=int(task["round"]) == 0)
+        if full is not None:
+            metrics["full_eval_loss"] = full
+            if task.get("with_base", False):
+                full_base = device.full_base_loss(local, arrays)
+                if full_base is not None:
+                    metrics["full_base_loss"] = full_base
+        if node is not None and int(task["round"]) > 0:  # a device's last round: nothing more needs it
+            device.drop_full_base()
+    out["metrics"] = MetricRecord(metrics)
+    return out
+
+
+TASKS = {"describe": describe, "train": train, "update": update, "evaluate": evaluate}
+
+
+def run(kind: str, content: RecordDict, node: DeviceNode | None, partition: int = 0) -> RecordDict:
+    return TASKS[kind](content, node, partition)

@@ -1,0 +1,1 @@
+"""`fedpeft simulate`: virtual clients on Flower's simulation engine (Ray), in a session of its own."""

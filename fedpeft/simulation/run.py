@@ -1,0 +1,152 @@
+"""`fedpeft simulate`: a federation of virtual clients on Flower's simulation engine (Ray), loopback only."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config.tree import RunConfig
+from fedpeft.errors import FedpeftError
+from fedpeft.federation.state import ServerState, open_run, plan_run
+from fedpeft.model.placement import with_device
+from fedpeft.simulation.engine import reap_stale, run_engine
+
+log = logging.getLogger("fedpeft")
+
+
+def _check_data(cfg: RunConfig) -> None:
+    """Fail before Ray starts if the data cannot form the clients or the reference text cannot be read
+    (needs the tokenizer only)."""
+    from transformers import AutoTokenizer
+
+    from fedpeft.data.partition import partition
+    from fedpeft.model.base import resolve_base_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_dir(cfg.base.model, cfg.base.cache_dir))
+    from fedpeft.federation.forgetting import reference_blocks
+
+    reference_blocks(cfg.data, tokenizer)  # a --reference-text that is missing or not text, before Ray starts
+    f = cfg.federation
+    clients = partition(cfg.data, tokenizer, f.clients, f.split, f.dirichlet_alpha, f.seed)
+    log.info(
+        "%d clients (%s split), %d-%d training tokens each",
+        len(clients),
+        f.split,
+        min(c.train_tokens for c in clients),
+        max(c.train_tokens for c in clients),
+    )
+
+
+def _precision_note(cfg: RunConfig) -> None:
+    """Say what the clients will compute in, before Ray starts: each actor chooses for itself, on this
+    machine from the same cached measurement (fedpeft.model.precision). On a Ray cluster each node chooses."""
+    if cfg.federation.ray_address:
+        log.info(
+            "compute dtype: --compute-dtype %s, chosen by each Ray node for itself", cfg.base.compute_dtype
+        )
+        return
+    from fedpeft.model.base import preview_precision
+    from fedpeft.simulation.engine import backend_config
+
+    threads = backend_config(cfg, "")[1]  # the actors' torch threads: the speeds depend on them
+    log.info("clients %s", preview_precision(cfg.base, threads).line())
+
+
+def with_store(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """Personalization without --store keeps one personal store per virtual client in RUN/personal."""
+    from dataclasses import replace
+
+    from fedpeft.personal.methods import check_store
+
+    check_store(cfg)
+    if cfg.personal.method == "none":
+        return cfg
+    if cfg.personal.store:  # a relative --store is the caller's, not Ray's working folder's
+        return replace(
+            cfg, personal=replace(cfg.personal, store=str(Path(cfg.personal.store).expanduser().resolve()))
+        )
+    return replace(cfg, personal=replace(cfg.personal, store=str(Path(run_dir).resolve() / "personal")))
+
+
+def quiet_environment() -> None:
+    """Read at import time by Flower, transformers and Python in Ray's worker processes, which inherit it."""
+    for key, value in (
+        ("FLWR_TELEMETRY_ENABLED", "0"),
+        ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("PYTHONWARNINGS", "ignore"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"),
+    ):
+        os.environ.setdefault(key, value)
+
+
+def simulate(
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool = False,
+    client_app: str = "fedpeft.flower.client_app:app",
+    resume_from: int | None = None,
+) -> ServerState:
+    """Run (or resume) a federation; `client_app` ("module:attribute") replaces our ClientApp (tests
+    inject faulty clients).
+    `resume_from` continues from that round's checkpoint instead of the latest (implies resume). Nothing
+    is written before the configuration and the checkpoint verify."""
+    quiet_environment()
+    run_dir = Path(run_dir)
+    reap_stale(run_dir)  # an earlier run of this folder that was killed may have left Ray running
+    cfg = with_device(with_store(cfg, run_dir))
+    start_round = plan_run(run_dir, cfg, resume, resume_from)
+    _check_data(cfg)
+    _precision_note(cfg)
+    open_run(run_dir, cfg, start_round)
+    os.environ.setdefault("FLWR_HOME", str(run_dir.resolve() / "flwr"))
+    state, error = run_engine(cfg, run_dir, start_round, client_app)
+    if error:
+        raise FedpeftError(error)
+    return state
+
+
+def summary(rnd: int, history: list[dict[str, Any]], method: str = "none") -> str:
+    """The closing lines of a federation (simulated or deployed)."""
+    first, last = history[0], history[-1]
+    per_client = last.get("bytes_up", 0) // max(len(last.get("accepted", [])), 1)
+    from fedpeft.federation.evaluation import changes_text
+    from fedpeft.federation.task_eval import task_summary
+
+    changes = changes_text(last)
+    if "eval_ppl" not in last:  # every client's evaluation of the last round failed
+        line = f"global adapter after round {rnd}: not evaluated (every client's evaluation failed)"
+    else:
+        before = last.get("base_ppl", first.get("eval_ppl"))
+        task = last.get("task", {})
+        line = (
+            f"global adapter after round {rnd}: {task_summary(task)}; answer ppl "
+            if task
+            else f"global adapter after round {rnd}: held-out ppl "
+        )
+        line += (
+            # on the same clients: a sampled last round names the base's figure on its own sample
+            (f"{before:.2f} -> " if before is not None else "")
+            + f"{last['eval_ppl']:.2f}"
+            + (f" ({changes})" if changes else "")
+        )
+    if "full_eval_ppl" in last:
+        line += f"; on the {last.get('full_base')} base {last['full_eval_ppl']:.2f} (what a merge gives)"
+    if "reference_ppl" in last:  # how much general ability the adapter kept (fedpeft.federation.forgetting)
+        line += (
+            f"; reference text ppl {last['reference_ppl']:.2f} (the base {last['base_reference_ppl']:.2f}, "
+            f"{last['forgetting']:+.1f}%)"
+        )
+    line += f"; {per_client:,} bytes up per client in the last round"
+    from fedpeft.privacy.plan import summary as dp_summary
+
+    line += dp_summary(last)  # under DP: the (ε, δ) the adapter was trained under
+    if "personal" in last:
+        from fedpeft.personal.methods import summary_line
+
+        line += "\n" + summary_line(last["personal"], method)
+    return line
