@@ -1,9 +1,9 @@
 """Cold start of a device: converting the packaged GGUF base, then loading it quantized, before and after
-the cache kept pre-quantized copies (fedpeft.model.base: quantized_dir, prepare_quantized).
+the cache kept pre-quantized copies (fedpeft.model.cache: quantized_dir, prepare_quantized).
 
 Every step runs in a fresh subprocess, one at a time, on an empty FEDPEFT_CACHE per repeat:
   convert  before: transformers' plain path as fedpeft did it (fp32 load, parse the GGUF 3 times, .to(bf16), save)
-           after:  fedpeft.model.base.convert_gguf (GGUF read once, bf16 straight away) + the nf4 pre-quantized copy
+           after:  fedpeft.model.gguf.convert_gguf (GGUF read once, bf16 straight away) + the nf4 pre-quantized copy
   load     before: the bf16 folder, quantized by bitsandbytes at load (the bf16 copy materializes first)
            after:  load_base reading the pre-quantized copy (first load after the conversion, then a second);
                    and load_base where no copy exists yet (a --model FOLDER, another quant): quantize + write
@@ -56,14 +56,14 @@ def _tensor_digest(folder: Path) -> str:
 
 
 def _old_convert(gguf: Path, cache: Path) -> Path:
-    """fedpeft.model.base.convert_gguf as it was before the pre-quantized store (git 50bdbc7)."""
+    """fedpeft.model.gguf.convert_gguf as it was before the pre-quantized store (git 50bdbc7)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fedpeft.atomic import atomic_dir
-    from fedpeft.model.base import _file_sha256
+    from fedpeft.model.cache import file_sha256
 
-    dest = cache / f"{gguf.stem}-{_file_sha256(gguf)[:12]}"
+    dest = cache / f"{gguf.stem}-{file_sha256(gguf)[:12]}"
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model.hf_quantizer = None
@@ -88,10 +88,14 @@ def worker(job: dict) -> dict:
 
     import fedpeft.model.base as fb
     from fedpeft.config.tree import BaseConfig
+    from fedpeft.model.cache import prepare_quantized
+    from fedpeft.model.fingerprint import fingerprint
+    from fedpeft.model.gguf import convert_gguf, default_gguf_path
+    from fedpeft.model.quant import load_model, quiet_base_libraries
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    fb._quiet_base_libraries()
+    quiet_base_libraries()
     torch.set_num_threads(job["threads"])
     cache = Path(job["cache"])
     out: dict = {
@@ -102,16 +106,16 @@ def worker(job: dict) -> dict:
     _reset_peak()
     cpu, t = os.times(), time.perf_counter()
     if job["step"] == "convert-before":
-        folder = _old_convert(fb.default_gguf_path(), cache)
+        folder = _old_convert(default_gguf_path(), cache)
     elif job["step"] == "convert-after":
-        folder = fb.convert_gguf(fb.default_gguf_path(), str(cache), prequantize=())
+        folder = convert_gguf(default_gguf_path(), str(cache), prequantize=())
         out["convert_only_s"] = time.perf_counter() - t
-        fb.prepare_quantized(folder, QUANT, str(cache))
+        prepare_quantized(folder, QUANT, str(cache))
     elif job["step"] == "load-before":  # load_base as it was: quantize the bf16 folder at load
         folder = fb.resolve_base_dir("default", str(cache))
-        model = fb._load_model(folder, QUANT)
+        model = load_model(folder, QUANT)
         fb._load_tokenizer(folder)
-        out["fingerprint"] = fb.fingerprint(model, QUANT)
+        out["fingerprint"] = fingerprint(model, QUANT)
     else:  # load-write: load_base writing the copy; load-first/-second: load_base reading it
         base = fb.load_base(BaseConfig(model="default", quant=QUANT, cache_dir=str(cache)))
         folder = base.path

@@ -71,7 +71,7 @@ def worker(job: dict) -> dict:
     import torch
 
     from fedpeft.config.tree import AdapterConfig, BaseConfig, DataConfig, TrainConfig
-    from fedpeft.data.users import load_user_data
+    from fedpeft.data.blocks import load_user_data
     from fedpeft.model.adapters import adapter_state, inject
     from fedpeft.model.base import load_base
     from fedpeft.training.local import evaluate, train

@@ -96,8 +96,8 @@ def _federate(cfg: RunConfig, work: Path, name: str) -> dict:
 
 
 def _centralized(cfg: RunConfig, steps: int) -> dict:
+    from fedpeft.data.blocks import pooled
     from fedpeft.data.partition import partition
-    from fedpeft.data.users import pooled
     from fedpeft.model.adapters import inject
     from fedpeft.model.base import load_base
     from fedpeft.training.local import evaluate, train

@@ -56,7 +56,7 @@ def worker(job: dict) -> dict:
     import transformers  # noqa: F401
 
     from fedpeft.config.tree import AdapterConfig, BaseConfig, DataConfig, TrainConfig
-    from fedpeft.data.users import load_user_data
+    from fedpeft.data.blocks import load_user_data
     from fedpeft.model.adapters import inject, trainable_parameters
     from fedpeft.model.base import load_base
     from fedpeft.training import local as train_module

@@ -110,7 +110,7 @@ ours_client = ClientApp(mods=[measure_mod])
 
 @ours_client.train()
 def ours_train(msg: Message, context: Context) -> Message:
-    from fedpeft.secagg.flower import handle
+    from fedpeft.secagg.client_stages import handle
 
     pid = int(context.node_config["partition-id"])
     dim = int(msg.content["task"]["dim"])
@@ -125,8 +125,8 @@ def ours_train(msg: Message, context: Context) -> Message:
 
 
 def ours_server(dim: int, k: int, t: int) -> ServerApp:
-    from fedpeft.secagg.flower import SecAggParams, secure_sum
     from fedpeft.secagg.quantize import RingCode
+    from fedpeft.secagg.server_stages import SecAggParams, secure_sum
 
     app = ServerApp()
 

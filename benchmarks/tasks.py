@@ -74,8 +74,8 @@ def federation(cfg: RunConfig, work: Path, name: str) -> dict:
 
 def centralized(cfg: RunConfig) -> dict:
     """The pooled adapter, and the cost of label scoring against one client's local training."""
+    from fedpeft.data.blocks import pooled
     from fedpeft.data.partition import partition
-    from fedpeft.data.users import pooled
     from fedpeft.federation.task_eval import client_entry, score
     from fedpeft.federation.task_eval import pooled as pool
     from fedpeft.model.adapters import adapter_state, inject, load_adapter_state

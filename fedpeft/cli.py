@@ -8,30 +8,39 @@ import logging
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from fedpeft.config.flags import (
-    add_base_location,
     add_config_flags,
-    add_field_flag,
     add_run_flags,
     config_from_args,
     field_value,
+    local_section,
     print_config,
 )
+from fedpeft.deploy.commands import COMMANDS as DEPLOY_COMMANDS
+from fedpeft.deploy.commands import add_deploy_commands
 from fedpeft.errors import FedpeftError
+from fedpeft.log import quiet_libraries, setup_console
+from fedpeft.serve.command import add_serve_command, cmd_serve
 
 log = logging.getLogger("fedpeft")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from fedpeft.deploy.commands import add_deploy_commands
-    from fedpeft.serve.command import add_serve_command
-
     parser = argparse.ArgumentParser(prog="fedpeft", description="Federated on-device adapter fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_simulate(sub)
+    add_deploy_commands(sub)
+    _add_export(sub)
+    _add_generate(sub)
+    _add_eval(sub)
+    add_serve_command(sub)
+    return parser
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "train",
         help="fine-tune an adapter on one device's text (or all users' text: the centralized baseline)",
@@ -49,6 +58,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--out", required=True, metavar="DIR", help="adapter folder to write (replaced only on success)"
     )
 
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "simulate",
         help="run a federation of virtual clients on Flower's simulation engine (Ray)",
@@ -60,8 +71,9 @@ def _build_parser() -> argparse.ArgumentParser:
         g,
         "run folder (default: a new runs/federation-YYYYmmdd-HHMMSS; an existing run needs --resume)",
     )
-    add_deploy_commands(sub)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "export",
         help="copy an adapter as a PEFT folder, or merge it into a plain Hugging Face model",
@@ -73,40 +85,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="a folder written by `fedpeft train` (or a federation); with --user: a run folder or a device's "
         "--store",
     )
-    e.add_argument("--out", required=True, metavar="DIR", help="folder to write (replaced only on success)")
-    e.add_argument(
-        "--user",
-        default=None,
-        metavar="NAME",
-        help="export this user's adapter from the personal store under ADAPTER_DIR: the one the device kept "
-        "(personal or global), or --which",
-    )
-    e.add_argument(
-        "--which",
-        default="kept",
-        choices=("kept", "personal", "global"),
-        help="with --user: which of the user's adapters (default: %(default)s)",
-    )
-    e.add_argument(
-        "--merge",
-        action="store_true",
-        help="write a merged, dequantized Hugging Face model folder instead of the adapter",
-    )
-    e.add_argument(
-        "--merge-onto",
-        default="full",
-        choices=("full", "quantized"),
-        help="with --merge: the base the adapter is merged onto: full, the unquantized weights (QLoRA's "
-        "practice), or quantized, the weights the devices ran it on, dequantized (default: %(default)s)",
-    )
-    e.add_argument(
-        "--dtype",
-        default="float32",
-        choices=("float32", "bfloat16"),
-        help="weights dtype of a merged model (default: %(default)s; bf16 rounds away small adapter deltas)",
-    )
-    add_base_location(e)
+    add_config_flags(e, "export")
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser(
         "generate",
         help="one user's base, global and personal adapters continuing the same prompt, side by side",
@@ -114,27 +96,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "personal adapter, read from a run folder (RUN/personal/USER) or a device store (STORE/personal/USER).",
     )
     gen.add_argument("source", metavar="RUN_OR_STORE", help="a run folder or a device's --store")
-    gen.add_argument("--user", required=True, metavar="NAME", help="whose personal adapter")
-    gen.add_argument("--prompt", required=True, help="text to continue")
-    gen.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=40,
-        metavar="N",
-        help="tokens to generate (default: %(default)s)",
-    )
-    add_base_location(gen)
-    add_field_flag(gen, "base.compute_dtype")
-    _add_eval_command(sub)
-    add_serve_command(sub)
-    return parser
+    add_config_flags(gen, "generate")
 
 
-EVAL_DATA_FIELDS = ("data", "format", "user_column", "prompt_column", "completion_column", "label_column",
-                    "labels", "task", "block_size", "eval_fraction", "eval_max_examples", "answer_tokens")  # fmt: skip
-
-
-def _add_eval_command(sub: argparse._SubParsersAction) -> None:
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser(
         "eval",
         help="score the base, adapters or personal adapters on task data (accuracy/macro-F1 or ROUGE-L/EM)",
@@ -145,34 +110,21 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "sources", nargs="+", metavar="SOURCE", help="base | RUN | ADAPTER_DIR | personal=RUN_OR_STORE"
     )
-    for name in EVAL_DATA_FIELDS:
-        add_field_flag(ev, f"data.{name}")
-    ev.add_argument(
-        "--examples",
-        default="held-out",
-        choices=("held-out", "all"),
-        help="each user's held-out tail, as a federation holds it out, or all of its examples (new users, "
-        "new data) (default: %(default)s)",
-    )
-    ev.add_argument("--users", default="", metavar="A,B,...", help="only these users (default: all)")
-    ev.add_argument("--json", default=None, metavar="FILE", help="also write every figure, per user, to FILE")
-    add_base_location(ev)
-    add_field_flag(ev, "base.compute_dtype")
+    add_config_flags(ev, "eval")
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from dataclasses import replace
-
-    from fedpeft.config.tree import DataConfig
+    # numpy/torch: imported by the command that needs them, not at start-up
     from fedpeft.training.eval_command import evaluate_sources, report, write_json
 
-    values = {n: v for n in EVAL_DATA_FIELDS if (v := field_value(a, f"data.{n}")) is not None}
-    data = replace(DataConfig(), **values)
-    only = [u.strip() for u in a.users.split(",") if u.strip()]
+    data = config_from_args(a, "eval").data  # the data fields the flags set, checked as everywhere
+    e = local_section(a, "eval", "eval")
+    only = [u.strip() for u in e.users.split(",") if u.strip()]
     compute = field_value(a, "base.compute_dtype") or "auto"
-    results = evaluate_sources(a.sources, data, a.examples, only, a.model, a.cache_dir, compute)
-    if a.json:
-        write_json(results, Path(a.json))
+    model, cache_dir = field_value(a, "base.model"), field_value(a, "base.cache_dir")
+    results = evaluate_sources(a.sources, data, e.examples, only, model, cache_dir, compute)
+    if e.json:
+        write_json(results, Path(e.json))
     print(report(results))
 
 
@@ -185,6 +137,7 @@ def check_out(out: Path, *sources: Path) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
+    # numpy/torch: imported by the command that needs them, not at start-up
     from fedpeft.training.train_command import train_adapter
 
     cfg = config_from_args(a, "train")
@@ -193,7 +146,8 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_simulate(a: argparse.Namespace) -> None:
-    from fedpeft.personal.methods import method_label
+    # numpy/torch: imported by the command that needs them, not at start-up
+    from fedpeft.personal.strategies import method_label
     from fedpeft.simulation.run import simulate, summary
 
     if print_config(a, "simulate"):
@@ -211,18 +165,21 @@ def cmd_simulate(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
+    # numpy/torch: imported by the command that needs them, not at start-up
     from fedpeft.model.adapters import base_model, export_adapter, read_adapter
 
-    src, out = Path(a.adapter_dir), Path(a.out)
+    o = local_section(a, "export", "export")
+    src, out = Path(a.adapter_dir), Path(o.out)
     check_out(out, src)
     what = "adapter"
-    if a.user is not None:
-        from fedpeft.personal.methods import user_adapter
+    if o.user is not None:
+        # numpy/torch: imported by the command that needs them, not at start-up
+        from fedpeft.personal.store import user_adapter
 
-        src, what = user_adapter(src, a.user, a.which)
+        src, what = user_adapter(src, o.user, o.which)
         check_out(out, src)
     files = read_adapter(src)
-    if not a.merge:
+    if not o.merge:
         export_adapter(files, out)
         print(f"{what} copied to {out} (load with peft.PeftModel.from_pretrained)")
         return
@@ -230,10 +187,11 @@ def cmd_export(a: argparse.Namespace) -> None:
 
     from fedpeft.model.merge import export_merged, merge_base
 
-    base = merge_base(files, a.merge_onto, a.model or base_model(files.meta), a.cache_dir)
-    export_merged(base, files, out, dtype=getattr(torch, a.dtype))
+    model = field_value(a, "base.model") or base_model(files.meta)
+    base = merge_base(files, o.merge_onto, model, field_value(a, "base.cache_dir"))
+    export_merged(base, files, out, dtype=getattr(torch, o.dtype))
     onto = (
-        "the unquantized base" if a.merge_onto == "full" else f"the {files.meta['quant']} base, dequantized"
+        "the unquantized base" if o.merge_onto == "full" else f"the {files.meta['quant']} base, dequantized"
     )
     print(
         f"{what} merged onto {onto}, written to {out} "
@@ -241,32 +199,19 @@ def cmd_export(a: argparse.Namespace) -> None:
     )
 
 
-def cmd_serve(a: argparse.Namespace) -> None:
-    from fedpeft.serve.command import cmd_serve as serve
-
-    serve(a)
-
-
 def cmd_generate(a: argparse.Namespace) -> None:
+    # numpy/torch: imported by the command that needs them, not at start-up
     from fedpeft.serve.generate import compare
 
+    g = local_section(a, "generate", "generate")
     compute = field_value(a, "base.compute_dtype") or "auto"
-    print(compare(Path(a.source), a.user, a.prompt, a.max_new_tokens, a.model, a.cache_dir, compute))
-
-
-def quiet_libraries() -> None:
-    from fedpeft.simulation.run import quiet_environment
-
-    quiet_environment()
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    model, cache_dir = field_value(a, "base.model"), field_value(a, "base.cache_dir")
+    print(compare(Path(a.source), g.user, g.prompt, g.max_new_tokens, model, cache_dir, compute))
 
 
 def resolve_base_main(argv: list[str]) -> int:
     """`fedpeft client`'s helper process: convert or build a base into a cache and print its folder."""
+    # numpy/torch: imported by the command that needs them, not at start-up
     from fedpeft.model.base import resolve_base_dir
 
     quiet_libraries()
@@ -283,9 +228,6 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedpeft.deploy.commands import COMMANDS
-    from fedpeft.log import setup_console
-
     args = _build_parser().parse_args(argv)
     setup_console()
     if args.command not in ("server", "client", "certs"):  # these never load a model in this process
@@ -298,9 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         "generate": cmd_generate,
         "eval": cmd_eval,
         "serve": cmd_serve,
+        **DEPLOY_COMMANDS,
     }
     try:
-        {**commands, **COMMANDS}[args.command](args)
+        commands[args.command](args)
     except FedpeftError as e:
         print(f"fedpeft: error: {e}", file=sys.stderr)
         return 2

@@ -4,14 +4,17 @@ on screen lands above the bar instead of inside its line."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
+import warnings
 
 log = logging.getLogger("fedpeft")
 
 
 class BarSafeHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # tqdm.auto (it imports asyncio): off the CLI's start-up path
 
         try:
             tqdm.write(self.format(record), file=sys.stderr)
@@ -26,6 +29,30 @@ def setup_console() -> None:
         handler.setFormatter(logging.Formatter("fedpeft: %(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)
+
+
+def quiet_environment() -> None:
+    """Read at import time by Flower, transformers and Python in Ray's worker processes, which inherit it."""
+    for key, value in (
+        ("FLWR_TELEMETRY_ENABLED", "0"),
+        ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("PYTHONWARNINGS", "ignore"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"),
+    ):
+        os.environ.setdefault(key, value)
+
+
+def quiet_libraries() -> None:
+    """Library noise off in a process that loads a model: the environment above, transformers' warnings."""
+    quiet_environment()
+    import transformers  # transformers: only commands that load a model quiet it
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 def show_bars(progress: bool) -> bool:
@@ -50,9 +77,7 @@ class Waiting:
         first: float = 10.0,
         every: float = 30.0,
     ) -> None:
-        import time
-
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # tqdm.auto (it imports asyncio): off the CLI's start-up path
 
         self.desc, self.total, self.unit, self.every, self.done = desc, total, unit, every, 0
         self._clock = time.monotonic

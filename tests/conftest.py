@@ -52,7 +52,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_path(cache_dir: str) -> Path:
-    from fedpeft.model.base import build_tiny
+    from fedpeft.model.tiny import build_tiny
 
     return build_tiny(cache_dir)
 

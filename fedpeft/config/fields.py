@@ -10,6 +10,10 @@ from typing import Any, Literal
 
 from fedpeft.errors import FedpeftError
 
+# A field without a default: its flag must be given (`fedpeft client --server`), and the section cannot be
+# built without it.
+REQUIRED: Any = dataclasses.MISSING
+
 
 def option(
     default: Any,
@@ -22,14 +26,22 @@ def option(
     lt: float | None = None,
     le: float | None = None,
     commands: tuple[str, ...] | None = None,
+    group: str | None = None,
+    many: Literal["append", "+"] | None = None,
+    unset: dict[str, str] | None = None,
 ) -> Any:
     """A config field with everything the entries need: `flag` (None: config files and the run config
     only; several fields may share one, e.g. --seed), `help` (a flag's help; "(default: X)" is appended
-    unless the default is None), a range checked by validate(), the `commands` that offer the flag
-    (default: those of its section). A bool's flag comes with its --no- form."""
+    unless the default is None or empty), a range checked by validate(), the `commands` that offer the flag
+    (default: those of its section). A bool's flag comes with its --no- form. `default` REQUIRED: a flag
+    the command needs. `group`: the help section of the flag when not its config section's. `many`: a tuple
+    given by repeating the flag ("append") or as several values ("+") instead of a comma list. `unset`:
+    commands on which a flag left out leaves the choice to the command, and what it then does (its help's
+    "(default: ...)"; fedpeft.config.flags.field_value is None)."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed; use a tuple")
     meta = dict(help=help, flag=flag, metavar=metavar, gt=gt, ge=ge, lt=lt, le=le, commands=commands)
+    meta |= dict(group=group, many=many, unset=unset or {})
     return field(default=default, metadata=meta)
 
 
@@ -89,7 +101,8 @@ def check_value(f: Field, value: Any) -> None:
     """A leaf's own rules: one of its choices, inside its range. One-line FedpeftError naming the flag."""
     options = choices(f.hint)
     if options is not None and value is not None and value not in options:
-        raise FedpeftError(f"{f.label} must be one of {', '.join(options)}, got {value!r}")
+        # "" among a Literal's values means "not set here" (a device's compute dtype): never offered
+        raise FedpeftError(f"{f.label} must be one of {', '.join(o for o in options if o)}, got {value!r}")
     m = f.meta
     if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
         return

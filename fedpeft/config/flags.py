@@ -1,15 +1,23 @@
-"""Command-line flags generated from the config tree (fedpeft.config.tree): each field's flag, help, type,
-choices and default are declared there once. Flags override a `--config FILE.toml`, which overrides the
-defaults."""
+"""Command-line flags generated from the config tree: each field's flag, help, type, choices and default are
+declared there once (fedpeft.config.tree for what travels in the run config, fedpeft.config.local for what
+stays on this machine). Flags override a `--config FILE.toml`, which overrides the defaults. Every value
+arrives as text and is parsed and checked by the code that reads config files and Flower's run config
+(fedpeft.config.files), so a bad value gets the same line from every entry."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import typing
 from pathlib import Path
 from typing import Any
 
-from fedpeft.config.fields import Field, choices
+from fedpeft.config.fields import Field, check_value, choices
+from fedpeft.config.files import dumps_toml, from_flat, parse_value, read_toml
+from fedpeft.config.local import LocalConfig, local_fields
 from fedpeft.config.tree import FEDERATION, RunConfig, fields
+from fedpeft.errors import FedpeftError
 
 TITLES = {
     "base": "base model",
@@ -20,7 +28,25 @@ TITLES = {
     "server_opt": "server optimizer",
     "personal": "personalization (personal adapters stay on the device)",
     "privacy": "differential privacy (user level)",
+    "device": "this device (its node-config.toml; nothing the server sends changes it)",
+    "connect": "connection",
+    "network": "network and security",
+    "certs": "certificates",
+    "serve": "adapters to serve",
+    "export": "export",
+    "generate": "generation",
+    "eval": "evaluation",
 }
+
+
+@functools.cache
+def command_fields() -> tuple[Field, ...]:
+    """Every field a command may offer: the run config's, then the local tree's."""
+    return fields() + local_fields()
+
+
+def _offered(command: str) -> list[Field]:
+    return [f for f in command_fields() if f.meta["flag"] is not None and command in f.commands]
 
 
 def _dest(flag: str) -> str:
@@ -31,67 +57,53 @@ def _shown(value: Any) -> str:
     return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
-def _add(group: argparse._ArgumentGroup, f: Field) -> None:
-    """One flag. Values arrive as text and are parsed and checked by the same code as a config file's or the
-    run config's (fedpeft.config.files), so a bad value gets the same line from every entry."""
-    m = f.meta
-    text = m["help"].replace("%", "%%")
-    if f.hint is bool:  # --secagg / --no-secagg: either way, so a flag can undo a config file's value
-        action = argparse.BooleanOptionalAction
-        group.add_argument(
-            m["flag"], dest=_dest(m["flag"]), action=action, default=argparse.SUPPRESS, help=text
-        )
-        return
-    if f.default is not None and "(default:" not in text:
-        text += f" (default: {_shown(f.default)})"
-    options = choices(f.hint)
-    metavar = m["metavar"] or ("{" + ",".join(options) + "}" if options else None)
-    group.add_argument(
-        m["flag"], dest=_dest(m["flag"]), metavar=metavar, default=argparse.SUPPRESS, help=text
-    )
-
-
-def add_field_flag(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, key: str, default_help: str | None = None
-) -> None:
-    """One field's flag on a hand-written command (client, serve, generate), with the tree's help; the value
-    is read back with field_value(). `default_help` replaces "(default: ...)" where the command's default
-    is not the tree's (None in the namespace means "as the tree or the federation says")."""
-    f = next(f for f in fields() if f.key == key)
+def _help(f: Field, command: str) -> str:
+    """The tree's help, with the default the command has: the field's, or what the command does when the
+    flag is left out (`unset`)."""
     text = f.meta["help"].replace("%", "%%")
-    text += f" (default: {default_help or _shown(f.default)})"
+    if command in f.meta["unset"]:
+        return f"{text} (default: {f.meta['unset'][command]})"
+    if f.hint is bool or f.default in (None, (), dataclasses.MISSING) or "(default:" in text:
+        return text
+    return f"{text} (default: {_shown(f.default)})"
+
+
+def _add(group: argparse._ArgumentGroup, f: Field, command: str) -> None:
+    """One flag, left out of the namespace unless typed (default SUPPRESS): only what the user typed
+    overrides a config file, and a command sees which flags were left out."""
+    m = f.meta
+    kw: dict[str, Any] = dict(dest=_dest(m["flag"]), default=argparse.SUPPRESS, help=_help(f, command))
+    if f.hint is bool:  # --secagg / --no-secagg: either way, so a flag can undo a config file's value
+        group.add_argument(m["flag"], action=argparse.BooleanOptionalAction, **kw)
+        return
+    if f.default is dataclasses.MISSING:
+        kw["required"] = True
+    if m["many"] == "append":
+        kw["action"] = "append"
+    elif m["many"] == "+":
+        kw["nargs"] = "+"
     options = choices(f.hint)
-    metavar = f.meta["metavar"] or ("{" + ",".join(options) + "}" if options else None)
-    parser.add_argument(f.meta["flag"], dest=_dest(f.meta["flag"]), metavar=metavar, default=None, help=text)
-
-
-def field_value(args: argparse.Namespace, key: str) -> Any:
-    """The value of add_field_flag's flag, checked by the tree's own rules (a one-line error), or None."""
-    from fedpeft.config.fields import check_value
-    from fedpeft.config.files import parse_value
-
-    f = next(f for f in fields() if f.key == key)
-    value = getattr(args, _dest(f.meta["flag"]), None)
-    if value is not None:
-        value = parse_value(f, value)  # as the field's type: --block-size 64 is an int
-        check_value(f, value)
-    return value
+    shown = [o for o in options or () if o]  # "" in a Literal: not set here, never typed
+    kw["metavar"] = m["metavar"] or ("{" + ",".join(shown) + "}" if options else None)
+    group.add_argument(m["flag"], **kw)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, argparse._ArgumentGroup]:
-    """Add the flags of every field `command` offers, grouped by section; a flag several fields share
-    (--seed) is added once. Flags left out are absent from the namespace (default SUPPRESS), so only what
-    the user typed overrides a config file. Returns the groups by section, for command-specific flags."""
+    """Add the flags of every field `command` offers, grouped by section (or a field's own `group`); a flag
+    several fields share (--seed) is added once. Returns the groups by section, for command-specific
+    flags."""
+    titled: dict[str, argparse._ArgumentGroup] = {}
     groups: dict[str, argparse._ArgumentGroup] = {}
-    offered = [f for f in fields() if f.meta["flag"] is not None and command in f.commands]
-    for section in dict.fromkeys(f.section for f in offered):
-        groups[section] = parser.add_argument_group(TITLES[section])
     seen: set[str] = set()
-    for f in offered:  # a shared flag goes where the field that carries its help is
-        flag = f.meta["flag"]
-        if flag not in seen and f.meta["help"]:
-            seen.add(flag)
-            _add(groups[f.section], f)
+    for f in _offered(command):  # a shared flag goes where the field that carries its help is
+        title = f.meta["group"] or TITLES[f.section]
+        if title not in titled:
+            titled[title] = parser.add_argument_group(title)
+        group = titled[title]
+        groups.setdefault(f.section, group)
+        if f.meta["flag"] not in seen and f.meta["help"]:
+            seen.add(f.meta["flag"])
+            _add(group, f, command)
     if command in FEDERATION:
         g = parser.add_argument_group("config file")
         g.add_argument(
@@ -107,10 +119,40 @@ def add_config_flags(parser: argparse.ArgumentParser, command: str) -> dict[str,
     return groups
 
 
+def _field(key: str) -> Field:
+    return next(f for f in command_fields() if f.key == key)
+
+
+def _typed(args: argparse.Namespace, f: Field) -> Any:
+    """The value of f's flag as the field's type (--block-size 64 is an int), inside its range, or None
+    when the flag was left out."""
+    raw = getattr(args, _dest(f.meta["flag"]), None)
+    if raw is None:
+        return None
+    value = parse_value(f, raw)
+    check_value(f, value)
+    return value
+
+
+def field_value(args: argparse.Namespace, key: str) -> Any:
+    """The value of a field's flag ("section.name", either tree), checked by the tree's rules (a one-line
+    error), or None when it was left out: the command then decides (`unset`)."""
+    return _typed(args, _field(key))
+
+
+def local_section(args: argparse.Namespace, command: str, section: str) -> Any:
+    """A section of the local tree (LocalConfig) from a command's flags: its defaults, then the flags typed,
+    each parsed and checked as the tree says."""
+    cls = typing.get_type_hints(LocalConfig)[section]
+    values = {}
+    for f in _offered(command):
+        if f.section == section and (value := _typed(args, f)) is not None:
+            values[f.name] = value
+    return cls(**values)
+
+
 def config_from_args(args: argparse.Namespace, command: str) -> RunConfig:
     """The config of a command: the defaults, then --config FILE, then the flags typed. Validated."""
-    from fedpeft.config.files import from_flat, read_toml
-
     # the file and the flags are merged before anything is checked: a file may be valid only with the flags
     flat = read_toml(Path(args.config)) if getattr(args, "config", None) else {}
     for f in fields():
@@ -137,30 +179,14 @@ def add_run_flags(group: argparse._ArgumentGroup, out_help: str) -> None:
     )
 
 
-def add_base_location(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Where an existing adapter's base is, when it moved (export, generate, serve): not part of the config
-    tree, whose --model builds a new base rather than finding an adapter's."""
-    p.add_argument(
-        "--model",
-        default=None,
-        metavar="PATH",
-        help="the base model, if it is no longer where the adapter says (default: from the adapter)",
-    )
-    p.add_argument("--cache-dir", default=None, metavar="DIR", help="cache of converted bases")
-
-
 def print_config(args: argparse.Namespace, command: str) -> bool:
     """--print-config: print the resolved config as a config file; True if the command should stop."""
     if not getattr(args, "print_config", False):
         return False
-    from fedpeft.config.files import dumps_toml
-
     print(dumps_toml(config_from_args(args, command)), end="")
     return True
 
 
 def require_out(args: argparse.Namespace) -> None:
     if args.out is None:
-        from fedpeft.errors import FedpeftError
-
         raise FedpeftError(f"{args.command} needs --out DIR")

@@ -3,7 +3,7 @@ whose loss covers only the answers.
 
 A block is one int64 tensor: an answer token is its id, any other token (system, user, the template's
 markup) is stored as ~id (= -id - 1, always negative), so the mask travels with the ids through every
-split, slice and pickle; fedpeft.data.users.collate turns it into input ids and labels with -100. An example is
+split, slice and pickle; fedpeft.data.blocks.collate turns it into input ids and labels with -100. An example is
 never split across blocks: one that is too long loses prompt tokens from its start, or is dropped.
 """
 

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from fedpeft.config.tree import SPLITS, DataConfig
-from fedpeft.data.users import UserData, UserText, fit_note, load_users, tokenize_user
+from fedpeft.data.blocks import UserData, fit_note, tokenize_user
+from fedpeft.data.users import UserText, load_users
 from fedpeft.errors import FedpeftError, TooLittleData
 
 log = logging.getLogger("fedpeft")
@@ -51,13 +52,7 @@ def partition(
         return clients
     users = _usable(cfg, tokenizer, corpus)
     if split == "natural":
-        if len(users) < n:
-            raise FedpeftError(
-                f"only {len(users)} users in {cfg.data} have enough text for a client; asked for {n}"
-            )
-        chosen = sorted(users, key=lambda x: (-x[0].train_tokens, x[0].user))[:n]
-        _note(cfg, [d for d, _ in chosen])
-        return sorted((d for d, _ in chosen), key=lambda d: d.user)
+        return _natural(cfg, users, n)
 
     rng = np.random.default_rng([seed, 1234])
     train = [(b, label) for d, label in users for b in d.train]
@@ -99,6 +94,17 @@ def partition(
     return clients
 
 
+def _natural(cfg: DataConfig, users: list[tuple[UserData, str | None]], n: int) -> list[UserData]:
+    """The N users with the most training tokens, sorted by id."""
+    if len(users) < n:
+        raise FedpeftError(
+            f"only {len(users)} users in {cfg.data} have enough text for a client; asked for {n}"
+        )
+    chosen = sorted(users, key=lambda x: (-x[0].train_tokens, x[0].user))[:n]
+    _note(cfg, [d for d, _ in chosen])
+    return sorted((d for d, _ in chosen), key=lambda d: d.user)
+
+
 def _note(cfg: DataConfig, clients: list[UserData]) -> None:
     note = fit_note(clients, cfg)
     if note:
@@ -111,6 +117,7 @@ def _split_examples(
     """Task examples of every user dealt to N clients by Flower Datasets' partitioners: IID (the examples
     shuffled with the seed, then cut in N) or Dirichlet over the labels (DirichletPartitioner, which
     redraws until every client holds --min-examples). Each client then holds out its own tail."""
+    # datasets, flwr_datasets: only splitting examples needs them (fedpeft.data.records.read_table)
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 

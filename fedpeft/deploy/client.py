@@ -15,18 +15,24 @@ process per message; ours imports no torch and forwards the task to the worker.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
 from fedpeft.atomic import atomic_write_bytes
+from fedpeft.config.local import ConnectConfig
+from fedpeft.config.node import DeviceConfig
+from fedpeft.config.tree import BaseConfig
 from fedpeft.deploy.processes import executable, flower_env, free_port, stop_tree
-from fedpeft.device.link import socket_path
-from fedpeft.device.worker import LOADS_FILE
+from fedpeft.device.link import LOADS_FILE, socket_path
 from fedpeft.errors import FedpeftError
-from fedpeft.secagg.protocol import MIN_NEIGHBOURS
 
 # Flower's SuperExec looks for a task to launch every second by default; this is its supported setting
 # (flwr/supercore/superexec/run_superexec.py). The SuperNode's own 3 s poll of the SuperLink has none.
@@ -37,23 +43,11 @@ log = logging.getLogger("fedpeft")
 
 @dataclass(frozen=True)
 class ClientOptions:
-    server: str  # HOST:PORT of the SuperLink
-    data: Path  # the owner's text: a .txt file or a folder of them
-    store: Path
-    root_cert: Path | None = None  # CA certificate that signed the server's (from `fedpeft certs`)
-    key: Path | None = None  # this device's node-authentication private key
-    name: str = ""  # user name reported to the server (default: the data file or folder name)
-    model: str = "default"  # default | tiny | PATH: this device's copy of the base
-    insecure: bool = False
-    max_wait: float | None = None  # give up reconnecting after this many seconds (default: never)
-    threads: int | None = None  # CPU threads for training (default: all cores)
-    # The device's own security policy (never lowered by the server): send updates only masked, and
-    # mask them with at least this many neighbours.
-    require_secagg: bool = False
-    min_neighbours: int = MIN_NEIGHBOURS
-    min_local_noise: float = 0.0  # distributed DP: the least noise this device adds, over its sensitivity
-    max_memory: int = 0  # MiB for the training process (0: no limit); micro-batches that fit it
-    compute_dtype: str = ""  # "": as the federation says (its `auto` resolved here)
+    """`fedpeft client`'s options, as the config tree declares them (fedpeft.config.local)."""
+
+    connect: ConnectConfig  # how to reach the server; not written anywhere
+    device: DeviceConfig  # the device's own options and policy, as given: prepare() resolves its paths
+    model: str = "default"  # default | tiny | PATH: this device's copy of the base (the tree's --model)
 
 
 def _check_server(address: str) -> None:
@@ -63,9 +57,6 @@ def _check_server(address: str) -> None:
 
 
 def _check_key(path: Path) -> None:
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-
     try:
         key = load_ssh_private_key(path.read_bytes(), password=None)
     except OSError as e:
@@ -81,8 +72,6 @@ def _check_key(path: Path) -> None:
 def _resolve_base(model: str, cache: Path) -> Path:
     """Convert or build the base into the store, in a child process: this process then runs for days
     beside the SuperNode and should not hold torch and transformers in a small device's memory."""
-    import sys
-
     code = "import sys; from fedpeft.cli import resolve_base_main; sys.exit(resolve_base_main(sys.argv[1:]))"
     done = subprocess.run([sys.executable, "-c", code, model, str(cache)], capture_output=True, text=True)
     if done.returncode != 0:
@@ -93,66 +82,37 @@ def _resolve_base(model: str, cache: Path) -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
-def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
-    """Check every input, convert the base into the store once, write the node config. Returns the node
-    config file and the flower-supernode command line."""
-    import tomli_w
-
-    from fedpeft.config.node import DeviceNode
-    from fedpeft.data.users import load_device_user
-
-    _check_server(opts.server)
-    if opts.min_neighbours < 1:
+def _check(connect: ConnectConfig, device: DeviceConfig) -> None:
+    """Every input that can be checked before anything is written or converted."""
+    _check_server(connect.server)
+    if device.min_neighbours < 1:
         raise FedpeftError(
-            f"--min-neighbours must be at least 1, got {opts.min_neighbours}: with no neighbour the server "
+            f"--min-neighbours must be at least 1, got {device.min_neighbours}: with no neighbour the server "
             "alone could remove the only mask left on the update"
         )
-    if opts.min_neighbours == 1:
+    if device.min_neighbours == 1:
         log.warning(
             "--min-neighbours 1: the server and one colluding client could unmask this device's update"
         )
-    if opts.insecure:
+    if connect.insecure:
         log.warning("--insecure: traffic to and from the server is NOT encrypted")
-    elif opts.root_cert is None or not opts.root_cert.is_file():
+    elif connect.root_cert is None or not Path(connect.root_cert).is_file():
         raise FedpeftError(
             "TLS needs --root-cert (the ca.pem from `fedpeft certs`)"
-            if opts.root_cert is None
-            else f"--root-cert {opts.root_cert} does not exist"
+            if connect.root_cert is None
+            else f"--root-cert {connect.root_cert} does not exist"
         )
-    if opts.key is not None:
-        _check_key(opts.key)
-    if not opts.min_local_noise >= 0 or opts.min_local_noise == float("inf"):
-        raise FedpeftError(f"--dp-min-local-noise must be a number at least 0, got {opts.min_local_noise}")
-    if opts.max_memory < 0:
-        raise FedpeftError(f"--max-memory must be at least 0 MiB, got {opts.max_memory}")
-    # one-line error if there is no data; records are read here and interpreted with the federation's
-    # options (columns, label set) by the worker, which has them
-    user = load_device_user(str(opts.data), opts.name, interpret=False)
-    store = opts.store.resolve()
-    store.mkdir(parents=True, exist_ok=True)
-    store.chmod(0o700)  # the worker's socket lives here: only the device's owner may reach it
-    sock = socket_path(store)
-    base_dir = _resolve_base(opts.model, store / "base")
-    node = DeviceNode(
-        data_path=str(opts.data.resolve()),
-        name=user.user,
-        model=str(base_dir),
-        cache_dir=str(store / "base"),
-        store=str(store),
-        personal_dir=str(store / "personal"),
-        require_secagg=opts.require_secagg,
-        min_neighbours=opts.min_neighbours,
-        min_local_noise=float(opts.min_local_noise),
-        worker=str(sock),
-        max_memory=opts.max_memory,
-        compute_dtype=opts.compute_dtype,
-    )
-    node_file = store / "node-config.toml"
-    atomic_write_bytes(node_file, tomli_w.dumps(node.to_node_config()).encode())
+    if connect.key is not None:
+        _check_key(Path(connect.key))
+    if not device.min_local_noise >= 0 or device.min_local_noise == float("inf"):
+        raise FedpeftError(f"--dp-min-local-noise must be a number at least 0, got {device.min_local_noise}")
+
+
+def _supernode_args(connect: ConnectConfig, node_file: Path) -> list[str]:
     args = [
         executable("flower-supernode"),
         "--superlink",
-        opts.server,
+        connect.server,
         "--node-config",
         str(node_file),
         # the SuperNode's own local API for its ClientApp processes: a free port, so several clients
@@ -160,26 +120,55 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
         "--port",
         str(free_port()),
     ]
-    if opts.insecure:
+    if connect.insecure:
         args.append("--insecure")
     else:
-        assert opts.root_cert is not None
-        args += ["--root-certificates", str(opts.root_cert.resolve())]
-    if opts.key is not None:
-        args += ["--auth-supernode-private-key", str(opts.key.resolve())]
-    if opts.max_wait is not None:
-        args += ["--max-wait-time", str(opts.max_wait)]
+        assert connect.root_cert is not None
+        args += ["--root-certificates", str(Path(connect.root_cert).resolve())]
+    if connect.key is not None:
+        args += ["--auth-supernode-private-key", str(Path(connect.key).resolve())]
+    if connect.max_wait is not None:
+        args += ["--max-wait-time", str(connect.max_wait)]
+    return args
+
+
+def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
+    """Check every input, convert the base into the store once, write the node config. Returns the node
+    config file and the flower-supernode command line."""
+    import tomli_w  # written once per start; tomllib reads it
+
+    from fedpeft.data.users import load_device_user  # numpy: only `fedpeft client` reads the text here
+
+    _check(opts.connect, opts.device)
+    # one-line error if there is no data; records are read here and interpreted with the federation's
+    # options (columns, label set) by the worker, which has them
+    user = load_device_user(str(Path(opts.device.data_path)), opts.device.name, interpret=False)
+    store = Path(opts.device.store).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    store.chmod(0o700)  # the worker's socket lives here: only the device's owner may reach it
+    base_dir = _resolve_base(opts.model, store / "base")
+    node = dataclasses.replace(
+        opts.device,
+        data_path=str(Path(opts.device.data_path).resolve()),
+        name=user.user,
+        model=str(base_dir),
+        cache_dir=str(store / "base"),
+        store=str(store),
+        personal_dir=str(store / "personal"),
+        worker=str(socket_path(store)),
+    )
+    node_file = store / "node-config.toml"
+    atomic_write_bytes(node_file, tomli_w.dumps(node.to_node_config()).encode())
     what = f"{len(user.examples)} records" if user.examples else f"{len(user.text)} characters of text"
     log.info("user %r, %s; base %s", user.user, what, base_dir)
-    _precision_note(base_dir, store / "base", opts.threads, opts.compute_dtype)
-    return node_file, args
+    _precision_note(base_dir, store / "base", opts.connect.threads, opts.device.compute_dtype)
+    return node_file, _supernode_args(opts.connect, node_file)
 
 
 def _precision_note(base_dir: Path, cache_dir: Path, threads: int | None, compute_dtype: str) -> None:
     """What this device will compute in: its own --compute-dtype, or where the federation's is auto, what
     the device chooses for itself (fedpeft.model.precision); its worker reads the same cached measurement."""
-    from fedpeft.config.tree import BaseConfig
-    from fedpeft.model.base import preview_precision
+    from fedpeft.model.base import preview_precision  # torch: only to preview the precision here
 
     cfg = BaseConfig(model=str(base_dir), cache_dir=str(cache_dir), compute_dtype=compute_dtype or "auto")
     precision = preview_precision(cfg, threads)
@@ -200,10 +189,10 @@ class Worker:
         self.proc = self._start()
 
     def _start(self) -> subprocess.Popen:
-        import sys
-
         self.started = time.monotonic()
-        return subprocess.Popen([sys.executable, "-m", "fedpeft.device.worker", str(self.store)], env=self.env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedpeft.device.worker", str(self.store)], env=self.env
+        )
 
     def check(self) -> None:
         """Restart the worker if it has exited; raise FedpeftError when it keeps dying at start."""
@@ -233,13 +222,14 @@ def run_client(opts: ClientOptions) -> int:
     so a device may come up before its server and rides out server restarts. The worker is restarted
     whenever it dies."""
     _, args = prepare(opts)
+    connect = opts.connect
     extra = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(TASK_POLL_SECONDS)}
-    if opts.threads:  # read by torch in the worker
-        extra |= {"OMP_NUM_THREADS": str(opts.threads), "MKL_NUM_THREADS": str(opts.threads)}
-    store = opts.store.resolve()
+    if connect.threads:  # read by torch in the worker
+        extra |= {"OMP_NUM_THREADS": str(connect.threads), "MKL_NUM_THREADS": str(connect.threads)}
+    store = Path(opts.device.store).resolve()
     env = flower_env(store / "flwr", extra)
     worker = Worker(store, env)
-    log.info("connecting to %s (reconnects on its own if the server goes away)", opts.server)
+    log.info("connecting to %s (reconnects on its own if the server goes away)", connect.server)
     start, pause = time.monotonic(), 2.0
     try:
         while True:
@@ -252,13 +242,13 @@ def run_client(opts: ClientOptions) -> int:
                 stop_tree(proc.pid)
             if code == 0:
                 return 0
-            if opts.max_wait is not None and time.monotonic() - start + pause > opts.max_wait:
-                log.error("gave up after --max-wait %.0f s", opts.max_wait)
+            if connect.max_wait is not None and time.monotonic() - start + pause > connect.max_wait:
+                log.error("gave up after --max-wait %.0f s", connect.max_wait)
                 return code
             log.warning(
                 "the server at %s did not accept this device (not reachable, or this key is not registered "
                 "there); trying again in %.0f s",
-                opts.server,
+                connect.server,
                 pause,
             )
             deadline = time.monotonic() + pause

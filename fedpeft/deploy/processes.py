@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -162,8 +163,6 @@ def peak_rss(pid: int | None = None) -> int:
     except OSError:
         pass
     if pid is None or pid == os.getpid():
-        import resource
-
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
     return 0

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from fedpeft.atomic import atomic_write_bytes
 from fedpeft.config.files import app_dir, overrides
 from fedpeft.config.tree import RunConfig
@@ -38,6 +40,7 @@ from fedpeft.deploy.processes import (
     wait_listening,
 )
 from fedpeft.errors import FedpeftError
+from fedpeft.federation.rounds import round_line
 from fedpeft.federation.state import latest_checkpoint, open_run, plan_run, resume_round
 
 log = logging.getLogger("fedpeft")
@@ -145,8 +148,6 @@ class Server:
         self._write_connection()
 
     def _write_connection(self) -> None:
-        import tomli_w
-
         conn: dict[str, Any] = {"address": f"{_dial_host(self.opts.host)}:{self.opts.port}"}
         if self.opts.insecure:
             conn["insecure"] = True
@@ -177,8 +178,6 @@ class Server:
         """Launch the federation as a Flower run of the project's app with the user's overrides (what
         differs from `[tool.flwr.app.config]`), continuing from the (verified) checkpoint of round `resume`
         if given; returns the run id."""
-        import tomli_w
-
         run_config = {"out": str(self.out), "resume-round": -1 if resume is None else resume}
         run_config.update(overrides(cfg))
         file = self.dir / RUN_CONFIG
@@ -218,8 +217,6 @@ class Server:
 
 
 def _round_line(m: dict[str, Any]) -> str:
-    from fedpeft.federation.rounds import round_line
-
     refused = (
         [f"\n  refused {r['client']}: {r['reason']}" for r in m.get("rejected", [])] if m["round"] else []
     )
@@ -251,66 +248,92 @@ def run_server(
         )
     if not opts.auth:
         log.warning("--no-auth: any client that reaches the server may join the federation")
-    restarts, printed, run_id = 0, 0, None
     try:
-        server.start()
-        if opts.auth:
-            added = server.register()
-            log.info("%d client keys registered (%d new)", len(server.keys()), added)
-        run_id = server.launch(cfg, start_round)
-        log.info(
-            "SuperLink on %s:%d (%s%s); waiting for %d clients; logs in %s",
-            opts.host,
-            opts.port,
-            "plain HTTP" if opts.insecure else "TLS",
-            ", node authentication" if opts.auth else "",
-            cfg.federation.clients,
-            server.dir,
-        )
-        while True:
-            history = _read_lines(out / "metrics.jsonl")
-            for m in history[printed:]:
-                print(_round_line(m), flush=True)
-            printed = max(printed, len(history))
-            if status.is_file():
-                break
-            alive = server.watch()
-            if server.serverapp == "gone" and not status.is_file():  # it died without writing its outcome
-                time.sleep(opts.poll)  # (status.json is written before the process exits)
-                if not status.is_file():
-                    raise FedpeftError(
-                        f"the ServerApp ended without a result; see {server.dir / 'serverapp.log'}"
-                    )
-            if not alive:
-                assert server.child is not None
-                if restarts >= opts.restarts:
-                    raise FedpeftError(
-                        f"the SuperLink exited {restarts + 1} times; its log ({server.child.log_path}) ends:\n"
-                        + server.child.log_tail()
-                    )
-                restarts += 1
-                log.warning(
-                    "the SuperLink exited (code %s); restarting it on the same state (%d/%d)",
-                    server.child.proc.returncode,
-                    restarts,
-                    opts.restarts,
-                )
-                server.stop()  # whatever it left behind (its ServerApp) must not write to `out` any more
-                server.serverapp = "not yet"
-                server.start()
-                server.stop_run(run_id)
-                # the checkpoints this run wrote itself; one the restart damaged stops with its reason
-                resume_now = resume_round(out) if latest_checkpoint(out) is not None else None
-                run_id = server.launch(cfg, resume_now)
-                if resume_now is not None:
-                    log.info("federation resumed from %s", latest_checkpoint(out))
-            time.sleep(opts.poll)
+        run_id = _start(server, cfg, start_round)
+        printed, restarts = _supervise(server, cfg, out, run_id)
     finally:
         server.stop()
     result = json.loads(status.read_text())
-    history = _read_lines(out / "metrics.jsonl")
-    for m in history[printed:]:
-        print(_round_line(m), flush=True)
+    history, _ = _print_rounds(out, printed)
     if result.get("state") != "finished":
         raise FedpeftError(result.get("error") or "the federation failed (see superlink/serverapp.log)")
     return ServerResult(int(result.get("round", 0)), history, restarts)
+
+
+def _start(server: Server, cfg: RunConfig, start_round: int | None) -> int:
+    """Start the SuperLink, register the client keys, launch the federation; returns the run id."""
+    opts = server.opts
+    server.start()
+    if opts.auth:
+        added = server.register()
+        log.info("%d client keys registered (%d new)", len(server.keys()), added)
+    run_id = server.launch(cfg, start_round)
+    log.info(
+        "SuperLink on %s:%d (%s%s); waiting for %d clients; logs in %s",
+        opts.host,
+        opts.port,
+        "plain HTTP" if opts.insecure else "TLS",
+        ", node authentication" if opts.auth else "",
+        cfg.federation.clients,
+        server.dir,
+    )
+    return run_id
+
+
+def _print_rounds(out: Path, printed: int) -> tuple[list[dict[str, Any]], int]:
+    """Print the round lines of metrics.jsonl past the first `printed`; returns the history and how many
+    lines are printed now."""
+    history = _read_lines(out / "metrics.jsonl")
+    for m in history[printed:]:
+        print(_round_line(m), flush=True)
+    return history, max(printed, len(history))
+
+
+def _supervise(server: Server, cfg: RunConfig, out: Path, run_id: int) -> tuple[int, int]:
+    """Print the rounds as they end until the ServerApp writes its status; a SuperLink that exits is
+    restarted. Returns the round lines printed and the restarts."""
+    status = out / STATUS_FILE
+    restarts, printed = 0, 0
+    while True:
+        _, printed = _print_rounds(out, printed)
+        if status.is_file():
+            return printed, restarts
+        alive = server.watch()
+        if server.serverapp == "gone" and not status.is_file():  # it died without writing its outcome
+            time.sleep(server.opts.poll)  # (status.json is written before the process exits)
+            if not status.is_file():
+                raise FedpeftError(
+                    f"the ServerApp ended without a result; see {server.dir / 'serverapp.log'}"
+                )
+        if not alive:
+            run_id = _restart(server, cfg, out, run_id, restarts)
+            restarts += 1
+        time.sleep(server.opts.poll)
+
+
+def _restart(server: Server, cfg: RunConfig, out: Path, run_id: int, restarts: int) -> int:
+    """The SuperLink exited (after `restarts` restarts): start it again on the same state and relaunch the
+    federation from its last checkpoint; returns the new run id."""
+    opts = server.opts
+    assert server.child is not None
+    if restarts >= opts.restarts:
+        raise FedpeftError(
+            f"the SuperLink exited {restarts + 1} times; its log ({server.child.log_path}) ends:\n"
+            + server.child.log_tail()
+        )
+    log.warning(
+        "the SuperLink exited (code %s); restarting it on the same state (%d/%d)",
+        server.child.proc.returncode,
+        restarts + 1,
+        opts.restarts,
+    )
+    server.stop()  # whatever it left behind (its ServerApp) must not write to `out` any more
+    server.serverapp = "not yet"
+    server.start()
+    server.stop_run(run_id)
+    # the checkpoints this run wrote itself; one the restart damaged stops with its reason
+    resume_now = resume_round(out) if latest_checkpoint(out) is not None else None
+    run_id = server.launch(cfg, resume_now)
+    if resume_now is not None:
+        log.info("federation resumed from %s", latest_checkpoint(out))
+    return run_id

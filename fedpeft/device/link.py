@@ -27,6 +27,8 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from fedpeft.errors import FedpeftError
 
 SOCKET_NAME = "worker.sock"
+# one line per base load since `fedpeft client` started (it empties the file; the worker appends)
+LOADS_FILE = "base-loads"
 KINDS = ("describe", "train", "update", "evaluate")  # update: secure stage 3's local training
 MAX_FRAME = 2**31  # Flower caps one message at 2 GiB too
 # sun_path holds 108 bytes on Linux, 104 on macOS; a longer path is reached through its folder's fd

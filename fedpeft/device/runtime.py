@@ -1,8 +1,8 @@
 """What runs on a device in a federation: load the base once per process, then per message apply the
 global adapter, train locally and return the delta, or evaluate. No Flower here (client/ is the glue).
 
-With personalization (fedpeft.personal.methods) the device also keeps one personal adapter per user in its
-store: it is read and written here and nothing of it goes into a reply (only the shared keys' delta and
+With personalization (fedpeft.personal.strategies) the device also keeps one personal adapter per user in
+its store (fedpeft.device.personal): nothing of it goes into a reply (only the shared keys' delta and
 scalar metrics do).
 """
 
@@ -19,34 +19,22 @@ from typing import Any
 import numpy as np
 
 from fedpeft.config.tree import RunConfig, client_adapter, client_lr
+from fedpeft.data.blocks import UserData, tokenize_user
 from fedpeft.data.chat import TaskEval
 from fedpeft.data.partition import partition
-from fedpeft.data.users import UserData, load_device_user, tokenize_user
+from fedpeft.data.users import load_device_user
+from fedpeft.device.personal import PersonalAdapters
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.aggregate import Arrays
 from fedpeft.federation.evaluation import FULL_QUANT
+from fedpeft.federation.forgetting import reference_blocks
 from fedpeft.federation.state import client_seed
 from fedpeft.federation.task_eval import PREFIX, score
-from fedpeft.model.adapter_files import AdapterDescription, schema_json
-from fedpeft.model.adapters import (
-    adapter_state,
-    inject,
-    load_adapter_state,
-    peft_config_dict,
-    schema_of,
-    trainable_parameters,
-)
+from fedpeft.model.adapter_files import AdapterDescription
+from fedpeft.model.adapters import adapter_state, inject, load_adapter_state, peft_config_dict, schema_of
 from fedpeft.model.base import Base, load_base
-from fedpeft.personal.methods import (
-    GLOBAL,
-    PERSONAL,
-    PersonalStore,
-    choose,
-    personal_seed,
-    shared_keys,
-    specific_change,
-    split_validation,
-)
+from fedpeft.model.memory import full_base_mib
+from fedpeft.personal.strategies import shared_keys, strategy_for
 from fedpeft.training.local import evaluate, train
 
 log = logging.getLogger("fedpeft")
@@ -69,8 +57,9 @@ def _digest(arrays: Arrays) -> str:
     return h.hexdigest()
 
 
-class Device:
-    """One process's base + adapter + data. Reused across messages and virtual clients (simulation)."""
+class Device(PersonalAdapters):
+    """One process's base + adapter + data. Reused across messages and virtual clients (simulation). Its
+    personal side (fedpeft.device.personal) keeps the users' personal adapters."""
 
     def __init__(
         self,
@@ -93,8 +82,8 @@ class Device:
         # ((round, the adapter's digest), the global adapter's loss on the reference text)
         self._reference_round: tuple[tuple[int, str], float] | None = None
         self._base_reference: float | None = None
-        self.method = cfg.personal.method
-        self.keys = shared_keys(list(self.init_state), cfg.federation.lora_mode, self.method)
+        self.strategy = strategy_for(cfg)
+        self.keys = shared_keys(list(self.init_state), cfg.federation.lora_mode, self.strategy.name)
         f = cfg.federation
         if data_path is not None:  # a real device: one user, its own text
             clients = [_own_data(data_path, name, cfg, self.base.tokenizer)]
@@ -103,19 +92,7 @@ class Device:
             if clients is not None
             else partition(cfg.data, self.base.tokenizer, f.clients, f.split, f.dirichlet_alpha, f.seed)
         )
-        self.val: list[list] = [[] for _ in self.clients]  # validation blocks: global vs personal
-        self.stores: list[PersonalStore] = []
-        if self.method != "none":
-            parts = [
-                split_validation(d, cfg.personal.val_fraction, cfg.data.min_eval_tokens) for d in self.clients
-            ]
-            self.clients, self.val = [p[0] for p in parts], [p[1] for p in parts]
-            if not cfg.personal.store:
-                raise FedpeftError("personalization needs a store for the personal adapters (--store)")
-            schema = schema_json(schema_of(self.init_state))
-            self.stores = [PersonalStore(cfg.personal.store, d.user) for d in self.clients]
-            for store in self.stores:  # refuse a foreign store before anything could write to it
-                store.check(self.fingerprint, schema)
+        self._init_personal()
 
     @property
     def fingerprint(self) -> str:
@@ -142,8 +119,7 @@ class Device:
         data = self.clients[local]
         client = local if client is None else client
         self.drop_full_base()  # training needs the memory; only round 0 and the last round use it
-        personal = self.stores[local].load() if self.method == "fedsa" else None
-        # FedSA: this user's own B under the shared A (the global arrays hold A only)
+        personal = self.strategy.fit_start(self, local)  # FedSA: this user's own B under the shared A
         self._apply({**(personal or {}), **global_arrays})
         tcfg = replace(
             self.cfg.train,
@@ -162,10 +138,7 @@ class Device:
         trained = adapter_state(self.model)
         delta = {k: (trained[k] - global_arrays[k]).astype(np.float32) for k in self.keys}
         start = time.perf_counter()
-        if self.method == "fedsa":
-            self._save(local, PERSONAL, trained, rnd - 1)
-        elif self.method == "ditto":
-            self._ditto(local, client, global_arrays, rnd)
+        self.strategy.after_fit(self, local, client, global_arrays, trained, rnd)
         return FitResult(
             delta,
             data.train_tokens,
@@ -173,85 +146,6 @@ class Device:
             result.seconds,
             time.perf_counter() - start,
         )
-
-    def _train_personal(
-        self, local: int, client: int, rnd: int, prox: tuple[float, list] | None = None
-    ) -> None:
-        tcfg = replace(
-            self.cfg.train,
-            steps=self.cfg.personal.steps,
-            seed=personal_seed(self.cfg.federation.seed, rnd, client),
-            progress=False,
-        )
-        train(
-            self.model,
-            self.clients[local],
-            tcfg,
-            self.cfg.personal.lr or client_lr(self.cfg),
-            self.base.tokenizer.pad_token_id,
-            self.base.compute,
-            prox=prox,
-        )
-
-    def _ditto(self, local: int, client: int, global_arrays: Arrays, rnd: int) -> None:
-        """Ditto's personal step (Li et al., ICML 2021, Algorithm 1): from the stored personal adapter (the
-        global one the first time), `steps` steps on loss + lam/2 ||v - w||^2, w the global adapter the
-        round started from."""
-        self._apply(global_arrays)
-        ref = [p.detach().clone() for p in trainable_parameters(self.model)]
-        personal = self.stores[local].load()
-        if personal is not None:
-            load_adapter_state(self.model, personal, what=f"personal adapter in {self.stores[local].dir}")
-        self._train_personal(local, client, rnd, prox=(self.cfg.personal.lam, ref))
-        self._save(local, PERSONAL, adapter_state(self.model), rnd - 1)
-
-    def _save(self, local: int, which: str, arrays: Arrays, global_round: int) -> None:
-        self.stores[local].save(
-            which,
-            arrays,
-            peft_config_dict(self.model),
-            self.base.doc() | {"path": str(self.base.path)},
-            self.adapter_cfg,
-            global_round,
-            self.method,
-        )
-
-    def _personal_forgetting(self, personal: Arrays, out: dict[str, Any]) -> str:
-        """The personal adapter (loaded) on the reference text, into `out`; under --max-forgetting, why the
-        device keeps its global adapter instead ('' when it need not)."""
-        from fedpeft.federation.evaluation import ppl
-
-        base = self._base_reference_loss()
-        if base is None:
-            return ""
-        load_adapter_state(self.model, personal, what="personal adapter")
-        out["reference_loss_personal"] = self._eval(self._reference or []).loss
-        limit = self.cfg.federation.max_forgetting
-        worse = 100 * (ppl(out["reference_loss_personal"]) / ppl(base) - 1)
-        if limit > 0 and worse > limit:
-            return (
-                f"the personal adapter forgets: reference ppl {worse:.1f}% above the base's (--max-forgetting "
-                f"{limit:g}); keeping the global adapter"
-            )
-        return ""
-
-    def cross_eval(self, local: int, client: int, global_arrays: Arrays, personal: Arrays) -> dict[str, Any]:
-        """The global and the personal adapter of client `local` on other users' held-out text: the first
-        CROSS_BLOCKS blocks of up to personal.cross_users others (a seeded draw), pooled. A personal
-        adapter that helps others as much as its own user only took extra generic steps; the server
-        turns these into its specificity (fedpeft.personal.methods.specificity). Only a simulation's process
-        holds other users' text; a device has none and returns nothing."""
-        others = [i for i in range(len(self.clients)) if i != local]
-        n = min(self.cfg.personal.cross_users, len(others))
-        if n == 0:
-            return {}
-        rng = np.random.default_rng([self.cfg.federation.seed, client, 2])
-        chosen = sorted(rng.choice(others, size=n, replace=False).tolist())
-        blocks = [b for i in chosen for b in self.clients[i].eval[:CROSS_BLOCKS]]
-        load_adapter_state(self.model, global_arrays, what="global adapter")
-        on_global = self._eval(blocks).loss
-        load_adapter_state(self.model, personal, what="personal adapter")
-        return {"others_loss_global": on_global, "others_loss_personal": self._eval(blocks).loss, "others": n}
 
     def _eval(self, blocks: list) -> Any:
         return evaluate(
@@ -316,8 +210,6 @@ class Device:
     def _base_reference_loss(self) -> float | None:
         """The base alone on the reference text (None without one); the blocks are tokenized once."""
         if self._reference is None:
-            from fedpeft.federation.forgetting import reference_blocks
-
             self._reference = reference_blocks(self.cfg.data, self.base.tokenizer)
         if not self._reference:
             return None
@@ -370,8 +262,6 @@ class Device:
         budget = self.cfg.train.max_memory
         if not budget:
             return True
-        from fedpeft.model.memory import full_base_mib
-
         adapter_params = sum(int(np.prod(a.shape)) for a in self.init_state.values())
         tokens = max(block_len, 1) * self.cfg.train.eval_batch_size
         need = full_base_mib(self.base, quant, adapter_params, tokens, self.cfg.train)
@@ -389,70 +279,6 @@ class Device:
             self._full = None
             gc.collect()
 
-    def personalize(
-        self, local: int, global_arrays: Arrays, rnd: int, client: int | None = None, others: bool = False
-    ) -> dict[str, Any]:
-        """Held-out loss of the global and the personal adapter after global round `rnd`; keep the better
-        one on the validation part (choice.json). Makes the personal adapter first under finetune. With
-        `others` (a simulation's last round), also both adapters on other users' text (cross_eval).
-        Returns scalars and short strings only: this is all that leaves the device."""
-        client = local if client is None else client
-        store, val = self.stores[local], self.val[local]
-        full_global = {**self.init_state, **global_arrays}
-        self._apply(global_arrays)
-        held_out = self._eval(self.clients[local].eval)
-        out: dict[str, Any] = {"eval_loss": held_out.loss, "eval_tokens": held_out.tokens}
-        start = time.perf_counter()  # what follows is personalization's extra on-device time
-        val_global = self._eval(val).loss if val else None
-        if self.method == "finetune":  # from the latest global adapter
-            self._train_personal(local, client, rnd)
-            personal = adapter_state(self.model)
-            if self.cfg.personal.change == "specific":
-                personal = specific_change(personal, full_global, self.init_state)
-        else:
-            personal = store.load()
-            if personal is not None and self.method == "fedsa":
-                personal = {**personal, **global_arrays}  # the latest shared A under this user's own B
-        note = forgetting = ""
-        if personal is None:
-            note = "no personal adapter yet (not sampled so far)"
-        else:
-            load_adapter_state(self.model, personal, what=f"personal adapter in {store.dir}")
-            out["personal_eval_loss"] = self._eval(self.clients[local].eval).loss
-            task = self.clients[local].task
-            if task is not None:  # the personal adapter on the same examples as the global one
-                out.update(self._score(task, "personal_" + PREFIX))
-            if others:
-                out.update(self.cross_eval(local, client, full_global, personal))
-            if val:
-                out["val_loss_personal"] = self._eval(val).loss
-            else:
-                note = "too little text for a validation part; keeping the global adapter"
-            forgetting = self._personal_forgetting(personal, out)
-            note = forgetting or note
-            # new (finetune) or under the latest shared A (fedsa); Ditto's stays as it was trained
-            if self.method != "ditto":
-                self._save(local, PERSONAL, personal, rnd)
-        if val_global is not None:
-            out["val_loss_global"] = val_global
-        kept = choose(val_global, out["val_loss_personal"]) if "val_loss_personal" in out else GLOBAL
-        if forgetting:
-            kept, out["forgets"] = GLOBAL, 1.0
-        self._save(local, GLOBAL, full_global, rnd)
-        store.save_choice(
-            {
-                "user": store.user,
-                "use": kept,
-                "method": self.method,
-                "global_round": rnd,
-                "note": note,
-                **{k: v for k, v in out.items() if k not in ("eval_loss", "eval_tokens")},
-                "eval_loss_global": out["eval_loss"],
-            }
-        )
-        out.update(kept=kept, note=note, personal_seconds=time.perf_counter() - start)
-        return out
-
 
 def _own_data(data_path: str, name: str, cfg: RunConfig, tokenizer: Any) -> UserData:
     """A device's own data read with the federation's data options. What is wrong with it stays in the
@@ -467,8 +293,6 @@ def _own_data(data_path: str, name: str, cfg: RunConfig, tokenizer: Any) -> User
             "block size); the reason is in the device's log"
         ) from None
 
-
-CROSS_BLOCKS = 4  # per other user: 512 tokens at the default block size keep the last round's cost small
 
 _DEVICES: dict[tuple[RunConfig, str | None, str], Device] = {}
 BASE_LOADS = [0]  # how many times this process has loaded a base (reported per round: should stay 1)

@@ -3,7 +3,7 @@ tokenized text and the personal store, and runs every task of every round.
 
 Flower's SuperNode starts a fresh ClientApp process for each message (flwrlabs/flower#3670 asks for
 persistent apps); loading the base there cost a device two loads a round and most of its memory. Our
-ClientApp (client/app.py) imports no torch: it forwards the task over a Unix-domain socket inside the
+ClientApp (fedpeft.flower.client_app) imports no torch: it forwards the task over a Unix-domain socket inside the
 store (folder 0700, socket 0600, and the peer's uid checked with SO_PEERCRED where the OS has it) and
 returns the reply. `fedpeft client` starts this process, restarts it if it dies and stops it on exit.
 
@@ -25,26 +25,26 @@ import struct
 import sys
 import threading
 import time
+import tomllib
 import traceback
 from pathlib import Path
 
-from fedpeft.config.node import DeviceNode
-from fedpeft.device.link import KINDS, address, encode, read_frame, socket_path
+from fedpeft.config.node import DeviceConfig
+from fedpeft.device.link import KINDS, LOADS_FILE, address, encode, read_frame, socket_path
 from fedpeft.errors import FedpeftError
+from fedpeft.flower import client_tasks as tasks
+from fedpeft.log import quiet_libraries, setup_console
 
 log = logging.getLogger("fedpeft")
-LOADS_FILE = "base-loads"  # one line per base load since `fedpeft client` started (it empties the file)
 READ_TIMEOUT = 600.0  # a task's request must arrive within this; the worker serves one task at a time
 
 
-def read_node(store: Path) -> DeviceNode:
-    import tomllib
-
+def read_node(store: Path) -> DeviceConfig:
     try:
         data = tomllib.loads((store / "node-config.toml").read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise FedpeftError(f"cannot read {store / 'node-config.toml'}: {e}") from None
-    node = DeviceNode.from_node_config(data)
+    node = DeviceConfig.from_node_config(data)
     if node is None:
         raise FedpeftError(
             f"{store / 'node-config.toml'} has no data-path; start the device with `fedpeft client`"
@@ -88,10 +88,8 @@ def _count_loads(store: Path) -> int:
         return 0
 
 
-def serve_one(conn: socket.socket, node: DeviceNode) -> None:
+def serve_one(conn: socket.socket, node: DeviceConfig) -> None:
     """Read one task, run it, write its reply (or its one-line error)."""
-    from fedpeft.flower import client_tasks as tasks
-
     uid = peer_uid(conn)
     if uid is not None and uid != os.getuid():
         log.warning("refused a connection from uid %d (the store belongs to uid %d)", uid, os.getuid())
@@ -124,8 +122,8 @@ def _watch_parent(parent: int) -> None:
 
 
 def serve(store: Path) -> None:
+    # torch: imported after the store and node config are checked, so a refusal is quick
     from fedpeft.device import runtime as device
-    from fedpeft.flower import client_tasks as tasks
 
     node = read_node(store)
     sock = listen(store)
@@ -154,9 +152,6 @@ def serve(store: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from fedpeft.cli import quiet_libraries
-    from fedpeft.log import setup_console
-
     setup_console()
     quiet_libraries()
     if len(argv) != 1:

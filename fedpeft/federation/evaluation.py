@@ -1,6 +1,6 @@
 """A round's evaluation metrics without Flower: the held-out loss and perplexity over all clients
 (`eval_metrics`), each client's personal report (`personal_entry`), and the change against the
-quantized and the unquantized base of round 0 (`add_base`). server/app.py collects the replies; fedpeft.federation.rounds has the training side.
+quantized and the unquantized base of round 0 (`add_base`). fedpeft.federation.loop collects the replies; fedpeft.federation.rounds has the training side.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedpeft.config.tree import RunConfig
+from fedpeft.federation.metrics import RoundMetrics, base_name
+from fedpeft.personal.strategies import strategy_for
+from fedpeft.personal.summary import gain, specificity, summarize
 
 log = logging.getLogger("fedpeft")
 
@@ -93,19 +96,18 @@ def eval_metrics(results: Sequence[EvalResult]) -> dict[str, Any]:
     return out
 
 
-def base_name(quant: str) -> str:
-    """How figures name a base: NF4, int8, bf16, fp32."""
-    return {"nf4": "NF4", "none": "fp32"}.get(quant, quant)
-
-
-def changes_text(m: Mapping[str, Any]) -> str:
+def changes_text(m: RoundMetrics | Mapping[str, Any]) -> str:
     """'-21.0% vs the NF4 base 37.96, -9.8% vs the fp32 base 33.2': a perplexity's change against both
     bases of round 0, as every summary prints it ('' before round 0 is known)."""
-    if "vs_base" not in m:
+    if not isinstance(m, RoundMetrics):  # a round the loop is still building may have no number yet
+        m = RoundMetrics.from_json({"round": 0, **m})
+    if m.vs_base is None:
         return ""
-    text = f"{m['vs_base']:+.1%} vs the {base_name(m.get('quant', 'quantized'))} base {m['base_ppl']:.2f}"
-    if "vs_full_base" in m:
-        text += f", {m['vs_full_base']:+.1%} vs the {m.get('full_base', 'full-precision')} base {m['full_base_ppl']:.2f}"
+    quant = m.quant if m.quant is not None else "quantized"
+    text = f"{m.vs_base:+.1%} vs the {base_name(quant)} base {m.base_ppl:.2f}"
+    if m.vs_full_base is not None:
+        full = m.full_base if m.full_base is not None else "full-precision"
+        text += f", {m.vs_full_base:+.1%} vs the {full} base {m.full_base_ppl:.2f}"
     return text
 
 
@@ -186,7 +188,7 @@ def eval_clients(cfg: RunConfig, rnd: int, clients: Sequence[int]) -> list[int]:
     f = cfg.federation
     if rnd % f.eval_every and rnd not in (0, f.rounds):
         return []
-    if f.fraction_evaluate >= 1 or (rnd == f.rounds and cfg.personal.method != "none"):
+    if f.fraction_evaluate >= 1 or (rnd == f.rounds and strategy_for(cfg).personal):
         return list(clients)
     from fedpeft.federation.state import sample_clients
 
@@ -215,12 +217,11 @@ def personal_entry(report: Mapping[str, Any], global_ppl: float) -> dict[str, An
     for key in ("val_loss_global", "val_loss_personal"):
         if key in p:
             entry[key] = float(p[key])
-    if "reference_loss_personal" in p:  # the personal adapter on the reference text (fedpeft.federation.forgetting)
+    # the personal adapter on the reference text (fedpeft.federation.forgetting)
+    if "reference_loss_personal" in p:
         entry["personal_reference_ppl"] = ppl(float(p["reference_loss_personal"]))
         entry["forgets"] = bool(float(p.get("forgets", 0.0)))  # the device kept global: the personal forgot
     if "others_loss_global" in p and "personal_ppl" in entry:
-        from fedpeft.personal.methods import gain, specificity
-
         own = gain(entry["personal_ppl"], global_ppl)
         others = gain(ppl(float(p["others_loss_personal"])), ppl(float(p["others_loss_global"])))
         entry.update(
@@ -232,8 +233,7 @@ def personal_entry(report: Mapping[str, Any], global_ppl: float) -> dict[str, An
 def personal_round(cfg: RunConfig, rnd: int) -> bool:
     """Whether round `rnd` evaluates personal adapters: fedsa and ditto hold them from their first sampled
     round on, so every round; finetune makes them at the federation's last round only."""
-    method = cfg.personal.method
-    return method != "none" and rnd >= 1 and (method != "finetune" or rnd == cfg.federation.rounds)
+    return strategy_for(cfg).evaluates_personal(rnd, cfg.federation.rounds)
 
 
 def add_base(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -> None:
@@ -241,7 +241,6 @@ def add_base(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -> N
     (round 0 evaluates the base with the adapter disabled). Adds the personalization summary when the
     round has personal figures."""
     from fedpeft.federation.task_eval import add_task_changes
-    from fedpeft.personal.methods import summarize
 
     add_changes(metrics, history)
     add_task_changes(metrics, history)

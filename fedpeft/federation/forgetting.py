@@ -45,7 +45,8 @@ def reference_path(spec: str) -> Path | None:
 
 def reference_blocks(cfg: DataConfig, tokenizer: Any) -> list[torch.Tensor]:
     """The first --eval-max-tokens tokens of the reference text in --block-size blocks ([] when off)."""
-    from fedpeft.data.users import prefix, read_text, to_blocks
+    from fedpeft.data.blocks import prefix, to_blocks
+    from fedpeft.data.users import read_text
 
     try:
         path = reference_path(cfg.reference_text)

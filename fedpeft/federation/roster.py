@@ -1,6 +1,6 @@
 """Registration without Flower: who is in the federation, under which client index, on which base.
 
-server/app.py asks every node to describe itself and hands the answers here as `Registration`s. Simulated
+fedpeft.federation.loop asks every node to describe itself and hands the answers here as `Registration`s. Simulated
 clients report their partition index and keep it; real devices report a name and are indexed in name
 order (node id breaks ties), so a deployment of the same users as a simulation gets the same indices,
 hence the same seeds. The federation's base is the one most clients hold (ties go to the lowest client
@@ -17,6 +17,7 @@ from typing import Any
 from fedpeft.config.tree import FederationConfig
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.state import sample_clients
+from fedpeft.privacy.central import poisson_sample
 
 log = logging.getLogger("fedpeft")
 
@@ -39,7 +40,7 @@ class Registration:
 
     @classmethod
     def from_info(cls, node: int, info: Mapping[str, Any]) -> Registration:
-        """From the "info" record of a reply (client/tasks.py `info`)."""
+        """From the "info" record of a reply (fedpeft.flower.client_tasks `info`)."""
         compute = {  # reported by the node: only the known keys, as short scalars
             k: v if not isinstance(v, str) else v[:200]
             for k in COMPUTE_KEYS
@@ -75,8 +76,6 @@ class Roster:
         if not poisson:
             return [ids[i] for i in sample_clients(len(ids), f.fraction, f.min_clients, f.seed, rnd)]
         if rnd not in self.samples:
-            from fedpeft.privacy.central import poisson_sample
-
             self.samples[rnd] = poisson_sample(ids, f.fraction)
         return self.samples[rnd]
 

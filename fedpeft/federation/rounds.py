@@ -1,7 +1,7 @@
 """A training round's outcome and metrics without Flower, the same for plain and secure rounds.
 
-server/app.py moves the messages and hands the replies here: `plain_round` checks and aggregates a plain
-round's updates (fedpeft.secagg.server does a secure round's sum); `train_result` reads one client's
+fedpeft.federation.loop moves the messages and hands the replies here: `plain_round` checks and aggregates a plain
+round's updates (fedpeft.secagg.server_round does a secure round's sum); `train_result` reads one client's
 figures and `train_metrics` makes the round's of them; `secure_metrics`, `aborted_metrics` and
 `secagg_rejections` read secure_sum's report. fedpeft.federation.evaluation has the evaluation side.
 """
@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from fedpeft.config.tree import RunConfig
 from fedpeft.federation.aggregate import Arrays
+from fedpeft.federation.metrics import RoundMetrics, as_history, as_metrics, base_name
 from fedpeft.federation.state import ServerState, aggregate_round, apply_mean, check_update, skip_round
+from fedpeft.personal.strategies import strategy_for
 
 if TYPE_CHECKING:
+    from fedpeft.federation.sinks import Sink
     from fedpeft.privacy.plan import DpPlan
 
 log = logging.getLogger("fedpeft")
@@ -146,7 +149,7 @@ def plain_round(
 def secure_metrics(
     report: Mapping[str, Any], survivors: Sequence[int], names: Mapping[int, str], dim: int
 ) -> dict[str, Any]:
-    """A secure round's metrics from secure_sum's report (fedpeft.secagg.flower), the survivors' training
+    """A secure round's metrics from secure_sum's report (fedpeft.secagg.server_stages), the survivors' training
     figures included (they travel beside the masked input)."""
     train = report["train_metrics"]
     results = [train_result(names[c], train[c], SECURE_STAGES, lenient=True) for c in survivors]
@@ -193,8 +196,9 @@ def aggregation_note(cfg: RunConfig) -> str:
     """How LoRA's two matrices are aggregated under this configuration."""
     if cfg.federation.lora_mode == "ffa":
         return "FFA-LoRA (A frozen and shared, B averaged: exact)"
-    if cfg.personal.method == "fedsa":
-        return "FedSA-LoRA (A averaged, B personal: stays on each device)"
+    note = strategy_for(cfg).aggregation_note()  # FedSA-LoRA's: A averaged, B personal
+    if note is not None:
+        return note
     return "FedAvg of LoRA A and B separately (mean of B·A is not mean(B)·mean(A): an approximation)"
 
 
@@ -218,75 +222,99 @@ def compute_text(per_client: Mapping[str, Mapping[str, Any]]) -> str:
     )
 
 
-def round_line(m: Mapping[str, Any]) -> str:
+def round_line(m: RoundMetrics | Mapping[str, Any]) -> str:
     """A round's metrics as the line a run prints (`simulate` under its bar, `server` from metrics.jsonl)."""
-    from fedpeft.federation.evaluation import base_name, changes_text
+    from fedpeft.federation.evaluation import changes_text
 
-    if "eval_ppl" not in m:
-        why = "every client's evaluation failed" if m.get("eval_failed") else "--eval-every"
-        text = f"round {m['round']}: not evaluated ({why})"
+    m = as_metrics(m)
+    if m.eval_ppl is None:
+        why = "every client's evaluation failed" if m.eval_failed else "--eval-every"
+        text = f"round {m.round}: not evaluated ({why})"
     else:
         from fedpeft.federation.task_eval import task_text
 
-        task = task_text(m)
-        text = f"round {m['round']}: " + (f"{task}; answer " if task else "held-out ")
-        text += f"ppl {m['eval_ppl']:.2f} (loss {m['eval_loss']:.3f}"
-        if m.get("eval_of"):
-            text += f" over {len(m.get('eval_per_client', {}))} of {m['eval_of']} clients"
+        task = task_text({"task": m.task.to_json()}) if m.task is not None else ""
+        text = f"round {m.round}: " + (f"{task}; answer " if task else "held-out ")
+        text += f"ppl {m.eval_ppl:.2f} (loss {m.eval_loss:.3f}"
+        if m.eval_of:
+            text += f" over {len(m.clients)} of {m.eval_of} clients"
         changes = changes_text(m)
         text += f"; {changes})" if changes else ")"
-    if m["round"] == 0 and "quant" in m:
-        text += f" on the {base_name(m['quant'])} base"
-        if m.get("compute"):
-            text += f", {compute_text(m['compute'])}"
-        if "full_eval_ppl" in m:
-            cost = m["eval_ppl"] / m["full_eval_ppl"] - 1
-            text += f"; {m['full_eval_ppl']:.2f} on the {m['full_base']} base (quantizing costs {cost:+.1%})"
-    elif "full_eval_ppl" in m:
-        text += f"; {m['full_eval_ppl']:.2f} with the adapter on the {m.get('full_base')} base"
-    if "reference_ppl" in m:  # what the adapter costs the base's general ability (fedpeft.federation.forgetting)
-        text += f"; reference ppl {m['reference_ppl']:.2f}"
-        text += f" ({m['forgetting']:+.1f}% vs the base)" if m["round"] > 0 else ""
-    if m["round"] > 0:
-        text += f", {len(m.get('accepted', []))}/{len(m.get('sampled', []))} clients, {m.get('seconds', 0.0):.1f} s"
-        text += " [skipped]" if m.get("skipped") else ""
-        text += " [kept the previous adapter: it forgets]" if m.get("kept_previous") else ""
-        if m.get("dp"):
-            text += f", ε = {m['dp']['epsilon']:.2f}"
+    if m.round == 0 and m.quant is not None:
+        text += f" on the {base_name(m.quant)} base"
+        if m.compute:
+            text += f", {compute_text(m.compute)}"
+        if m.full_eval_ppl is not None:
+            cost = m.eval_ppl / m.full_eval_ppl - 1
+            text += f"; {m.full_eval_ppl:.2f} on the {m.full_base} base (quantizing costs {cost:+.1%})"
+    elif m.full_eval_ppl is not None:
+        text += f"; {m.full_eval_ppl:.2f} with the adapter on the {m.full_base} base"
+    # what the adapter costs the base's general ability (fedpeft.federation.forgetting)
+    if m.reference_ppl is not None:
+        text += f"; reference ppl {m.reference_ppl:.2f}"
+        text += f" ({m.forgetting:+.1f}% vs the base)" if m.round > 0 else ""
+    if m.round > 0:
+        seconds = m.seconds if m.seconds is not None else 0.0
+        text += f", {len(m.accepted or [])}/{len(m.sampled or [])} clients, {seconds:.1f} s"
+        text += " [skipped]" if m.skipped else ""
+        text += " [kept the previous adapter: it forgets]" if m.kept_previous else ""
+        if m.dp:
+            text += f", ε = {m.dp.epsilon:.2f}"
     return text
 
 
+class ConsoleSink:
+    """The console's sink (fedpeft.federation.sinks.Sink): the rounds bar, each round's line under it and
+    the personalization summary where a round has one. It lives here, beside round_line."""
+
+    def __init__(self, bar: Any, method: str) -> None:
+        self.bar, self.method = bar, method
+
+    def round(self, m: RoundMetrics) -> None:
+        from fedpeft.personal.summary import summary_line
+
+        self.bar.update(1)
+        if m.eval_ppl is not None:
+            self.bar.set_postfix(ppl=f"{m.eval_ppl:.2f}", loss=f"{m.eval_loss:.3f}")
+        self.bar.write(round_line(m))
+        if m.personal is not None:
+            self.bar.write(f"round {m.round}: " + summary_line(m.personal, self.method))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class Progress:
-    """The rounds bar (with --no-progress none) and the lines printed after each round."""
+    """The rounds bar (with --no-progress none) and the lines printed after each round: the sinks the loop
+    hands each round to here. The files and trackers are save_round's (fedpeft.federation.sinks), which
+    knows the run folder; the loop still builds dicts, typed here."""
 
     def __init__(self, cfg: RunConfig, state: ServerState) -> None:
         from tqdm.auto import tqdm
 
         from fedpeft.log import show_bars
-        from fedpeft.personal.methods import method_label
+        from fedpeft.personal.strategies import method_label
 
-        rounds, self.method = cfg.federation.rounds, method_label(cfg.personal)
-        self.bar = tqdm(
+        rounds = cfg.federation.rounds
+        bar = tqdm(
             total=rounds,
             initial=min(state.round, rounds),
             desc="rounds",
             disable=not show_bars(cfg.train.progress),
             unit="round",
         )
-        evaluated = [h for h in state.history if "eval_ppl" in h]  # round 0 always is
-        self.bar.set_postfix(ppl=f"{evaluated[-1]['eval_ppl']:.2f}" if evaluated else "")
+        history = as_history(state.history)
+        evaluated = [h for h in history if h.eval_ppl is not None]  # round 0 always is
+        bar.set_postfix(ppl=f"{evaluated[-1].eval_ppl:.2f}" if evaluated else "")
         if state.round == 0:  # what the base scores, on which base(s), before any training
-            self.bar.write(round_line(state.history[0]))
+            bar.write(round_line(history[0]))
+        self.sinks: list[Sink] = [ConsoleSink(bar, method_label(cfg.personal))]
 
-    def round(self, m: Mapping[str, Any]) -> None:
-        from fedpeft.personal.methods import summary_line
-
-        self.bar.update(1)
-        if "eval_ppl" in m:
-            self.bar.set_postfix(ppl=f"{m['eval_ppl']:.2f}", loss=f"{m['eval_loss']:.3f}")
-        self.bar.write(round_line(m))
-        if "personal" in m:
-            self.bar.write(f"round {m['round']}: " + summary_line(m["personal"], self.method))
+    def round(self, m: RoundMetrics | Mapping[str, Any]) -> None:
+        metrics = as_metrics(m)
+        for sink in self.sinks:
+            sink.round(metrics)
 
     def close(self) -> None:
-        self.bar.close()
+        for sink in self.sinks:
+            sink.close()

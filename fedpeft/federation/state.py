@@ -1,5 +1,5 @@
 """The server's side of a federation, without Flower: state, client sampling, checking replies,
-aggregation, checkpoints, metrics. server/app.py moves messages; what it decides lives here and in
+aggregation, checkpoints, metrics. fedpeft.federation.loop moves messages; what it decides lives here and in
 fedpeft.federation.roster (registration), fedpeft.federation.rounds and fedpeft.federation.evaluation (a round's outcome and metrics).
 
 The server never loads the base model. It knows the adapter schema and the base fingerprint from
@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.atomic import atomic_dir, atomic_write_bytes, manifest_problem, write_manifest
+from fedpeft.atomic import atomic_dir, manifest_problem, write_manifest
 from fedpeft.config.tree import RunConfig, sampled_per_round
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.aggregate import Arrays, divide, server_update, weighted_sum
+from fedpeft.federation.sinks import check_trackers, record
 from fedpeft.model.adapter_files import AdapterDescription, adapter_meta, write_adapter_dir
 
 CHECKPOINTS = "checkpoints"
@@ -151,10 +152,11 @@ def save_checkpoint(run_dir: Path, state: ServerState, cfg: RunConfig) -> Path:
 
 
 def save_round(run_dir: Path, state: ServerState, cfg: RunConfig) -> None:
-    """After each round (0 included): its checkpoint, the global adapter folder, the metrics."""
+    """After each round (0 included): its checkpoint, the global adapter folder, the metrics to every sink
+    (fedpeft.federation.sinks: metrics.jsonl, plot.png, the trackers --log-to names)."""
     save_checkpoint(run_dir, state, cfg)
     write_global(run_dir, state)
-    write_metrics(run_dir, state.history)
+    record(run_dir, state.history, cfg)
     prune_checkpoints(run_dir, cfg.federation.keep_checkpoints)
 
 
@@ -264,13 +266,8 @@ def load_checkpoint(path: Path) -> ServerState:
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     """metrics.jsonl (one object per round) and plot.png, rewritten whole from the history (so a resumed
-    run never repeats or loses a round)."""
-    from fedpeft.federation.report import federation_png
-
-    lines = "".join(json.dumps(h, sort_keys=True) + "\n" for h in history)
-    atomic_write_bytes(run_dir / "metrics.jsonl", lines.encode())
-    if history:
-        atomic_write_bytes(run_dir / "plot.png", federation_png(history))
+    run never repeats or loses a round); no tracker."""
+    record(run_dir, history)
 
 
 def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
@@ -309,6 +306,7 @@ def plan_run(run_dir: Path, cfg: RunConfig, resume: bool, resume_from: int | Non
     """The round a federation in `run_dir` starts after (None: a new one), verified before anything is
     written: a resumed run keeps its configuration and has a checkpoint that verifies; a new one does not
     overwrite a folder that holds a federation. `simulate`, `server` and `deploy-local` all start here."""
+    check_trackers(cfg)  # a --log-to tracker whose package is missing: refused before anything runs
     if resume or resume_from is not None:
         check_resume_config(run_dir, cfg)
         return resume_round(run_dir, resume_from)

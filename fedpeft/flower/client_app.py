@@ -1,10 +1,10 @@
-"""Flower ClientApp: decode the message, run its task (client/tasks.py), encode the reply. Nothing else.
+"""Flower ClientApp: decode the message, run its task (fedpeft.flower.client_tasks), encode the reply. Nothing else.
 
 Every message carries the run's flat config (fedpeft.config.tree.to_run_config), so the same app serves
 simulation and deployment:
 - simulation: node config `partition-id` picks this virtual client's share of the run's data, and the task
   runs here, in the Ray actor that keeps the base loaded between messages;
-- deployment (`fedpeft client`): the device's node config (fedpeft.config.node.DeviceNode) names its text,
+- deployment (`fedpeft client`): the device's node config (fedpeft.config.node.DeviceConfig) names its text,
   store and base, its security policy (`require-secagg`, `min-neighbours`: nothing the server sends can
   lower either), and `worker`, the socket of its resident worker (fedpeft.device.worker). A SuperNode starts a
   fresh process of this app per message; it imports no torch and forwards the task to the worker, which
@@ -25,9 +25,15 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft.config.node import DeviceNode
+from fedpeft.config.files import from_run_config
+from fedpeft.config.node import DeviceConfig
+from fedpeft.device.link import WorkerGone, call
 from fedpeft.errors import FedpeftError
+from fedpeft.federation.state import client_seed
+from fedpeft.flower import client_tasks as tasks
 from fedpeft.flower.records import arrays_to_record, record_to_arrays  # noqa: F401 - re-exported for tests
+from fedpeft.secagg.client_stages import handle
+from fedpeft.secagg.protocol import MIN_NEIGHBOURS, SecAggAbort
 
 app = ClientApp()
 INFO_KEY = "fedpeft-info"  # context.state: what this node reported last (fingerprint, name)
@@ -52,9 +58,9 @@ def user_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Mes
     return wrapped
 
 
-def _node(context: Context) -> DeviceNode | None:
+def _node(context: Context) -> DeviceConfig | None:
     """This device's own node config (None on a simulated node): its data, store and security policy."""
-    return DeviceNode.from_node_config(dict(context.node_config))
+    return DeviceConfig.from_node_config(dict(context.node_config))
 
 
 def _waited(msg: Message) -> float:
@@ -67,8 +73,6 @@ def _run(kind: str, msg: Message, context: Context) -> RecordDict:
     """The task here (simulation, or a device without a worker) or in the device's resident worker."""
     node = _node(context)
     if node is not None and node.worker:
-        from fedpeft.device.link import WorkerGone, call
-
         try:
             reply = call(Path(node.worker), kind, msg.content, context.run_id)
         except (WorkerGone, ConnectionError) as e:  # the worker died mid-task; `fedpeft client` restarts it
@@ -76,8 +80,6 @@ def _run(kind: str, msg: Message, context: Context) -> RecordDict:
                 f"the device worker stopped during this task ({e}); it is being restarted"
             ) from None
     else:
-        from fedpeft.flower import client_tasks as tasks
-
         partition = 0 if node is not None else int(context.node_config["partition-id"])
         reply = tasks.run(kind, msg.content, node, partition)
     if "info" in reply:
@@ -93,8 +95,6 @@ def describe(msg: Message, context: Context) -> Message:
 
 
 def _min_neighbours(context: Context) -> int:
-    from fedpeft.secagg.protocol import MIN_NEIGHBOURS
-
     node = _node(context)
     return MIN_NEIGHBOURS if node is None else node.min_neighbours
 
@@ -130,17 +130,11 @@ def train(msg: Message, context: Context) -> Message:
 def _secagg_stage(msg: Message, context: Context, waited: float) -> RecordDict:
     """A secure-aggregation stage; the local training runs inside stage 3, right before masking. Stage 1
     checks the fingerprint this node reported last, so a device on another base never takes part."""
-    from fedpeft.config.files import from_run_config
-    from fedpeft.federation.state import client_seed
-    from fedpeft.secagg.flower import handle
-
     task = msg.content["task"]
     rnd, client, stage = int(task["round"]), int(task["client"]), int(task["secagg-stage"])
     if stage == 1:
-        from fedpeft.flower.client_tasks import check_base
-
         if INFO_KEY in context.state:
-            check_base(task, str(context.state[INFO_KEY]["fingerprint"]))
+            tasks.check_base(task, str(context.state[INFO_KEY]["fingerprint"]))
         context.state[WAIT_KEY] = MetricRecord({"seconds": 0.0})
     if WAIT_KEY in context.state:
         context.state[WAIT_KEY]["seconds"] = float(context.state[WAIT_KEY]["seconds"]) + waited
@@ -178,9 +172,6 @@ def _advertise_ahead(msg: Message, context: Context) -> ConfigRecord | None:
     """Stage 1 of the next secure round, folded into this round's last message (the evaluation): the same
     checks and state as a stage-1 message. A refusal keeps the keys back; the server then asks in a
     stage-1 message of the next round, and the refusal is recorded there."""
-    from fedpeft.secagg.flower import handle
-    from fedpeft.secagg.protocol import SecAggAbort
-
     task, client = dict(msg.content["secagg-next"]), int(msg.content["task"]["client"])
     if int(task.get("secagg-stage", 0)) != 1:
         return None

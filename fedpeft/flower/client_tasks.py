@@ -18,10 +18,14 @@ from typing import TYPE_CHECKING, NamedTuple
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpeft.config.files import from_run_config
-from fedpeft.config.node import DeviceNode
+from fedpeft.config.node import DeviceConfig
 from fedpeft.config.tree import RunConfig
+from fedpeft.deploy.processes import peak_rss, tree_peak_rss
 from fedpeft.errors import FedpeftError
 from fedpeft.flower.records import arrays_to_record, record_to_arrays
+from fedpeft.model.placement import gpu_figures
+from fedpeft.privacy.central import clip
+from fedpeft.secagg.records import flatten
 
 if TYPE_CHECKING:
     from fedpeft.device.runtime import Device
@@ -29,7 +33,7 @@ if TYPE_CHECKING:
 STATS = {"root_pid": 0, "loads_before": 0}  # set by the device worker: its device's process tree, loads
 
 
-def config_for(content: RecordDict, node: DeviceNode | None) -> RunConfig:
+def config_for(content: RecordDict, node: DeviceConfig | None) -> RunConfig:
     cfg = from_run_config(dict(content["config"]))
     if node is not None:  # a real device: its own copy of the base and its own cache
         base = replace(
@@ -53,9 +57,9 @@ class Setup(NamedTuple):
     load_seconds: float  # spent loading the base for this message (0 when the process already held it)
 
 
-def setup(content: RecordDict, node: DeviceNode | None, partition: int) -> Setup:
+def setup(content: RecordDict, node: DeviceConfig | None, partition: int) -> Setup:
     start = time.perf_counter()
-    from fedpeft.device.runtime import get_device
+    from fedpeft.device.runtime import get_device  # torch: only the tasks that need the base load it
 
     cfg = config_for(content, node)
     task = content["task"]
@@ -97,9 +101,7 @@ def info(device: Device, local: int, client: int) -> ConfigRecord:
 def device_stats(device: str = "cpu") -> dict[str, float]:
     """How often this device has loaded its base since it started, the peak RSS of its processes, and on
     a GPU the peak GPU memory its process allocated."""
-    from fedpeft.deploy.processes import peak_rss, tree_peak_rss
-    from fedpeft.device.runtime import BASE_LOADS
-    from fedpeft.model.placement import gpu_figures
+    from fedpeft.device.runtime import BASE_LOADS  # torch: off the ClientApp's start-up path
 
     root = STATS["root_pid"]
     # a device worker's tree (it may have restarted); a simulated client's actor starts no process, and
@@ -112,7 +114,7 @@ def device_stats(device: str = "cpu") -> dict[str, float]:
     }
 
 
-def describe(content: RecordDict, node: DeviceNode | None, partition: int) -> RecordDict:
+def describe(content: RecordDict, node: DeviceConfig | None, partition: int) -> RecordDict:
     device, local, client, _ = setup(content, node, partition)
     record = info(device, local, client)
     if node is not None:
@@ -124,14 +126,12 @@ def describe(content: RecordDict, node: DeviceNode | None, partition: int) -> Re
     return out
 
 
-def _fit(content: RecordDict, node: DeviceNode | None, partition: int):
+def _fit(content: RecordDict, node: DeviceConfig | None, partition: int):
     device, local, client, load_seconds = setup(content, node, partition)
     rnd = int(content["task"]["round"])
     result = device.fit(local, record_to_arrays(content["arrays"]), rnd, client)
     dp: dict[str, float] = {}
     if device.cfg.privacy.mode != "off":  # DP-FedAvg: the whole delta clipped, every client weighs the same
-        from fedpeft.privacy.central import clip
-
         delta, clipped = clip(result.delta, device.cfg.privacy.clip)
         result, dp = replace(result, delta=delta, num_examples=1), {"dp_clipped": float(clipped)}
     metrics = {
@@ -146,7 +146,7 @@ def _fit(content: RecordDict, node: DeviceNode | None, partition: int):
     return device, local, client, result, metrics
 
 
-def train(content: RecordDict, node: DeviceNode | None, partition: int) -> RecordDict:
+def train(content: RecordDict, node: DeviceConfig | None, partition: int) -> RecordDict:
     device, local, client, result, metrics = _fit(content, node, partition)
     return RecordDict(
         {
@@ -157,10 +157,8 @@ def train(content: RecordDict, node: DeviceNode | None, partition: int) -> Recor
     )
 
 
-def update(content: RecordDict, node: DeviceNode | None, partition: int) -> RecordDict:
+def update(content: RecordDict, node: DeviceConfig | None, partition: int) -> RecordDict:
     """Secure stage 3's local training: the delta flattened in the travel keys' order, and its weight."""
-    from fedpeft.secagg.flower import flatten
-
     device, local, client, result, metrics = _fit(content, node, partition)
     flat = flatten(result.delta, device.keys)
     return RecordDict(
@@ -172,12 +170,12 @@ def update(content: RecordDict, node: DeviceNode | None, partition: int) -> Reco
     )
 
 
-def evaluate(content: RecordDict, node: DeviceNode | None, partition: int) -> RecordDict:
+def evaluate(content: RecordDict, node: DeviceConfig | None, partition: int) -> RecordDict:
     device, local, client, _ = setup(content, node, partition)
     task = content["task"]
     arrays = record_to_arrays(content["arrays"])
     out = RecordDict({"info": info(device, local, client)})
-    if task.get("personal", False) and device.method != "none":
+    if task.get("personal", False) and device.strategy.personal:
         others = bool(task.get("specificity", False))
         result = device.personalize(local, arrays, int(task["round"]), client, others)
         loss, tokens = result.pop("eval_loss"), result.pop("eval_tokens")
@@ -208,5 +206,5 @@ def evaluate(content: RecordDict, node: DeviceNode | None, partition: int) -> Re
 TASKS = {"describe": describe, "train": train, "update": update, "evaluate": evaluate}
 
 
-def run(kind: str, content: RecordDict, node: DeviceNode | None, partition: int = 0) -> RecordDict:
+def run(kind: str, content: RecordDict, node: DeviceConfig | None, partition: int = 0) -> RecordDict:
     return TASKS[kind](content, node, partition)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from fedpeft.atomic import atomic_dir
 from fedpeft.config.tree import AdapterConfig
@@ -69,7 +70,9 @@ class AdapterDescription:
     adapter: AdapterConfig
     base_path: str
     quant: str
-    base: dict[str, str] = field(default_factory=dict)  # fedpeft.model.base.Base.doc(): how to get the base back
+    base: dict[str, str] = field(
+        default_factory=dict
+    )  # fedpeft.model.base.Base.doc(): how to get the base back
 
     def to_json(self) -> dict[str, Any]:
         """A JSON object (the format of checkpoints and of the registration reply: keep it readable)."""
@@ -131,8 +134,6 @@ def write_adapter_dir(
 ) -> Path:
     """Write a PEFT folder (adapter_config.json + adapter_model.safetensors) plus fedpeft.json, atomically:
     `dest` is replaced whole only once everything is written. Needs no model, so the server can use it."""
-    from safetensors.numpy import save_file
-
     dest = Path(dest)
     with atomic_dir(dest) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(_jsonable(peft_config), indent=2, sort_keys=True) + "\n")

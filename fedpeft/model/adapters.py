@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file
 
 from fedpeft.atomic import atomic_dir
 from fedpeft.config.tree import AdapterConfig
@@ -33,9 +34,12 @@ from fedpeft.model.adapter_files import (  # re-exported: the model-free half of
     write_adapter_dir,
 )
 from fedpeft.model.base import Base
+from fedpeft.model.placement import model_device
+from fedpeft.model.precision import autocast
 
 
 def _peft_config(cfg: AdapterConfig) -> Any:
+    # peft imports bitsandbytes, which logs at import: only once load_base has quieted it
     from peft import IA3Config, LoraConfig
 
     if cfg.kind == "lora":
@@ -54,13 +58,13 @@ def _peft_config(cfg: AdapterConfig) -> Any:
             task_type="CAUSAL_LM",
         )
     if cfg.kind == "prompt":
-        from peft import PromptTuningConfig
+        from peft import PromptTuningConfig  # peft: see _peft_config
 
         return PromptTuningConfig(
             num_virtual_tokens=cfg.virtual_tokens, prompt_tuning_init="SAMPLE_VOCAB", task_type="CAUSAL_LM"
         )
     if cfg.kind == "prefix":
-        from peft import PrefixTuningConfig
+        from peft import PrefixTuningConfig  # peft: see _peft_config
 
         return PrefixTuningConfig(num_virtual_tokens=cfg.virtual_tokens, task_type="CAUSAL_LM")
     raise FedpeftError(f"unknown adapter {cfg.kind!r}; choose lora, ia3, prompt or prefix")
@@ -79,7 +83,7 @@ def check_targets(model: Any, targets: tuple[str, ...]) -> None:
 def inject(base: Base, cfg: AdapterConfig) -> Any:
     """Wrap the frozen base with a fresh adapter. The init is seeded, so every client that uses the
     same seed builds the same LoRA A (what FFA-LoRA relies on). Returns a peft PeftModel."""
-    from peft import get_peft_model
+    from peft import get_peft_model  # peft: see _peft_config
 
     if not cfg.prompt_learning:
         check_targets(base.model, cfg.targets())
@@ -106,9 +110,6 @@ def _init_prefix(model: Any, compute: str, cfg: AdapterConfig) -> None:
     from real words' activations better). peft's default, N(0, 1) values, swamps the real keys and values:
     on the default model the main command's federation went from held-out ppl 31.46 to 732 in its first
     round (benchmarks/federation.py adapters)."""
-    from fedpeft.model.placement import model_device
-    from fedpeft.model.precision import autocast
-
     hf = model.get_base_model()
     device = model_device(hf)
     ids = prefix_init_ids(hf.get_input_embeddings().weight.shape[0], cfg).to(device)
@@ -141,7 +142,7 @@ def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
 
 
 def _peft_state(model: Any) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict  # peft: see _peft_config
 
     # save_embedding_layers="auto" (peft's default) asks the Hugging Face hub for the config of
     # base_model_name_or_path, now a public id: a network call from a device at every save. The adapters
@@ -212,7 +213,7 @@ def check_schema(expected: Schema, got: Schema, what: str) -> None:
 
 def load_adapter_state(model: Any, arrays: dict[str, np.ndarray], what: str = "adapter") -> None:
     """Set the adapter weights from named arrays; the names, shapes and dtypes must match exactly."""
-    from peft import set_peft_model_state_dict
+    from peft import set_peft_model_state_dict  # peft: see _peft_config
 
     check_schema(adapter_schema(model), schema_of(arrays), what)
     for k, v in arrays.items():
@@ -282,8 +283,6 @@ def save_adapter(
 
 def read_adapter(path: Path) -> AdapterFiles:
     """Read and validate an adapter folder; every defect is a one-line FedpeftError."""
-    from safetensors.numpy import load_file
-
     path = Path(path)
     if not path.is_dir():
         raise FedpeftError(f"adapter folder does not exist: {path}")

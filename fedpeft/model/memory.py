@@ -22,6 +22,7 @@ from typing import Any
 
 from fedpeft.config.tree import TrainConfig
 from fedpeft.errors import FedpeftError
+from fedpeft.model.quant import parameter_count
 
 MIB = 2**20
 
@@ -231,8 +232,6 @@ def full_base_mib(base: Any, full_quant: str, adapter_params: int, tokens: int, 
     """Estimated peak (MiB) of a process that holds `base` (a fedpeft.model.base.Base, as loaded) and also loads
     its unquantized copy (`full_quant`: bf16 or none) to evaluate `tokens` tokens a batch on it: what
     --full-base costs a device at round 0 and in the last round, on top of its own base."""
-    from fedpeft.model.base import parameter_count
-
     wide = full_quant == "none" or base.compute == "fp32"  # it computes as the device's own base does
     full_bytes = parameter_count(base.path) * (4 if wide else 2)
     act_bytes = 4 if wide else 2

@@ -20,7 +20,8 @@ from fedpeft.atomic import atomic_dir
 from fedpeft.config.tree import BaseConfig
 from fedpeft.errors import FedpeftError
 from fedpeft.model.adapters import AdapterFiles, check_fingerprint, inject, load_adapter_state
-from fedpeft.model.base import Base, dequantize_linears, load_base
+from fedpeft.model.base import Base, load_base
+from fedpeft.model.quant import dequantize_linears
 
 MergeOnto = Literal["full", "quantized"]
 

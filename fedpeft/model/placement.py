@@ -16,7 +16,7 @@ from fedpeft.errors import FedpeftError
 
 
 def cuda_available() -> bool:
-    import torch
+    import torch  # torch: the simulation's driver imports this module (actor_resources) without it
 
     return torch.cuda.is_available()
 
@@ -27,7 +27,7 @@ def resolve_device(choice: str) -> str:
         return "cpu"
     if choice == "cuda":
         if not cuda_available():
-            import torch
+            import torch  # torch: see cuda_available
 
             why = "torch was built without CUDA" if torch.version.cuda is None else "torch sees no GPU"
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
@@ -43,6 +43,27 @@ def model_device(model: Any) -> Any:
     return next(model.parameters()).device
 
 
+def move_model(model: Any, device: str) -> None:
+    """Move a loaded base to `device` in place, quantized layers included. Module.to() swaps each
+    parameter's data but leaves attributes on it: bitsandbytes' Params4bit moves its quant_state in place
+    on .to(), while Int8Params keeps CB (its data) and SCB (row scales) as attributes, moved here."""
+    model.to(device)
+    if not getattr(model, "is_loaded_in_8bit", False):
+        return
+    import bitsandbytes as bnb  # bitsandbytes: only an int8 base needs it (and it logs at import)
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            weight, state = module.weight, module.state
+            if getattr(weight, "CB", None) is not None:
+                weight.CB = weight.data
+            if getattr(weight, "SCB", None) is not None:
+                weight.SCB = weight.SCB.to(device)
+            for name in ("CB", "SCB"):
+                if getattr(state, name, None) is not None:
+                    setattr(state, name, getattr(state, name).to(device))
+
+
 def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
     if device.type == "cpu":
         return batch
@@ -53,7 +74,7 @@ def gpu_figures(device: str) -> dict[str, float]:
     """On CUDA, the peak GPU memory this process allocated (a device figure of the round's metrics)."""
     if device != "cuda":
         return {}
-    import torch
+    import torch  # torch: see cuda_available
 
     return {"gpu_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 

@@ -1,1 +1,3 @@
-"""Personal adapters that never leave the device: the store and the personalization methods."""
+"""Personal adapters that never leave the device: `strategies` (the methods: none, finetune, fedsa, ditto),
+`store` (one folder per user), `summary` (the server's figures over users). Their
+training runs on the device (fedpeft.device.personal)."""

@@ -54,6 +54,7 @@ INTEGER_ORDERS = tuple(range(2, 257))
 
 
 def _accountant(discrete: bool = False):
+    # dp_accounting (and the scipy it pulls in): imported only when a federation runs under DP
     import dp_accounting
     from dp_accounting import rdp
 

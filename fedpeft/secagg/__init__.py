@@ -1,2 +1,6 @@
 """SecAgg+ (Bell et al., CCS 2020; on Bonawitz et al., CCS 2017): the server learns only the sum of the
-clients' quantized, masked updates. Primitives from `cryptography` only; see docs in README.md."""
+clients' quantized, masked updates. Primitives from `cryptography` only.
+
+By side: `protocol` has the stages and the client's state machine, `server_protocol` the server's (both
+transport-free); `client_stages` and `server_stages` carry them in Flower messages; `server_round` is a
+federation round under SecAgg+. Shared: `shamir`, `crypto`, `quantize`, `graph`, `records`."""

@@ -1,5 +1,5 @@
 """SecAgg+ as two state machines without any transport: the client's here, the server's in
-fedpeft.secagg.protocol_server.
+fedpeft.secagg.server_protocol (its Flower messages: fedpeft.secagg.client_stages and server_stages).
 
 Stages (Bell et al., CCS 2020, Fig. 1; Bonawitz et al., CCS 2017, Fig. 4):
   1. advertise keys   client -> server: two X25519 public keys (c: share encryption, s: masks) and an

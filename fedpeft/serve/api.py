@@ -80,7 +80,16 @@ class ChatRequest(_Common):
 
 def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens: int) -> FastAPI:
     app = FastAPI(title="fedpeft serve", docs_url=None, redoc_url=None, openapi_url=None)
-    created = int(time.time())
+    _add_error_handlers(app)
+    _add_auth(app, api_key)
+    _add_info_routes(app, engine, batcher)
+    _add_completion_routes(app, _Completions(engine, batcher, max_tokens))
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: ours (ApiError), a malformed body (400, as OpenAI answers it) and
+    Starlette's own (an unknown path's 404)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -96,6 +105,10 @@ def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         return _error(e.status_code, str(e.detail))
 
+
+def _add_auth(app: FastAPI, api_key: str | None) -> None:
+    """With an API key, /v1/ answers only requests that bear it (compared in constant time)."""
+
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:
         if api_key and request.url.path.startswith("/v1/"):
@@ -106,6 +119,11 @@ def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens
                     401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key"
                 )
         return await call_next(request)
+
+
+def _add_info_routes(app: FastAPI, engine: Engine, batcher: Batcher) -> None:
+    """GET /health (no key needed) and GET /v1/models."""
+    created = int(time.time())
 
     @app.get("/health", response_model=None)
     async def health() -> Any:
@@ -123,8 +141,55 @@ def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens
             data.append({"id": name, "object": "model", "created": created, "owned_by": "fedpeft", **info})
         return {"object": "list", "data": data}
 
-    def sampling(req: _Common, wanted: int) -> Sampling:
-        if req.model not in engine.names:
+
+def _add_completion_routes(app: FastAPI, c: _Completions) -> None:
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        return await c.completions(req, request)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: ChatRequest, request: Request) -> Any:
+        return await c.chat(req, request)
+
+
+class _Completions:
+    """POST /v1/completions and /v1/chat/completions: requests checked, encoded off the event loop, their rows
+    submitted to the batcher and answered whole or streamed."""
+
+    def __init__(self, engine: Engine, batcher: Batcher, max_tokens: int) -> None:
+        self.engine, self.batcher, self.max_tokens = engine, batcher, max_tokens
+
+    async def completions(self, req: CompletionRequest, request: Request) -> Any:
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts or len(prompts) > MAX_PROMPTS:
+            raise ApiError(400, f"prompt: give 1 to {MAX_PROMPTS} prompts", "prompt")
+        jobs = await self.prepare(prompts, req.model, self.sampling(req, req.max_tokens or 16))
+        return await self.respond(jobs, req, request, "text_completion", "cmpl")
+
+    async def chat(self, req: ChatRequest, request: Request) -> Any:
+        engine, max_tokens = self.engine, self.max_tokens
+        wanted = req.max_completion_tokens or req.max_tokens
+        s = self.sampling(req, wanted or 1)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            if sum(len(m["content"]) for m in messages) > MAX_CHARS_PER_TOKEN * engine.context:
+                raise ApiError(
+                    400, f"the messages are longer than the model's context of {engine.context} tokens"
+                )
+            prompt = await asyncio.to_thread(engine.chat_prompt, messages)
+        except FedpeftError as e:
+            raise ApiError(400, str(e), "messages") from None
+        except Exception as e:  # the template's own checks (e.g. roles out of order)
+            raise ApiError(400, f"messages: {str(e).splitlines()[0]}", "messages") from None
+        if wanted is None:  # as OpenAI: up to what the context leaves (within the server's limit)
+            used = len(await asyncio.to_thread(engine.encode, prompt))
+            s = replace(s, max_tokens=max(1, min(max_tokens, engine.context - used)))
+        return await self.respond(
+            await self.prepare([prompt], req.model, s), req, request, "chat.completion", "chatcmpl"
+        )
+
+    def sampling(self, req: _Common, wanted: int) -> Sampling:
+        if req.model not in self.engine.names:
             raise ApiError(
                 404,
                 f"the model {req.model!r} does not exist here; GET /v1/models lists them",
@@ -136,15 +201,16 @@ def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens
             raise ApiError(
                 400, f"stop: at most {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} characters", "stop"
             )
-        if wanted > max_tokens:
+        if wanted > self.max_tokens:
             raise ApiError(
                 400,
-                f"max_tokens {wanted} exceeds this server's limit of {max_tokens} (--max-tokens)",
+                f"max_tokens {wanted} exceeds this server's limit of {self.max_tokens} (--max-tokens)",
                 "max_tokens",
             )
         return Sampling(wanted, req.temperature, req.top_p, tuple(stops), req.seed)
 
-    async def prepare(prompts: list[str], model: str, s: Sampling) -> list[Job]:
+    async def prepare(self, prompts: list[str], model: str, s: Sampling) -> list[Job]:
+        engine = self.engine
         jobs = []
         for p in prompts:
             if len(p) > MAX_CHARS_PER_TOKEN * engine.context:  # surely past the context: not worth encoding
@@ -161,37 +227,7 @@ def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens
             jobs.append(Job(ids, model, s))
         return jobs
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(req: CompletionRequest, request: Request) -> Any:
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not prompts or len(prompts) > MAX_PROMPTS:
-            raise ApiError(400, f"prompt: give 1 to {MAX_PROMPTS} prompts", "prompt")
-        jobs = await prepare(prompts, req.model, sampling(req, req.max_tokens or 16))
-        return await respond(jobs, req, request, "text_completion", "cmpl")
-
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat(req: ChatRequest, request: Request) -> Any:
-        wanted = req.max_completion_tokens or req.max_tokens
-        s = sampling(req, wanted or 1)
-        try:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            if sum(len(m["content"]) for m in messages) > MAX_CHARS_PER_TOKEN * engine.context:
-                raise ApiError(
-                    400, f"the messages are longer than the model's context of {engine.context} tokens"
-                )
-            prompt = await asyncio.to_thread(engine.chat_prompt, messages)
-        except FedpeftError as e:
-            raise ApiError(400, str(e), "messages") from None
-        except Exception as e:  # the template's own checks (e.g. roles out of order)
-            raise ApiError(400, f"messages: {str(e).splitlines()[0]}", "messages") from None
-        if wanted is None:  # as OpenAI: up to what the context leaves (within the server's limit)
-            used = len(await asyncio.to_thread(engine.encode, prompt))
-            s = replace(s, max_tokens=max(1, min(max_tokens, engine.context - used)))
-        return await respond(
-            await prepare([prompt], req.model, s), req, request, "chat.completion", "chatcmpl"
-        )
-
-    async def respond(jobs: list[Job], req: _Common, request: Request, kind: str, prefix: str) -> Any:
+    async def respond(self, jobs: list[Job], req: _Common, request: Request, kind: str, prefix: str) -> Any:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, str, str | None]] = asyncio.Queue()
         for i, j in enumerate(jobs):
@@ -200,26 +236,12 @@ def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens
             )
         head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
         try:
-            batcher.submit(jobs)
+            self.batcher.submit(jobs)
         except Busy as e:
             raise ApiError(503, f"the server is busy: {e}; retry later") from None
         if req.stream:
             return StreamingResponse(_stream(jobs, events, head, kind), media_type="text/event-stream")
-        try:
-            texts = ["" for _ in jobs]
-            left = len(jobs)
-            while left:
-                try:
-                    i, delta, finish = await asyncio.wait_for(events.get(), timeout=1.0)
-                except TimeoutError:
-                    if await request.is_disconnected():  # nobody waits for the answer: stop decoding it
-                        break
-                    continue
-                texts[i] += delta
-                left -= finish is not None
-        finally:
-            for j in jobs:
-                j.cancelled = j.cancelled or not j.done  # the client went away: stop decoding for it
+        texts = await _collect(jobs, events, request)
         failed = [j for j in jobs if j.finish == "error"]
         if failed:
             raise ApiError(500, failed[0].error)
@@ -233,7 +255,27 @@ def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens
         }
         return {**head, "object": kind, "choices": choices, "usage": usage}
 
-    return app
+
+async def _collect(
+    jobs: list[Job], events: asyncio.Queue[tuple[int, str, str | None]], request: Request
+) -> list[str]:
+    """Each job's whole text, as its pieces come; a client that goes away cancels its rows of the batch."""
+    texts = ["" for _ in jobs]
+    try:
+        left = len(jobs)
+        while left:
+            try:
+                i, delta, finish = await asyncio.wait_for(events.get(), timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():  # nobody waits for the answer: stop decoding it
+                    break
+                continue
+            texts[i] += delta
+            left -= finish is not None
+    finally:
+        for j in jobs:
+            j.cancelled = j.cancelled or not j.done  # the client went away: stop decoding for it
+    return texts
 
 
 def _choice(kind: str, index: int, text: str, finish: str | None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedpeft.errors import FedpeftError
 from fedpeft.model.adapters import AdapterFiles, read_adapter
-from fedpeft.personal.methods import CHOICE_FILE, GLOBAL, PERSONAL, user_adapter
+from fedpeft.personal.store import CHOICE_FILE, GLOBAL, PERSONAL, user_adapter
 
 BASE = "base"  # the model name that means no adapter
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")

@@ -8,11 +8,16 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from fedpeft.config.flags import add_base_location, add_config_flags, config_from_args
+from fedpeft.config.flags import add_config_flags, config_from_args, field_value, local_section
+from fedpeft.config.local import API_KEY_ENV, ServeConfig
+from fedpeft.config.tree import BaseConfig
 from fedpeft.errors import FedpeftError
 
-API_KEY_ENV = "FEDPEFT_API_KEY"
+if TYPE_CHECKING:
+    from fedpeft.model.base import Base
+    from fedpeft.serve.catalog import Entry
 
 
 def add_serve_command(sub: argparse._SubParsersAction) -> None:
@@ -28,60 +33,7 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "sources", nargs="*", metavar="RUN_OR_STORE", help="run folders or device stores (--store)"
     )
-    p.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="serve the adapter folder PATH as model NAME; repeat for several",
-    )
-    n = p.add_argument_group("network")
-    n.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on; any other than this machine's loopback needs an API key (default: %(default)s)",
-    )
-    n.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)")
-    n.add_argument(
-        "--api-key",
-        default=None,
-        metavar="KEY",
-        help=f"require Authorization: Bearer KEY on /v1/ (default: ${API_KEY_ENV}, else none on loopback)",
-    )
-    n.add_argument("--ssl-certfile", default=None, metavar="PEM", help="serve HTTPS with this certificate")
-    n.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the certificate's private key")
-    b = p.add_argument_group("batching")
-    b.add_argument(
-        "--max-batch",
-        type=int,
-        default=16,
-        metavar="N",
-        help="requests decoded together (default: %(default)s)",
-    )
-    b.add_argument(
-        "--batch-wait-ms",
-        type=float,
-        default=50.0,
-        metavar="MS",
-        help="how long an idle server waits for more requests to batch with the first; next to a decode of a "
-        "second or more on a CPU it is cheap, and it lets clients that start a little apart share a batch "
-        "(default: %(default)s)",
-    )
-    b.add_argument(
-        "--max-queue",
-        type=int,
-        default=256,
-        metavar="N",
-        help="prompts that may wait for a batch; more are answered 503, busy (default: %(default)s)",
-    )
-    b.add_argument(
-        "--max-tokens",
-        type=int,
-        default=512,
-        metavar="N",
-        help="the most tokens one request may generate (default: %(default)s)",
-    )
-    add_base_location(add_config_flags(p, "serve")["base"])
+    add_config_flags(p, "serve")
 
 
 def _loopback(host: str) -> bool:
@@ -93,21 +45,21 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _check_network(a: argparse.Namespace) -> str | None:
+def _check_network(o: ServeConfig) -> str | None:
     """The API key to require; refuses an exposed server without one before anything loads."""
-    key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV)
+    key = o.api_key if o.api_key is not None else os.environ.get(API_KEY_ENV)
     if key is not None and len(key) < 8:
         raise FedpeftError("--api-key is shorter than 8 characters")
-    if not _loopback(a.host) and not key:
+    if not _loopback(o.host) and not key:
         raise FedpeftError(
-            f"--host {a.host} lets other machines reach the server: set --api-key KEY (or ${API_KEY_ENV})"
+            f"--host {o.host} lets other machines reach the server: set --api-key KEY (or ${API_KEY_ENV})"
         )
-    if (a.ssl_certfile is None) != (a.ssl_keyfile is None):
+    if (o.ssl_certfile is None) != (o.ssl_keyfile is None):
         raise FedpeftError("--ssl-certfile and --ssl-keyfile go together")
-    for f in (a.ssl_certfile, a.ssl_keyfile):
+    for f in (o.ssl_certfile, o.ssl_keyfile):
         if f is not None and not Path(f).is_file():
             raise FedpeftError(f"no such file: {f}")
-    if min(a.max_batch, a.max_tokens, a.max_queue) < 1 or a.batch_wait_ms < 0:
+    if min(o.max_batch, o.max_tokens, o.max_queue) < 1 or o.batch_wait_ms < 0:
         raise FedpeftError(
             "--max-batch, --max-queue and --max-tokens must be positive, --batch-wait-ms not negative"
         )
@@ -122,61 +74,72 @@ def _bind(host: str, port: int) -> socket.socket:
         raise FedpeftError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
+def _load(a: argparse.Namespace, meta: dict[str, Any]) -> Base:
+    """The base every served adapter was trained on, where --model says it is now."""
+    # torch: the command loads the base; its flags and one-line refusals come first
+    from fedpeft.model.adapters import base_model
+    from fedpeft.model.base import load_base
+
+    chosen = config_from_args(a, "serve").base  # --device, --compute-dtype
+    return load_base(
+        BaseConfig(
+            model=field_value(a, "base.model") or base_model(meta),
+            quant=meta["quant"],
+            cache_dir=field_value(a, "base.cache_dir"),
+            device=chosen.device,
+            compute_dtype=chosen.compute_dtype,
+        )
+    )
+
+
+def _banner(o: ServeConfig, entries: list[Entry], base: Base, url: str, key: str | None) -> str:
+    lines = [f"  {e.name:<24} {e.kind}, round {e.round}: {e.origin}" for e in entries]
+    meta = entries[0].files.meta
+    shown = meta.get("base", {}).get("id") or meta["base_path"]  # the public id when the base has one
+    exposed = "" if _loopback(o.host) else "; reachable from other machines"
+    clear = "; plain HTTP: the key travels in clear" if key and url.startswith("http:") and exposed else ""
+    lines.append(
+        f"serving base + {len(entries)} adapter(s) on {shown} ({base.quant}, {base.device}, "
+        f"{base.precision.line()}) at {url}{'; API key required' if key else ''}{exposed}{clear}"
+    )
+    return "\n".join(lines)
+
+
 def cmd_serve(a: argparse.Namespace) -> None:
-    try:
+    try:  # fastapi, uvicorn: the serve extra, and only this command's
         import uvicorn
 
         from fedpeft.serve.api import create_app
     except ImportError as e:
         raise FedpeftError(f"fedpeft serve needs the serve extra (pip install -e '.[serve]'): {e}") from None
-    from fedpeft.config.tree import BaseConfig
-    from fedpeft.model.adapters import base_model
-    from fedpeft.model.base import load_base
     from fedpeft.serve.batcher import Batcher
     from fedpeft.serve.catalog import discover
     from fedpeft.serve.engine import Engine
 
-    key = _check_network(a)
-    entries = discover(a.sources, a.adapter)
-    sock = _bind(a.host, a.port)  # before the base loads: a taken port is a one-line error, not a wait
-    meta = entries[0].files.meta
-    shown = meta.get("base", {}).get("id") or meta["base_path"]  # the public id when the base has one
-    chosen = config_from_args(a, "serve").base
-    base = load_base(
-        BaseConfig(
-            model=a.model or base_model(meta),
-            quant=meta["quant"],
-            cache_dir=a.cache_dir,
-            device=chosen.device,
-            compute_dtype=chosen.compute_dtype,
-        )
-    )
+    o = local_section(a, "serve", "serve")
+    key = _check_network(o)
+    entries = discover(a.sources, list(o.adapter))
+    sock = _bind(o.host, o.port)  # before the base loads: a taken port is a one-line error, not a wait
+    base = _load(a, entries[0].files.meta)
     engine = Engine(base, entries)
-    batcher = Batcher(engine, a.max_batch, a.batch_wait_ms / 1000, a.max_queue)
-    app = create_app(engine, batcher, key, a.max_tokens)
+    batcher = Batcher(engine, o.max_batch, o.batch_wait_ms / 1000, o.max_queue)
+    app = create_app(engine, batcher, key, o.max_tokens)
     host, port = sock.getsockname()[:2]
-    scheme = "https" if a.ssl_certfile else "http"
-    url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}/v1"
-    for e in entries:
-        print(f"  {e.name:<24} {e.kind}, round {e.round}: {e.origin}")
-    exposed = "" if _loopback(a.host) else "; reachable from other machines"
+    scheme = "https" if o.ssl_certfile else "http"
     print(
-        f"serving base + {len(entries)} adapter(s) on {shown} ({base.quant}, {base.device}, {base.precision.line()}) at {url}"
-        f"{'; API key required' if key else ''}{exposed}{'; plain HTTP: the key travels in clear' if key and scheme == 'http' and exposed else ''}",
+        _banner(o, entries, base, f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}/v1", key),
         flush=True,
     )
     batcher.start()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_level="warning",
-            ssl_certfile=a.ssl_certfile,
-            ssl_keyfile=a.ssl_keyfile,
-            timeout_graceful_shutdown=10,
-        )
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        ssl_certfile=o.ssl_certfile,
+        ssl_keyfile=o.ssl_keyfile,
+        timeout_graceful_shutdown=10,
     )
-    try:
-        server.run(sockets=[sock])  # uvicorn stops gracefully on SIGINT/SIGTERM, then re-raises the signal
+    try:  # uvicorn stops gracefully on SIGINT/SIGTERM, then re-raises the signal
+        uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:
         pass
     finally:

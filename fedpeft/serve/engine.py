@@ -169,6 +169,7 @@ class Engine:
         self.model.eval()
 
     def _load(self, internal: str, e: Entry) -> None:
+        # peft: imported with the first adapter, not with the module
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         expected = get_peft_model_state_dict(self.model, adapter_name=internal, save_embedding_layers=False)
@@ -220,6 +221,7 @@ class Engine:
     def _generate(self, job: Job) -> None:
         """One request through peft's generate(), which puts the virtual tokens (or keys and values) in front
         of every step; our own loop cannot. Tokens reach the job through a streamer, as they come."""
+        # transformers' generation: only prompt and prefix tuning decode through generate()
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 

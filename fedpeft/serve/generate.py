@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedpeft.config.tree import BaseConfig
 from fedpeft.errors import FedpeftError
+from fedpeft.personal.store import GLOBAL, PERSONAL, find_store
 
 
 def compare(
@@ -22,9 +23,9 @@ def compare(
 ) -> str:
     """Greedy continuations of `prompt` by the base, the global and the personal adapter of `user` in a run
     folder or a device store, laid out side by side."""
+    # torch, peft: off the CLI's start-up path
     from fedpeft.model.adapters import base_model, check_fingerprint, inject, load_adapter_state, read_adapter
     from fedpeft.model.base import load_base
-    from fedpeft.personal.methods import GLOBAL, PERSONAL, find_store
     from fedpeft.training.local import generate
 
     if max_new_tokens <= 0:

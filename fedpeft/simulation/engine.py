@@ -31,6 +31,8 @@ from fedpeft.atomic import atomic_write_json
 from fedpeft.config.tree import RunConfig, sampled_per_round
 from fedpeft.deploy.processes import session_members, stop_processes, stop_session
 from fedpeft.errors import FedpeftError
+from fedpeft.log import quiet_environment, setup_console
+from fedpeft.model.placement import actor_resources
 
 log = logging.getLogger("fedpeft")
 SESSION_FILE = "ray-session.json"
@@ -175,8 +177,6 @@ def backend_config(cfg: RunConfig, temp_dir: str) -> tuple[dict[str, Any], int]:
     small machine parallel actors only thrash). On an existing cluster (--ray-address): the cluster's own
     resources and folders, --client-cpus (default 1) and --client-gpus per actor, so that every node with
     a CPU (or a GPU, under --device cuda) hosts actors."""
-    from fedpeft.model.placement import actor_resources
-
     f, device = cfg.federation, cfg.base.device
     quiet = {"logging_level": "error", "log_to_driver": True}
     if f.ray_address:
@@ -201,7 +201,7 @@ def backend_config(cfg: RunConfig, temp_dir: str) -> tuple[dict[str, Any], int]:
 
 
 def _gpu_count() -> int:
-    import torch
+    import torch  # torch: only --device cuda counts GPUs; the command's start-up stays without it
 
     return torch.cuda.device_count()
 
@@ -266,14 +266,12 @@ def _drive(
     os.environ[MARKER] = temp_dir
     threading.Thread(target=_quiet_on_request, args=(Path(temp_dir),), daemon=True).start()
     threading.Thread(target=_watch_parent, args=(parent, run_dir, temp_dir), daemon=True).start()
-    from fedpeft.log import setup_console
-
     setup_console()
     log.setLevel(level)
-    from fedpeft.simulation.run import quiet_environment
-
     quiet_environment()
     try:
+        # flwr.simulation, and Flower's ServerApp: in the driver only, after quiet_environment (Flower reads
+        # it at import), and a failed import is reported as the simulation's failure
         from flwr.simulation import run_simulation
 
         from fedpeft.flower.server_app import Outcome, make_server_app

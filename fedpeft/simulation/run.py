@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedpeft.config.tree import RunConfig
 from fedpeft.errors import FedpeftError
+from fedpeft.federation.metrics import RoundMetrics, as_metrics
 from fedpeft.federation.state import ServerState, open_run, plan_run
+from fedpeft.log import quiet_environment
 from fedpeft.model.placement import with_device
 from fedpeft.simulation.engine import reap_stale, run_engine
 
@@ -58,30 +61,17 @@ def with_store(cfg: RunConfig, run_dir: Path) -> RunConfig:
     """Personalization without --store keeps one personal store per virtual client in RUN/personal."""
     from dataclasses import replace
 
-    from fedpeft.personal.methods import check_store
+    from fedpeft.personal.store import check_store
+    from fedpeft.personal.strategies import strategy_for
 
     check_store(cfg)
-    if cfg.personal.method == "none":
+    if not strategy_for(cfg).personal:
         return cfg
     if cfg.personal.store:  # a relative --store is the caller's, not Ray's working folder's
         return replace(
             cfg, personal=replace(cfg.personal, store=str(Path(cfg.personal.store).expanduser().resolve()))
         )
     return replace(cfg, personal=replace(cfg.personal, store=str(Path(run_dir).resolve() / "personal")))
-
-
-def quiet_environment() -> None:
-    """Read at import time by Flower, transformers and Python in Ray's worker processes, which inherit it."""
-    for key, value in (
-        ("FLWR_TELEMETRY_ENABLED", "0"),
-        ("FLWR_DISABLE_UPDATE_CHECK", "1"),
-        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-        ("TRANSFORMERS_VERBOSITY", "error"),
-        ("PYTHONWARNINGS", "ignore"),
-        ("TOKENIZERS_PARALLELISM", "false"),
-        ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"),
-    ):
-        os.environ.setdefault(key, value)
 
 
 def simulate(
@@ -110,43 +100,42 @@ def simulate(
     return state
 
 
-def summary(rnd: int, history: list[dict[str, Any]], method: str = "none") -> str:
+def summary(rnd: int, history: Sequence[RoundMetrics | Mapping[str, Any]], method: str = "none") -> str:
     """The closing lines of a federation (simulated or deployed)."""
-    first, last = history[0], history[-1]
-    per_client = last.get("bytes_up", 0) // max(len(last.get("accepted", [])), 1)
     from fedpeft.federation.evaluation import changes_text
     from fedpeft.federation.task_eval import task_summary
 
+    first, last = as_metrics(history[0]), as_metrics(history[-1])
+    per_client = (last.bytes_up or 0) // max(len(last.accepted or []), 1)
     changes = changes_text(last)
-    if "eval_ppl" not in last:  # every client's evaluation of the last round failed
+    if last.eval_ppl is None:  # every client's evaluation of the last round failed
         line = f"global adapter after round {rnd}: not evaluated (every client's evaluation failed)"
     else:
-        before = last.get("base_ppl", first.get("eval_ppl"))
-        task = last.get("task", {})
+        before = last.base_ppl if last.base_ppl is not None else first.eval_ppl
         line = (
-            f"global adapter after round {rnd}: {task_summary(task)}; answer ppl "
-            if task
+            f"global adapter after round {rnd}: {task_summary(last.task.to_json())}; answer ppl "
+            if last.task
             else f"global adapter after round {rnd}: held-out ppl "
         )
         line += (
             # on the same clients: a sampled last round names the base's figure on its own sample
             (f"{before:.2f} -> " if before is not None else "")
-            + f"{last['eval_ppl']:.2f}"
+            + f"{last.eval_ppl:.2f}"
             + (f" ({changes})" if changes else "")
         )
-    if "full_eval_ppl" in last:
-        line += f"; on the {last.get('full_base')} base {last['full_eval_ppl']:.2f} (what a merge gives)"
-    if "reference_ppl" in last:  # how much general ability the adapter kept (fedpeft.federation.forgetting)
+    if last.full_eval_ppl is not None:
+        line += f"; on the {last.full_base} base {last.full_eval_ppl:.2f} (what a merge gives)"
+    if last.reference_ppl is not None:  # how much general ability the adapter kept (federation.forgetting)
         line += (
-            f"; reference text ppl {last['reference_ppl']:.2f} (the base {last['base_reference_ppl']:.2f}, "
-            f"{last['forgetting']:+.1f}%)"
+            f"; reference text ppl {last.reference_ppl:.2f} (the base {last.base_reference_ppl:.2f}, "
+            f"{last.forgetting:+.1f}%)"
         )
     line += f"; {per_client:,} bytes up per client in the last round"
     from fedpeft.privacy.plan import summary as dp_summary
 
-    line += dp_summary(last)  # under DP: the (ε, δ) the adapter was trained under
-    if "personal" in last:
-        from fedpeft.personal.methods import summary_line
+    line += dp_summary(last.to_json())  # under DP: the (ε, δ) the adapter was trained under
+    if last.personal is not None:
+        from fedpeft.personal.summary import summary_line
 
-        line += "\n" + summary_line(last["personal"], method)
+        line += "\n" + summary_line(last.personal, method)
     return line

@@ -11,8 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpeft.atomic import atomic_write_bytes
 from fedpeft.config.tree import BaseConfig, DataConfig
+from fedpeft.data.blocks import task_kind, tokenize_user
+from fedpeft.data.users import find_user, load_users
 from fedpeft.errors import FedpeftError, TooLittleData
+from fedpeft.federation.task_eval import client_entry, pooled, score
+from fedpeft.personal.store import user_adapter
 
 log = logging.getLogger("fedpeft")
 PERSONAL = "personal="
@@ -27,7 +32,7 @@ class Source:
 
 def read_sources(specs: list[str]) -> list[Source]:
     """`base`, a run folder (its global adapter), an adapter folder, or personal=RUN_OR_STORE."""
-    from fedpeft.model.adapters import read_adapter
+    from fedpeft.model.adapters import read_adapter  # torch: off the CLI's start-up path
 
     out = []
     for spec in specs:
@@ -48,8 +53,7 @@ def read_sources(specs: list[str]) -> list[Source]:
 def user_tasks(data: DataConfig, tokenizer: Any, examples: str, only: list[str]) -> dict[str, Any]:
     """Each user's examples to score: the held-out tail a federation holds out (`held-out`), or all of
     them (`all`: new users, new data). Users with too few examples for a held-out part are left out."""
-    from fedpeft.data.chat import task_eval
-    from fedpeft.data.users import find_user, load_users, task_kind, tokenize_user
+    from fedpeft.data.chat import task_eval  # torch: off the CLI's start-up path
 
     users = load_users(data)
     if only:
@@ -80,10 +84,9 @@ def evaluate_sources(
     cache_dir: str | None, compute: str, batch_size: int = 8,
 ) -> dict[str, Any]:  # fmt: skip
     """{source: {"task": pooled figures, "users": {user: entry}}} for every source."""
-    from fedpeft.federation.task_eval import client_entry, pooled, score
+    # torch, peft: off the CLI's start-up path
     from fedpeft.model.adapters import base_model, check_fingerprint, inject, load_adapter_state, read_adapter
     from fedpeft.model.base import load_base
-    from fedpeft.personal.methods import user_adapter
 
     sources = read_sources(specs)
     first = next((s.files for s in sources if s.files is not None), None)
@@ -143,6 +146,4 @@ def report(results: dict[str, Any]) -> str:
 
 
 def write_json(results: dict[str, Any], path: Path) -> None:
-    from fedpeft.atomic import atomic_write_bytes
-
     atomic_write_bytes(path, (json.dumps(results, indent=2) + "\n").encode())

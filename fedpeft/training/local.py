@@ -14,7 +14,7 @@ import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from fedpeft.config.tree import TrainConfig
-from fedpeft.data.users import UserData, collate, label_tokens
+from fedpeft.data.blocks import UserData, collate, label_tokens
 from fedpeft.log import Waiting, show_bars
 from fedpeft.model.adapters import trainable_parameters
 from fedpeft.model.memory import fit_model, release_heap
@@ -228,10 +228,7 @@ def train(
     if prox is not None and len(prox[1]) != len(params):
         raise ValueError(f"prox reference has {len(prox[1])} tensors for {len(params)} parameters")
     device = model_device(model)
-    if cfg.max_memory and device.type != "cpu":  # a budget of this process's RSS: GPU memory is not in it
-        log.warning("--max-memory sizes CPU training; on %s the micro-batch stays --batch-size", device.type)
-    elif cfg.max_memory:
-        cfg = fit_model(cfg, model, max(len(b) for b in data.train), cfg.max_memory, compute)
+    cfg = _fit_memory(cfg, model, data, compute, device)
     release_heap(cfg.compact_heap)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     stream = _block_stream(len(data.train), cfg.seed)
@@ -249,22 +246,7 @@ def train(
             for _ in bar:
                 opt.zero_grad(set_to_none=True)
                 blocks = [data.train[next(stream)] for _ in range(cfg.batch_size * cfg.grad_accum)]
-                labelled = max(label_tokens(blocks), 1)  # label tokens in the whole step
-                step_loss = 0.0
-                for i in range(0, len(blocks), cfg.batch_size):
-                    batch = to_device(collate(blocks[i : i + cfg.batch_size], pad_id), device)
-                    with autocast(compute, device.type):
-                        nll, _ = causal_nll(model, batch, cfg.loss_chunk)
-                    loss = nll / labelled
-                    if prox is not None and i == 0:  # once per step
-                        lam, ref = prox
-                        loss = loss + lam / 2 * sum(
-                            ((p - r) ** 2).sum() for p, r in zip(params, ref, strict=True)
-                        )
-                    if loss.requires_grad:
-                        loss.backward()
-                    step_loss += loss.item()
-                    result.tokens += int(batch["attention_mask"].sum())
+                step_loss = _backward_step(model, params, device, blocks, cfg, pad_id, compute, prox, result)
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
@@ -276,6 +258,47 @@ def train(
         model.eval()
         release_heap(cfg.compact_heap)  # a device idles between rounds: return the freed activations
     return result
+
+
+def _fit_memory(
+    cfg: TrainConfig, model: Any, data: UserData, compute: str, device: torch.device
+) -> TrainConfig:
+    """`cfg` with the micro-batch that fits --max-memory (fedpeft.model.memory.fit_model), on CPU."""
+    if cfg.max_memory and device.type != "cpu":  # a budget of this process's RSS: GPU memory is not in it
+        log.warning("--max-memory sizes CPU training; on %s the micro-batch stays --batch-size", device.type)
+    elif cfg.max_memory:
+        cfg = fit_model(cfg, model, max(len(b) for b in data.train), cfg.max_memory, compute)
+    return cfg
+
+
+def _backward_step(
+    model: Any,
+    params: list[torch.Tensor],
+    device: torch.device,
+    blocks: list[torch.Tensor],
+    cfg: TrainConfig,
+    pad_id: int,
+    compute: str,
+    prox: tuple[float, list[torch.Tensor]] | None,
+    result: TrainResult,
+) -> float:
+    """The gradients of one optimizer step over `blocks`, micro-batch by micro-batch; returns the step's loss
+    and counts its tokens in `result`."""
+    labelled = max(label_tokens(blocks), 1)  # label tokens in the whole step
+    step_loss = 0.0
+    for i in range(0, len(blocks), cfg.batch_size):
+        batch = to_device(collate(blocks[i : i + cfg.batch_size], pad_id), device)
+        with autocast(compute, device.type):
+            nll, _ = causal_nll(model, batch, cfg.loss_chunk)
+        loss = nll / labelled
+        if prox is not None and i == 0:  # once per step
+            lam, ref = prox
+            loss = loss + lam / 2 * sum(((p - r) ** 2).sum() for p, r in zip(params, ref, strict=True))
+        if loss.requires_grad:
+            loss.backward()
+        step_loss += loss.item()
+        result.tokens += int(batch["attention_mask"].sum())
+    return step_loss
 
 
 @torch.no_grad()

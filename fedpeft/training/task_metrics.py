@@ -156,7 +156,7 @@ def rouge_l(pred: str, ref: str) -> float:
     """ROUGE-L F-measure of `pred` against `ref` (rouge_score; its tokenizer lowercases and keeps [a-z0-9])."""
     global _ROUGE
     if _ROUGE is None:  # built once: rouge_score's import and scorer set-up cost more than a score
-        from rouge_score import rouge_scorer
+        from rouge_score import rouge_scorer  # rouge_score (nltk, absl): only --task generate needs it
 
         _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     return float(_ROUGE.score(ref, pred)["rougeL"].fmeasure)

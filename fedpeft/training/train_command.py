@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -9,6 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config.tree import RunConfig
+from fedpeft.data.blocks import load_user_data
+from fedpeft.federation.evaluation import base_name
+from fedpeft.federation.report import train_loss_png
+from fedpeft.federation.task_eval import client_entry, headline, score, task_summary
 
 log = logging.getLogger("fedpeft")
 
@@ -16,26 +21,11 @@ log = logging.getLogger("fedpeft")
 def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
     """Train, evaluate before and after, save a PEFT folder with metrics.json and loss.png; returns the
     line to print. `out` is replaced only on success (fedpeft.model.adapters.save_adapter)."""
-    from fedpeft.data.users import load_user_data
-    from fedpeft.federation.evaluation import base_name
-    from fedpeft.federation.report import train_loss_png
+    # torch, peft: off the CLI's start-up path
     from fedpeft.model.adapters import adapter_state, inject, save_adapter
-    from fedpeft.model.base import load_base
     from fedpeft.training.local import evaluate, train
 
-    log.info("loading base %s (quant %s)", cfg.base.model, cfg.base.quant)
-    base = load_base(cfg.base, cfg.train.max_memory)
-    log.info("base on %s, %s", base.device, base.precision.line())
-    data, skipped = load_user_data(cfg.data, base.tokenizer, user)
-    if skipped:
-        log.info("skipped %d users with too little text", skipped)
-    log.info(
-        "user %s: %d train blocks (%d tokens), %d held-out tokens",
-        data.user,
-        len(data.train),
-        data.train_tokens,
-        data.eval_tokens,
-    )
+    base, data = _load(cfg, user)
     model = inject(base, cfg.adapter)
     pad = base.tokenizer.pad_token_id
     held_out = functools.partial(
@@ -82,25 +72,46 @@ def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
         extra={"train": metrics | {"train_losses": None}},
         extra_files={"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(), "loss.png": png},
     )
-    from fedpeft.federation.task_eval import headline, task_summary
+    return _summary_line(metrics, base, out)
 
+
+def _load(cfg: RunConfig, user: str) -> tuple[Any, Any]:
+    """The base and the user's data (fedpeft.data.blocks.UserData), with what was loaded in the log."""
+    from fedpeft.model.base import load_base  # torch: off the CLI's start-up path
+
+    log.info("loading base %s (quant %s)", cfg.base.model, cfg.base.quant)
+    base = load_base(cfg.base, cfg.train.max_memory)
+    log.info("base on %s, %s", base.device, base.precision.line())
+    data, skipped = load_user_data(cfg.data, base.tokenizer, user)
+    if skipped:
+        log.info("skipped %d users with too little text", skipped)
+    log.info(
+        "user %s: %d train blocks (%d tokens), %d held-out tokens",
+        data.user,
+        len(data.train),
+        data.train_tokens,
+        data.eval_tokens,
+    )
+    return base, data
+
+
+def _summary_line(metrics: dict[str, Any], base: Any, out: Path) -> str:
+    """The line `fedpeft train` prints, from the metrics it saved."""
+    m = metrics
+    task_before, task_after, adapter_bytes = m.get("task_before"), m.get("task_after"), m["adapter_bytes"]
     task = ""
     if task_after and task_before:
         task = task_summary({**task_after, "base": headline(task_before),
                              "vs_base": headline(task_after) - headline(task_before)}) + "; answer"  # fmt: skip
     return (
-        f"{cfg.adapter.kind} adapter for {data.user}: {task or 'held-out'} ppl {before.ppl:.2f} -> {after.ppl:.2f} "
-        f"on the {base_name(base.quant)} base ({base.compute} compute) after {cfg.train.steps} steps ({result.seconds:.1f} s); {adapter_bytes:,} bytes "
-        f"({adapter_bytes / base.nbytes:.2%} of the base); saved to {out}"
+        f"{m['adapter']} adapter for {m['user']}: {task or 'held-out'} ppl {m['eval_ppl_before']:.2f} -> {m['eval_ppl_after']:.2f} "
+        f"on the {base_name(m['quant'])} base ({base.compute} compute) after {m['steps']} steps ({m['train_seconds']:.1f} s); {adapter_bytes:,} bytes "
+        f"({adapter_bytes / m['base_bytes']:.2%} of the base); saved to {out}"
     )
 
 
 def _task(model: Any, base: Any, data: Any, cfg: RunConfig, bare: bool = False) -> dict[str, Any] | None:
     """Task data: the adapter's (`bare`: the base's zero-shot) scores on the held-out examples."""
-    import contextlib
-
-    from fedpeft.federation.task_eval import client_entry, score
-
     if data.task is None:
         return None
     with model.disable_adapter() if bare else contextlib.nullcontext():

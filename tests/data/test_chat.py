@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 import torch
 
+from fedpeft.data.blocks import collate
 from fedpeft.data.chat import example_ids, label_options, task_eval, to_blocks
 from fedpeft.data.records import Example
-from fedpeft.data.users import collate
-from fedpeft.model.base import _byte_tokenizer
+from fedpeft.model.tiny import _byte_tokenizer
 
 END = "<|im_end|>\n"  # the tiny template's end of turn, learned with every answer
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fedpeft.config.tree import BaseConfig, DataConfig
-from fedpeft.data.users import collate, load_user_data, load_users, split_text, to_blocks, tokenize_user
+from fedpeft.data.blocks import collate, load_user_data, split_text, to_blocks, tokenize_user
+from fedpeft.data.users import load_users
 from fedpeft.errors import FedpeftError
 from fedpeft.model.base import load_base
 
@@ -114,7 +115,7 @@ def test_the_held_out_cap_keeps_a_fixed_prefix(users_dir: Path, tokenizer) -> No
     """--eval-max-tokens: the first T held-out tokens, whole blocks then the cut one; 0 keeps all."""
     from dataclasses import replace
 
-    from fedpeft.data.users import prefix
+    from fedpeft.data.blocks import prefix
 
     user = load_users(str(users_dir))[0]
     full = tokenize_user(user, tokenizer, DataConfig(block_size=8, eval_max_tokens=0))

@@ -16,11 +16,12 @@ import pandas as pd
 import pytest
 
 from fedpeft.config.tree import DataConfig
+from fedpeft.data.blocks import UserData
 from fedpeft.data.partition import partition
 from fedpeft.data.records import MOVIES_FILE, MOVIES_PROMPT, Example, detect_format
-from fedpeft.data.users import UserData, UserText, load_users
+from fedpeft.data.users import UserText, load_users
 from fedpeft.errors import FedpeftError
-from fedpeft.model.base import _byte_tokenizer
+from fedpeft.model.tiny import _byte_tokenizer
 
 Record = dict[str, Any]
 UNIT = {".jsonl": "line", ".json": "record", ".csv": "row", ".parquet": "row"}
@@ -399,7 +400,7 @@ def labeled_table(tmp_path: Path) -> Path:
 def _dealt(tok: Any, clients: list[UserData]) -> list[list[str]]:
     """Each client's items (train then held out), read back from its blocks, checking each block's answer
     is the item's label."""
-    from fedpeft.data.users import collate
+    from fedpeft.data.blocks import collate
 
     out = []
     for c in clients:

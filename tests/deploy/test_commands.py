@@ -105,7 +105,7 @@ def test_server_and_cheap_client_stages_never_import_torch() -> None:
     """The server never loads a model, and a SuperNode starts a process per message: stages that need no
     model must not pay for importing torch."""
     code = (
-        "import sys, client.app, server.app, fedpeft.secagg.flower, fedpeft.deploy.server, fedpeft.federation.state;"
+        "import sys, client.app, server.app, fedpeft.secagg.server_round, fedpeft.deploy.server, fedpeft.federation.state;"
         # the server's side of task metrics: reading a client's counts, pooling, the round line
         "from fedpeft.federation.task_eval import client_entry; from fedpeft.federation.evaluation import EvalResult, eval_metrics, add_base;"
         "from fedpeft.federation.rounds import round_line;"

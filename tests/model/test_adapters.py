@@ -120,7 +120,7 @@ def test_arrays_with_wrong_shape_missing_key_or_nan_are_refused(cache_dir: str, 
 def test_model_with_none_of_the_target_modules(tmp_path: Path, cache_dir: str) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from fedpeft.model.base import _byte_tokenizer
+    from fedpeft.model.tiny import _byte_tokenizer
 
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=257)).save_pretrained(gpt2)
@@ -139,7 +139,7 @@ def test_peft_loads_saved_adapter_with_identical_logits(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fedpeft.model.base import disable_cpu_4bit_packing, quantization_kwargs
+    from fedpeft.model.quant import disable_cpu_4bit_packing, quantization_kwargs
 
     base = _base(cache_dir, quant)
     cfg = AdapterConfig(kind=kind)

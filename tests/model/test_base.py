@@ -9,16 +9,11 @@ import torch
 
 from fedpeft.config.tree import BaseConfig
 from fedpeft.errors import FedpeftError
-from fedpeft.model.base import (
-    TINY_NAME,
-    build_tiny,
-    dequantize_linears,
-    fingerprint,
-    load_base,
-    prepare_quantized,
-    quantized_dir,
-    resolve_base_dir,
-)
+from fedpeft.model.base import load_base, resolve_base_dir
+from fedpeft.model.cache import prepare_quantized, quantized_dir
+from fedpeft.model.fingerprint import fingerprint
+from fedpeft.model.quant import dequantize_linears
+from fedpeft.model.tiny import TINY_NAME, build_tiny
 
 
 @pytest.mark.parametrize("quant", ["none", "bf16", "int8", "nf4"])
@@ -189,7 +184,7 @@ def test_corrupt_prequantized_copy_is_rebuilt_not_used(
 
         damaged = AutoModelForCausalLM.from_pretrained(ref.quantized_path, device_map="cpu")
         assert fingerprint(damaged, "nf4") != ref.fingerprint
-    with caplog.at_level(logging.WARNING, logger="fedpeft.model.base"):
+    with caplog.at_level(logging.WARNING, logger="fedpeft.model.cache"):
         again = load_base(BaseConfig(model="tiny", quant="nf4", cache_dir=cache))
     assert not again.prequantized
     assert again.fingerprint == ref.fingerprint
@@ -213,9 +208,9 @@ def test_read_only_cache_quantizes_at_load(
         def read_only(dest: Path):
             raise PermissionError(13, "Permission denied", str(dest))
 
-        monkeypatch.setattr("fedpeft.model.base.atomic_dir", read_only)
+        monkeypatch.setattr("fedpeft.model.cache.atomic_dir", read_only)
     try:
-        with caplog.at_level(logging.WARNING, logger="fedpeft.model.base"):
+        with caplog.at_level(logging.WARNING, logger="fedpeft.model.cache"):
             for _ in range(2):
                 # an explicit compute dtype: `auto` would also cache its measured speeds here (tested apart)
                 base = load_base(
@@ -283,7 +278,8 @@ def test_default_conversion_is_unchanged_and_prequantized(tmp_path: Path) -> Non
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from fedpeft.model.base import _load_model, convert_gguf, default_gguf_path
+    from fedpeft.model.gguf import convert_gguf, default_gguf_path
+    from fedpeft.model.quant import load_model
 
     gguf = default_gguf_path()
     plain = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -309,15 +305,15 @@ def test_default_conversion_is_unchanged_and_prequantized(tmp_path: Path) -> Non
     assert quantized_dir(folder, "nf4", cache).is_dir()  # written by the conversion
     base = load_base(BaseConfig(model="default", quant="nf4", cache_dir=cache))
     assert base.prequantized and base.path == folder
-    assert base.fingerprint == fingerprint(_load_model(folder, "nf4"), "nf4")
+    assert base.fingerprint == fingerprint(load_model(folder, "nf4"), "nf4")
 
 
 def test_fast_gguf_reader_reads_what_gguf_reads(tmp_path: Path) -> None:
-    """The conversion's reader (fedpeft.model.base._fast_gguf_reader) gives gguf's fields and tensors exactly."""
+    """The conversion's reader (fedpeft.model.gguf._fast_gguf_reader) gives gguf's fields and tensors exactly."""
     import gguf
     import numpy as np
 
-    from fedpeft.model.base import _fast_gguf_reader
+    from fedpeft.model.gguf import _fast_gguf_reader
 
     path = tmp_path / "small.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -364,18 +360,17 @@ def test_auto_quant_is_bf16_for_small_models_and_nf4_from_the_threshold(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    import fedpeft.model.base as fb
+    import fedpeft.model.quant as fq
 
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_path).parameters())
-    assert fb.parameter_count(tiny_path) == params
-    assert fb.resolve_quant("auto", tiny_path) == "bf16" and fb.resolve_quant("int8", tiny_path) == "int8"
-    base = fb.load_base(BaseConfig(model="tiny", cache_dir=cache_dir))  # the default: auto
+    assert fq.parameter_count(tiny_path) == params
+    assert fq.resolve_quant("auto", tiny_path) == "bf16" and fq.resolve_quant("int8", tiny_path) == "int8"
+    base = load_base(BaseConfig(model="tiny", cache_dir=cache_dir))  # the default: auto
     assert base.quant == "bf16"
     assert (
-        base.fingerprint
-        == fb.load_base(BaseConfig(model="tiny", quant="bf16", cache_dir=cache_dir)).fingerprint
+        base.fingerprint == load_base(BaseConfig(model="tiny", quant="bf16", cache_dir=cache_dir)).fingerprint
     )
-    monkeypatch.setattr(fb, "AUTO_NF4_PARAMS", params)
-    assert fb.load_base(BaseConfig(model="tiny", cache_dir=cache_dir)).quant == "nf4"
+    monkeypatch.setattr(fq, "AUTO_NF4_PARAMS", params)
+    assert load_base(BaseConfig(model="tiny", cache_dir=cache_dir)).quant == "nf4"
     with pytest.raises(ValueError, match="resolve"):
-        fb.quantization_kwargs("auto")
+        fq.quantization_kwargs("auto")

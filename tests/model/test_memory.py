@@ -128,7 +128,7 @@ warnings.filterwarnings("ignore")
 from fedpeft.model.adapters import inject, trainable_parameters
 from fedpeft.model.base import load_base
 from fedpeft.config.tree import AdapterConfig, BaseConfig, DataConfig, TrainConfig
-from fedpeft.data.users import load_user_data
+from fedpeft.data.blocks import load_user_data
 from fedpeft.training.local import train
 base = load_base(BaseConfig(model="tiny", quant="nf4", compute_dtype="bf16", cache_dir={cache!r}))
 data, _ = load_user_data(DataConfig(data={users!r}, block_size=32), base.tokenizer, "alice")

@@ -11,9 +11,10 @@ import torch
 from fedpeft.cli import main
 from fedpeft.config.tree import AdapterConfig, BaseConfig
 from fedpeft.model.adapters import inject, load_adapter_state, read_adapter, save_adapter
-from fedpeft.model.base import dequantize_linears, load_base, public_id
+from fedpeft.model.base import load_base, public_id
 from fedpeft.model.merge import export_merged, merge_base
 from fedpeft.model.precision import autocast
+from fedpeft.model.quant import dequantize_linears
 
 X = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
 

@@ -113,7 +113,7 @@ def test_training_on_the_gpu_lowers_the_loss_and_reports_gpu_memory(
     cache_dir: str, tiny_path: Path, users_dir: Path
 ) -> None:
     from fedpeft.config.tree import AdapterConfig, DataConfig, TrainConfig
-    from fedpeft.data.users import load_user_data
+    from fedpeft.data.blocks import load_user_data
     from fedpeft.model.adapters import adapter_state, inject
     from fedpeft.model.base import load_base
     from fedpeft.model.placement import gpu_figures

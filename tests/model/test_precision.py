@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedpeft.config.tree import AdapterConfig, BaseConfig, DataConfig, TrainConfig
-from fedpeft.data.users import load_user_data
+from fedpeft.data.blocks import load_user_data
 from fedpeft.model import precision
 from fedpeft.model.adapters import adapter_state, inject
 from fedpeft.model.base import load_base

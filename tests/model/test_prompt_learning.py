@@ -20,7 +20,7 @@ from fedpeft.config.tree import (
     ServerOptConfig,
     TrainConfig,
 )
-from fedpeft.data.users import load_user_data
+from fedpeft.data.blocks import load_user_data
 from fedpeft.errors import FedpeftError
 from fedpeft.model.adapters import adapter_state, inject, load_adapter_state, read_adapter, save_adapter
 from fedpeft.model.base import load_base

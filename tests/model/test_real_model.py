@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from fedpeft.config.tree import AdapterConfig, BaseConfig, DataConfig, TrainConfig
-from fedpeft.data.users import load_user_data
+from fedpeft.data.blocks import load_user_data
 from fedpeft.model.adapters import apply_adapter, inject, read_adapter, save_adapter
-from fedpeft.model.base import disable_cpu_4bit_packing, load_base, quantization_kwargs
+from fedpeft.model.base import load_base
 from fedpeft.model.precision import apply as apply_precision
 from fedpeft.model.precision import autocast
+from fedpeft.model.quant import disable_cpu_4bit_packing, quantization_kwargs
 from fedpeft.training.local import evaluate, train
 
 pytestmark = pytest.mark.real

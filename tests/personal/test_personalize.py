@@ -23,19 +23,12 @@ from fedpeft.config.tree import (
     RunConfig,
     TrainConfig,
 )
-from fedpeft.data.users import UserData
+from fedpeft.data.blocks import UserData
 from fedpeft.device.runtime import Device
 from fedpeft.errors import FedpeftError
-from fedpeft.personal.methods import (
-    PersonalStore,
-    check_store,
-    choose,
-    method_label,
-    shared_keys,
-    specific_change,
-    split_validation,
-    summarize,
-)
+from fedpeft.personal.store import PersonalStore, check_store, choose
+from fedpeft.personal.strategies import method_label, shared_keys, specific_change, split_validation
+from fedpeft.personal.summary import summarize
 from tests.conftest import make_text
 
 
@@ -141,7 +134,7 @@ def test_summary_counts_users_and_changes() -> None:
     per_client["b"].update(personal_reference_ppl=50.0, forgets=True)
     s = summarize(per_client)
     assert s["personal_reference_ppl_median"] == 45.0 and s["forgetting_kept_global"] == 1
-    from fedpeft.personal.methods import summary_line
+    from fedpeft.personal.summary import summary_line
 
     assert "reference text ppl median 45.00 (1 kept global: their personal adapter forgets)" in summary_line(
         s, "finetune"
@@ -522,7 +515,7 @@ def test_simulate_export_generate_and_a_foreign_store_on_resume(
 
 
 def test_find_store_by_name_or_id_and_a_corrupt_choice(tmp_path: Path) -> None:
-    from fedpeft.personal.methods import find_store
+    from fedpeft.personal.store import find_store
 
     (tmp_path / "run" / "personal" / "barack-obama").mkdir(parents=True)
     assert find_store(tmp_path / "run", "Barack Obama").dir.name == "barack-obama"
@@ -539,9 +532,11 @@ def test_a_malformed_personal_report_is_ignored_not_fatal() -> None:
     from flwr.app import ConfigRecord, MetricRecord
 
     from fedpeft.config.tree import AdapterConfig
+    from fedpeft.federation.loop import Federation
     from fedpeft.federation.roster import Roster
     from fedpeft.federation.state import ServerState
-    from fedpeft.flower.server_app import _evaluate, _Link
+    from fedpeft.federation.tasks import EvalRequest
+    from fedpeft.flower.grid import GridTransport
     from fedpeft.model.adapter_files import AdapterDescription
 
     class Grid:
@@ -570,7 +565,9 @@ def test_a_malformed_personal_report_is_ignored_not_fatal() -> None:
     arrays = {"x": np.zeros(2, np.float32)}
     info = AdapterDescription("f", [("x", (2,), "float32")], ["x"], {}, AdapterConfig(), "", "")
     state = ServerState(1, arrays, {}, info)
-    result = _evaluate(_Link(Grid(), ConfigRecord({}), roster), state, personal=True)
+    federation = Federation(GridTransport(Grid()), RunConfig(), Path())
+    federation.roster = roster
+    result = federation.evaluate(state, EvalRequest(1, personal=True))
     assert result["eval_per_client"]["ann"]["kept"] == "global"
     assert "kept" not in result["eval_per_client"]["bob"] and result["eval_tokens"] == 20
 

@@ -11,8 +11,9 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedpeft.privacy.distributed import FLAG_SCALE, RING_MAX, DistributedCode
-from fedpeft.secagg.flower import SecAggParams, handle, secure_sum
+from fedpeft.secagg.client_stages import handle
 from fedpeft.secagg.protocol import SecAggAbort, SecAggRefused
+from fedpeft.secagg.server_stages import SecAggParams, secure_sum
 
 
 @pytest.fixture(autouse=True)
@@ -171,7 +172,7 @@ def test_the_device_checks_what_it_is_asked_to_add(change, floor: float, match: 
 
     with pytest.raises((SecAggAbort, SecAggRefused)):
         _run(n, dim, Crafted(), floor=floor)
-    from fedpeft.secagg.flower import _stage3_code
+    from fedpeft.secagg.client_stages import _stage3_code
 
     with pytest.raises(SecAggRefused, match=match):
         _stage3_code(Crafted().to_task(), 0.5, floor)

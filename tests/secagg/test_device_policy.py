@@ -14,7 +14,7 @@ from fedpeft.secagg.protocol import (
     min_threshold,
     survivors_message,
 )
-from fedpeft.secagg.protocol_server import SecAggServer
+from fedpeft.secagg.server_protocol import SecAggServer
 
 TAG = b"run-1|round-1"
 
@@ -76,7 +76,7 @@ def test_masking_with_too_few_live_neighbours_is_refused_before_training(alive: 
     message handler with real records: the local update (training) is never even called."""
     from flwr.app import ConfigRecord, RecordDict
 
-    from fedpeft.secagg.flower import handle
+    from fedpeft.secagg.client_stages import handle
 
     n, t, trained = 5, default_threshold(4, 5), []
     states = {c: RecordDict() for c in range(n)}

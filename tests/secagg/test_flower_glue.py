@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedpeft.secagg.flower import SecAggParams, flatten, handle, secure_sum, unflatten
+from fedpeft.secagg.client_stages import handle
 from fedpeft.secagg.protocol import SecAggAbort
 from fedpeft.secagg.quantize import RingCode
+from fedpeft.secagg.records import flatten, unflatten
+from fedpeft.secagg.server_stages import SecAggParams, secure_sum, stage1_tasks
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +71,7 @@ def test_weighted_mean_through_real_records_with_a_dropout() -> None:
     vectors = {c: rng.uniform(-0.01, 0.01, dim) for c in range(n)}
     weights = {c: float(100 + 50 * c) for c in range(n)}
     mean, survivors, report, states = _run(n, 5, vectors, weights, fail={(4, 3)})
-    assert survivors == [0, 1, 2, 3, 5] and report["dropped"] == {4: "stage 3"}
+    assert survivors == [0, 1, 2, 3, 5] and report.dropped == {4: "stage 3"}
     expected = np.average([vectors[c] for c in survivors], axis=0, weights=[weights[c] for c in survivors])
     np.testing.assert_allclose(mean, expected, atol=1e-8)
     assert all("secagg" not in states[c] for c in survivors)  # keys forgotten after the round
@@ -176,7 +178,7 @@ def test_a_malformed_reply_drops_its_client_not_the_round() -> None:
 
     mean, survivors, report, _ = _run(n, n - 1, vectors, weights, fail=set(), mangle=mangle)
     assert survivors == [0, 1, 4, 5]
-    assert "malformed reply" in report["dropped"][2] and "non-finite" in report["dropped"][3]
+    assert "malformed reply" in report.dropped[2] and "non-finite" in report.dropped[3]
     np.testing.assert_allclose(mean, np.mean([vectors[c] for c in survivors], axis=0), atol=1e-8)
 
 
@@ -184,8 +186,6 @@ def test_keys_advertised_ahead_skip_stage_1_and_leave_the_sum_unchanged() -> Non
     """The next round's stage 1 rides on the previous round's last message: clients that advertised
     ahead start at stage 2. An advertisement for another graph is not used: that client is asked again in
     a stage-1 message, which it answers (nothing was shared yet)."""
-    from fedpeft.secagg.flower import stage1_tasks
-
     rng = np.random.default_rng(2)
     n, dim = 5, 50
     vectors = {c: rng.uniform(-0.01, 0.01, dim) for c in range(n)}
@@ -202,7 +202,7 @@ def test_keys_advertised_ahead_skip_stage_1_and_leave_the_sum_unchanged() -> Non
         n, 2, vectors, weights, set(), advertised=advertised, states=states, stages=stages
     )
     assert [c for c, stage in stages if stage == 1] == [3, 4]
-    assert report["advertised_ahead"] == 3 and survivors == list(range(n))
+    assert report.advertised_ahead == 3 and survivors == list(range(n))
     np.testing.assert_allclose(mean, np.mean([vectors[c] for c in range(n)], axis=0), atol=1e-8)
     # all advertised ahead: no stage-1 message at all
     states = {c: RecordDict() for c in range(n)}
@@ -222,7 +222,6 @@ def test_keys_advertised_ahead_skip_stage_1_and_leave_the_sum_unchanged() -> Non
 
 
 def test_a_second_stage_1_after_keys_were_shared_is_refused() -> None:
-    from fedpeft.secagg.flower import stage1_tasks
     from fedpeft.secagg.protocol import SecAggRefused
 
     tasks = stage1_tasks([0, 1, 2], SecAggParams(2, None), b"tag", 0)

@@ -9,7 +9,7 @@ from fedpeft.secagg.protocol import (
     SecAggRefused,
     default_threshold,
 )
-from fedpeft.secagg.protocol_server import SecAggServer
+from fedpeft.secagg.server_protocol import SecAggServer
 
 TAG = b"run-1|round-3"
 

@@ -12,7 +12,7 @@ import numpy as np
 from fedpeft.config.tree import AdapterConfig
 from fedpeft.model.adapters import adapter_state, inject, load_adapter_state, peft_config_dict, save_adapter
 from fedpeft.model.base import Base
-from fedpeft.personal.methods import PersonalStore
+from fedpeft.personal.store import PersonalStore
 
 
 def random_arrays(model: Any, seed: int, scale: float) -> dict[str, np.ndarray]:

@@ -52,7 +52,7 @@ def test_each_format_federates_on_devices_and_learns_only_the_answers(
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedpeft.config.node import DeviceNode
-    from fedpeft.data.users import collate
+    from fedpeft.data.blocks import collate
     from fedpeft.device.runtime import _DEVICES
     from fedpeft.flower.server_app import run_federation
 
@@ -151,7 +151,7 @@ def test_a_device_keeps_what_is_wrong_with_its_data_to_itself(
     them (a label, a role, its columns' names) back to the server, and logs the reason locally."""
     from fedpeft.device.runtime import _own_data
     from fedpeft.errors import FedpeftError
-    from fedpeft.model.base import _byte_tokenizer
+    from fedpeft.model.tiny import _byte_tokenizer
 
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps({"q": "x", "secret": f"private-{i}"}) + "\n" for i in range(12)))

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from fedpeft.config.tree import AdapterConfig, BaseConfig, DataConfig, TrainConfig
-from fedpeft.data.users import load_user_data
+from fedpeft.data.blocks import load_user_data
 from fedpeft.errors import FedpeftError
 from fedpeft.model.adapters import adapter_state, inject
-from fedpeft.model.base import dequantize_linears, load_base
+from fedpeft.model.base import load_base
 from fedpeft.model.precision import autocast
+from fedpeft.model.quant import dequantize_linears
 from fedpeft.training.local import causal_nll, evaluate, set_checkpointing, train
 
 
@@ -105,7 +106,7 @@ def test_nf4_gradients_match_dequantized_reference_even_after_eval(cache_dir: st
 
 
 def test_eval_leaves_the_nf4_base_bit_identical(cache_dir: str, tiny_path: Path, users_dir: Path) -> None:
-    from fedpeft.model.base import fingerprint
+    from fedpeft.model.fingerprint import fingerprint
 
     base, data, model = _setup(cache_dir, users_dir, quant="nf4")
     before = fingerprint(model, "nf4")  # base tensors + (constant) adapter tensors
@@ -115,7 +116,7 @@ def test_eval_leaves_the_nf4_base_bit_identical(cache_dir: str, tiny_path: Path,
 
 def _padded_batch() -> dict[str, torch.Tensor]:
     """Four blocks of different lengths: right padding, and label tokens not a multiple of the chunk."""
-    from fedpeft.data.users import collate
+    from fedpeft.data.blocks import collate
 
     g = torch.Generator().manual_seed(0)
     return collate([torch.randint(0, 256, (n,), generator=g) for n in (32, 20, 32, 7)], 0)

@@ -1,26 +1,26 @@
 """A federation round under SecAgg+ on the server: the sampled clients' updates summed masked
-(fedpeft.secagg.flower.secure_sum), decoded to their weighted mean, the server optimizer's step. The
-server sees masked vectors and recovers only their sum. server/app.py hands in `send`, which delivers
-the stage messages; everything else is here. Flower reaches this module only through fedpeft.secagg.flower.
+(fedpeft.secagg.server_stages.secure_sum), decoded to their weighted mean, the server optimizer's step.
+The server sees masked vectors and recovers only their sum. The round loop hands in `send`, which
+delivers the stage messages; everything else is here. Flower reaches this module only through
+fedpeft.secagg.server_stages.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedpeft.config.tree import RunConfig, client_lr
 from fedpeft.federation import rounds
 from fedpeft.federation.state import ServerState, apply_mean, skip_round
+from fedpeft.privacy.central import noised_mean
+from fedpeft.privacy.discrete import tau
 from fedpeft.privacy.distributed import DistributedCode
-from fedpeft.secagg.flower import Keys, SecAggParams, secure_sum, stage1_tasks, unflatten
-from fedpeft.secagg.protocol import SecAggAbort
+from fedpeft.privacy.plan import DpPlan, ran
+from fedpeft.secagg.protocol import Keys, SecAggAbort
 from fedpeft.secagg.quantize import RingCode
-
-if TYPE_CHECKING:
-    from flwr.app import Message
-
-    from fedpeft.privacy.plan import DpPlan
+from fedpeft.secagg.records import unflatten
+from fedpeft.secagg.server_stages import SecAggParams, SecureSumReport, Send, secure_sum, stage1_tasks
 
 
 def ring_code(cfg: RunConfig, weights: Sequence[float]) -> RingCode:
@@ -36,9 +36,6 @@ def _distributed(
     """The round's distributed-DP encoding, and the check before unmasking: the survivors' noise must keep
     the budget (a round with fewer survivors than the margin allows for spends more). `noised` receives
     what the unmasked sum holds, for the accountant (fedpeft.privacy.plan)."""
-    from fedpeft.privacy.discrete import tau
-    from fedpeft.privacy.plan import ran
-
     try:
         code = DistributedCode.for_round(dp.clip, dp.noise_multiplier, dp.counted_min, sampled, dim)
     except ValueError as e:
@@ -83,7 +80,7 @@ def secure_round(
     names: Mapping[int, str],
     examples: Mapping[int, float],
     sampled: list[int],
-    send: Callable[[dict[int, dict[str, Any]]], dict[int, Message]],
+    send: Send,
     advertised: Mapping[int, tuple[dict[str, Any], Keys]] | None = None,
     dp: DpPlan | None = None,
 ) -> tuple[ServerState, dict[str, Any]]:
@@ -101,7 +98,7 @@ def secure_round(
         "bytes_down": sum(a.nbytes for a in arrays.values()) * len(sampled),
         "secagg": True,
     }
-    report: dict[str, Any] = {}  # filled by secure_sum, read also when it aborts
+    report = SecureSumReport()  # filled by secure_sum, read also when it aborts
     noised: dict[str, Any] = {}  # distributed DP: what the unmasked sum held (its noise counts from then on)
     try:
         if len(sampled) < f.min_clients:
@@ -120,7 +117,7 @@ def secure_round(
         if len(survivors) < f.min_clients:
             raise SecAggAbort(f"{len(survivors)} survivors < min_clients {f.min_clients}")
     except SecAggAbort as e:
-        aborted = {**metrics, **rounds.aborted_metrics(report, names, rnd, str(e))}
+        aborted = {**metrics, **rounds.aborted_metrics(report.as_dict(), names, rnd, str(e))}
         return skip_round(state), {**aborted, **({"dp_sum": noised} if "clipped" in noised else {})}
     if isinstance(code, DistributedCode):  # the noised sum of clipped deltas, over the expected count
         mean = unflatten(sums / dp.expected_clients, state.info.schema, state.travel_keys)
@@ -130,9 +127,7 @@ def secure_round(
         mean = unflatten(weighted / weight, state.info.schema, state.travel_keys)
     if dp is not None and not dp.discrete:
         # central DP: every client weighed 1 and clipped, so mean x survivors is their sum
-        from fedpeft.privacy.central import noised_mean
-
         total_sum = {k: a * len(survivors) for k, a in mean.items()}
         mean = noised_mean(total_sum, dp.expected_clients, dp.noise_std)
     new = apply_mean(state, mean, cfg)
-    return new, {**metrics, **rounds.secure_metrics(report, survivors, names, dim)}
+    return new, {**metrics, **rounds.secure_metrics(report.as_dict(), survivors, names, dim)}

@@ -1,0 +1,108 @@
+"""The checks every entry runs on a RunConfig (CLI flags, config files, Flower's run config, a saved
+config.json, a device reading the server's config), beyond each field's own range and choices."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from fedpeft.config.federated import TRACKERS, FederationConfig, PrivacyConfig
+from fedpeft.config.fields import check_value
+from fedpeft.config.run_config import RunConfig, fields
+from fedpeft.errors import FedpeftError
+
+
+def sampled_per_round(clients: int, fraction: float, min_clients: int) -> int:
+    """How many clients a round samples: ceil(fraction x clients), at least min_clients, at most all."""
+    return min(clients, max(min_clients, math.ceil(fraction * clients)))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise FedpeftError(message)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """The checks every entry runs (CLI flags, config files, Flower's run config, a saved config.json, a
+    device reading the server's config): one-line FedpeftErrors naming the flag. Returns cfg."""
+    for f in fields():
+        check_value(f, f.get(cfg))
+    a, f, p = cfg.adapter, cfg.federation, cfg.personal
+    _check(bool(a.target_modules), "--targets names no module")
+    _check(not a.freeze_a or a.kind == "lora", "--freeze-a applies to LoRA only")
+    _check(f.lora_mode != "ffa" or a.kind == "lora", "--lora-mode ffa applies to LoRA only")
+    _check(f.min_clients <= f.clients, f"--min-clients {f.min_clients} exceeds --clients {f.clients}")
+    _check(
+        p.method != "fedsa" or a.kind == "lora",
+        "--personalize fedsa splits LoRA's A and B; it needs --adapter lora",
+    )
+    _check(
+        p.method != "fedsa" or not (f.lora_mode == "ffa" or a.freeze_a),
+        "--personalize fedsa shares A and keeps B personal; FFA-LoRA freezes A: use --lora-mode fedavg",
+    )
+    if f.secagg:
+        _validate_secagg(f)
+    _check(
+        f.ray_address in ("", "auto") or bool(re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d{1,5}", f.ray_address)),
+        f"--ray-address must be auto or HOST:PORT, got {f.ray_address!r}",
+    )
+    _check(
+        f.max_forgetting == 0 or cfg.data.reference_text != "off",
+        "--max-forgetting measures on the reference text: it needs --reference-text default or PATH",
+    )
+    _check(
+        f.max_forgetting == 0 or f.eval_every == 1,
+        "--max-forgetting checks every round's adapter: it needs --eval-every 1",
+    )
+    unknown = [name for name in f.log_to if name not in TRACKERS]
+    _check(not unknown, f"--log-to names trackers from {', '.join(TRACKERS)}; got {', '.join(unknown)}")
+    _validate_privacy(cfg.privacy, f.secagg)
+    return cfg
+
+
+def _validate_privacy(d: PrivacyConfig, secagg: bool) -> None:
+    if d.mode == "off":
+        return
+    _check(
+        (d.noise_multiplier > 0) != (d.epsilon > 0),
+        f"--dp {d.mode} needs exactly one of --dp-noise-multiplier (the noise) and --dp-epsilon (a budget "
+        "the noise is computed from)",
+    )
+    _check(
+        d.mode != "distributed" or secagg,
+        "--dp distributed adds the noise inside secure aggregation: it needs --secagg",
+    )
+
+
+def dp_delta(d: PrivacyConfig, clients: int) -> float:
+    """--dp-delta, or the default an order of magnitude below 1/clients (and at most 1e-5)."""
+    return d.delta if d.delta > 0 else min(1e-5, 1.0 / (10 * clients))
+
+
+def _validate_secagg(f: FederationConfig) -> None:
+    """Parameters under which SecAgg+ protects each client (Bell et al., CCS 2020), as a device with the
+    default minimum checks them (fedpeft.secagg.protocol): every update masked with at least MIN_NEIGHBOURS
+    others, and a threshold no server with one colluding client can split. k = 0 gave no neighbours, and
+    the server read every update from its own unmask request."""
+    # numpy and cryptography: only a secure federation's config needs the protocol's own rules
+    from fedpeft.secagg.graph import degree
+    from fedpeft.secagg.protocol import MIN_NEIGHBOURS, min_threshold
+
+    n = sampled_per_round(f.clients, f.fraction, f.min_clients)
+    _check(
+        f.secagg_k >= MIN_NEIGHBOURS,
+        f"--secagg-k must be at least {MIN_NEIGHBOURS}, got {f.secagg_k}: each client masks its update with "
+        f"its k neighbours (k >= sampled clients - 1 is the complete graph)",
+    )
+    _check(
+        n >= MIN_NEIGHBOURS + 1,
+        f"--secagg needs at least {MIN_NEIGHBOURS + 1} clients a round to mask each update with "
+        f"{MIN_NEIGHBOURS} others; this configuration samples {n} (raise --fraction or --min-clients)",
+    )
+    holders = degree(f.secagg_k, n) + 1
+    lo = min_threshold(holders)
+    _check(
+        f.secagg_threshold == 0 or lo <= f.secagg_threshold <= holders,
+        f"--secagg-threshold must be {lo} to {holders} for each secret's {holders} holders (what a device with "
+        f"the default --min-neighbours accepts), or 0 for {lo}; got {f.secagg_threshold}",
+    )
