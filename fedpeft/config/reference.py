@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from fedpeft.config.fields import Field
+from fedpeft.config.local import local_fields
 from fedpeft.config.tree import fields
 
 INTRO = """# Configuration reference
@@ -138,9 +139,10 @@ def _sections(leaves: Sequence[Field]) -> list[str]:
     return lines
 
 
-def render(local: Sequence[Field] = ()) -> str:
+def render(local: Sequence[Field] | None = None) -> str:
     """The whole reference page: the run config's sections in the tree's order, then `local`, options that
-    one command takes and that never travel in the run config (a device's, serve's, ...), if given."""
+    one command takes and that never travel in the run config (a device's, serve's, ...; default: all)."""
+    local = local_fields() if local is None else local
     lines = [INTRO, *_sections(fields())]
     if local:
         lines += [LOCAL_INTRO, *_sections(local)]

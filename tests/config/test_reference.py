@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from fedpeft.config.local import local_fields
 from fedpeft.config.reference import render
 from fedpeft.config.tree import fields
 
@@ -17,13 +18,14 @@ def _rows(text: str) -> list[str]:
 
 
 def test_every_field_has_one_row_with_its_key_flag_and_section() -> None:
+    # the run config's fields, then the options a single command takes (a device's, serve's, ...)
     text = render()
-    rows = _rows(text)
-    assert len(rows) == len(fields())
-    for f, row in zip(fields(), rows, strict=True):
+    rows, every = _rows(text), fields() + local_fields()
+    assert len(rows) == len(every)
+    for f, row in zip(every, rows, strict=True):
         assert row.startswith(f"| `{f.key}` | ")
         assert (f"`{f.meta['flag']}`" if f.meta["flag"] else " | - | ") in row
-    for section in dict.fromkeys(f.section for f in fields()):
+    for section in dict.fromkeys(f.section for f in every):
         assert f"## `[{section}]`" in text
 
 
