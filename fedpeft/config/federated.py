@@ -192,8 +192,8 @@ class PersonalConfig:
         "(FedSA-LoRA); ditto: a personal adapter pulled toward the global one (Ditto)",
         flag="--personalize",
     )
-    # 10: with the specific change, finetune's own gain grows from 5 to 10 steps (+1.6% -> +2.7%) and its
-    # specificity too (3.31 -> 5.67); at 20 one user of ten no longer beats global (benchmarks/specificity.py).
+    # 10: with the specific change, finetune's own gain and its specificity both grow from 5 to 10 steps;
+    # at 20 a user no longer beats the global adapter (benchmarks/README.md, "Specificity").
     steps: int = option(
         10,
         "personal optimizer steps: at the last round (finetune) or each sampled round (ditto)",
@@ -268,8 +268,9 @@ class PrivacyConfig:
         flag="--dp",
     )
     # DP-FedAvg clips at about the median norm of the unclipped updates (Andrew et al., NeurIPS 2021);
-    # 0.8: the default model's deltas after a round of 5 local steps measured 0.80-0.83 (AdamW moves every
-    # coordinate about lr a step, so the norms hardly vary): clipped a few percent, least noise for that.
+    # 0.8: just below the default model's measured delta norms after a round of 5 local steps
+    # (benchmarks/README.md, "Differential privacy"). AdamW moves every coordinate about lr a step, so the
+    # norms hardly vary: clipped a few percent, least noise for that.
     clip: float = option(
         0.8, "L2 norm each client's delta is clipped to", flag="--dp-clip", metavar="C", gt=0
     )

@@ -72,10 +72,10 @@ class BaseConfig:
         flag="--compute-dtype",
         commands=(*ALL, "serve", "generate", "eval"),
     )
-    # What the quantization costs shows only against the unquantized base: NF4 raised the default model's
-    # held-out perplexity by 21% (README, "What the quantized base costs"). bf16 by default: it is the
-    # weights' own precision for bf16 checkpoints and the packaged GGUF's conversion (its perplexity was
-    # within 0.1% of fp32's), at half fp32's memory on a device that must load it beside its own base.
+    # What the quantization costs shows only against the unquantized base: NF4 costs a small model much of
+    # its held-out perplexity (benchmarks/README.md, "Quantization"). bf16 by default: it is the weights' own
+    # precision for bf16 checkpoints and the packaged GGUF's conversion (it scores as fp32 does, same
+    # section), at half fp32's memory on a device that must load it beside its own base.
     full_base: FullBase = option(
         "bf16",
         "the unquantized base every quality figure is also measured against, at round 0 and the last round, "
@@ -302,9 +302,9 @@ class TrainConfig:
     )
     eval_batch_size: int = option(8, "sequences per evaluation batch", gt=0)
     progress: bool = option(True, "progress bars", flag="--progress")
-    # On the default model (NF4, LoRA, batch 4 x 128) these two took the training process's peak from 1491
-    # to 797 MiB at 1.13-1.23x the step (1663 MiB and 1.3x the step of train() before them and before
-    # fedpeft.model.memory's heap; benchmarks/memory.py, results/memory.json).
+    # Together these two roughly halve the training process's peak on the default model for a modestly
+    # slower step: on a small model the base is a small part of that peak, activations and logits a large
+    # one (benchmarks/README.md, "Memory").
     checkpointing: bool = option(
         True,
         "gradient checkpointing: keep only each decoder layer's input and recompute the frozen base's "
@@ -319,8 +319,8 @@ class TrainConfig:
         metavar="T",
         ge=0,
     )
-    # glibc's mmap threshold 128 KiB instead of 1 MiB (fedpeft.model.memory): on the default model 706 instead of
-    # 797 MiB at batch 4 x 128, and a step 2.2x as long (page faults); --max-memory turns it on if needed
+    # glibc's mmap threshold 128 KiB instead of 1 MiB (fedpeft.model.memory): a lower peak, but page faults
+    # make each step about twice as long (benchmarks/README.md, "Memory"); --max-memory turns it on if needed
     compact_heap: bool = option(
         False, "a compact heap: less memory kept by glibc, slower steps (set by --max-memory when needed)"
     )

@@ -75,6 +75,7 @@ class DeviceConfig:
         "the server (default: no floor)",
         flag="--dp-min-local-noise",
         metavar="Z",
+        ge=0,
         group=PROTECTION,
     )
     # a device's own hardware decides, not the server (fedpeft.model.precision)

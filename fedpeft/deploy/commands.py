@@ -74,7 +74,9 @@ def cmd_certs(a: argparse.Namespace) -> None:
     )
     print(f"client keys in {root / 'clients'}: give each device its NAME.key and ca.pem, keep the .pub here")
     print("start the server (it registers every clients/*.pub):")
-    print(f"  fedpeft server --certs {shlex.quote(str(root))} --out server --clients {len(names)} --secagg")
+    print(
+        f"  fedpeft server --certs {shlex.quote(str(root))} --out server --clients {len(names)} --fraction 1 --secagg"
+    )
     print("on each device:")
     for name in names:
         print(

@@ -71,7 +71,8 @@ def deploy_local(
     env = flower_env(out / "flwr")
     server_args = _server_args(cfg, out, certs, port, resume, resume_from, extra_server_args)
     # N devices on one machine: each gets its share of the cores, as a real device has its own. Without
-    # this, N processes x all-core OpenMP pools oversubscribe the CPU: training was ~7x slower (benchmarks/deploy.py).
+    # this, N processes x all-core OpenMP pools oversubscribe the CPU and training slows several times over
+    # (benchmarks/README.md, "Deployment").
     threads = max(1, (os.cpu_count() or 1) // len(users))
     children: list[Child] = []
     server = Child(server_args, out / "server.log", env, "fedpeft server")

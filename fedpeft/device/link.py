@@ -3,7 +3,7 @@
 A request is (kind, run id, Flower RecordDict); a reply is a RecordDict or a one-line error. Records
 travel as Flower's own protobuf (flwr.common.serde), never pickle: whatever reaches the socket is parsed,
 not executed. numpy + Flower only: the ClientApp process that Flower starts per message imports this and
-must stay free of torch (README, "On the device").
+must stay free of torch (docs/deployment.md, "On the device").
 
 Frame: 8-byte big-endian length, then a 4-byte header length, a JSON header and the protobuf body.
 """

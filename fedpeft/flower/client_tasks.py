@@ -105,7 +105,8 @@ def device_stats(device: str = "cpu") -> dict[str, float]:
 
     root = STATS["root_pid"]
     # a device worker's tree (it may have restarted); a simulated client's actor starts no process, and
-    # scanning the process table for its children took 6% of the actor's time at 1,000 clients
+    # scanning the process table for its children was a noticeable part of the actor's time at 1,000
+    # clients (benchmarks/README.md, "Federation scale")
     rss = tree_peak_rss(root) if root else peak_rss()
     return {
         "base_loads": float(STATS["loads_before"] + BASE_LOADS[0]),

@@ -15,9 +15,10 @@ from fedpeft.log import Waiting
 
 K = TypeVar("K")
 
-# Grid.send_and_receive sleeps 3 s between pulls (flwr 1.42), longer than most stages. With a fixed 0.1 s
-# poll a local SuperLink used about half a core through a deployed round (10 pulls a second all through a
-# minute of training); backing off to 1 s costs at most a second per stage and keeps quick stages quick.
+# Grid.send_and_receive sleeps 3 s between pulls (flwr 1.42), longer than most stages. A fixed 0.1 s poll
+# keeps a local SuperLink busy answering 10 pulls a second all through a stage's training
+# (benchmarks/README.md, "Deployment"); backing off to 1 s costs at most a second per stage and keeps quick
+# stages quick.
 POLL_SECONDS, POLL_MAX_SECONDS = 0.1, 1.0
 
 

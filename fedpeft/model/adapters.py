@@ -153,8 +153,8 @@ def _peft_state(model: Any) -> dict[str, torch.Tensor]:
 def _live(model: Any) -> tuple[dict[str, torch.Tensor], Schema] | None:
     """The adapter's tensors under PEFT's file keys, each sharing storage with its live parameter, and the
     schema; built once per model and rebuilt if a parameter moved (None when peft's state is not plain
-    views of parameters). Reading and writing through them skips peft's per-call key mapping: on the tiny
-    model a simulated client trained in 31 instead of 36 ms and evaluated in 4 instead of 9."""
+    views of parameters). Reading and writing through them skips peft's per-call key mapping, which made a
+    simulated client on a small model measurably faster (benchmarks/README.md, "Federation scale")."""
     cached = model.__dict__.get("_fedpeft_live")
     if cached is not None:
         views, schema, params = cached

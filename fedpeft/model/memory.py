@@ -29,15 +29,11 @@ MIB = 2**20
 # glibc serves allocations above its mmap threshold with their own mappings, returned to the system when
 # freed; below it they come from heaps that keep freed memory. Its default threshold grows to 32 MiB as
 # large blocks are freed, so activations end up in the heaps, fragment them, and the process keeps them.
-# Fixed thresholds measured on the default model (checkpointing + chunked loss, batch 4 x 128, fresh
-# process each; process peak RSS / median step):
-#   glibc's default 969 MiB / 2.5 s;  4 MiB 942 / 2.5 s;  1 MiB 826 / 2.35 s;  512 KiB 714 / 4.9 s;
-#   128 KiB 706 / 5.4 s.
-# Below 1 MiB the [tokens, hidden] bf16 activations (576 KiB here) get mappings of their own too, and
-# faulting their pages in at every allocation doubled the step (sys time 3 s -> 17-22 s). So training
-# runs with 1 MiB (FAST_HEAP: 143 MiB off the peak for nothing), and with 128 KiB (COMPACT_HEAP,
-# TrainConfig.compact_heap) only where --max-memory needs it: it is also what makes the peak follow the
-# micro-batch (128 KiB: 677 / 703 / 704 MiB at micro-batch 1 / 2 / 4; 1 MiB: 736 / 822 / 817).
+# A fixed threshold keeps the peak down, but below 1 MiB the [tokens, hidden] bf16 activations of the
+# default model at batch 4 x 128 get mappings of their own too, and faulting their pages in at every
+# allocation makes the step far slower. So training runs with 1 MiB (FAST_HEAP: a lower peak at no cost in
+# step time), and with 128 KiB (COMPACT_HEAP, TrainConfig.compact_heap) only where --max-memory needs it: it
+# is also what makes the peak follow the micro-batch. The thresholds measured: benchmarks/README.md, "Memory".
 FAST_HEAP = 1024 * 1024
 COMPACT_HEAP = 128 * 1024
 _M_MMAP_THRESHOLD = -3
@@ -74,39 +70,22 @@ def release_heap(compact: bool = False) -> None:
 #   head      = min(loss_chunk, t) * vocab * CHUNK_BYTES, or t * vocab * LOGIT_BYTES per token for loss_chunk 0
 #   margin    = COMPACT_MARGIN with the compact heap, FAST_MARGIN with the fast one (its fragmentation)
 #
-# Measured with benchmarks/memory.py --calibrate (torch 2.13 CPU, transformers 5.24, peft 0.21, bitsandbytes
-# 0.50; 2 threads; LoRA r=8 on all 7 projections; block 128; VmHWM of a fresh process per row, in MiB).
-# Compact heap (--heap compact):
-#   tiny (2 layers, hidden 64, vocab 257, B = 0.07, P = 16k): imports 390, loaded 408, peak 438-450 for
-#     every setting and micro-batch 1-4 (training adds 30-42 whatever the batch).
-#   default (SmolLM2-135M NF4: 30 layers, hidden 576, intermediate 1536, vocab 49152, B = 111, P = 2.44M):
-#     loaded 563 (load peak 571); peak at micro-batch 1 / 2 / 4:
-#       checkpointing + chunked loss (128)  677 /  703 /  704     (IA3: 653 / 681 / 697)
-#       checkpointing, all logits           681 /  753 /  897
-#       chunked loss, no checkpointing      774 /  900 / 1076
-#       neither                             778 /  948 / 1272     (IA3: 770 / 960 / 1340)
-#     block 256 at micro-batch 1 / 2: both 701 / 703, neither 949 / 1303 (tokens, not sequences, count).
-#   default in bf16 (B = 257): loaded 708, load peak 716; both 820 / 847 / 848, neither 922 / 1094 / 1414.
-#   default in fp32 (B = 513): loaded 965, load peak 1169; both 1169 (the load) at 1-4, neither 1237-1854.
-# From these: a layer keeps 11.6 bytes per (hidden + intermediate) unit per token (chunked minus both),
-# all logits cost 10.5-10.7 bytes per vocab entry per token (neither minus chunked, checkpointing minus
-# both), a chunk about 5; the base takes 1.09-1.40 x its bytes loaded, 1.47-1.48 x at the load's peak.
-# With the constants below, the measured training part (peak - RUNTIME - BASE_FACTOR * B) is at most 1.13x
-# the modelled one (IA3, micro-batch 2).
-# Fast heap, same rows: default both 736 / 822 / 817 (IA3 692 / 766 / 744; block 256: 829 / 810),
-#   checkpointing 718 / 874 / 988, chunked 850 / 1029 / 1286, neither 847 / 1115 / 1469; bf16 both
-#   862 / 965 / 971; fp32 both 1238 / 1415 / 1169; tiny 440-451. At most 2.03x the modelled part (IA3,
-#   micro-batch 2), and not monotone in the micro-batch.
+# The constants are fitted to benchmarks/memory.py --calibrate (the peak RSS of a fresh process per model,
+# setting and micro-batch): RUNTIME and TRAIN_FIXED to the tiny model, whose training part hardly depends on
+# the batch; LAYER_BYTES, LOGIT_BYTES and CHUNK_BYTES to the default model's differences between settings
+# (with and without checkpointing, all logits or a chunk); BASE_FACTOR to its bases in NF4, bf16 and fp32.
+# Each is rounded up and the margins lie above the worst row, so that the estimate overestimates. The
+# calibration's rows and what each constant was fitted to: benchmarks/README.md, "Memory".
 # tests/model/test_memory.py checks that the estimate covers the default rows.
 RUNTIME_MIB = 408.0  # python, torch, transformers, peft, bitsandbytes, tokenizer and data (tiny, loaded)
-BASE_FACTOR = 1.5  # the loaded base in RSS per byte of its tensors, up to the load's peak (1.09-1.48)
-TRAIN_FIXED_MIB = 42.0  # autograd, optimizer and thread-pool overhead of any training step (tiny: 30-42)
+BASE_FACTOR = 1.5  # the loaded base in RSS per byte of its tensors, up to the load's peak
+TRAIN_FIXED_MIB = 42.0  # autograd, optimizer and thread-pool overhead of any training step (tiny)
 ADAPTER_BYTES = 16.0  # per trainable parameter: its gradient, AdamW's two moments, clipping temporaries
-LAYER_BYTES = 14.0  # per (hidden + intermediate) unit per token of one layer's saved activations (11.6)
-LOGIT_BYTES = 12.0  # per vocab entry per token with all logits at once (10.5-10.7)
-CHUNK_BYTES = 6.0  # per vocab entry per token of the one chunk of logits alive (about 5)
-COMPACT_MARGIN = 1.25  # on the training part; measured at most 1.13
-FAST_MARGIN = 2.2  # measured at most 2.03
+LAYER_BYTES = 14.0  # per (hidden + intermediate) unit per token of one layer's saved activations
+LOGIT_BYTES = 12.0  # per vocab entry per token with all logits at once
+CHUNK_BYTES = 6.0  # per vocab entry per token of the one chunk of logits alive
+COMPACT_MARGIN = 1.25  # on the training part: above the most the compact heap measured over the model
+FAST_MARGIN = 2.2  # the fast heap's fragmentation: above the most it measured (not monotone in the batch)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ Onto which base is the choice that matters. A device runs the adapter on the qua
 rounding the adapter partly learned to offset; a user of the merged model runs transformers alone.
 QLoRA's practice (Dettmers et al., NeurIPS 2023) merges onto the full-precision weights, which is the
 default here (`--merge-onto full`): on the default model it scored better than the device's own NF4 model
-(README, "Merged models"). `--merge-onto quantized` reproduces the device's model instead: the quantized
-weights dequantized, the adapter merged into them.
+(benchmarks/README.md, "Quantization"; docs/single-device.md, "Merged models"). `--merge-onto quantized`
+reproduces the device's model instead: the quantized weights dequantized, the adapter merged into them.
 """
 
 from __future__ import annotations

@@ -98,9 +98,9 @@ def actor_resources(
 ) -> ActorResources:
     """On CPU one actor owns every core by default (parallel actors thrash a small machine). On CUDA the
     default packs one actor per client sampled a round onto the GPUs, at most one per core, and shares the
-    cores among them: a small base leaves a GPU idle with one client at a time (on an H200 the default
-    round took 16.1 s with one actor and 4.4-5.9 s with five; benchmarks/gpu.py, README). Each actor holds
-    its own base, so a large base may need --client-gpus 1."""
+    cores among them: a small base leaves a GPU idle with one client at a time, and five actors ran the
+    default round several times faster than one (benchmarks/README.md, "GPU"). Each actor holds its own
+    base, so a large base may need --client-gpus 1."""
     if device != "cuda":
         share = client_cpus or cpus
         return ActorResources(share, 0.0, max(1, int(share)))

@@ -4,7 +4,7 @@ How the base is *stored* (`--quant`: none, bf16, int8, nf4) decides its bytes an
 it *computes* in is this module's choice and never enters the fingerprint, so devices that compute
 differently still join one federation. bf16 is fast only where the hardware has it: CPUs with
 AVX512-BF16 or AMX (and ARMv8.6+ with BF16), GPUs from compute capability 8.0. Elsewhere torch runs bf16
-matmuls through a slow fallback (40-75x slower than fp32 on an AVX2-only CPU: benchmarks/README.md,
+matmuls through a slow fallback, far slower than fp32 on an AVX2-only CPU (benchmarks/README.md,
 "Compute precision"). So `auto`:
   - on CUDA: bf16 where the GPU does it natively, else fp32 (fp16 would need loss scaling to train);
   - on the CPU: a short matmul of the model's own shapes in fp32 and in bf16 (tens of milliseconds, cached
@@ -41,7 +41,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 BF16_MARGIN = 1.15
 CACHE_FILE = "compute-speeds.json"
 CACHE_VERSION = 1
-PROBE_ROWS = 64  # tokens a probe matmul multiplies: small, so a slow bf16 fallback still takes ~50 ms
+PROBE_ROWS = 64  # tokens a probe matmul multiplies: small, so that even a slow bf16 fallback is timed quickly
 PROBE_SECONDS = 0.02  # each dtype is timed for about this long (at least two calls)
 
 

@@ -16,10 +16,10 @@ from fedpeft.config.tree import QUANTS
 from fedpeft.errors import FedpeftError
 
 # `--quant auto` (the default): NF4 from this many parameters up, bf16 below. On the default 135M model NF4
-# raised the base's held-out perplexity by 21% (31.42 -> 37.96) and the default federation then ended 4.6%
-# below the fp32 base against X% on bf16, to save 98 MiB of a device's ~800 (benchmarks/quantization.py).
-# Small models lose the most to 4-bit rounding; where NF4's saving is gigabytes (QLoRA: 7B-65B) it is
-# the way to fit at all. The 1B line itself is a judgment: only the 135M model was measured here.
+# cost the base a large part of its held-out perplexity and the federation most of its gain against the fp32
+# base, to save a small part of a device's memory (benchmarks/README.md, "Quantization"). Small models lose
+# the most to 4-bit rounding; where NF4's saving is gigabytes (QLoRA: 7B-65B) it is the way to fit at all.
+# The 1B line itself is a judgment: only the 135M model was measured.
 AUTO_NF4_PARAMS = 1_000_000_000
 
 

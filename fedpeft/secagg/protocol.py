@@ -28,8 +28,8 @@ refuses (SecAggRefused, nothing sent):
 - a stage out of order or repeated, a second survivor set to sign, a second masked input in one run's round.
 
 Clients are integer ids; Shamir points are id + 1. The server sees only public keys, ciphertexts, masked
-vectors, signatures and the shares it asks for in stage 5; the sum is all it can compute (README, threat
-model, which also lists what stays out of scope).
+vectors, signatures and the shares it asks for in stage 5; the sum is all it can compute (docs/secagg.md,
+"Threat model" and "Out of scope").
 """
 
 from __future__ import annotations

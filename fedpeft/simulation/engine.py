@@ -156,9 +156,9 @@ def run_engine(
 
 # Flower's simulation engine polls the queue of every virtual node every 0.1 s in the driver (flwr 1.42,
 # vce_api.add_messages_to_queue). With many nodes that loop keeps a core busy, and a client actor whose torch
-# threads want every core stalls beside it. On 2 cores (benchmarks/federation.py scale, 1% sampled): at
-# 10,000 virtual clients a round took 94 s with 2 threads and 10.3 s with 1; at 1,000, 1.21 and 1.49 s with 2
-# (two runs) and 1.55 s with 1. The crossover lies between and was not measured.
+# threads want every core stalls beside it. On 2 cores (benchmarks/federation.py scale) leaving that core
+# to the engine made a round at 10,000 virtual clients many times faster and at 1,000 no faster; the
+# threshold lies between, a judgement, not measured (benchmarks/README.md, "Federation scale").
 ENGINE_BUSY_CLIENTS = 3000
 
 
