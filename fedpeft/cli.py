@@ -183,6 +183,7 @@ def cmd_export(a: argparse.Namespace) -> None:
         export_adapter(files, out)
         print(f"{what} copied to {out} (load with peft.PeftModel.from_pretrained)")
         return
+    # torch, transformers: only --merge loads a base, off the CLI's start-up path
     import torch
 
     from fedpeft.model.merge import export_merged, merge_base

@@ -9,6 +9,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+import tomli_w
+
 from fedpeft.config.fields import Field
 from fedpeft.config.tree import RunConfig, fields, validate
 from fedpeft.errors import FedpeftError
@@ -16,7 +18,6 @@ from fedpeft.errors import FedpeftError
 # Keys of Flower's run config that are not part of the tree: where the ServerApp writes, and the checkpoint
 # round a resumed federation continues from (-1: a new federation). `fedpeft server` sets both.
 APP_KEYS: dict[str, Any] = {"out": "runs/flwr", "resume-round": -1}
-PROJECT_ROOT = Path(__file__).resolve().parents[2]  # a source checkout's root (pyproject.toml), if any
 
 
 def to_run_config(cfg: RunConfig) -> dict[str, Any]:
@@ -140,8 +141,6 @@ def load_toml(path: Path, start: RunConfig | None = None) -> RunConfig:
 def dumps_toml(cfg: RunConfig, only_changed: bool = False) -> str:
     """The config as a TOML config file that load_toml reads back to the same config; `only_changed` keeps
     the values that differ from the defaults. None is written as "" (as in the run config)."""
-    import tomli_w
-
     doc: dict[str, dict[str, Any]] = {}
     for f in fields():
         value = f.get(cfg)
@@ -178,35 +177,5 @@ def flwr_app_table() -> dict[str, Any]:
     }
 
 
-def app_dir(fallback: Path, root: Path = PROJECT_ROOT) -> Path:
-    """The Flower app to run: the project itself (its pyproject.toml, `flwr run .`) in a source checkout;
-    installed from a wheel, `fallback` with a pyproject.toml holding the same `[tool.flwr.app]`."""
-    from importlib.metadata import version
-
-    import tomli_w
-
-    from fedpeft.atomic import atomic_write_bytes
-
-    try:
-        project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
-        if project["tool"]["flwr"]["app"] == flwr_app_table():
-            return root
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        pass
-    doc = {
-        "project": {"name": "fedpeft", "version": version("fedpeft"), "license": "Apache-2.0"},
-        "tool": {"flwr": {"app": flwr_app_table()}},
-    }
-    fallback.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(fallback / "pyproject.toml", tomli_w.dumps(doc).encode())
-    # the one file `fab-include` names: Flower refuses to build a FAB when a pattern matches nothing
-    atomic_write_bytes(
-        fallback / "LICENSE", b"Apache-2.0: the license of the fedpeft package this app runs.\n"
-    )
-    return fallback
-
-
 if __name__ == "__main__":  # the [tool.flwr.app] block of pyproject.toml
-    import tomli_w
-
     print(tomli_w.dumps({"tool": {"flwr": {"app": flwr_app_table()}}}), end="")

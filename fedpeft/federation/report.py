@@ -7,11 +7,12 @@ import math
 from collections.abc import Sequence
 
 from fedpeft.federation.metrics import RoundMetrics, TaskMetrics, base_name
+from fedpeft.federation.task_eval import HEADLINE, headline, pooled
 
 
 def train_loss_png(losses: list[float], eval_before: float, eval_after: float, title: str) -> bytes:
     """Training loss per step, with the held-out loss before and after as horizontal lines."""
-    import matplotlib
+    import matplotlib  # matplotlib: only drawing needs it, off every command's start-up path
 
     matplotlib.use("Agg")  # no display on servers and edge devices
     import matplotlib.pyplot as plt
@@ -35,7 +36,7 @@ def train_loss_png(losses: list[float], eval_before: float, eval_after: float, t
 def federation_png(history: Sequence[RoundMetrics]) -> bytes:
     """Per round: held-out loss of the global adapter (token-weighted over all clients) and the mean
     local training loss; held-out perplexity with the per-client spread."""
-    import matplotlib
+    import matplotlib  # matplotlib: see train_loss_png
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -120,8 +121,6 @@ def _ppl_panel(ax, history: list[RoundMetrics]) -> None:
 def _task_panel(ax, history: list[RoundMetrics]) -> None:
     """The global adapter's task figure per round, the zero-shot base as a line, the per-client spread,
     and the personal adapters' pooled figure where a round has them."""
-    from fedpeft.federation.task_eval import HEADLINE, headline, pooled
-
     rows = [h for h in history if h.task]
     kind = rows[0].task.kind
     rows = [h for h in rows if h.task.kind == kind]
@@ -146,8 +145,6 @@ def _task_panel(ax, history: list[RoundMetrics]) -> None:
 
 def _headline(task: TaskMetrics) -> float:
     """The task's figure a plot draws: accuracy, or ROUGE-L (fedpeft.federation.task_eval.HEADLINE)."""
-    from fedpeft.federation.task_eval import HEADLINE
-
     return float(getattr(task, HEADLINE[task.kind]))
 
 

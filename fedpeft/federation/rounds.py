@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedpeft.config.tree import RunConfig
-from fedpeft.federation.aggregate import Arrays
+from fedpeft.federation.aggregate import Arrays, weighted_sum
+from fedpeft.federation.evaluation import changes_text
 from fedpeft.federation.metrics import RoundMetrics, as_history, as_metrics, base_name
 from fedpeft.federation.state import ServerState, aggregate_round, apply_mean, check_update, skip_round
-from fedpeft.personal.strategies import strategy_for
+from fedpeft.federation.task_eval import task_text
+from fedpeft.log import show_bars
+from fedpeft.personal.strategies import method_label, strategy_for
+from fedpeft.personal.summary import summary_line
+from fedpeft.privacy.central import clip, noised_mean
 
 if TYPE_CHECKING:
     from fedpeft.federation.sinks import Sink
@@ -136,9 +141,6 @@ def plain_round(
         )
         return skip_round(state), {**metrics, **skipped_metrics()}
     if dp is not None:  # DP-FedAvg: the server clips again (its guarantee), sums, adds noise
-        from fedpeft.federation.aggregate import weighted_sum
-        from fedpeft.privacy.central import clip, noised_mean
-
         total = weighted_sum([clip(d, dp.clip)[0] for d in deltas], [1.0] * len(deltas))
         new = apply_mean(state, noised_mean(total, dp.expected_clients, dp.noise_std), cfg)
     else:
@@ -224,15 +226,11 @@ def compute_text(per_client: Mapping[str, Mapping[str, Any]]) -> str:
 
 def round_line(m: RoundMetrics | Mapping[str, Any]) -> str:
     """A round's metrics as the line a run prints (`simulate` under its bar, `server` from metrics.jsonl)."""
-    from fedpeft.federation.evaluation import changes_text
-
     m = as_metrics(m)
     if m.eval_ppl is None:
         why = "every client's evaluation failed" if m.eval_failed else "--eval-every"
         text = f"round {m.round}: not evaluated ({why})"
     else:
-        from fedpeft.federation.task_eval import task_text
-
         task = task_text({"task": m.task.to_json()}) if m.task is not None else ""
         text = f"round {m.round}: " + (f"{task}; answer " if task else "held-out ")
         text += f"ppl {m.eval_ppl:.2f} (loss {m.eval_loss:.3f}"
@@ -271,8 +269,6 @@ class ConsoleSink:
         self.bar, self.method = bar, method
 
     def round(self, m: RoundMetrics) -> None:
-        from fedpeft.personal.summary import summary_line
-
         self.bar.update(1)
         if m.eval_ppl is not None:
             self.bar.set_postfix(ppl=f"{m.eval_ppl:.2f}", loss=f"{m.eval_loss:.3f}")
@@ -290,10 +286,8 @@ class Progress:
     knows the run folder; the loop still builds dicts, typed here."""
 
     def __init__(self, cfg: RunConfig, state: ServerState) -> None:
+        # tqdm.auto (it imports asyncio): off `fedpeft server`'s start-up path, which imports round_line
         from tqdm.auto import tqdm
-
-        from fedpeft.log import show_bars
-        from fedpeft.personal.strategies import method_label
 
         rounds = cfg.federation.rounds
         bar = tqdm(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedpeft.atomic import atomic_write_bytes, atomic_write_json
+from fedpeft.config.files import to_run_config
 from fedpeft.config.tree import RunConfig
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.metrics import RoundMetrics, as_history
@@ -116,7 +117,7 @@ class MlflowSink:
         self.run_dir, self.cfg = Path(run_dir), cfg
 
     def round(self, metrics: RoundMetrics) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # mlflow: see mlflow_client
 
         client = mlflow_client(self.run_dir)
         run_id = self._run_id(client)
@@ -133,9 +134,7 @@ class MlflowSink:
         path = self.run_dir / MLFLOW_RUN_FILE
         if path.is_file():
             return str(json.loads(path.read_text())["run_id"])
-        from mlflow.entities import Param
-
-        from fedpeft.config.files import to_run_config
+        from mlflow.entities import Param  # mlflow: see mlflow_client
 
         experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
         eid = experiment.experiment_id if experiment else client.create_experiment(MLFLOW_EXPERIMENT)

@@ -12,18 +12,22 @@ import json
 import math
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
-from fedpeft.atomic import atomic_dir, manifest_problem, write_manifest
+from fedpeft.atomic import atomic_dir, atomic_write_json, manifest_problem, write_manifest
+from fedpeft.config.files import from_run_config, to_run_config
 from fedpeft.config.tree import RunConfig, sampled_per_round
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.aggregate import Arrays, divide, server_update, weighted_sum
 from fedpeft.federation.sinks import check_trackers, record
 from fedpeft.model.adapter_files import AdapterDescription, adapter_meta, write_adapter_dir
+from fedpeft.privacy.plan import plan
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
@@ -133,8 +137,6 @@ def write_global(run_dir: Path, state: ServerState) -> Path:
 
 def save_checkpoint(run_dir: Path, state: ServerState, cfg: RunConfig) -> Path:
     """checkpoints/round-NNN/: global adapter, optimizer state, round, RNG seed, history; atomic."""
-    from safetensors.numpy import save_file
-
     dest = checkpoint_path(run_dir, state.round)
     with atomic_dir(dest) as tmp:
         save_file(state.arrays, tmp / GLOBAL_FILE)
@@ -220,8 +222,6 @@ def resume_round(run_dir: Path, wanted: int | None = None) -> int:
 def discard_after(run_dir: Path, rnd: int) -> list[Path]:
     """Move the checkpoints of rounds after `rnd` to checkpoints/discarded-after-NNN-<time>/ (kept, not
     deleted): a run resumed from `rnd` trains them again, and a later resume must not pick them up."""
-    import time
-
     later = [p for r, p in _checkpoints(run_dir).items() if r > rnd]
     if later:
         dest = Path(run_dir) / CHECKPOINTS / f"discarded-after-{rnd:03d}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -238,8 +238,6 @@ def checkpoint_path(run_dir: Path, rnd: int) -> Path:
 def load_checkpoint(path: Path) -> ServerState:
     """Read one checkpoint after verifying every file's sha256; any defect is a one-line FedpeftError (the
     files are left as they are)."""
-    from safetensors.numpy import load_file
-
     problem = manifest_problem(path, CHECKPOINT_FILES)
     if problem is not None:
         raise FedpeftError(f"corrupt checkpoint {path}: {problem}")
@@ -272,8 +270,6 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
 
 def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
     """A run may be resumed with more rounds, but nothing else may change."""
-    from fedpeft.config.files import from_run_config, to_run_config
-
     path = run_dir / "config.json"
     if not path.is_file():
         raise FedpeftError(f"nothing to resume in {run_dir} (no config.json)")
@@ -315,17 +311,12 @@ def plan_run(run_dir: Path, cfg: RunConfig, resume: bool, resume_from: int | Non
             f"{run_dir} already holds a federation; pass --resume to continue it or use a new --out"
         )
     if cfg.privacy.mode != "off":  # a DP budget no noise can hold is refused before any file is written
-        from fedpeft.privacy.plan import plan
-
         plan(cfg, cfg.federation.clients)
     return None
 
 
 def open_run(run_dir: Path, cfg: RunConfig, start_round: int | None) -> None:
     """Once every check passed: the folder, later checkpoints set aside, the run's config.json."""
-    from fedpeft.atomic import atomic_write_json
-    from fedpeft.config.files import to_run_config
-
     run_dir.mkdir(parents=True, exist_ok=True)
     if start_round is not None:
         discard_after(run_dir, start_round)

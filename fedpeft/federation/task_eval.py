@@ -28,6 +28,8 @@ HEADLINE = {"classify": "accuracy", "generate": "rouge_l"}
 def score(model: Any, tokenizer: Any, task: TaskEval, compute: str, answer_tokens: int, batch_size: int,
           prefix: str = PREFIX) -> dict[str, float]:  # fmt: skip
     """The model (as it is: adapter on, off, global or personal) on one client's held-out examples."""
+    # torch: a client's side only; the server pools the counts and starts without torch
+    from fedpeft.data.chat import end_of_turn
     from fedpeft.training.task_metrics import classify, exact_match, greedy_answers, rouge_l
 
     if task.kind == "classify":
@@ -35,8 +37,6 @@ def score(model: Any, tokenizer: Any, task: TaskEval, compute: str, answer_token
             model, tokenizer.pad_token_id, task.prompts, task.options, task.gold, compute, batch_size
         )
         return counts.to_metrics(prefix)
-    from fedpeft.data.chat import end_of_turn
-
     stop = end_of_turn(tokenizer)  # a token of its own (ChatML's <|im_end|> in Qwen) or plain text
     ids = tokenizer(stop, add_special_tokens=False)["input_ids"] if stop else []
     answers = greedy_answers(

@@ -65,7 +65,7 @@ def _accountant(discrete: bool = False):
 
 
 def _event(z: float, q: float, rounds: int):
-    import dp_accounting
+    import dp_accounting  # dp_accounting: see _accountant
 
     one = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
     return dp_accounting.SelfComposedDpEvent(one, rounds)
@@ -87,7 +87,7 @@ def epsilon(z: float, q: float, rounds: int, delta: float, discrete: bool = Fals
 def epsilon_of_rounds(zs: tuple[float, ...], q: float, delta: float, xi: float = 0.0) -> float:
     """epsilon of distributed-DP rounds that ran with the noise multipliers `zs` (one per round whose sum
     was unmasked), plus `xi`, the rounds' summed tau x d, at integer orders (module docstring)."""
-    import dp_accounting
+    import dp_accounting  # dp_accounting: see _accountant
 
     if not zs:
         return 0.0
@@ -103,7 +103,7 @@ def epsilon_of_rounds(zs: tuple[float, ...], q: float, delta: float, xi: float =
 def noise_for_budget(budget: float, q: float, rounds: int, delta: float, discrete: bool = False) -> float:
     """The smallest noise multiplier whose `rounds` rounds spend at most `budget` (to 1e-3 relative), or a
     one-line FedpeftError when no sensible noise can hold it."""
-    import dp_accounting
+    import dp_accounting  # dp_accounting: see _accountant
 
     if epsilon(MAX_NOISE_MULTIPLIER, q, rounds, delta, discrete) > budget:
         raise FedpeftError(

@@ -112,6 +112,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         from fedpeft.serve.api import create_app
     except ImportError as e:
         raise FedpeftError(f"fedpeft serve needs the serve extra (pip install -e '.[serve]'): {e}") from None
+    # torch, transformers: this command's, off the CLI's start-up path
     from fedpeft.serve.batcher import Batcher
     from fedpeft.serve.catalog import discover
     from fedpeft.serve.engine import Engine

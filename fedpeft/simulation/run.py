@@ -5,16 +5,24 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from fedpeft.config.tree import RunConfig
 from fedpeft.errors import FedpeftError
+from fedpeft.federation.evaluation import changes_text
+from fedpeft.federation.forgetting import reference_blocks
 from fedpeft.federation.metrics import RoundMetrics, as_metrics
 from fedpeft.federation.state import ServerState, open_run, plan_run
+from fedpeft.federation.task_eval import task_summary
 from fedpeft.log import quiet_environment
 from fedpeft.model.placement import with_device
-from fedpeft.simulation.engine import reap_stale, run_engine
+from fedpeft.personal.store import check_store
+from fedpeft.personal.strategies import strategy_for
+from fedpeft.personal.summary import summary_line
+from fedpeft.privacy.plan import summary as dp_summary
+from fedpeft.simulation.engine import backend_config, reap_stale, run_engine
 
 log = logging.getLogger("fedpeft")
 
@@ -22,14 +30,13 @@ log = logging.getLogger("fedpeft")
 def _check_data(cfg: RunConfig) -> None:
     """Fail before Ray starts if the data cannot form the clients or the reference text cannot be read
     (needs the tokenizer only)."""
+    # transformers, torch: the simulation's own checks; `fedpeft server` imports summary without them
     from transformers import AutoTokenizer
 
     from fedpeft.data.partition import partition
     from fedpeft.model.base import resolve_base_dir
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_dir(cfg.base.model, cfg.base.cache_dir))
-    from fedpeft.federation.forgetting import reference_blocks
-
     reference_blocks(cfg.data, tokenizer)  # a --reference-text that is missing or not text, before Ray starts
     f = cfg.federation
     clients = partition(cfg.data, tokenizer, f.clients, f.split, f.dirichlet_alpha, f.seed)
@@ -50,8 +57,7 @@ def _precision_note(cfg: RunConfig) -> None:
             "compute dtype: --compute-dtype %s, chosen by each Ray node for itself", cfg.base.compute_dtype
         )
         return
-    from fedpeft.model.base import preview_precision
-    from fedpeft.simulation.engine import backend_config
+    from fedpeft.model.base import preview_precision  # torch: see _check_data
 
     threads = backend_config(cfg, "")[1]  # the actors' torch threads: the speeds depend on them
     log.info("clients %s", preview_precision(cfg.base, threads).line())
@@ -59,11 +65,6 @@ def _precision_note(cfg: RunConfig) -> None:
 
 def with_store(cfg: RunConfig, run_dir: Path) -> RunConfig:
     """Personalization without --store keeps one personal store per virtual client in RUN/personal."""
-    from dataclasses import replace
-
-    from fedpeft.personal.store import check_store
-    from fedpeft.personal.strategies import strategy_for
-
     check_store(cfg)
     if not strategy_for(cfg).personal:
         return cfg
@@ -102,9 +103,6 @@ def simulate(
 
 def summary(rnd: int, history: Sequence[RoundMetrics | Mapping[str, Any]], method: str = "none") -> str:
     """The closing lines of a federation (simulated or deployed)."""
-    from fedpeft.federation.evaluation import changes_text
-    from fedpeft.federation.task_eval import task_summary
-
     first, last = as_metrics(history[0]), as_metrics(history[-1])
     per_client = (last.bytes_up or 0) // max(len(last.accepted or []), 1)
     changes = changes_text(last)
@@ -131,11 +129,7 @@ def summary(rnd: int, history: Sequence[RoundMetrics | Mapping[str, Any]], metho
             f"{last.forgetting:+.1f}%)"
         )
     line += f"; {per_client:,} bytes up per client in the last round"
-    from fedpeft.privacy.plan import summary as dp_summary
-
     line += dp_summary(last.to_json())  # under DP: the (ε, δ) the adapter was trained under
     if last.personal is not None:
-        from fedpeft.personal.summary import summary_line
-
         line += "\n" + summary_line(last.personal, method)
     return line

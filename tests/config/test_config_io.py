@@ -99,7 +99,7 @@ def test_the_app_fedpeft_server_launches_builds_as_a_flower_app(tmp_path: Path, 
     [tool.flwr.app] otherwise; Flower must be able to build either into a FAB."""
     from flwr.cli.build import build_fab_from_disk
 
-    from fedpeft.config.files import app_dir
+    from fedpeft.deploy.server import app_dir
 
     app = app_dir(tmp_path / "app", root=ROOT if checkout else tmp_path / "no-such-checkout")
     assert app == (ROOT if checkout else tmp_path / "app")
