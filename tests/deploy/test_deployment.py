@@ -134,6 +134,7 @@ def _other_base(tiny_path: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow  # minutes of real processes each: CI's second pass (pyproject, markers)
 def test_secure_federation_over_tls_equals_simulation_and_refuses_strangers(
     deployment: Deployment, tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
 ) -> None:
@@ -198,6 +199,7 @@ def _pid_of(*needles: str) -> int:
     raise AssertionError(f"no process with {needles}")
 
 
+@pytest.mark.slow  # minutes of real processes each: CI's second pass (pyproject, markers)
 def test_deploy_local_survives_a_client_killed_mid_round_and_a_superlink_restart(
     deployment: Deployment, tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
 ) -> None:
@@ -262,6 +264,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.slow  # minutes of real processes each: CI's second pass (pyproject, markers)
 def test_each_device_loads_its_base_once_and_a_worker_killed_mid_round_is_restarted(
     deployment: Deployment, tmp_path: Path, users: Path, cache_dir: str
 ) -> None:

@@ -427,6 +427,7 @@ def test_no_message_carries_a_personal_adapter(
 
 
 @pytest.mark.simulation
+@pytest.mark.slow  # three federations in a row: CI's second pass (pyproject, markers)
 def test_simulate_export_generate_and_a_foreign_store_on_resume(
     tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
