@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,8 @@ from fedpeft.config.files import to_run_config
 from fedpeft.config.tree import RunConfig
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.metrics import RoundMetrics, as_history
+
+log = logging.getLogger("fedpeft")
 
 # the module each tracker needs: tensorboardX writes TensorBoard's event files without TensorFlow, and
 # mlflow-skinny is MLflow's client without its server
@@ -133,7 +136,15 @@ class MlflowSink:
     def _run_id(self, client: Any) -> str:
         path = self.run_dir / MLFLOW_RUN_FILE
         if path.is_file():
-            return str(json.loads(path.read_text())["run_id"])
+            run_id = str(json.loads(path.read_text())["run_id"])
+            try:
+                client.get_run(run_id)
+                return run_id
+            # its store was deleted or moved: a new run, not a failed round (mlflow's file store raises a
+            # bare Exception for a missing root: mlflow/store/tracking/file_store.py, _check_root_dir)
+            except Exception:
+                log.warning("MLflow run %s is gone from %s; logging into a new one", run_id, self.run_dir)
+                (self.run_dir / "mlruns" / ".trash").mkdir(parents=True, exist_ok=True)  # what its store expects
         from mlflow.entities import Param  # mlflow: see mlflow_client
 
         experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
@@ -191,10 +202,17 @@ def record(
         JsonlSink(run_dir).write()
         return
     sinks: list[Sink] = [JsonlSink(run_dir, rows[:-1]), PlotSink(run_dir, rows[:-1])]
-    sinks += open_trackers(run_dir, cfg) if cfg is not None else []
     try:
         for sink in sinks:
             sink.round(rows[-1])
     finally:
         for sink in sinks:
             sink.close()
+    # a tracker is a copy of metrics.jsonl: its failure (a store deleted under a running federation, a
+    # full disk) costs that round's copy and a warning, never the federation
+    for tracker in open_trackers(run_dir, cfg) if cfg is not None else []:
+        try:
+            tracker.round(rows[-1])
+            tracker.close()
+        except Exception as e:
+            log.warning("round %d was not logged to %s: %s", rows[-1].round, type(tracker).__name__, e)

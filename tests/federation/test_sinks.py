@@ -122,6 +122,34 @@ def test_mlflow_keeps_one_run_per_federation_in_a_local_file_store(
     assert not no_network
 
 
+def test_a_deleted_mlflow_store_or_a_failing_tracker_costs_a_warning_not_the_federation(
+    tmp_path: Path, no_network: list[Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("mlflow")
+    import shutil
+
+    from fedpeft.federation import sinks
+
+    history, cfg = _history(), _cfg("mlflow", rounds=3)
+    record(tmp_path, history[:2], cfg)
+    old = json.loads((tmp_path / MLFLOW_RUN_FILE).read_text())["run_id"]
+    shutil.rmtree(tmp_path / "mlruns")  # deleted under a running federation
+    record(tmp_path, history[:3], cfg)
+    new = json.loads((tmp_path / MLFLOW_RUN_FILE).read_text())["run_id"]
+    assert new != old and "is gone" in caplog.text
+    client = mlflow_client(tmp_path)
+    assert [m.step for m in client.get_metric_history(new, "eval/ppl")] == [2]
+
+    def broken(self: Any, metrics: Any) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(sinks.MlflowSink, "round", broken)
+    record(tmp_path, history, cfg)  # no exception: metrics.jsonl is the record, a tracker its copy
+    assert "was not logged to MlflowSink: No space left on device" in caplog.text
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(history)
+    assert not no_network
+
+
 def test_a_tracker_without_its_package_is_one_line_before_anything_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
