@@ -144,7 +144,9 @@ class MlflowSink:
             # bare Exception for a missing root: mlflow/store/tracking/file_store.py, _check_root_dir)
             except Exception:
                 log.warning("MLflow run %s is gone from %s; logging into a new one", run_id, self.run_dir)
-                (self.run_dir / "mlruns" / ".trash").mkdir(parents=True, exist_ok=True)  # what its store expects
+                (self.run_dir / "mlruns" / ".trash").mkdir(
+                    parents=True, exist_ok=True
+                )  # what its store expects
         from mlflow.entities import Param  # mlflow: see mlflow_client
 
         experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
