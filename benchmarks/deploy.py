@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedpeft.config.tree import BaseConfig, FederationConfig, RunConfig, TrainConfig  # noqa: E402
-from fedpeft.deploy.processes import descendants, process_table  # noqa: E402
+from fedpeft.processes import descendants, process_table  # noqa: E402
 
 
 def pss(pid: int) -> int:

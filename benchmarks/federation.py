@@ -35,7 +35,7 @@ from fedpeft.config.tree import (  # noqa: E402
     RunConfig,
     TrainConfig,
 )
-from fedpeft.deploy.processes import descendants, process_table  # noqa: E402
+from fedpeft.processes import descendants, process_table  # noqa: E402
 
 
 def _tree_rss_mib(root: int) -> float:

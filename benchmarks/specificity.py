@@ -6,7 +6,7 @@
 For each setting (personal steps : learning rate : --personal-change, specific or all) every client of RUN's federation makes its personal adapter
 exactly as `--personalize finetune` does at the last round (fedpeft.device.runtime.Device.personalize, from RUN's
 global adapter, on RUN's own split), and scores it on its own held-out text and on up to 9 other users' (the first 4 held-out blocks
-of each): own gain, gain on others, specificity = own / others (fedpeft.personal.summary.specificity), and whether it
+of each): own gain, gain on others, specificity = own / others (fedpeft.federation.personal_summary.specificity), and whether it
 beats the global adapter on its own text. One process, settings one after another; prints a markdown table and
 writes benchmarks/results/specificity-<split>.json.
 """
@@ -28,8 +28,8 @@ def sweep(run: Path, steps: int, lr: float, change: str, store: Path) -> dict:
     from fedpeft.config.files import from_run_config
     from fedpeft.device.runtime import Device
     from fedpeft.federation.evaluation import EvalResult, eval_metrics
+    from fedpeft.federation.personal_summary import summarize
     from fedpeft.model.adapters import read_adapter
-    from fedpeft.personal.summary import summarize
 
     cfg = from_run_config(json.loads((run / "config.json").read_text()))
     personal = replace(cfg.personal, method="finetune", steps=steps, lr=lr, change=change, store=str(store))

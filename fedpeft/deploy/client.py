@@ -32,9 +32,9 @@ from fedpeft.config.local import ConnectConfig
 from fedpeft.config.node import DeviceConfig
 from fedpeft.config.tree import BaseConfig
 from fedpeft.data.users import load_device_user
-from fedpeft.deploy.processes import executable, flower_env, free_port, stop_tree
 from fedpeft.device.link import LOADS_FILE, socket_path
 from fedpeft.errors import FedpeftError
+from fedpeft.processes import executable, flower_env, free_port, stop_tree
 
 # Flower's SuperExec looks for a task to launch every second by default; this is its supported setting
 # (flwr/supercore/superexec/run_superexec.py). The SuperNode's own 3 s poll of the SuperLink has none.

@@ -22,10 +22,10 @@ from fedpeft.data.partition import partition
 from fedpeft.data.records import to_jsonl
 from fedpeft.data.users import device_config, find_user, load_users
 from fedpeft.deploy.certs import CertPaths, make_certs
-from fedpeft.deploy.processes import Child, flower_env, free_port, port_in_use
 from fedpeft.deploy.server import RUN_CONFIG
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.state import plan_run
+from fedpeft.processes import Child, flower_env, free_port, port_in_use
 
 log = logging.getLogger("fedpeft")
 

@@ -30,7 +30,10 @@ from fedpeft.atomic import atomic_write_bytes
 from fedpeft.config.files import flwr_app_table, overrides
 from fedpeft.config.tree import RunConfig
 from fedpeft.deploy.certs import CertPaths, check_server_files
-from fedpeft.deploy.processes import (
+from fedpeft.errors import FedpeftError
+from fedpeft.federation.rounds import round_line
+from fedpeft.federation.state import latest_checkpoint, open_run, plan_run, resume_round
+from fedpeft.processes import (
     Child,
     descendants,
     executable,
@@ -41,9 +44,6 @@ from fedpeft.deploy.processes import (
     stop_tree,
     wait_listening,
 )
-from fedpeft.errors import FedpeftError
-from fedpeft.federation.rounds import round_line
-from fedpeft.federation.state import latest_checkpoint, open_run, plan_run, resume_round
 
 log = logging.getLogger("fedpeft")
 CONNECTION = "fedpeft"  # the flwr CLI's name for our SuperLink

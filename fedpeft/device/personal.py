@@ -142,7 +142,7 @@ class PersonalAdapters:
         """The global and the personal adapter of client `local` on other users' held-out text: the first
         CROSS_BLOCKS blocks of up to personal.cross_users others (a seeded draw), pooled. A personal
         adapter that helps others as much as its own user only took extra generic steps; the server
-        turns these into its specificity (fedpeft.personal.summary.specificity). Only a simulation's process
+        turns these into its specificity (fedpeft.federation.personal_summary.specificity). Only a simulation's process
         holds other users' text; a device has none and returns nothing."""
         others = [i for i in range(len(self.clients)) if i != local]
         n = min(self.cfg.personal.cross_users, len(others))

@@ -30,9 +30,9 @@ import traceback
 from pathlib import Path
 
 from fedpeft.config.node import DeviceConfig
+from fedpeft.device import tasks
 from fedpeft.device.link import KINDS, LOADS_FILE, address, encode, read_frame, socket_path
 from fedpeft.errors import FedpeftError
-from fedpeft.flower import client_tasks as tasks
 from fedpeft.log import quiet_libraries, setup_console
 
 log = logging.getLogger("fedpeft")

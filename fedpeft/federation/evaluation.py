@@ -13,10 +13,10 @@ from typing import Any
 
 from fedpeft.config.tree import RunConfig
 from fedpeft.federation.metrics import RoundMetrics, base_name
+from fedpeft.federation.personal_summary import gain, specificity, summarize
 from fedpeft.federation.state import sample_clients
 from fedpeft.federation.task_eval import add_task_changes, client_entry, pooled, task_kind
 from fedpeft.personal.strategies import strategy_for
-from fedpeft.personal.summary import gain, specificity, summarize
 
 log = logging.getLogger("fedpeft")
 

@@ -1,7 +1,7 @@
 """The round loop: a federation of clients reached over a transport (fedpeft.federation.transport), Flower's grid
 in simulation and deployment (fedpeft.flower.grid), an in-process one in tests. Here everything a round
 decides; the parts are elsewhere: fedpeft.federation.roster (who is in the federation), state (state, checks,
-checkpoints), rounds, evaluation and fedpeft.secagg.server_round (a round's outcome and metrics), forgetting (the
+checkpoints), rounds, evaluation and fedpeft.federation.secure_round (a round's outcome and metrics), forgetting (the
 guard), fedpeft.privacy.plan (the DP budget).
 
 Round 0 asks every node to describe itself (base fingerprint, client id; one node also sends the adapter
@@ -28,6 +28,7 @@ from fedpeft.federation import evaluation, rounds
 from fedpeft.federation.aggregate import Arrays
 from fedpeft.federation.forgetting import forgets, reference_metrics
 from fedpeft.federation.roster import Registration, Roster, make_roster
+from fedpeft.federation.secure_round import advertise_ahead, secure_round
 from fedpeft.federation.state import (
     ServerState,
     check_same_adapter,
@@ -39,12 +40,11 @@ from fedpeft.federation.state import (
 )
 from fedpeft.federation.tasks import EvalRequest, error_text, read_evaluation, read_update
 from fedpeft.federation.transport import Transport, describe
-from fedpeft.flower.records import arrays_to_record, record_to_arrays
+from fedpeft.federation.wire import arrays_to_record, record_to_arrays
 from fedpeft.model.adapter_files import AdapterDescription
 from fedpeft.privacy.plan import DpPlan
 from fedpeft.privacy.plan import note as dp_note
 from fedpeft.privacy.plan import plan as privacy_plan
-from fedpeft.secagg.server_round import advertise_ahead, secure_round
 from fedpeft.secagg.server_stages import read_keys
 
 log = logging.getLogger("fedpeft")
@@ -213,7 +213,7 @@ class Federation:
         return rounds.plain_round(state, self.cfg, self.roster.names, sampled, updates, self.dp)
 
     def train_secure(self, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
-        """One round under SecAgg+ (fedpeft.secagg.server_round); here only how its stage messages travel."""
+        """One round under SecAgg+ (fedpeft.federation.secure_round); here only how its stage messages travel."""
         rnd, arrays, roster = state.round + 1, state.travel_arrays(), self.roster
 
         def send(payloads: dict[int, dict[str, Any]]) -> dict[int, Message]:
@@ -257,7 +257,7 @@ class Federation:
     ) -> dict[str, Any]:
         """The global adapter on `members`' held-out text (default: every client on the base), as `request`
         asks; the round's evaluation metrics. `ahead`: the next secure round's stage-1 tasks, which ride
-        along (fedpeft.secagg.server_round.advertise_ahead); their keys go to self.advertised."""
+        along (fedpeft.federation.secure_round.advertise_ahead); their keys go to self.advertised."""
         arrays, roster = state.travel_arrays(), self.roster
         members = roster.on_base() if members is None else members
         task, ahead = request.task(), ahead or {}

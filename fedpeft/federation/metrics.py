@@ -114,7 +114,7 @@ class ClientEval(_Record):
     val_loss_personal: float | None = None
     personal_reference_ppl: float | None = None
     forgets: bool | None = None
-    own_gain: float | None = None  # specificity (fedpeft.personal.summary.specificity)
+    own_gain: float | None = None  # specificity (fedpeft.federation.personal_summary.specificity)
     others_gain: float | None = None
     others: int | None = None
     specificity: float | None = None
@@ -217,7 +217,9 @@ class RoundMetrics(_Record):
     reference_clients: int | None = None
     dp: DpMetrics | None = None
     task: TaskMetrics | None = None
-    personal: dict[str, Any] | None = None  # fedpeft.personal.summary.summarize: its keys vary by method
+    personal: dict[str, Any] | None = (
+        None  # fedpeft.federation.personal_summary.summarize: its keys vary by method
+    )
 
     @property
     def clients(self) -> dict[str, ClientEval]:

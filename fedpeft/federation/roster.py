@@ -40,7 +40,7 @@ class Registration:
 
     @classmethod
     def from_info(cls, node: int, info: Mapping[str, Any]) -> Registration:
-        """From the "info" record of a reply (fedpeft.flower.client_tasks `info`)."""
+        """From the "info" record of a reply (fedpeft.device.tasks `info`)."""
         compute = {  # reported by the node: only the known keys, as short scalars
             k: v if not isinstance(v, str) else v[:200]
             for k in COMPUTE_KEYS

@@ -1,7 +1,7 @@
 """A training round's outcome and metrics without Flower, the same for plain and secure rounds.
 
 fedpeft.federation.loop moves the messages and hands the replies here: `plain_round` checks and aggregates a plain
-round's updates (fedpeft.secagg.server_round does a secure round's sum); `train_result` reads one client's
+round's updates (fedpeft.federation.secure_round does a secure round's sum); `train_result` reads one client's
 figures and `train_metrics` makes the round's of them; `secure_metrics`, `aborted_metrics` and
 `secagg_rejections` read secure_sum's report. fedpeft.federation.evaluation has the evaluation side.
 """
@@ -17,11 +17,11 @@ from fedpeft.config.tree import RunConfig
 from fedpeft.federation.aggregate import Arrays, weighted_sum
 from fedpeft.federation.evaluation import changes_text
 from fedpeft.federation.metrics import RoundMetrics, as_history, as_metrics, base_name
+from fedpeft.federation.personal_summary import summary_line
 from fedpeft.federation.state import ServerState, aggregate_round, apply_mean, check_update, skip_round
 from fedpeft.federation.task_eval import task_text
 from fedpeft.log import show_bars
 from fedpeft.personal.strategies import method_label, strategy_for
-from fedpeft.personal.summary import summary_line
 from fedpeft.privacy.central import clip, noised_mean
 
 if TYPE_CHECKING:

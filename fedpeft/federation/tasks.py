@@ -12,7 +12,7 @@ from flwr.app import Message
 
 from fedpeft.federation import evaluation, rounds
 from fedpeft.federation.task_eval import client_entry
-from fedpeft.flower.records import record_to_arrays
+from fedpeft.federation.wire import record_to_arrays
 
 log = logging.getLogger("fedpeft")
 
@@ -24,7 +24,7 @@ def error_text(reply: Message) -> str:
 
 @dataclass(frozen=True)
 class EvalRequest:
-    """What one evaluation asks of every client (fedpeft.flower.client_tasks reads it): the global adapter
+    """What one evaluation asks of every client (fedpeft.device.tasks reads it): the global adapter
     on the client's held-out text, and each flag's extra."""
 
     round: int

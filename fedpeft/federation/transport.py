@@ -1,7 +1,7 @@
 """How the round loop's messages reach the clients (fedpeft.federation.loop): Flower's grid in simulation and
 deployment (fedpeft.flower.grid), an in-process one in tests (tests/federation/inprocess.py).
 
-The wire stays Flower's: Message, RecordDict and ConfigRecord are our wire format (fedpeft.flower.records);
+The wire stays Flower's: Message, RecordDict and ConfigRecord are our wire format (fedpeft.federation.wire);
 a transport decides only how messages move and how long to wait for their replies.
 """
 

@@ -1,4 +1,4 @@
-"""Flower ClientApp: decode the message, run its task (fedpeft.flower.client_tasks), encode the reply. Nothing else.
+"""Flower ClientApp: decode the message, run its task (fedpeft.device.tasks), encode the reply. Nothing else.
 
 Every message carries the run's flat config (fedpeft.config.tree.to_run_config), so the same app serves
 simulation and deployment:
@@ -27,11 +27,11 @@ from flwr.clientapp import ClientApp
 
 from fedpeft.config.files import from_run_config
 from fedpeft.config.node import DeviceConfig
+from fedpeft.device import tasks
 from fedpeft.device.link import WorkerGone, call
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.state import client_seed
-from fedpeft.flower import client_tasks as tasks
-from fedpeft.flower.records import arrays_to_record, record_to_arrays  # noqa: F401 - re-exported for tests
+from fedpeft.federation.wire import arrays_to_record, record_to_arrays  # noqa: F401 - re-exported for tests
 from fedpeft.secagg.client_stages import handle
 from fedpeft.secagg.protocol import MIN_NEIGHBOURS, SecAggAbort
 

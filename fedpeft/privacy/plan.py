@@ -70,7 +70,7 @@ class DpPlan:
         guarantee so far, the round's noise, how many clients' clipped deltas (and, distributed, noise) the
         sum held, and which share of them the clip changed. Central: every round counts, at the planned
         noise. Distributed: a round counts with the noise its survivors added, when its sum was unmasked
-        (`dp_sum`, from fedpeft.secagg.server_round)."""
+        (`dp_sum`, from fedpeft.federation.secure_round)."""
         extra: dict[str, Any] = {}
         if self.discrete:
             done = round_metrics.get("dp_sum")

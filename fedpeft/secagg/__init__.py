@@ -2,5 +2,5 @@
 clients' quantized, masked updates. Primitives from `cryptography` only.
 
 By side: `protocol` has the stages and the client's state machine, `server_protocol` the server's (both
-transport-free); `client_stages` and `server_stages` carry them in Flower messages; `server_round` is a
-federation round under SecAgg+. Shared: `shamir`, `crypto`, `quantize`, `graph`, `records`."""
+transport-free); `client_stages` and `server_stages` carry them in Flower messages (a federation round under SecAgg+ is
+fedpeft.federation.secure_round). Shared: `shamir`, `crypto`, `quantize`, `graph`, `records`."""

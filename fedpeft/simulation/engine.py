@@ -29,10 +29,10 @@ from typing import Any
 
 from fedpeft.atomic import atomic_write_json
 from fedpeft.config.tree import RunConfig, sampled_per_round
-from fedpeft.deploy.processes import session_members, stop_processes, stop_session
 from fedpeft.errors import FedpeftError
 from fedpeft.log import quiet_environment, setup_console
 from fedpeft.model.placement import actor_resources
+from fedpeft.processes import session_members, stop_processes, stop_session
 
 log = logging.getLogger("fedpeft")
 SESSION_FILE = "ray-session.json"

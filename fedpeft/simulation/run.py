@@ -14,13 +14,13 @@ from fedpeft.errors import FedpeftError
 from fedpeft.federation.evaluation import changes_text
 from fedpeft.federation.forgetting import reference_blocks
 from fedpeft.federation.metrics import RoundMetrics, as_metrics
+from fedpeft.federation.personal_summary import summary_line
 from fedpeft.federation.state import ServerState, open_run, plan_run
 from fedpeft.federation.task_eval import task_summary
 from fedpeft.log import quiet_environment
 from fedpeft.model.placement import with_device
 from fedpeft.personal.store import check_store
 from fedpeft.personal.strategies import strategy_for
-from fedpeft.personal.summary import summary_line
 from fedpeft.privacy.plan import summary as dp_summary
 from fedpeft.simulation.engine import backend_config, reap_stale, run_engine
 

@@ -12,8 +12,8 @@ from flwr.app import ConfigRecord
 
 from fedpeft.data.users import _read_folder, load_device_user
 from fedpeft.deploy.certs import make_certs
+from fedpeft.device.tasks import check_base
 from fedpeft.errors import FedpeftError
-from fedpeft.flower.client_tasks import check_base
 from tests.test_cli import assert_user_error
 
 
@@ -105,7 +105,7 @@ def test_server_and_cheap_client_stages_never_import_torch() -> None:
     """The server never loads a model, and a SuperNode starts a process per message: stages that need no
     model must not pay for importing torch."""
     code = (
-        "import sys, client.app, server.app, fedpeft.secagg.server_round, fedpeft.deploy.server, fedpeft.federation.state;"
+        "import sys, client.app, server.app, fedpeft.federation.secure_round, fedpeft.deploy.server, fedpeft.federation.state;"
         # the server's side of task metrics: reading a client's counts, pooling, the round line
         "from fedpeft.federation.task_eval import client_entry; from fedpeft.federation.evaluation import EvalResult, eval_metrics, add_base;"
         "from fedpeft.federation.rounds import round_line;"

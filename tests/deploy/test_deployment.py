@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from fedpeft.cli import main as fedpeft_main
 from fedpeft.deploy.certs import make_certs
-from fedpeft.deploy.processes import Child, flower_env, free_port, stop_tree
+from fedpeft.processes import Child, flower_env, free_port, stop_tree
 from tests.conftest import make_text
 
 ROOT = Path(__file__).resolve().parents[2]

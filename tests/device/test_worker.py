@@ -113,7 +113,7 @@ import json, sys
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedpeft.flower.client_app import describe, evaluate, train
-from fedpeft.flower.records import arrays_to_record, record_to_arrays
+from fedpeft.federation.wire import arrays_to_record, record_to_arrays
 from fedpeft.config.tree import RunConfig, AdapterConfig, DataConfig, TrainConfig, FederationConfig
 from fedpeft.config.files import to_run_config
 from flwr.supercore.task_identity import TaskIdentity

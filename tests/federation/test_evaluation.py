@@ -167,13 +167,13 @@ def test_specificity_on_a_crafted_two_user_case() -> None:
     s = m["personal"]
     assert s["specificity_users"] == 2
     assert s["specificity_median"] == pytest.approx((a["specificity"] + b["specificity"]) / 2)
-    from fedpeft.personal.summary import summary_line
+    from fedpeft.federation.personal_summary import summary_line
 
     assert "specificity median" in summary_line(s, "finetune")
 
 
 def test_an_adapter_that_hurts_its_own_user_is_not_specific() -> None:
-    from fedpeft.personal.summary import specificity
+    from fedpeft.federation.personal_summary import specificity
 
     assert specificity(-0.24, -0.38) == 0.0 and specificity(0.04, 0.02) == pytest.approx(2.0)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from fedpeft.deploy.processes import executable, free_port, process_table, stop_processes
+from fedpeft.processes import executable, free_port, process_table, stop_processes
 from tests.conftest import make_text
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -76,7 +76,7 @@ def test_a_deployed_device_computes_on_its_cpu_whatever_the_server_says(tmp_path
 
     from fedpeft.config.files import to_run_config
     from fedpeft.config.node import DeviceNode
-    from fedpeft.flower.client_tasks import config_for
+    from fedpeft.device.tasks import config_for
 
     sent = _cfg("cuda")
     content = RecordDict({"config": ConfigRecord(to_run_config(sent))})

@@ -26,9 +26,9 @@ from fedpeft.config.tree import (
 from fedpeft.data.blocks import UserData
 from fedpeft.device.runtime import Device
 from fedpeft.errors import FedpeftError
+from fedpeft.federation.personal_summary import summarize
 from fedpeft.personal.store import PersonalStore, check_store, choose
 from fedpeft.personal.strategies import method_label, shared_keys, specific_change, split_validation
-from fedpeft.personal.summary import summarize
 from tests.conftest import make_text
 
 
@@ -134,7 +134,7 @@ def test_summary_counts_users_and_changes() -> None:
     per_client["b"].update(personal_reference_ppl=50.0, forgets=True)
     s = summarize(per_client)
     assert s["personal_reference_ppl_median"] == 45.0 and s["forgetting_kept_global"] == 1
-    from fedpeft.personal.summary import summary_line
+    from fedpeft.federation.personal_summary import summary_line
 
     assert "reference text ppl median 45.00 (1 kept global: their personal adapter forgets)" in summary_line(
         s, "finetune"

@@ -41,7 +41,7 @@ def test_what_the_server_aggregates() -> None:
 
 def test_the_server_side_of_personalization_imports_no_torch() -> None:
     code = (
-        "import sys, fedpeft.personal.strategies, fedpeft.personal.store, fedpeft.personal.summary;"
+        "import sys, fedpeft.personal.strategies, fedpeft.personal.store, fedpeft.federation.personal_summary;"
         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

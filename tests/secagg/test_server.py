@@ -5,9 +5,9 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedpeft.config.tree import FederationConfig, RunConfig
+from fedpeft.federation.secure_round import ring_code, round_tag, secure_round
 from fedpeft.secagg.client_stages import handle
 from fedpeft.secagg.records import flatten
-from fedpeft.secagg.server_round import ring_code, round_tag, secure_round
 from tests.federation.test_federation import FP, _state
 
 B = "x.lora_B.weight"

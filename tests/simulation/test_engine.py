@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from fedpeft.deploy.processes import session_members
+from fedpeft.processes import session_members
 from fedpeft.simulation.engine import SESSION_FILE
 from tests.conftest import make_text
 

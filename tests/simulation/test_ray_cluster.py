@@ -22,7 +22,7 @@ from fedpeft.config.tree import (
     RunConfig,
     TrainConfig,
 )
-from fedpeft.deploy.processes import free_port, session_members, stop_session
+from fedpeft.processes import free_port, session_members, stop_session
 from fedpeft.simulation.run import simulate
 from tests.conftest import make_text
 

@@ -1,4 +1,4 @@
-"""client/records.py: adapters travel packed, and a packed record from the other side is checked first."""
+"""federation/wire.py: adapters travel packed, and a packed record from the other side is checked first."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fedpeft.flower.records import PACKED, SCHEMA, arrays_to_record, record_to_arrays
+from fedpeft.federation.wire import PACKED, SCHEMA, arrays_to_record, record_to_arrays
 
 
 def _arrays(n: int = 120) -> dict[str, np.ndarray]:

@@ -99,7 +99,7 @@ def _specificity_summary(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def summary_line(s: dict[str, Any], method: str) -> str:
-    """The personalization summary (fedpeft.personal.summary.summarize) as the round line and the run's
+    """The personalization summary (fedpeft.federation.personal_summary.summarize) as the round line and the run's
     end print it; `method` as method_label names it."""
     line = (
         f"personal ({method}) beats global for {s['beats_global']}/{s['users']} users: median "

@@ -20,11 +20,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedpeft.config.files import from_run_config
 from fedpeft.config.node import DeviceConfig
 from fedpeft.config.tree import RunConfig
-from fedpeft.deploy.processes import peak_rss, tree_peak_rss
 from fedpeft.errors import FedpeftError
-from fedpeft.flower.records import arrays_to_record, record_to_arrays
+from fedpeft.federation.wire import arrays_to_record, record_to_arrays
 from fedpeft.model.placement import gpu_figures
 from fedpeft.privacy.central import clip
+from fedpeft.processes import peak_rss, tree_peak_rss
 from fedpeft.secagg.records import flatten
 
 if TYPE_CHECKING:
