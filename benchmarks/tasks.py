@@ -76,11 +76,12 @@ def centralized(cfg: RunConfig) -> dict:
     """The pooled adapter, and the cost of label scoring against one client's local training."""
     from fedpeft.data.blocks import pooled
     from fedpeft.data.partition import partition
-    from fedpeft.federation.task_eval import client_entry, score
+    from fedpeft.federation.task_eval import client_entry
     from fedpeft.federation.task_eval import pooled as pool
     from fedpeft.model.adapters import adapter_state, inject, load_adapter_state
     from fedpeft.model.base import load_base
     from fedpeft.training.local import train
+    from fedpeft.training.task_metrics import score
 
     f = cfg.federation
     base = load_base(cfg.base)

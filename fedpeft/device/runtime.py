@@ -29,13 +29,14 @@ from fedpeft.federation.aggregate import Arrays
 from fedpeft.federation.evaluation import FULL_QUANT
 from fedpeft.federation.forgetting import reference_blocks
 from fedpeft.federation.state import client_seed
-from fedpeft.federation.task_eval import PREFIX, score
+from fedpeft.federation.task_eval import PREFIX
 from fedpeft.model.adapter_files import AdapterDescription
 from fedpeft.model.adapters import adapter_state, inject, load_adapter_state, peft_config_dict, schema_of
 from fedpeft.model.base import Base, load_base
 from fedpeft.model.memory import full_base_mib
 from fedpeft.personal.strategies import shared_keys, strategy_for
 from fedpeft.training.local import evaluate, train
+from fedpeft.training.task_metrics import score
 
 log = logging.getLogger("fedpeft")
 

@@ -1,5 +1,5 @@
-"""Task metrics of a federation: what a device scores on its held-out examples, and how the server pools
-them. Label scoring and greedy answers are in fedpeft.training.task_metrics.
+"""Task metrics of a federation: how the server pools what devices score on their held-out examples
+(fedpeft.training.task_metrics.score).
 
 A device sends counts, not rates (classify: examples, correct, and per label true positives, false
 positives and false negatives; generate: examples and the sums of exact match and ROUGE-L), so the
@@ -12,42 +12,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedpeft.federation.task_counts import ClassCounts
-
-if TYPE_CHECKING:  # the server pools counts without torch; only a device scores
-    from fedpeft.data.chat import TaskEval
 
 log = logging.getLogger("fedpeft")
 PREFIX = "task_"
 MAX_LABELS = 1000  # a client's report naming more labels than this is malformed
 HEADLINE = {"classify": "accuracy", "generate": "rouge_l"}
-
-
-def score(model: Any, tokenizer: Any, task: TaskEval, compute: str, answer_tokens: int, batch_size: int,
-          prefix: str = PREFIX) -> dict[str, float]:  # fmt: skip
-    """The model (as it is: adapter on, off, global or personal) on one client's held-out examples."""
-    # torch: a client's side only; the server pools the counts and starts without torch
-    from fedpeft.data.chat import end_of_turn
-    from fedpeft.training.task_metrics import classify, exact_match, greedy_answers, rouge_l
-
-    if task.kind == "classify":
-        counts = classify(
-            model, tokenizer.pad_token_id, task.prompts, task.options, task.gold, compute, batch_size
-        )
-        return counts.to_metrics(prefix)
-    stop = end_of_turn(tokenizer)  # a token of its own (ChatML's <|im_end|> in Qwen) or plain text
-    ids = tokenizer(stop, add_special_tokens=False)["input_ids"] if stop else []
-    answers = greedy_answers(
-        model, tokenizer, task.prompts, answer_tokens, compute, batch_size, ids[:1] if len(ids) == 1 else []
-    )
-    answers = [a.split(stop)[0].strip() if stop else a for a in answers]
-    return {
-        f"{prefix}n": float(len(answers)),
-        f"{prefix}em": sum(exact_match(a, r) for a, r in zip(answers, task.answers, strict=True)),
-        f"{prefix}rouge_l": sum(rouge_l(a, r) for a, r in zip(answers, task.answers, strict=True)),
-    }
 
 
 def _count(m: Mapping[str, Any], key: str) -> float:

@@ -16,8 +16,9 @@ from fedpeft.config.tree import BaseConfig, DataConfig
 from fedpeft.data.blocks import task_kind, tokenize_user
 from fedpeft.data.users import find_user, load_users
 from fedpeft.errors import FedpeftError, TooLittleData
-from fedpeft.federation.task_eval import client_entry, pooled, score
+from fedpeft.federation.task_eval import client_entry, pooled
 from fedpeft.personal.store import user_adapter
+from fedpeft.training.task_metrics import score
 
 log = logging.getLogger("fedpeft")
 PERSONAL = "personal="

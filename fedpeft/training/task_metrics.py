@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
+from fedpeft.data.chat import TaskEval, end_of_turn
 from fedpeft.federation.task_counts import ClassCounts
+from fedpeft.federation.task_eval import PREFIX
 from fedpeft.model.placement import model_device, to_device
 from fedpeft.model.precision import autocast
 
@@ -180,3 +182,25 @@ def classify(
     for row, g in zip(scores, gold, strict=True):
         counts.add(max(range(len(row)), key=row.__getitem__), g)
     return counts
+
+
+def score(model: Any, tokenizer: Any, task: TaskEval, compute: str, answer_tokens: int, batch_size: int,
+          prefix: str = PREFIX) -> dict[str, float]:  # fmt: skip
+    """The model (as it is: adapter on, off, global or personal) on one client's held-out examples: the counts
+    the server pools (fedpeft.federation.task_eval)."""
+    if task.kind == "classify":
+        counts = classify(
+            model, tokenizer.pad_token_id, task.prompts, task.options, task.gold, compute, batch_size
+        )
+        return counts.to_metrics(prefix)
+    stop = end_of_turn(tokenizer)  # a token of its own (ChatML's <|im_end|> in Qwen) or plain text
+    ids = tokenizer(stop, add_special_tokens=False)["input_ids"] if stop else []
+    answers = greedy_answers(
+        model, tokenizer, task.prompts, answer_tokens, compute, batch_size, ids[:1] if len(ids) == 1 else []
+    )
+    answers = [a.split(stop)[0].strip() if stop else a for a in answers]
+    return {
+        f"{prefix}n": float(len(answers)),
+        f"{prefix}em": sum(exact_match(a, r) for a, r in zip(answers, task.answers, strict=True)),
+        f"{prefix}rouge_l": sum(rouge_l(a, r) for a, r in zip(answers, task.answers, strict=True)),
+    }

@@ -13,7 +13,8 @@ from fedpeft.config.tree import RunConfig
 from fedpeft.data.blocks import load_user_data
 from fedpeft.federation.evaluation import base_name
 from fedpeft.federation.report import train_loss_png
-from fedpeft.federation.task_eval import client_entry, headline, score, task_summary
+from fedpeft.federation.task_eval import client_entry, headline, task_summary
+from fedpeft.training.task_metrics import score
 
 log = logging.getLogger("fedpeft")
 
