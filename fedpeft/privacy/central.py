@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedpeft.federation.aggregate import Arrays
+Arrays = dict[str, np.ndarray]  # named arrays, as fedpeft.federation.aggregate sums them
 
 
 def l2_norm(arrays: Arrays) -> float:
