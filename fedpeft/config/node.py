@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fedpeft.config.fields import REQUIRED, choices, option
+from fedpeft.config.secagg_bounds import MIN_NEIGHBOURS
 from fedpeft.errors import FedpeftError
 
 # "": as the federation's --compute-dtype says (its `auto` resolved by the device itself)
 DeviceDtype = Literal["", "auto", "fp32", "bf16", "fp16"]
-# fedpeft.secagg.protocol.MIN_NEIGHBOURS (tests/config/test_node_config.py keeps them equal): written here so
-# that the config tree does not import the protocol's cryptography to read a default
-MIN_NEIGHBOURS = 2
 PROTECTION = "this device's protection (the server cannot lower it)"
 
 

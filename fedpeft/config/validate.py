@@ -9,6 +9,7 @@ import re
 from fedpeft.config.federated import TRACKERS, FederationConfig, PrivacyConfig
 from fedpeft.config.fields import check_value
 from fedpeft.config.run_config import RunConfig, fields
+from fedpeft.config.secagg_bounds import MIN_NEIGHBOURS, degree, min_threshold
 from fedpeft.errors import FedpeftError
 
 
@@ -81,13 +82,9 @@ def dp_delta(d: PrivacyConfig, clients: int) -> float:
 
 def _validate_secagg(f: FederationConfig) -> None:
     """Parameters under which SecAgg+ protects each client (Bell et al., CCS 2020), as a device with the
-    default minimum checks them (fedpeft.secagg.protocol): every update masked with at least MIN_NEIGHBOURS
+    default minimum checks them (fedpeft.secagg.protocol, on fedpeft.config.secagg_bounds): every update masked with at least MIN_NEIGHBOURS
     others, and a threshold no server with one colluding client can split. k = 0 gave no neighbours, and
     the server read every update from its own unmask request."""
-    # numpy and cryptography: only a secure federation's config needs the protocol's own rules
-    from fedpeft.secagg.graph import degree
-    from fedpeft.secagg.protocol import MIN_NEIGHBOURS, min_threshold
-
     n = sampled_per_round(f.clients, f.fraction, f.min_clients)
     _check(
         f.secagg_k >= MIN_NEIGHBOURS,

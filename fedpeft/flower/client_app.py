@@ -27,13 +27,14 @@ from flwr.clientapp import ClientApp
 
 from fedpeft.config.files import from_run_config
 from fedpeft.config.node import DeviceConfig
+from fedpeft.config.secagg_bounds import MIN_NEIGHBOURS
 from fedpeft.device import tasks
 from fedpeft.device.link import WorkerGone, call
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.state import client_seed
 from fedpeft.federation.wire import arrays_to_record, record_to_arrays  # noqa: F401 - re-exported for tests
 from fedpeft.secagg.client_stages import handle
-from fedpeft.secagg.protocol import MIN_NEIGHBOURS, SecAggAbort
+from fedpeft.secagg.protocol import SecAggAbort
 
 app = ClientApp()
 INFO_KEY = "fedpeft-info"  # context.state: what this node reported last (fingerprint, name)

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from fedpeft.config.secagg_bounds import MIN_NEIGHBOURS
 from fedpeft.privacy.distributed import DistributedCode
 from fedpeft.secagg.protocol import (
-    MIN_NEIGHBOURS,
     SecAggAbort,
     SecAggClient,
     SecAggRefused,

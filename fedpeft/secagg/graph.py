@@ -4,7 +4,8 @@ Bell et al. (CCS 2020) show that a random graph of degree k = O(log n) keeps the
 dropout-robust with high probability, cutting the cost from O(n) to O(log n) per client. We use a
 Harary graph (each client joined to the k/2 nearest on each side of a ring) over a permutation of
 the clients drawn from a public seed: every client has exactly k neighbours. k >= n - 1 is the
-complete graph of the original protocol (Bonawitz et al., CCS 2017).
+complete graph of the original protocol (Bonawitz et al., CCS 2017). Each client's degree is
+fedpeft.config.secagg_bounds.degree (the configuration checks it without numpy).
 """
 
 from __future__ import annotations
@@ -28,8 +29,3 @@ def neighbours(clients: list[int], k: int, seed: int) -> dict[int, list[int]]:
             graph[c].add(d)
             graph[d].add(c)
     return {c: sorted(v) for c, v in graph.items()}
-
-
-def degree(k: int, n: int) -> int:
-    """The number of neighbours `neighbours(clients, k, seed)` gives each of n clients."""
-    return n - 1 if k >= n - 1 else min(2 * ((k + 1) // 2), n - 1)

@@ -43,14 +43,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from cryptography.exceptions import InvalidTag
 
+from fedpeft.config.secagg_bounds import MIN_NEIGHBOURS, degree, min_threshold
 from fedpeft.errors import FedpeftError
 from fedpeft.secagg import crypto, shamir
-from fedpeft.secagg.graph import degree
 
 LIMBS = crypto.SEED_BYTES // 2  # a 32-byte secret is 16 limbs
-# A device's default: masked with at least two other clients, and safe against the server with one
-# colluding client (c = MIN_NEIGHBOURS - 1; see the module docstring).
-MIN_NEIGHBOURS = 2
 Keys = tuple[bytes, bytes, bytes]  # (c_pk, s_pk, v_pk) of one client
 
 
@@ -60,15 +57,6 @@ class SecAggAbort(Exception):
 
 class SecAggRefused(FedpeftError):
     """A device refused a request that would weaken its own protection; it sent nothing for it."""
-
-
-def min_threshold(holders: int, min_neighbours: int = MIN_NEIGHBOURS) -> int:
-    """The smallest t with 2t > holders + c, c = min_neighbours - 1 colluding holders (a strict majority of
-    the holders, a client and its neighbours, when c = 0): no two groups of holders that share only
-    colluders both reach t, so asking different holders cannot yield both secrets of one client. And t > m,
-    so t signers among a client and its partners include m partners (module docstring)."""
-    m = max(min_neighbours, 1)
-    return max((holders + m - 1) // 2 + 1, m + 1)
 
 
 def default_threshold(k: int, n: int) -> int:

@@ -5,13 +5,13 @@ colluding client, cannot remove a client's masks."""
 import numpy as np
 import pytest
 
+from fedpeft.config.secagg_bounds import min_threshold
 from fedpeft.secagg import shamir
 from fedpeft.secagg.protocol import (
     LIMBS,
     SecAggClient,
     SecAggRefused,
     default_threshold,
-    min_threshold,
     survivors_message,
 )
 from fedpeft.secagg.server_protocol import SecAggServer

@@ -67,8 +67,7 @@ def _expected(inputs: dict[int, np.ndarray], survivors: list[int]) -> np.ndarray
 
 @pytest.mark.parametrize("n,k", [(2, 1), (5, 4), (12, 4), (30, 6)])
 def test_exact_sum_without_dropouts(n: int, k: int) -> None:
-    from fedpeft.secagg.graph import degree
-    from fedpeft.secagg.protocol import min_threshold
+    from fedpeft.config.secagg_bounds import degree, min_threshold
 
     inputs = _inputs(n)
     m = min(2, n - 1)  # two clients: a device that accepts one neighbour
