@@ -1,7 +1,8 @@
 """Start, watch and stop Flower's own executables (flower-superlink, flower-supernode, flwr) as child
 processes. Everything started here runs in its own process group and is stopped with it: Flower's
 launchers detach helpers (flower-superexec, flwr-serverapp, flwr-clientapp) that would otherwise
-outlive an interrupted command."""
+outlive an interrupted command. Shared by deploy/, the simulation's own session (fedpeft.simulation.engine)
+and a device's memory figures (fedpeft.device.tasks), so it sits below all three."""
 
 from __future__ import annotations
 
