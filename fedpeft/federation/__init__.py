@@ -1,1 +1,2 @@
-"""The server's side of a federation without Flower: state, roster, rounds, aggregation, evaluation, metrics."""
+"""The server's side of a federation: state, roster, rounds (plain and under SecAgg+), aggregation, evaluation,
+metrics; the wire format (`wire`) its messages carry adapters in."""

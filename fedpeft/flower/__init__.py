@@ -1,1 +1,1 @@
-"""The Flower glue: the ServerApp and ClientApp, their task handlers and the wire format."""
+"""The Flower glue: the ServerApp, the ClientApp (forwarding to fedpeft.device.tasks) and the grid."""
