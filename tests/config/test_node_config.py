@@ -1,7 +1,5 @@
 """A device's node config is typed: what `fedpeft client` writes is what the ClientApp reads, strictly."""
 
-import dataclasses
-
 import pytest
 
 from fedpeft.config.node import DeviceConfig
@@ -71,10 +69,3 @@ def test_a_compute_dtype_outside_the_choices_is_refused() -> None:
         FedpeftError, match="'compute-dtype' must be one of auto, fp32, bf16, fp16, got 'fp64'"
     ):
         DeviceConfig.from_node_config({**NODE.to_node_config(), "compute-dtype": "fp64"})
-
-
-def test_the_default_floor_is_the_protocols_minimum() -> None:
-    from fedpeft.secagg.protocol import MIN_NEIGHBOURS
-
-    default = next(f.default for f in dataclasses.fields(DeviceConfig) if f.name == "min_neighbours")
-    assert default == MIN_NEIGHBOURS
