@@ -32,7 +32,6 @@ from fedpeft.device import tasks
 from fedpeft.device.link import WorkerGone, call
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.state import client_seed
-from fedpeft.federation.wire import arrays_to_record, record_to_arrays  # noqa: F401 - re-exported for tests
 from fedpeft.secagg.client_stages import handle
 from fedpeft.secagg.protocol import SecAggAbort
 
