@@ -4,6 +4,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from fedpeft.federation.wire import arrays_to_record, record_to_arrays
 from fedpeft.flower import client_app as real
 
 app = ClientApp()
@@ -17,7 +18,7 @@ def train(msg: Message, context: Context) -> Message:
     if pid == 1:
         raise RuntimeError("disk full in the middle of training")
     reply = real.train(msg, context)
-    delta = real.record_to_arrays(reply.content["delta"])
+    delta = record_to_arrays(reply.content["delta"])
     first = sorted(delta)[0]
     if pid == 2:
         delta[first] = np.full_like(delta[first], np.nan)
@@ -28,7 +29,7 @@ def train(msg: Message, context: Context) -> Message:
         reply.content["info"] = ConfigRecord({**info, "fingerprint": "0" * 64})
     elif pid == 5:
         delta["base_model.model.extra.lora_A.weight"] = np.zeros(2, np.float32)
-    reply.content["delta"] = real.arrays_to_record(delta)
+    reply.content["delta"] = arrays_to_record(delta)
     return reply
 
 
@@ -73,8 +74,8 @@ destructive.evaluate()(real.evaluate)
 def train_destructively(msg: Message, context: Context) -> Message:
     reply = real.train(msg, context)
     if int(context.node_config["partition-id"]) == 0:
-        delta = real.record_to_arrays(reply.content["delta"])
-        reply.content["delta"] = real.arrays_to_record(
+        delta = record_to_arrays(reply.content["delta"])
+        reply.content["delta"] = arrays_to_record(
             {k: v * (-15 if ".lora_B." in k else 1) for k, v in delta.items()}
         )
     return reply
