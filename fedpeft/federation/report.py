@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from fedpeft.federation.metrics import RoundMetrics, TaskMetrics, base_name
 from fedpeft.federation.task_eval import HEADLINE, headline, pooled
@@ -26,11 +27,7 @@ def train_loss_png(losses: list[float], eval_before: float, eval_after: float, t
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def federation_png(history: Sequence[RoundMetrics]) -> bytes:
@@ -68,11 +65,7 @@ def federation_png(history: Sequence[RoundMetrics]) -> bytes:
         ax2.set_ylabel("perplexity")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def _loss_panel(ax, evaluated: list[RoundMetrics], history: Sequence[RoundMetrics]) -> None:
@@ -205,3 +198,14 @@ def _kept_ppl(h: RoundMetrics) -> float:
     rows = list(h.clients.values())
     nll = sum(math.log(r.kept_ppl if r.kept_ppl is not None else r.ppl) * r.tokens for r in rows)
     return math.exp(nll / max(sum(r.tokens for r in rows), 1))
+
+
+def _png(fig: Any) -> bytes:
+    """The figure as PNG bytes (callers store them atomically), closed so that a long run holds no figures."""
+    import matplotlib.pyplot as plt  # matplotlib: only when a plot is drawn
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
