@@ -11,20 +11,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedpeft.config.tree import (
-    AdapterConfig,
-    BaseConfig,
-    DataConfig,
-    FederationConfig,
-    RunConfig,
-    TrainConfig,
-)
+from fedpeft.config.tree import RunConfig
 from fedpeft.federation.loop import Federation
 from fedpeft.federation.state import checkpoint_path, load_checkpoint
 from fedpeft.federation.tasks import EvalRequest
 from fedpeft.federation.transport import describe, match_replies
 from tests.conftest import make_text
 from tests.federation.inprocess import InProcessTransport
+from tests.simulation.test_simulate import _cfg as simulate_cfg
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +31,7 @@ def users(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(users: Path, cache_dir: str, **fed) -> RunConfig:
     """tests/simulation/test_simulate.py's federation, two rounds."""
-    federation = {"clients": 4, "fraction": 0.5, "rounds": 2, "local_steps": 3, "seed": 1, **fed}
-    return RunConfig(
-        base=BaseConfig(model="tiny", quant="nf4", cache_dir=cache_dir),
-        adapter=AdapterConfig(kind="lora", r=4),
-        data=DataConfig(data=str(users), block_size=32),
-        train=TrainConfig(lr=5e-3, batch_size=4, progress=False),
-        federation=FederationConfig(**federation),
-    )
+    return simulate_cfg(users, cache_dir, **{"rounds": 2, **fed})
 
 
 def _run(cfg: RunConfig, run_dir: Path) -> tuple[Federation, InProcessTransport]:
