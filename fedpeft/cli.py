@@ -211,13 +211,18 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 
 def resolve_base_main(argv: list[str]) -> int:
-    """`fedpeft client`'s helper process: convert or build a base into a cache and print its folder."""
+    """`fedpeft client`'s helper process: convert or build a base into a cache (MODEL CACHE), print what the
+    device will compute in (COMPUTE_DTYPE THREADS: fedpeft.model.precision), then the base's folder last."""
     # numpy/torch: imported by the command that needs them, not at start-up
-    from fedpeft.model.base import resolve_base_dir
+    from fedpeft.config.tree import BaseConfig
+    from fedpeft.model.base import preview_precision, resolve_base_dir
 
     quiet_libraries()
     try:
-        print(resolve_base_dir(argv[0], argv[1]))
+        base = resolve_base_dir(argv[0], argv[1])
+        cfg = BaseConfig(model=str(base), cache_dir=argv[1], compute_dtype=argv[2] or "auto")
+        print(preview_precision(cfg, int(argv[3]) or None).line())
+        print(base)
     except FedpeftError as e:
         print(f"fedpeft: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """A device's own options, the `device` section of the local config tree (fedpeft.config.local): `fedpeft
-client` takes them as flags and writes them, resolved, to node-config.toml beside the SuperNode; the ClientApp
-reads that file on every message and forwards the task to the device's resident worker (`worker`). In
+client` takes them as flags and writes them, resolved, to node-config.toml beside the SuperNode; the ClientApp,
+run by the device's resident worker (fedpeft.device.worker), reads them from every task's context. In
 simulation there is none (Flower's node config then holds only `partition-id`). They never enter Flower's
 run config, so nothing the server sends can change them: they carry the device's own security policy.
 Each field's node-config key is its name with dashes (`require-secagg`)."""
@@ -53,7 +53,6 @@ class DeviceConfig:
         metavar="K",
         group=PROTECTION,
     )
-    worker: str = option("")  # the resident worker's socket (fedpeft.device.worker); "": tasks run in the app
     # the same option as the federation's train.max_memory, decided here by the device's owner
     max_memory: float = option(
         0.0,

@@ -2,21 +2,25 @@
 
 The device needs no Ray and no GPU. What it keeps in its store (`--store`, mode 0700):
   base/              the base model converted once from its packaged or given file (kept quantized too)
-  node-config.toml   what our ClientApp reads: data path, user name, base location, worker socket, policy
-  worker.sock        the resident worker's socket (0600)
+  node-config.toml   what our ClientApp reads: data path, user name, base location, policy
+  superexec.secret   signs the worker's task claims on the SuperNode's Runtime API (0600, new each start)
+  task-in-flight.json  the task the worker is running (its token), answered by a restarted worker
   base-loads         one line per base load since this client started (reported as `base_loads`)
   personal/<user>/   the personal adapter, the last global adapter and choice.json, when the federation
                      personalizes (--personalize); never sent anywhere
-Two processes of ours run on the device: this one, which supervises the SuperNode and the resident worker
-(fedpeft.device.worker: the base, the tokenized text and the personal store, loaded once), restarting either
-when it dies and stopping both on exit; and the worker. Flower's SuperNode starts a fresh ClientApp
-process per message; ours imports no torch and forwards the task to the worker.
+Three processes run on the device: this one, which supervises the other two, restarting either when it dies
+and stopping both on exit; Flower's SuperNode (fedpeft.device.supernode: `flower-supernode` polling at the
+protocol's rhythm) in `--isolation process` mode, so it starts no process of its own; and the resident worker
+(fedpeft.device.worker: the base, the tokenized text and the personal store, loaded once), which claims the
+SuperNode's tasks on its loopback Runtime API and runs our ClientApp for each.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import secrets
 import subprocess
 import sys
 import time
@@ -30,15 +34,12 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from fedpeft.atomic import atomic_write_bytes
 from fedpeft.config.local import ConnectConfig
 from fedpeft.config.node import DeviceConfig
-from fedpeft.config.tree import BaseConfig
 from fedpeft.data.users import load_device_user
-from fedpeft.device.link import LOADS_FILE, socket_path
+from fedpeft.device.worker import IN_FLIGHT_FILE, LOADS_FILE, SECRET_FILE
 from fedpeft.errors import FedpeftError
-from fedpeft.processes import executable, flower_env, free_port, stop_tree
+from fedpeft.processes import flower_env, free_port, stop_tree
 
-# Flower's SuperExec looks for a task to launch every second by default; this is its supported setting
-# (flwr/supercore/superexec/run_superexec.py). The SuperNode's own 3 s poll of the SuperLink has none.
-TASK_POLL_SECONDS = 0.1
+RUNTIME_HOST = "127.0.0.1"  # the SuperNode's Runtime API, where the worker claims tasks: never off the device
 
 log = logging.getLogger("fedpeft")
 
@@ -71,17 +72,20 @@ def _check_key(path: Path) -> None:
         raise FedpeftError(f"--key {path} is not an ECDSA key")
 
 
-def _resolve_base(model: str, cache: Path) -> Path:
+def _resolve_base(model: str, cache: Path, compute_dtype: str, threads: int | None) -> tuple[Path, str]:
     """Convert or build the base into the store, in a child process: this process then runs for days
-    beside the SuperNode and should not hold torch and transformers in a small device's memory."""
+    beside the SuperNode and should not hold torch and transformers in a small device's memory. Returns
+    the base's folder and what the device computes in (fedpeft.model.precision), previewed there too."""
     code = "import sys; from fedpeft.cli import resolve_base_main; sys.exit(resolve_base_main(sys.argv[1:]))"
-    done = subprocess.run([sys.executable, "-c", code, model, str(cache)], capture_output=True, text=True)
+    args = [sys.executable, "-c", code, model, str(cache), compute_dtype, str(threads or 0)]
+    done = subprocess.run(args, capture_output=True, text=True)
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.startswith("fedpeft: error: ")]
         raise FedpeftError(
             lines[-1].removeprefix("fedpeft: error: ") if lines else done.stderr.strip()[-300:]
         )
-    return Path(done.stdout.strip().splitlines()[-1])
+    *_, precision, base = done.stdout.strip().splitlines()
+    return Path(base), precision
 
 
 def _check(connect: ConnectConfig, device: DeviceConfig) -> None:
@@ -110,17 +114,26 @@ def _check(connect: ConnectConfig, device: DeviceConfig) -> None:
         raise FedpeftError(f"--dp-min-local-noise must be a number at least 0, got {device.min_local_noise}")
 
 
-def _supernode_args(connect: ConnectConfig, node_file: Path) -> list[str]:
+def _supernode_args(connect: ConnectConfig, node_file: Path, port: int) -> list[str]:
+    store = node_file.parent
     args = [
-        executable("flower-supernode"),
+        sys.executable,
+        "-m",
+        "fedpeft.device.supernode",  # flower-supernode, polling at the protocol's rhythm
         "--superlink",
         connect.server,
         "--node-config",
         str(node_file),
-        # the SuperNode's own local API for its ClientApp processes: a free port, so several clients
-        # can share a machine
+        "--isolation",
+        "process",  # it starts no SuperExec and no ClientApp process: the resident worker runs its tasks
+        "--superexec-auth-secret-file",
+        str(store / SECRET_FILE),
+        # the Runtime API the worker claims tasks on: loopback, and a free port so several clients can
+        # share a machine
+        "--host",
+        RUNTIME_HOST,
         "--port",
-        str(free_port()),
+        str(port),
     ]
     if connect.insecure:
         args.append("--insecure")
@@ -134,9 +147,9 @@ def _supernode_args(connect: ConnectConfig, node_file: Path) -> list[str]:
     return args
 
 
-def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
+def prepare(opts: ClientOptions, port: int = 0) -> tuple[Path, list[str]]:
     """Check every input, convert the base into the store once, write the node config. Returns the node
-    config file and the flower-supernode command line."""
+    config file and the SuperNode's command line (its Runtime API on `port`, or a free one)."""
     _check(opts.connect, opts.device)
     # one-line error if there is no data; records are read here and interpreted with the federation's
     # options (columns, label set) by the worker, which has them
@@ -144,7 +157,9 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
     store = Path(opts.device.store).resolve()
     store.mkdir(parents=True, exist_ok=True)
     store.chmod(0o700)  # the worker's socket lives here: only the device's owner may reach it
-    base_dir = _resolve_base(opts.model, store / "base")
+    base_dir, precision = _resolve_base(
+        opts.model, store / "base", opts.device.compute_dtype, opts.connect.threads
+    )
     node = dataclasses.replace(
         opts.device,
         data_path=str(Path(opts.device.data_path).resolve()),
@@ -153,25 +168,25 @@ def prepare(opts: ClientOptions) -> tuple[Path, list[str]]:
         cache_dir=str(store / "base"),
         store=str(store),
         personal_dir=str(store / "personal"),
-        worker=str(socket_path(store)),
     )
     node_file = store / "node-config.toml"
     atomic_write_bytes(node_file, tomli_w.dumps(node.to_node_config()).encode())
     what = f"{len(user.examples)} records" if user.examples else f"{len(user.text)} characters of text"
     log.info("user %r, %s; base %s", user.user, what, base_dir)
-    _precision_note(base_dir, store / "base", opts.connect.threads, opts.device.compute_dtype)
-    return node_file, _supernode_args(opts.connect, node_file)
+    # its own --compute-dtype, or where the federation's is auto, what it chooses for itself; its worker
+    # reads the same cached measurement
+    where = "" if opts.device.compute_dtype else " (where the federation's --compute-dtype is auto)"
+    log.info("this device is %s%s", precision, where)
+    return node_file, _supernode_args(opts.connect, node_file, port or free_port(RUNTIME_HOST))
 
 
-def _precision_note(base_dir: Path, cache_dir: Path, threads: int | None, compute_dtype: str) -> None:
-    """What this device will compute in: its own --compute-dtype, or where the federation's is auto, what
-    the device chooses for itself (fedpeft.model.precision); its worker reads the same cached measurement."""
-    from fedpeft.model.base import preview_precision  # torch: only to preview the precision here
-
-    cfg = BaseConfig(model=str(base_dir), cache_dir=str(cache_dir), compute_dtype=compute_dtype or "auto")
-    precision = preview_precision(cfg, threads)
-    where = "" if compute_dtype else " (where the federation's --compute-dtype is auto)"
-    log.info("this device is %s%s", precision.line(), where)
+def _new_secret(path: Path) -> None:
+    """A fresh secret for this run of the device, readable by its owner only: the SuperNode checks each
+    task claim's signature with it, so no other local user or process can take this device's tasks."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(secrets.token_bytes(32))
 
 
 class Worker:
@@ -180,16 +195,17 @@ class Worker:
 
     MAX_QUICK_CRASHES = 5
 
-    def __init__(self, store: Path, env: dict[str, str]) -> None:
-        self.store, self.env = store, env
+    def __init__(self, store: Path, runtime: str, env: dict[str, str]) -> None:
+        self.store, self.runtime, self.env = store, runtime, env
         self.quick_crashes = 0
         (store / LOADS_FILE).unlink(missing_ok=True)  # base_loads counts from this client's start
+        (store / IN_FLIGHT_FILE).unlink(missing_ok=True)  # a task of an earlier SuperNode is gone with it
         self.proc = self._start()
 
     def _start(self) -> subprocess.Popen:
         self.started = time.monotonic()
         return subprocess.Popen(
-            [sys.executable, "-m", "fedpeft.device.worker", str(self.store)], env=self.env
+            [sys.executable, "-m", "fedpeft.device.worker", str(self.store), self.runtime], env=self.env
         )
 
     def check(self) -> None:
@@ -219,14 +235,16 @@ def run_client(opts: ClientOptions) -> int:
     server is not up yet, or has not registered this key yet); we start it again with a growing pause,
     so a device may come up before its server and rides out server restarts. The worker is restarted
     whenever it dies."""
-    _, args = prepare(opts)
+    port = free_port(RUNTIME_HOST)  # kept across SuperNode restarts: the worker keeps claiming there
+    _, args = prepare(opts, port)
     connect = opts.connect
-    extra = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(TASK_POLL_SECONDS)}
+    extra = {}
     if connect.threads:  # read by torch in the worker
-        extra |= {"OMP_NUM_THREADS": str(connect.threads), "MKL_NUM_THREADS": str(connect.threads)}
+        extra = {"OMP_NUM_THREADS": str(connect.threads), "MKL_NUM_THREADS": str(connect.threads)}
     store = Path(opts.device.store).resolve()
+    _new_secret(store / SECRET_FILE)
     env = flower_env(store / "flwr", extra)
-    worker = Worker(store, env)
+    worker = Worker(store, f"{RUNTIME_HOST}:{port}", env)
     log.info("connecting to %s (reconnects on its own if the server goes away)", connect.server)
     start, pause = time.monotonic(), 2.0
     try:

@@ -5,13 +5,11 @@ simulation and deployment:
 - simulation: node config `partition-id` picks this virtual client's share of the run's data, and the task
   runs here, in the Ray actor that keeps the base loaded between messages;
 - deployment (`fedpeft client`): the device's node config (fedpeft.config.node.DeviceConfig) names its text,
-  store and base, its security policy (`require-secagg`, `min-neighbours`: nothing the server sends can
-  lower either), and `worker`, the socket of its resident worker (fedpeft.device.worker). A SuperNode starts a
-  fresh process of this app per message; it imports no torch and forwards the task to the worker, which
-  holds the base, the data and the personal store for as long as the device runs.
-Secure aggregation runs here, its state in Flower's context.state; only stage 3's training goes to the
-worker. Every reply that trains reports where the device's time went (load, train, mask, personal, wait)
-and its `base_loads` and `peak_rss_mib`.
+  store and base, and its security policy (`require-secagg`, `min-neighbours`: nothing the server sends can
+  lower either). The device's resident worker (fedpeft.device.worker) runs this app in its own process,
+  for every message, with the base, the data and the personal store loaded once.
+Secure aggregation runs here, its state in Flower's context.state. Every reply that trains reports where
+the device's time went (load, train, mask, personal, wait) and its `base_loads` and memory figures.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import functools
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -29,7 +26,6 @@ from fedpeft.config.files import from_run_config
 from fedpeft.config.node import DeviceConfig
 from fedpeft.config.secagg_bounds import MIN_NEIGHBOURS
 from fedpeft.device import tasks
-from fedpeft.device.link import WorkerGone, call
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.state import client_seed
 from fedpeft.secagg.client_stages import handle
@@ -65,23 +61,15 @@ def _node(context: Context) -> DeviceConfig | None:
 
 def _waited(msg: Message) -> float:
     """Seconds from the server creating this message to its task starting here: the SuperNode's poll, the
-    ClientApp process start and the transport. Across machines it includes their clock offset."""
+    worker's claim and the transport. Across machines it includes their clock offset."""
     return max(0.0, time.time() - float(msg.metadata.created_at or time.time()))
 
 
 def _run(kind: str, msg: Message, context: Context) -> RecordDict:
-    """The task here (simulation, or a device without a worker) or in the device's resident worker."""
+    """The task itself: on a device in its resident worker (this process), simulated in the Ray actor."""
     node = _node(context)
-    if node is not None and node.worker:
-        try:
-            reply = call(Path(node.worker), kind, msg.content, context.run_id)
-        except (WorkerGone, ConnectionError) as e:  # the worker died mid-task; `fedpeft client` restarts it
-            raise FedpeftError(
-                f"the device worker stopped during this task ({e}); it is being restarted"
-            ) from None
-    else:
-        partition = 0 if node is not None else int(context.node_config["partition-id"])
-        reply = tasks.run(kind, msg.content, node, partition)
+    partition = 0 if node is not None else int(context.node_config["partition-id"])
+    reply = tasks.run(kind, msg.content, node, partition)
     if "info" in reply:
         info = reply["info"]
         context.state[INFO_KEY] = ConfigRecord({"fingerprint": info["fingerprint"], "name": info["name"]})

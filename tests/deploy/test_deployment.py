@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from fedpeft.cli import main as fedpeft_main
 from fedpeft.deploy.certs import make_certs
-from fedpeft.processes import Child, flower_env, free_port, stop_tree
+from fedpeft.processes import Child, descendants, flower_env, free_port, process_table, stop_tree
 from tests.conftest import make_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,6 +115,33 @@ def _ours_running(root: Path) -> list[str]:
     return found
 
 
+class DeviceProcesses:
+    """Every 0.2 s while it runs: the command lines of all processes below this test's `fedpeft client`
+    processes. A device runs three of its own and nothing else: no Flower SuperExec, no ClientApp
+    process per message (fedpeft.device.worker)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.seen = str(root), set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            table = process_table()
+            for pid, proc in table.items():
+                if "fedpeft.cli client" in proc.cmdline and self.root in proc.cmdline:
+                    self.seen |= {
+                        table[p].cmdline.split(" --")[0] for p in descendants(pid, table) if p in table
+                    }
+            time.sleep(0.2)
+
+    def stop(self) -> set[str]:
+        self._stop.set()
+        self._thread.join()
+        return self.seen
+
+
 @pytest.fixture
 def deployment(tmp_path: Path):
     d = Deployment(tmp_path)
@@ -154,7 +182,14 @@ def test_secure_federation_over_tls_equals_simulation_and_refuses_strangers(
         deployment.client(name, data, certs, str(tiny_path))
     deployment.client("zz-other", users / "alice.txt", certs, str(other))
     stranger = deployment.client("intruder", users / "bob.txt", intruder, str(tiny_path))
+    watch = DeviceProcesses(tmp_path)
     assert deployment.wait(server, 420) == 0, server.log_tail(30)
+    seen = watch.stop()
+    # each device: the SuperNode launcher and the resident worker (and the base's one-off conversion)
+    assert any("fedpeft.device.supernode" in c for c in seen) and any(
+        "fedpeft.device.worker" in c for c in seen
+    )
+    assert not [c for c in seen if "flwr-clientapp" in c or "flower-superexec" in c], seen
 
     # the global adapter equals a simulation of the same three users with the same seed
     fedpeft_main(["simulate", *_flags(users, cache_dir, "--clients", "3", "--rounds", "2", "--secagg"),
