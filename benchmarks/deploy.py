@@ -5,11 +5,11 @@
 
 1. New client, default model: seconds to convert the packaged base into an empty store, then to load
    it quantized, then to load it again (what a device pays before its first round, and at a restart).
-2. Client side, default model, 3 clients, 5 secure rounds (`fedpeft deploy-local`): peak RSS of one
-   client's whole process tree (fedpeft client + its resident worker + SuperNode + SuperExec + the
-   ClientApp process), of its worker and of its ClientApp process alone, sampled every 0.3 s; per-round
-   device seconds split into base load, training, encoding + masking and waiting, and the devices'
-   base_loads (from the replies' metrics).
+2. Client side, default model, 3 clients, 5 secure rounds (`fedpeft deploy-local`): peak PSS of one
+   client's whole process tree (fedpeft client + its SuperNode + its resident worker: shared pages once)
+   and its summed RSS, sampled every 0.3 s, with each process's peak RSS; the devices' own figures (the
+   tree's sampled peak PSS, summed peak RSS); per-round device seconds split into base load, training,
+   encoding + masking and waiting, and the devices' base_loads (from the replies' metrics).
 3. Server side: peak RSS of the server's process tree (fedpeft server + SuperLink + SuperExec +
    ServerApp) with 3 and 20 clients on the tiny model, and with 3 clients on the default model.
 4. Round time of the deployment vs a simulation of the same config (ratio of medians).
@@ -32,29 +32,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedpeft.config.tree import BaseConfig, FederationConfig, RunConfig, TrainConfig  # noqa: E402
-from fedpeft.processes import descendants, process_table  # noqa: E402
+from fedpeft.processes import descendants, process_table, pss  # noqa: E402
 
-
-def pss(pid: int) -> int:
-    """Proportional set size (bytes): shared pages split among the processes that map them, so a tree's
-    sum is what it really occupies; a sum of RSS counts the interpreter and libraries once per process."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:")), 0)
-    except OSError:
-        return 0
+# a device's processes, by what their command line runs
+ROLES = {
+    "worker": "fedpeft.device.worker",
+    "supernode": "fedpeft.device.supernode",
+    "superexec": "flower-superexec",  # Flower's own executor and per-message process: there should be none
+    "clientapp": "flwr-clientapp",
+}
 
 
 class Sampler:
-    """Every 0.3 s: RSS of the server tree, of each client tree (and its PSS), of each client's resident
-    worker and of its ClientApp process."""
+    """Every 0.3 s: RSS of the server tree, of each client tree (and its PSS), and of each client's
+    processes by role (the supervisor `fedpeft client`, its SuperNode, its worker, and Flower's SuperExec and
+    ClientApp processes: there should be none)."""
 
     def __enter__(self) -> Sampler:
         self.server = 0
         self.client: dict[str, int] = {}
         self.client_pss: dict[str, int] = {}
-        self.clientapp: dict[str, int] = {}
-        self.worker: dict[str, int] = {}
+        self.roles: dict[str, dict[str, int]] = {r: {} for r in (*ROLES, "supervisor")}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -75,10 +73,9 @@ class Sampler:
                     self.client[name] = max(self.client.get(name, 0), sum(p.rss for p in tree))
                     tree_pss = sum(pss(p) for p in [pid, *descendants(pid, procs)])
                     self.client_pss[name] = max(self.client_pss.get(name, 0), tree_pss)
-                    app = sum(p.rss for p in tree if "flwr-clientapp" in p.cmdline)
-                    self.clientapp[name] = max(self.clientapp.get(name, 0), app)
-                    worker = sum(p.rss for p in tree if "fedpeft.device.worker" in p.cmdline)
-                    self.worker[name] = max(self.worker.get(name, 0), worker)
+                    for role, needle in (*ROLES.items(), ("supervisor", "fedpeft.cli client")):
+                        rss = sum(p.rss for p in tree if needle in p.cmdline)
+                        self.roles[role][name] = max(self.roles[role].get(name, 0), rss)
             time.sleep(0.3)
 
     def __exit__(self, *exc) -> None:
@@ -116,11 +113,14 @@ def deployment(cfg: RunConfig, out: Path) -> dict:
         "base_loads_max": max((c.get("base_loads", 0) for c in split), default=0),
         "secagg_stages": [h.get("secagg_stages") for h in history[1:]],
         "reported_peak_rss_mib_max": max((c.get("peak_rss_mib", 0) for c in split), default=0),
+        "reported_peak_pss_mib_max": max((c.get("peak_pss_mib", 0) for c in split), default=0),
         "server_peak_rss_mib": _mib(s.server),
         "client_peak_rss_mib": {k: _mib(v) for k, v in sorted(s.client.items())},
         "client_peak_pss_mib": {k: _mib(v) for k, v in sorted(s.client_pss.items())},
-        "worker_peak_rss_mib": {k: _mib(v) for k, v in sorted(s.worker.items())},
-        "clientapp_peak_rss_mib": {k: _mib(v) for k, v in sorted(s.clientapp.items())},
+        **{
+            f"{role}_peak_rss_mib": {k: _mib(v) for k, v in sorted(by_name.items())}
+            for role, by_name in s.roles.items()
+        },
     }
 
 
@@ -162,16 +162,23 @@ def main() -> None:
     p.add_argument(
         "--quant", default="auto", help="the base's quantization (default auto: bf16 for the default model)"
     )
+    p.add_argument(
+        "--max-memory",
+        type=float,
+        default=None,
+        metavar="MIB",
+        help="each device's budget, its whole process tree's PSS (fedpeft client --max-memory)",
+    )
     a = p.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     work = Path(tempfile.mkdtemp(prefix="fedpeft-bench-"))
     cache = os.environ.get("FEDPEFT_CACHE")
-    results: dict = {"cpus": os.cpu_count(), "quant": a.quant}
+    results: dict = {"cpus": os.cpu_count(), "quant": a.quant, "max_memory": a.max_memory}
 
     def cfg(model: str, clients: int, rounds: int, secagg: bool, fraction: float = 1.0) -> RunConfig:
         return RunConfig(
             base=BaseConfig(model=model, cache_dir=cache, quant=a.quant),
-            train=TrainConfig(progress=False),
+            train=TrainConfig(progress=False, max_memory=a.max_memory),
             federation=FederationConfig(
                 clients=clients, fraction=fraction, rounds=rounds, local_steps=5, secagg=secagg, min_clients=2
             ),
@@ -207,19 +214,26 @@ def main() -> None:
                 f"| server peak RSS, {key.replace('_deploy', '').replace('_', ' ')} clients | "
                 f"{results[key]['server_peak_rss_mib']:.0f} MiB |"
             )
-    if "default_3_deploy" in results:
-        d = results["default_3_deploy"]
+    for key in ("tiny_3_deploy", "default_3_deploy"):
+        if key not in results:
+            continue
+        d, model = results[key], key.split("_")[0]
+        worst = max(d["client_peak_pss_mib"], key=d["client_peak_pss_mib"].get)
         rows.append(
-            f"| client peak RSS (whole tree), default model | {max(d['client_peak_rss_mib'].values()):.0f} MiB |"
+            f"| {model}: a device's process tree, peak PSS / summed peak RSS (sampled; worst device) | "
+            f"{d['client_peak_pss_mib'][worst]:.0f} / {d['client_peak_rss_mib'][worst]:.0f} MiB |"
         )
         rows.append(
-            f"| client peak PSS (whole tree), default model | {max(d['client_peak_pss_mib'].values()):.0f} MiB |"
+            f"| {model}: of it, peak RSS of the worker / SuperNode / supervisor / SuperExec + ClientApp | "
+            + " / ".join(
+                f"{d[f'{r}_peak_rss_mib'].get(worst, 0):.0f}"
+                for r in ("worker", "supernode", "supervisor", "flower")
+            )
+            + " MiB |"
         )
         rows.append(
-            f"| resident worker peak RSS, default model | {max(d['worker_peak_rss_mib'].values()):.0f} MiB |"
-        )
-        rows.append(
-            f"| ClientApp process peak RSS, default model | {max(d['clientapp_peak_rss_mib'].values()):.0f} MiB |"
+            f"| {model}: what the devices reported, peak PSS / summed peak RSS (max) | "
+            f"{d['reported_peak_pss_mib_max']:.0f} / {d['reported_peak_rss_mib_max']:.0f} MiB |"
         )
     for key in ("tiny_3_deploy", "default_3_deploy"):
         if key in results:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,66 @@ def tree_peak_rss(root: int | None = None) -> int:
     bound of the tree's peak, since the processes need not have peaked at the same moment."""
     root = root or os.getpid()
     return sum(peak_rss(p) for p in [root, *descendants(root)])
+
+
+def pss(pid: int | None = None) -> int:
+    """A process's proportional set size (bytes): its private pages plus its share of the pages it maps
+    with others (libraries, the interpreter), so that the PSS of a process tree sums to what the tree
+    really occupies, where a sum of RSS counts every shared page once per process. 0 without /proc."""
+    try:
+        with open(f"/proc/{pid or 'self'}/smaps_rollup") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:")), 0)
+    except OSError:
+        return 0
+
+
+def tree_pss(root: int | None = None) -> int:
+    """PSS of `root` (default: this process) and every live process below it, now."""
+    root = root or os.getpid()
+    return sum(pss(p) for p in [root, *descendants(root)])
+
+
+def cgroup_peak() -> int | None:
+    """Peak memory of this process's cgroup (v2 memory.peak, bytes): what a device that runs in a cgroup
+    of its own (a systemd unit, a container) has used at most, page cache included. None on cgroup v1 or
+    where the file is not readable."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        path = next(line[3:] for line in lines if line.startswith("0::"))
+        return int(Path(f"/sys/fs/cgroup{path}/memory.peak").read_text().split()[0])
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+class PeakPss:
+    """The highest PSS of a process tree, sampled every `every` seconds while active (the kernel keeps a
+    peak of each process's RSS, VmHWM, but none of PSS)."""
+
+    def __init__(self, root: int, every: float = 0.5) -> None:
+        self.root, self.every, self.peak = root, every, 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> int:
+        self.peak = max(self.peak, tree_pss(self.root))
+        return self.peak
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.sample()
+
+    @contextlib.contextmanager
+    def active(self) -> Any:
+        self.sample()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join()
+            self.sample()
 
 
 def _signal(pids: list[int], sig: int) -> None:

@@ -326,9 +326,9 @@ class TrainConfig:
     )
     max_memory: float | None = option(
         None,
-        "MiB the training process may peak at (its whole resident memory): the micro-batch shrinks, with "
-        "gradient accumulation keeping the batch, and the heap is kept compact if that is what fits; unset "
-        "or 0: no limit",
+        "MiB the training process may peak at (its whole resident memory; on a device, all its processes' "
+        "PSS together): the micro-batch shrinks, with gradient accumulation keeping the batch, and the heap "
+        "is kept compact if that is what fits; unset or 0: no limit",
         flag="--max-memory",
         metavar="MIB",
         ge=0,

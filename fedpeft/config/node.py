@@ -56,8 +56,9 @@ class DeviceConfig:
     # the same option as the federation's train.max_memory, decided here by the device's owner
     max_memory: float = option(
         0.0,
-        "MiB the training process may peak at (its whole resident memory): the micro-batch shrinks, with "
-        "gradient accumulation keeping the batch, and the heap is kept compact if that is what fits; a "
+        "MiB this device may hold at most, all its processes together (their PSS: a shared page counts "
+        "once): the worker trains in what the SuperNode and the supervisor leave, the micro-batch shrinking "
+        "with gradient accumulation keeping the batch, and the heap kept compact if that is what fits; a "
         "budget too small is refused naming the smallest that works (default: 0, no limit)",
         flag="--max-memory",
         metavar="MIB",

@@ -15,7 +15,7 @@ import numpy as np
 from fedpeft.config.tree import SPLITS, DataConfig
 from fedpeft.data.blocks import UserData, fit_note, tokenize_user
 from fedpeft.data.users import UserText, load_users
-from fedpeft.errors import FedpeftError, TooLittleData
+from fedpeft.errors import FedpeftError, TooLittleData, require
 
 log = logging.getLogger("fedpeft")
 
@@ -117,7 +117,9 @@ def _split_examples(
     """Task examples of every user dealt to N clients by Flower Datasets' partitioners: IID (the examples
     shuffled with the seed, then cut in N) or Dirichlet over the labels (DirichletPartitioner, which
     redraws until every client holds --min-examples). Each client then holds out its own tail."""
-    # datasets, flwr_datasets: only splitting examples needs them (fedpeft.data.records.read_table)
+    # datasets, flwr_datasets: only splitting examples needs them (fedpeft.data.records.read_table); the
+    # latter is not in a device's install
+    require("flwr_datasets", "simulation", "splitting examples among clients")
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config.tree import DataConfig
-from fedpeft.errors import FedpeftError
+from fedpeft.errors import FedpeftError, require
 from fedpeft.packaged import packaged_file
 
 log = logging.getLogger("fedpeft")
@@ -119,7 +119,9 @@ def _places(path: Path, rows: int) -> list[int]:
 def by_user(ds: Any, column: str, name: str) -> dict[str, list[dict[str, Any]]]:
     """A table's records grouped by the values of `column`, through Flower Datasets' NaturalIdPartitioner
     (one partition per distinct value). At least two users: a federation of one is not one."""
-    from flwr_datasets.partitioner import NaturalIdPartitioner  # it imports datasets: see read_table
+    # it imports datasets (see read_table); not in a device's install, whose records are all its own
+    require("flwr_datasets", "simulation", "splitting one table among users")
+    from flwr_datasets.partitioner import NaturalIdPartitioner
 
     if not column:
         raise FedpeftError(

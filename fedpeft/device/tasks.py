@@ -11,9 +11,10 @@ keys' delta and scalar metrics only.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -24,13 +25,16 @@ from fedpeft.errors import FedpeftError
 from fedpeft.federation.wire import arrays_to_record, record_to_arrays
 from fedpeft.model.placement import gpu_figures
 from fedpeft.privacy.central import clip
-from fedpeft.processes import peak_rss, tree_peak_rss
+from fedpeft.processes import cgroup_peak, peak_rss, pss, tree_peak_rss, tree_pss
 from fedpeft.secagg.records import flatten
 
 if TYPE_CHECKING:
     from fedpeft.device.runtime import Device
 
-STATS = {"root_pid": 0, "loads_before": 0}  # set by the device worker: its device's process tree, loads
+# set by the device worker: its device's process tree (`fedpeft client`), base loads before this worker,
+# and its PSS sampler (fedpeft.processes.PeakPss)
+STATS: dict[str, Any] = {"root_pid": 0, "loads_before": 0, "pss": None}
+log = logging.getLogger("fedpeft")
 
 
 def config_for(content: RecordDict, node: DeviceConfig | None) -> RunConfig:
@@ -45,9 +49,30 @@ def config_for(content: RecordDict, node: DeviceConfig | None) -> RunConfig:
         cfg = replace(cfg, base=replace(cfg.base, device="cpu"))
         if node.compute_dtype:  # the device's own choice of compute precision (fedpeft.model.precision)
             cfg = replace(cfg, base=replace(cfg.base, compute_dtype=node.compute_dtype))
-        if node.max_memory:  # the device's own budget: micro-batches that fit, same effective batch
-            cfg = replace(cfg, train=replace(cfg.train, max_memory=node.max_memory))
+        # the device's own budget, else the federation's, for the device as a whole: micro-batches that
+        # fit what its other processes leave, same effective batch
+        if budget := node.max_memory or cfg.train.max_memory:
+            cfg = replace(cfg, train=replace(cfg.train, max_memory=training_budget(budget)))
     return cfg
+
+
+def training_budget(device_mib: float) -> float:
+    """What --max-memory leaves this process: the device's whole budget is its process tree's PSS (what
+    the device really holds, shared pages once), so what its other processes hold now (the SuperNode and
+    `fedpeft client`) comes off. This process's own estimate is of its RSS, which its PSS never exceeds."""
+    root = STATS["root_pid"]
+    others = tree_pss(root) - pss() if root else 0
+    left = device_mib - others / 2**20
+    if STATS.get("budget_logged") != (device_mib, round(left)):
+        STATS["budget_logged"] = (device_mib, round(left))
+        log.info(
+            "--max-memory %.0f MiB for this device: its SuperNode and supervisor hold %.0f MiB (PSS), "
+            "%.0f MiB is the worker's",
+            device_mib,
+            others / 2**20,
+            left,
+        )
+    return max(left, 1.0)
 
 
 class Setup(NamedTuple):
@@ -99,8 +124,10 @@ def info(device: Device, local: int, client: int) -> ConfigRecord:
 
 
 def device_stats(device: str = "cpu") -> dict[str, float]:
-    """How often this device has loaded its base since it started, the peak RSS of its processes, and on
-    a GPU the peak GPU memory its process allocated."""
+    """How often this device has loaded its base since it started; its processes' memory: the sum of
+    their peak RSS (an upper bound that counts shared pages once per process), on a device the highest
+    PSS of its process tree (sampled) and its cgroup's peak where it runs in a cgroup v2 of its own;
+    and on a GPU the peak GPU memory its process allocated."""
     from fedpeft.device.runtime import BASE_LOADS  # torch: off the ClientApp's start-up path
 
     root = STATS["root_pid"]
@@ -108,11 +135,12 @@ def device_stats(device: str = "cpu") -> dict[str, float]:
     # scanning the process table for its children was a noticeable part of the actor's time at 1,000
     # clients (benchmarks/README.md, "Federation scale")
     rss = tree_peak_rss(root) if root else peak_rss()
-    return {
-        "base_loads": float(STATS["loads_before"] + BASE_LOADS[0]),
-        "peak_rss_mib": round(rss / 2**20, 1),
-        **gpu_figures(device),
-    }
+    out = {"base_loads": float(STATS["loads_before"] + BASE_LOADS[0]), "peak_rss_mib": round(rss / 2**20, 1)}
+    if STATS["pss"] is not None:
+        out["peak_pss_mib"] = round(STATS["pss"].sample() / 2**20, 1)
+        if (cgroup := cgroup_peak()) is not None:
+            out["cgroup_peak_mib"] = round(cgroup / 2**20, 1)
+    return {**out, **gpu_figures(device)}
 
 
 def describe(content: RecordDict, node: DeviceConfig | None, partition: int) -> RecordDict:

@@ -41,6 +41,7 @@ from fedpeft.device import tasks
 from fedpeft.device.supernode import Backoff
 from fedpeft.errors import FedpeftError
 from fedpeft.log import quiet_libraries, setup_console
+from fedpeft.processes import PeakPss
 
 log = logging.getLogger("fedpeft")
 
@@ -305,7 +306,8 @@ def serve(store: Path, address: str) -> None:
 
     read_node(store)  # the ClientApp reads it from its context (the SuperNode's node config) per task
     executor = Executor(store, address)
-    tasks.STATS.update(root_pid=os.getppid(), loads_before=_count_loads(store))
+    sampler = PeakPss(os.getppid())  # the device's whole tree, sampled while a task runs
+    tasks.STATS.update(root_pid=os.getppid(), loads_before=_count_loads(store), pss=sampler)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     executor.answer_orphan()
@@ -318,7 +320,8 @@ def serve(store: Path, address: str) -> None:
                 time.sleep(POLL.next())
                 continue
             POLL.reset()
-            executor.run_task(token)
+            with sampler.active():
+                executor.run_task(token)
         except (
             Exception
         ) as e:  # the SuperNode restarting, a run stopped mid-task: the next task is unaffected

@@ -7,13 +7,15 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from fedpeft.errors import require
 from fedpeft.federation.metrics import RoundMetrics, TaskMetrics, base_name
 from fedpeft.federation.task_eval import HEADLINE, headline, pooled
 
 
 def train_loss_png(losses: list[float], eval_before: float, eval_after: float, title: str) -> bytes:
     """Training loss per step, with the held-out loss before and after as horizontal lines."""
-    import matplotlib  # matplotlib: only drawing needs it, off every command's start-up path
+    require("matplotlib", "plot", "a plot")  # matplotlib: only drawing needs it; not in a device's install
+    import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and edge devices
     import matplotlib.pyplot as plt
@@ -33,7 +35,8 @@ def train_loss_png(losses: list[float], eval_before: float, eval_after: float, t
 def federation_png(history: Sequence[RoundMetrics]) -> bytes:
     """Per round: held-out loss of the global adapter (token-weighted over all clients) and the mean
     local training loss; held-out perplexity with the per-client spread."""
-    import matplotlib  # matplotlib: see train_loss_png
+    require("matplotlib", "plot", "a plot")  # matplotlib: see train_loss_png
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -72,12 +72,19 @@ class PlotSink:
 
     def __init__(self, run_dir: Path, earlier: Sequence[RoundMetrics] = ()) -> None:
         self.path, self.history = Path(run_dir) / "plot.png", list(earlier)
+        self.missing = False
 
     def round(self, metrics: RoundMetrics) -> None:
         from fedpeft.federation.report import federation_png  # matplotlib: off the server's start-up path
 
         self.history.append(metrics)
-        atomic_write_bytes(self.path, federation_png(self.history))
+        if self.missing:
+            return
+        try:
+            atomic_write_bytes(self.path, federation_png(self.history))
+        except FedpeftError as e:  # an install without the plot extra: metrics.jsonl has every figure
+            self.missing = True
+            log.warning("plot.png is not drawn: %s", e)
 
     def close(self) -> None:
         pass

@@ -26,7 +26,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 
-from fedpeft.errors import FedpeftError
+from fedpeft.errors import FedpeftError, require
 
 SAMPLING = "poisson"
 MAX_NOISE_MULTIPLIER = 1000.0  # beyond this the mean is noise: a budget that needs more is refused
@@ -54,7 +54,9 @@ INTEGER_ORDERS = tuple(range(2, 257))
 
 
 def _accountant(discrete: bool = False):
-    # dp_accounting (and the scipy it pulls in): imported only when a federation runs under DP
+    # dp_accounting (and the scipy it pulls in): imported only when a federation runs under DP, and not in
+    # a device's install
+    require("dp_accounting", "server", "accounting differential privacy")
     import dp_accounting
     from dp_accounting import rdp
 

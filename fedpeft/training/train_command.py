@@ -11,6 +11,7 @@ from typing import Any
 
 from fedpeft.config.tree import RunConfig
 from fedpeft.data.blocks import load_user_data
+from fedpeft.errors import FedpeftError
 from fedpeft.federation.evaluation import base_name
 from fedpeft.federation.report import train_loss_png
 from fedpeft.federation.task_eval import client_entry, headline, task_summary
@@ -59,19 +60,19 @@ def train_adapter(cfg: RunConfig, user: str, out: Path) -> str:
         "base_bytes": base.nbytes,
         **({"task_before": task_before, "task_after": task_after} if task_after else {}),
     }
-    png = train_loss_png(
-        result.losses,
-        before.loss,
-        after.loss,
-        f"{cfg.adapter.kind} on {data.user}, base {Path(str(base.path)).name} ({base.quant})",
-    )
+    title = f"{cfg.adapter.kind} on {data.user}, base {Path(str(base.path)).name} ({base.quant})"
+    files = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()}
+    try:
+        files["loss.png"] = train_loss_png(result.losses, before.loss, after.loss, title)
+    except FedpeftError as e:  # an install without the plot extra: metrics.json has the losses
+        log.warning("loss.png is not drawn: %s", e)
     save_adapter(
         model,
         base,
         cfg.adapter,
         out,
         extra={"train": metrics | {"train_losses": None}},
-        extra_files={"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(), "loss.png": png},
+        extra_files=files,
     )
     return _summary_line(metrics, base, out)
 

@@ -117,8 +117,15 @@ def test_server_and_cheap_client_stages_never_import_torch() -> None:
     assert proc.stdout.strip() == "[]", proc.stderr
 
 
-def test_a_client_install_needs_no_ray() -> None:
+def test_a_devices_install_is_the_core_and_pulls_no_ray_plotting_or_server_tools() -> None:
+    """`pip install fedpeft` on a device: what it asks for itself. (Flower brings FastAPI, uvicorn and
+    SQLAlchemy whatever we ask: its SuperNode serves its Runtime API with them.) That the device path runs
+    without these: tests/device/test_worker.py."""
+    import re
     from importlib.metadata import requires
 
+    core = {re.split(r"[ ;<>=!~\[]", r)[0].lower() for r in requires("fedpeft") or [] if "extra ==" not in r}
+    assert "flwr" in core and "torch" in core
+    assert not core & {"ray", "matplotlib", "seaborn", "flwr-datasets", "dp-accounting", "fastapi", "uvicorn"}
     ray = [r for r in requires("fedpeft") or [] if "simulation" in r or r.startswith("ray")]
     assert ray and all('extra == "simulation"' in r for r in ray)

@@ -21,10 +21,18 @@ from tests.conftest import make_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# What a device's install (the core: pyproject.toml) leaves out, and our serving stack: the device path must
+# never import them. The script below refuses them outright.
+LEFT_OUT = ("ray", "matplotlib", "seaborn", "flwr_datasets", "dp_accounting", "scipy", "fedpeft.serve")
+
 # Runs in a fresh interpreter, as the worker runs tasks: two rounds through the real ClientApp on a device's
 # node config, then reports what it saw.
 TASKS = r"""
 import json, sys
+
+for name in json.loads(sys.argv[2]):  # absent, as in an install without them: importing one fails
+    sys.modules[name] = None
+import fedpeft.deploy.client, fedpeft.device.worker  # the device's own processes, as they start
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedpeft.flower.client_app import app
 from fedpeft.federation.wire import arrays_to_record, record_to_arrays
@@ -62,7 +70,7 @@ print(json.dumps(out))
 """
 
 
-def test_the_clientapp_runs_a_devices_tasks_in_one_process_with_the_base_loaded_once(
+def test_the_clientapp_runs_a_devices_tasks_in_one_process_with_the_base_loaded_once_and_a_lean_install(
     tmp_path: Path, tiny_path: Path, cache_dir: str
 ) -> None:
     data = tmp_path / "alice.txt"
@@ -78,7 +86,7 @@ def test_the_clientapp_runs_a_devices_tasks_in_one_process_with_the_base_loaded_
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-c", TASKS, json.dumps(node.to_node_config())],
+        [sys.executable, "-c", TASKS, json.dumps(node.to_node_config()), json.dumps(LEFT_OUT)],
         capture_output=True,
         text=True,
         env=env,

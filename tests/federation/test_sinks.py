@@ -179,3 +179,16 @@ def test_the_sinks_import_no_tracker_plotter_or_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_without_the_plot_extra_the_metrics_are_written_and_the_plot_is_skipped_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device's install (the core) has no matplotlib; a server installed that way still records."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # absent: importing it fails
+    with caplog.at_level("WARNING", logger="fedpeft"):
+        record(tmp_path, _history(2))
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    assert not (tmp_path / "plot.png").exists()
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "plot.png is not drawn" in line and "pip install 'fedpeft[plot]'" in line
