@@ -31,13 +31,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedpeft")
 
 # where a client's time goes, reported as <stage>_seconds; wait: its messages waiting to start (transport,
-# the SuperNode's poll, the ClientApp's process start); mask: encoding and masking (secure stage 3)
+# the SuperNode's poll, the worker's claim); mask: encoding and masking (secure stage 3)
 PLAIN_STAGES = ("load", "train", "personal", "wait")
 SECURE_STAGES = ("load", "train", "mask", "personal", "wait")
 # what a device says of itself, kept next to its seconds when it reports them: base loads since it started
-# (1 when the worker keeps its base resident), the peak RSS of its processes, its peak GPU memory on CUDA,
-# and under DP whether clipping scaled its delta (1) or not (0)
-DEVICE_FIGURES = ("base_loads", "peak_rss_mib", "gpu_peak_mib", "dp_clipped")
+# (1 when the worker keeps its base resident), its processes' memory (summed peak RSS; the sampled peak PSS
+# of the tree and its cgroup's peak: fedpeft.device.tasks.device_stats), its peak GPU memory on CUDA, and
+# under DP whether clipping scaled its delta (1) or not (0)
+DEVICE_FIGURES = (
+    "base_loads",
+    "peak_rss_mib",
+    "peak_pss_mib",
+    "cgroup_peak_mib",
+    "gpu_peak_mib",
+    "dp_clipped",
+)
 
 
 @dataclass(frozen=True)
