@@ -159,6 +159,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model only")
     p.add_argument("--skip-20", action="store_true", help="leave out the 20-client server run")
+    p.add_argument("--default-only", action="store_true", help="the default model's runs only")
     p.add_argument(
         "--quant", default="auto", help="the base's quantization (default auto: bf16 for the default model)"
     )
@@ -186,9 +187,10 @@ def main() -> None:
 
     try:
         tiny3 = cfg("tiny", 3, 5, True)
-        results["tiny_3_deploy"] = deployment(tiny3, work / "tiny3")
-        results["tiny_3_sim"] = simulation(tiny3, work / "tiny3-sim")
-        if not a.skip_20:
+        if not a.default_only:
+            results["tiny_3_deploy"] = deployment(tiny3, work / "tiny3")
+            results["tiny_3_sim"] = simulation(tiny3, work / "tiny3-sim")
+        if not a.skip_20 and not a.default_only:
             results["tiny_20_deploy"] = deployment(cfg("tiny", 20, 1, False, fraction=0.2), work / "tiny20")
         if not a.quick:
             results["new_client"] = new_client(work / "empty-store", a.quant)
@@ -198,7 +200,14 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    dest = Path(__file__).resolve().parent / "results" / ("deploy-quick.json" if a.quick else "deploy.json")
+    name = (
+        "deploy-quick"
+        if a.quick
+        else "deploy"
+        if a.quant == "auto" and not a.max_memory
+        else f"deploy-{a.quant}"
+    )
+    dest = Path(__file__).resolve().parent / "results" / f"{name}.json"
     dest.write_text(json.dumps(results, indent=2) + "\n")  # first: a table that fails to print loses nothing
     rows = ["| measure | value |", "|---|---|"]
     for model in ("tiny", "default"):

@@ -156,7 +156,7 @@ def prepare(opts: ClientOptions, port: int = 0) -> tuple[Path, list[str]]:
     user = load_device_user(str(Path(opts.device.data_path)), opts.device.name, interpret=False)
     store = Path(opts.device.store).resolve()
     store.mkdir(parents=True, exist_ok=True)
-    store.chmod(0o700)  # the worker's socket lives here: only the device's owner may reach it
+    store.chmod(0o700)  # the worker's secret and task record live here: the device's owner only
     base_dir, precision = _resolve_base(
         opts.model, store / "base", opts.device.compute_dtype, opts.connect.threads
     )

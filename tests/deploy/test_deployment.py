@@ -170,9 +170,9 @@ def test_secure_federation_over_tls_equals_simulation_and_refuses_strangers(
     intruder = make_certs(tmp_path / "intruder-certs", ["127.0.0.1"], ["intruder"]).root  # never registered
     other = _other_base(tiny_path, tmp_path / "other-base")
 
-    server = deployment.server(
-        certs, *_flags(users, cache_dir, "--clients", "4", "--rounds", "2", "--secagg")
-    )
+    # distributed DP with negligible noise: each device adds its own inside secure aggregation
+    dp = ("--secagg", "--dp", "distributed", "--dp-noise-multiplier", "1e-9")
+    server = deployment.server(certs, *_flags(users, cache_dir, "--clients", "4", "--rounds", "2", *dp))
     time.sleep(3)
     for name, data in (
         ("alice", users / "alice.txt"),
@@ -183,6 +183,14 @@ def test_secure_federation_over_tls_equals_simulation_and_refuses_strangers(
     deployment.client("zz-other", users / "alice.txt", certs, str(other))
     stranger = deployment.client("intruder", users / "bob.txt", intruder, str(tiny_path))
     watch = DeviceProcesses(tmp_path)
+    # once the federation runs, another app's run on the same SuperLink: refused by every device
+    deadline = time.monotonic() + 300
+    while not deployment.metrics():
+        assert time.monotonic() < deadline and server.alive(), server.log_tail(20)
+        time.sleep(1)
+    foreign = _run_foreign_app(
+        tmp_path, flower_env(tmp_path / "server" / "superlink" / "flwr", {"PYTHONPATH": str(ROOT)})
+    )
     assert deployment.wait(server, 420) == 0, server.log_tail(30)
     seen = watch.stop()
     # each device: the SuperNode launcher and the resident worker (and the base's one-off conversion)
@@ -192,16 +200,18 @@ def test_secure_federation_over_tls_equals_simulation_and_refuses_strangers(
     assert not [c for c in seen if "flwr-clientapp" in c or "flower-superexec" in c], seen
 
     # the global adapter equals a simulation of the same three users with the same seed
-    fedpeft_main(["simulate", *_flags(users, cache_dir, "--clients", "3", "--rounds", "2", "--secagg"),
+    fedpeft_main(["simulate", *_flags(users, cache_dir, "--clients", "3", "--rounds", "2", *dp),
                   "--out", str(tmp_path / "sim")])  # fmt: skip
     sim = load_file(tmp_path / "sim" / "global" / "adapter_model.safetensors")
     dep = load_file(tmp_path / "server" / "global" / "adapter_model.safetensors")
     assert sim.keys() == dep.keys()
     from fedpeft.federation.state import checkpoint_path, load_checkpoint
 
-    # round 1 sums the same deltas: equal within the ring code's rounding; round 2 trains on from the two
-    # globals, and fp32 compute lets AdamW's sign-like early steps amplify that rounding where a gradient is
-    # near zero (tests/simulation/test_simulate.py, secagg): close as a whole there
+    # round 1 sums the same deltas: equal within the ring code's rounding and the devices' noise, which is
+    # secret randomness drawn afresh in every run, simulated or deployed (about a ring unit a coordinate at
+    # z = 1e-9); round 2 trains on from the two globals, and fp32 compute lets AdamW's sign-like early steps
+    # amplify that difference where a gradient is near zero (benchmarks/README.md, "Deployment": two
+    # simulations differ as much): close as a whole there
     first = [load_checkpoint(checkpoint_path(tmp_path / run, 1)).arrays for run in ("sim", "server")]
     for k, v in first[0].items():
         np.testing.assert_allclose(first[1][k], v, atol=1e-6)
@@ -211,6 +221,7 @@ def test_secure_federation_over_tls_equals_simulation_and_refuses_strangers(
     assert [h["round"] for h in history] == [0, 1, 2]
     for h in history[1:]:
         assert h["accepted"] == ["alice", "bob", "carol"] and not h["skipped"]
+        assert h["dp"]["mode"] == "distributed" and h["dp"]["counted"] == 3  # every survivor's noise is in
         (refused,) = h["rejected"]
         assert refused["client"] == "zz-other" and "differs from the federation's" in refused["reason"]
     assert set(history[-1]["eval_per_client"]) == {"alice", "bob", "carol"}
@@ -220,7 +231,71 @@ def test_secure_federation_over_tls_equals_simulation_and_refuses_strangers(
     # the unregistered key never joined
     assert all("intruder" not in json.dumps(h) for h in history)
     assert "did not accept this device" in stranger.log_path.read_text()
+    # the other app's run: every device that joined refused it, naming what it runs and what was asked
+    deadline = time.monotonic() + 120
+    while not foreign.is_file():
+        assert time.monotonic() < deadline, "the foreign ServerApp wrote nothing"
+        time.sleep(1)
+    answers = json.loads(foreign.read_text())
+    assert len(answers) == 4, answers
+    for reason in answers:
+        assert "refused: this device runs fedpeft" in reason and "someone/foreignapp 9.9.9" in reason, reason
     assert (tmp_path / "server" / "superlink" / "state.db").is_file()
+
+
+# Another Flower app, run beside ours on the same SuperLink: it asks every node to describe itself and writes
+# what came back. A device runs only its own fedpeft, so every answer must be a refusal.
+FOREIGN_PYPROJECT = """
+[project]
+name = "foreignapp"
+version = "9.9.9"
+
+[tool.flwr.app]
+publisher = "someone"
+
+[tool.flwr.app.components]
+serverapp = "foreignapp:server"
+clientapp = "foreignapp:client"
+
+[tool.flwr.app.config]
+out = ""
+"""
+FOREIGN_APP = """
+import json, time
+from pathlib import Path
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    deadline, nodes = time.time() + 120, []
+    while len(nodes) < 4 and time.time() < deadline:
+        nodes = list(grid.get_node_ids())
+        time.sleep(1)
+    asks = [Message(RecordDict({"task": ConfigRecord({"with-init": False})}), dst_node_id=n, message_type="query")
+            for n in nodes]
+    replies = grid.send_and_receive(asks, timeout=120)
+    out = [r.error.reason if r.has_error() else "answered" for r in replies]
+    Path(context.run_config["out"]).write_text(json.dumps(out))
+"""
+
+
+def _run_foreign_app(tmp_path: Path, env: dict[str, str]) -> Path:
+    """Submit the foreign app to the test's SuperLink; returns the file its ServerApp will write."""
+    from fedpeft.deploy.server import CONNECTION
+    from fedpeft.processes import flwr
+
+    app = tmp_path / "foreign"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(FOREIGN_PYPROJECT)
+    (app / "foreignapp.py").write_text(FOREIGN_APP)
+    out = tmp_path / "foreign-replies.json"
+    flwr(["run", str(app), CONNECTION, "--run-config", f'out="{out}"'], env)
+    return out
 
 
 def _pid_of(*needles: str) -> int:
