@@ -160,6 +160,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny model only")
     p.add_argument("--skip-20", action="store_true", help="leave out the 20-client server run")
     p.add_argument("--default-only", action="store_true", help="the default model's runs only")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of each 3-client federation (default 5)")
+    p.add_argument(
+        "--no-sim",
+        action="store_true",
+        help="deployments only (memory figures, no ratios), no new-client timing",
+    )
     p.add_argument(
         "--quant", default="auto", help="the base's quantization (default auto: bf16 for the default model)"
     )
@@ -186,17 +192,20 @@ def main() -> None:
         )
 
     try:
-        tiny3 = cfg("tiny", 3, 5, True)
+        tiny3 = cfg("tiny", 3, a.rounds, True)
         if not a.default_only:
             results["tiny_3_deploy"] = deployment(tiny3, work / "tiny3")
-            results["tiny_3_sim"] = simulation(tiny3, work / "tiny3-sim")
+            if not a.no_sim:
+                results["tiny_3_sim"] = simulation(tiny3, work / "tiny3-sim")
         if not a.skip_20 and not a.default_only:
             results["tiny_20_deploy"] = deployment(cfg("tiny", 20, 1, False, fraction=0.2), work / "tiny20")
         if not a.quick:
-            results["new_client"] = new_client(work / "empty-store", a.quant)
-            default3 = cfg("default", 3, 5, True)
+            if not a.no_sim:
+                results["new_client"] = new_client(work / "empty-store", a.quant)
+            default3 = cfg("default", 3, a.rounds, True)
             results["default_3_deploy"] = deployment(default3, work / "default3")
-            results["default_3_sim"] = simulation(default3, work / "default3-sim")
+            if not a.no_sim:
+                results["default_3_sim"] = simulation(default3, work / "default3-sim")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -5,8 +5,8 @@
 
 For each setting: the worker's estimated peak (fedpeft.model.memory.peak_mib, the estimate --max-memory
 itself uses, calibrated to measured peaks by benchmarks/memory.py --calibrate; it overestimates by design),
-plus what the SuperNode and the supervisor hold beside it, measured (PSS, benchmarks/results/deploy.json:
-a device's tree minus its worker). Prints a markdown table; writes benchmarks/results/device-memory.json.
+plus what the device held beside its worker, measured (benchmarks/results/deploy.json: the tree's PSS
+minus the worker's RSS). Prints a markdown table; writes benchmarks/results/device-memory.json.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def lora_params(model: object, cfg: AdapterConfig, r: int) -> int:
     """LoRA's trainable parameters at rank r: r x (in + out) for every targeted linear layer."""
     import torch
 
-    targets = set(cfg.target_modules.split(","))
+    targets = set(cfg.target_modules)
     total = 0
     for name, module in model.named_modules():  # type: ignore[attr-defined]
         if name.rsplit(".", 1)[-1] in targets and hasattr(module, "in_features"):
@@ -41,14 +41,14 @@ def lora_params(model: object, cfg: AdapterConfig, r: int) -> int:
 
 
 def beside_worker() -> float | None:
-    """MiB the SuperNode and supervisor held beside the worker in the last deployment benchmark: the
-    worst device's tree PSS minus its worker's RSS (an RSS at least its PSS: so this undercounts them a
-    little, and the table's device figure stays an estimate of the worker plus a measurement)."""
+    """MiB a device held beyond its worker in the last deployment benchmark: the worst device's sampled
+    tree PSS minus its worker's peak RSS. The worker's PSS is at most its RSS, so this is at most what the
+    SuperNode and the supervisor hold (their PSS); the worker's estimate, an RSS, makes up the rest."""
     path = ROOT / "benchmarks" / "results" / "deploy.json"
     try:
         d = json.loads(path.read_text())["default_3_deploy"]
         name = max(d["client_peak_pss_mib"], key=d["client_peak_pss_mib"].get)
-        return float(d["supernode_peak_rss_mib"][name] + d["supervisor_peak_rss_mib"][name])
+        return float(d["client_peak_pss_mib"][name] - d["worker_peak_rss_mib"][name])
     except (OSError, KeyError, ValueError):
         return None
 
@@ -91,7 +91,7 @@ def main() -> None:
                     f"{math.ceil(worker)} | {math.ceil(device) if device else '-'} |"
                 )
     print(
-        f"model {a.model}; beside the worker: {others:.0f} MiB (SuperNode + supervisor, measured)"
+        f"model {a.model}; beside the worker: {others:.0f} MiB (tree PSS - worker RSS, measured)"
         if others
         else ""
     )

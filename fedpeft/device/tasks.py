@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 # set by the device worker: its device's process tree (`fedpeft client`), base loads before this worker,
 # and its PSS sampler (fedpeft.processes.PeakPss)
-STATS: dict[str, Any] = {"root_pid": 0, "loads_before": 0, "pss": None}
+STATS: dict[str, Any] = {"root_pid": 0, "loads_before": 0, "pss": None, "budget_logged": None}
 log = logging.getLogger("fedpeft")
 
 
@@ -63,7 +64,7 @@ def training_budget(device_mib: float) -> float:
     root = STATS["root_pid"]
     others = tree_pss(root) - pss() if root else 0
     left = device_mib - others / 2**20
-    if STATS.get("budget_logged") != (device_mib, round(left)):
+    if STATS["budget_logged"] != (device_mib, round(left)):
         STATS["budget_logged"] = (device_mib, round(left))
         log.info(
             "--max-memory %.0f MiB for this device: its SuperNode and supervisor hold %.0f MiB (PSS), "
@@ -156,9 +157,22 @@ def describe(content: RecordDict, node: DeviceConfig | None, partition: int) -> 
 
 
 def _fit(content: RecordDict, node: DeviceConfig | None, partition: int):
+    from fedpeft.model.memory import BudgetTooSmall  # torch: setup() above has loaded it already
+
     device, local, client, load_seconds = setup(content, node, partition)
     rnd = int(content["task"]["round"])
-    result = device.fit(local, record_to_arrays(content["arrays"]), rnd, client)
+    try:
+        result = device.fit(local, record_to_arrays(content["arrays"]), rnd, client)
+    except BudgetTooSmall as e:
+        if node is None or not STATS["budget_logged"]:
+            raise
+        # said in the device's terms: its budget covers its SuperNode and supervisor too
+        whole, left = STATS["budget_logged"]
+        raise FedpeftError(
+            f"--max-memory {whole:g} MiB is too small for this device: its SuperNode and supervisor hold "
+            f"{whole - left:.0f} MiB and training needs at least {e.need_mib} MiB; the smallest budget that "
+            f"works is about {math.ceil(whole - left + e.need_mib)} MiB"
+        ) from None
     dp: dict[str, float] = {}
     if device.cfg.privacy.mode != "off":  # DP-FedAvg: the whole delta clipped, every client weighs the same
         delta, clipped = clip(result.delta, device.cfg.privacy.clip)

@@ -139,6 +139,14 @@ def peak_mib(
     return RUNTIME_MIB + BASE_FACTOR * base_bytes / MIB + margin * training / MIB
 
 
+class BudgetTooSmall(FedpeftError):
+    """--max-memory below what training needs at micro-batch 1; `need_mib` is that need."""
+
+    def __init__(self, message: str, need_mib: int) -> None:
+        super().__init__(message)
+        self.need_mib = need_mib
+
+
 def _fit(
     cfg: TrainConfig,
     shape: Shape,
@@ -158,9 +166,10 @@ def _fit(
     need = peak_mib(
         shape, base_bytes, adapter_params, block_len, cfg.checkpointing, cfg.loss_chunk, True, act_bytes
     )
-    raise FedpeftError(
+    raise BudgetTooSmall(
         f"--max-memory {budget_mib:g} MiB is too small for this model and block length: the smallest "
-        f"budget that works is {math.ceil(need)} MiB (micro-batch 1)"
+        f"budget that works is {math.ceil(need)} MiB (micro-batch 1)",
+        math.ceil(need),
     )
 
 

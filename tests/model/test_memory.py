@@ -8,7 +8,15 @@ import pytest
 
 from fedpeft.config.tree import TrainConfig
 from fedpeft.errors import FedpeftError
-from fedpeft.model.memory import MIB, Shape, base_bytes_of, fit_micro_batch, fit_model, peak_mib
+from fedpeft.model.memory import (
+    MIB,
+    BudgetTooSmall,
+    Shape,
+    base_bytes_of,
+    fit_micro_batch,
+    fit_model,
+    peak_mib,
+)
 
 DEFAULT = Shape(layers=30, hidden=576, intermediate=1536, vocab=49152)  # SmolLM2-135M
 DEFAULT_NF4_BYTES = int(111.05 * MIB)  # Base.nbytes of the default model in NF4
@@ -86,6 +94,9 @@ def test_a_budget_too_small_names_the_smallest_that_works() -> None:
     smallest = int(message.split("smallest budget that works is ")[1].split(" MiB")[0])
     assert message.startswith("--max-memory 300 MiB is too small for this model and block length")
     assert message.endswith(f"is {smallest} MiB (micro-batch 1)")
+    assert (
+        isinstance(e.value, BudgetTooSmall) and e.value.need_mib == smallest
+    )  # a device adds its other processes
     assert fit_micro_batch(cfg, _base(), DEFAULT_LORA, 128, smallest).batch_size == 1
     with pytest.raises(FedpeftError):
         fit_micro_batch(cfg, _base(), DEFAULT_LORA, 128, smallest - 1)
