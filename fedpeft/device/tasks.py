@@ -64,7 +64,8 @@ def training_budget(device_mib: float) -> float:
     root = STATS["root_pid"]
     others = tree_pss(root) - pss() if root else 0
     left = device_mib - others / 2**20
-    if STATS["budget_logged"] != (device_mib, round(left)):
+    logged = STATS["budget_logged"]
+    if logged is None or logged[0] != device_mib or abs(logged[1] - left) > 32:  # said again when it moves
         STATS["budget_logged"] = (device_mib, round(left))
         log.info(
             "--max-memory %.0f MiB for this device: its SuperNode and supervisor hold %.0f MiB (PSS), "
@@ -157,7 +158,7 @@ def describe(content: RecordDict, node: DeviceConfig | None, partition: int) -> 
 
 
 def _fit(content: RecordDict, node: DeviceConfig | None, partition: int):
-    from fedpeft.model.memory import BudgetTooSmall  # torch: setup() above has loaded it already
+    from fedpeft.model.memory import BudgetTooSmall  # torch: training needs it anyway
 
     device, local, client, load_seconds = setup(content, node, partition)
     rnd = int(content["task"]["round"])
