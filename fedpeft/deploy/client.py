@@ -183,7 +183,10 @@ def prepare(opts: ClientOptions, port: int = 0) -> tuple[Path, list[str]]:
 def _new_secret(path: Path) -> None:
     """A fresh secret for this run of the device, readable by its owner only: the SuperNode checks each
     task claim's signature with it, so no other local user or process can take this device's tasks."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:  # never through a link planted in the store
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as e:
+        raise FedpeftError(f"cannot write {path}: {e.strerror}") from None
     with os.fdopen(fd, "wb") as f:
         os.fchmod(f.fileno(), 0o600)
         f.write(secrets.token_bytes(32))
