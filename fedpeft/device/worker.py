@@ -22,6 +22,7 @@ for Flower's 60 s heartbeat expiry.
 from __future__ import annotations
 
 import base64
+import functools
 import importlib.metadata
 import json
 import logging
@@ -67,9 +68,14 @@ def read_node(store: Path) -> DeviceConfig:
     return node
 
 
+@functools.cache
+def _mine() -> str:
+    return importlib.metadata.version("fedpeft")  # read once: it cannot change under a running worker
+
+
 def foreign(fab_id: str, fab_version: str) -> str | None:
     """Why a run of app `fab_id` at `fab_version` is refused here (None: it is ours, this version)."""
-    mine = importlib.metadata.version("fedpeft")
+    mine = _mine()
     if fab_id == f"{PUBLISHER}/fedpeft" and fab_version == mine:
         return None
     return (
