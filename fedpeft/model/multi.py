@@ -157,8 +157,10 @@ class MultiAdapter:
             raise FedpeftError(f"adapter {name} has no weights for {', '.join(missing)}")
         placed: list[MultiLinear] = []
         try:
-            for module, tensors in found.items():
+            for module, found_tensors in found.items():
                 layer = self._wrap(module)
+                weight = next(layer.base_layer.parameters(), None)
+                tensors = tuple(t if weight is None else t.to(weight.device) for t in found_tensors)
                 if cfg.kind == "lora":
                     a, b = tensors
                     _check_shape(name, module, layer, a.shape[1], b.shape[0])

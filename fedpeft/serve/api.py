@@ -21,7 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedpeft.errors import FedpeftError
 from fedpeft.serve.batcher import Batcher, Busy
-from fedpeft.serve.engine import Engine, Job, Sampling
+from fedpeft.serve.engine import Engine
+from fedpeft.serve.jobs import Job, Sampling
 
 MAX_STOPS = 4  # as OpenAI's API
 MAX_PROMPTS = 128  # prompts in one completions request (each is a row of a batch; OpenAI allows more)

@@ -12,7 +12,8 @@ import queue
 import threading
 import time
 
-from fedpeft.serve.engine import Engine, Job, failure
+from fedpeft.serve.engine import Engine
+from fedpeft.serve.jobs import Job, failure
 
 log = logging.getLogger("fedpeft")
 

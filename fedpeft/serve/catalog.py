@@ -118,8 +118,11 @@ def discover(sources: list[str], named: list[str]) -> list[Entry]:
                 f"{e.files.fingerprint[:12]} vs {first.files.fingerprint[:12]}); one server serves one base"
             )
     kinds = sorted({e.kind for e in entries})
-    if len(kinds) > 1:  # one peft model cannot hold LoRA and IA3 adapters side by side (PeftMixedModel aside)
+    # LoRA and IA3 mix in one batch (fedpeft/model/multi.py); prompt and prefix tuning go through peft's model,
+    # which holds one type of adapter
+    if len(kinds) > 1 and set(kinds) - {"lora", "ia3"}:
         raise FedpeftError(
-            f"adapters of several types ({', '.join(kinds)}): serve each type from its own server"
+            f"adapters of several types ({', '.join(kinds)}): LoRA and IA3 share a server, prompt and prefix "
+            "tuning each need their own"
         )
     return entries

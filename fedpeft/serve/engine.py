@@ -1,22 +1,20 @@
-"""One peft model holding every served adapter, and the decode loop of a batch of requests.
+"""The served base and adapters, and the decode of a set of requests.
 
-LoRA requests for different adapters (and the base) run in one forward: peft's mixed-adapter batches
-(`adapter_names`, one name per row; LoRAX and S-LoRA serve many LoRAs over one base the same way) apply each
-row's LoRA to its own rows only. IA3 has no mixed-batch forward in peft 0.21, so an IA3 batch is decoded
-one adapter group after another; prompt and prefix tuning, one request after another through peft's
-generate().
+LoRA and IA3 adapters (any mix of them, and the base) run through one batched operator
+(fedpeft/model/multi.py): each row of a batch through its own adapter, one batched matmul pair per layer.
+Prompt and prefix tuning act on the input, not on the layers: those adapters live in one peft model and decode
+one request after another through peft's generate().
 
 The loop is ours rather than `generate()`: each row keeps its own sampling settings, stop strings, token
-budget and stream, which `generate()` applies batch-wide. Rows are left-padded with explicit position ids,
-so a padded row computes what it computes alone (up to float rounding).
+budget and stream, which `generate()` applies batch-wide; rows join and leave the running batch as they
+come and finish (fedpeft/serve/running.py).
 """
 
 from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -31,108 +29,12 @@ from fedpeft.model.adapters import (
     schema_of,
 )
 from fedpeft.model.base import Base
+from fedpeft.model.multi import MultiAdapter
 from fedpeft.model.placement import model_device
 from fedpeft.model.precision import autocast
 from fedpeft.serve.catalog import BASE, Entry
-
-MIXED = "__base__"  # peft's row name for "no adapter" in a mixed batch: any name no layer holds
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        # below this, logits / temperature overflows float32 into inf and NaN probabilities; it is greedy anyway
-        return self.temperature < 1e-4
-
-
-def failure(e: BaseException) -> str:
-    """A failed generation, in the one line its request gets back."""
-    return f"generation failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-
-
-class Job:
-    """One request's generation: its prompt, adapter and sampling; the tokens it got and its text so far.
-    `on_text(delta, finish)` gets the text that is safe to send: never a part of a stop string or half a
-    UTF-8 character; `finish` is None until the last call ("stop" or "length", OpenAI's reasons, or "error"
-    with `error` set)."""
-
-    def __init__(
-        self,
-        prompt_ids: list[int],
-        adapter: str,
-        sampling: Sampling,
-        on_text: Callable[[str, str | None], None] | None = None,
-    ) -> None:
-        self.prompt_ids = prompt_ids
-        self.adapter = adapter
-        self.sampling = sampling
-        self.on_text = on_text
-        self.ids: list[int] = []
-        self.text = ""
-        self.sent = 0
-        self.finish: str | None = None
-        self.error = ""
-        self.cancelled = False  # set from another thread when the client went away
-        self.generator: torch.Generator | None = None
-        if not sampling.greedy:  # its own generator: a request's seed decides its draws whatever the batch
-            self.generator = torch.Generator()
-            self.generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
-
-    @property
-    def done(self) -> bool:
-        return self.finish is not None or self.cancelled
-
-    def pick(self, logits: torch.Tensor) -> int:
-        """The next token from this row's last logits (float32, on the CPU)."""
-        s = self.sampling
-        probs = torch.softmax(logits / s.temperature, dim=-1)
-        if s.top_p < 1.0:  # nucleus: the smallest set of tokens whose probability reaches top_p
-            sorted_p, order = torch.sort(probs, descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < s.top_p
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=self.generator))
-
-    def add(self, token: int, decode: Callable[[list[int]], str], eos: set[int]) -> None:
-        if token in eos:
-            self._emit("stop")
-            return
-        self.ids.append(token)
-        self.text = decode(self.ids)
-        cut = min((i for i in (self.text.find(s) for s in self.sampling.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = self.text[:cut]
-            self._emit("stop")
-        else:
-            self._emit("length" if len(self.ids) >= self.sampling.max_tokens else None)
-
-    def end(self, finish: str) -> None:
-        self._emit(finish)
-
-    def fail(self, message: str) -> None:
-        self.error = message
-        self._emit("error")
-
-    def _emit(self, finish: str | None) -> None:
-        self.finish = finish
-        end = len(self.text)
-        if finish is None:  # hold back what a stop string or the next byte of a character may still change
-            end -= max((len(s) - 1 for s in self.sampling.stop), default=0)
-            while end > self.sent and self.text[end - 1] == "\ufffd":
-                end -= 1
-        delta = self.text[self.sent : max(end, self.sent)]
-        self.sent += len(delta)
-        if self.on_text is not None and (delta or finish is not None):
-            try:
-                self.on_text(delta, finish)
-            except RuntimeError:  # the request's event loop is gone (the server is stopping): nobody listens
-                self.cancelled = True
+from fedpeft.serve.jobs import Job, failure
+from fedpeft.serve.running import Running
 
 
 class Engine:
@@ -146,27 +48,35 @@ class Engine:
         self._tokenizer_lock = threading.Lock()
         self.names = [BASE] + [e.name for e in entries]
         self.entries = {e.name: e for e in entries}
-        self.kind = entries[0].kind if entries else None
         self._internal: dict[str, str] = {}  # API name -> peft adapter name (peft names hold no dots)
         eos = base.model.generation_config.eos_token_id
         self.eos = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos)
         self.context = int(getattr(base.model.config, "max_position_embeddings", 2048))
-        if not entries:
-            self.model = base.model
-            return
         for e in entries:
             check_fingerprint(e.files.fingerprint, base, f"adapter {e.name} ({e.files.path})")
-        self.model = inject(base, entries[0].files.adapter_config)
+        self.model = base.model
+        self.multi: MultiAdapter | None = None
+        self.prompt_learning = any(e.files.adapter_config.prompt_learning for e in entries)
+        if self.prompt_learning:
+            self._peft_model(entries)
+        elif entries:
+            self.multi = MultiAdapter(base.model)
+            for e in entries:
+                self.multi.add(e.name, e.files.adapter_config, e.files.arrays)
+                e.files.arrays.clear()  # now in the model: a second copy would double each adapter's memory
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def _peft_model(self, entries: list[Entry]) -> None:
+        self.model = inject(self.base, entries[0].files.adapter_config)
         for i, e in enumerate(entries):
             internal = "default" if i == 0 else f"a{i}"
             if i > 0:
                 self.model.add_adapter(internal, _peft_config(e.files.adapter_config))
             self._internal[e.name] = internal
             self._load(internal, e)
-            e.files.arrays.clear()  # now in the model: a second copy would double each adapter's memory
-        self.model.requires_grad_(False)
-        self.model.eval()
+            e.files.arrays.clear()
 
     def _load(self, internal: str, e: Entry) -> None:
         # peft: imported with the first adapter, not with the module
@@ -194,29 +104,45 @@ class Engine:
         with self._tokenizer_lock:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    @property
+    def continuous(self) -> bool:
+        """Whether requests can join a running batch (every adapter is applied per layer)."""
+        return not self.prompt_learning
+
+    def running(self) -> Running:
+        return Running(self)
+
+    def rows(self, jobs: list[Job]) -> AbstractContextManager[Any]:
+        """The model runs each job's row through that job's adapter."""
+        if self.multi is None:
+            return nullcontext()
+        return self.multi.rows_of([None if j.adapter == BASE else j.adapter for j in jobs])
+
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> None:
         """Decode `jobs` to the end (each finishes by its own budget, stop string or end of text)."""
-        if self.kind is None or (self.kind == "lora" and len({j.adapter for j in jobs}) > 1):
-            self._decode(jobs, mixed=self.kind == "lora")
+        if self.continuous:
+            self._decode(jobs)
             return
-        # One adapter group at a time (IA3 and prompt learning; LoRA when the whole batch wants one adapter:
-        # peft's plain forward, without the mixed batch's per-row gathers).
-        for name in dict.fromkeys(j.adapter for j in jobs):
-            group = [j for j in jobs if j.adapter == name]
-            if name == BASE:
-                with self.model.disable_adapter():
-                    self._decode(group, mixed=False)
+        # prompt learning: the base's rows together, then peft's generate(), one request at a time
+        base_jobs = [j for j in jobs if j.adapter == BASE]
+        if base_jobs:
+            with self.model.disable_adapter():
+                self._decode(base_jobs)
+        for j in jobs:
+            if j.adapter == BASE:
                 continue
-            self.model.set_adapter(self._internal[name])
-            if self.kind not in ("prompt", "prefix"):
-                self._decode(group, mixed=False)
-                continue
-            for j in group:  # virtual tokens: peft's generate(), one request at a time
-                try:
-                    self._generate(j)
-                except Exception as e:  # this request fails, not the ones after it
-                    j.fail(failure(e))
+            self.model.set_adapter(self._internal[j.adapter])
+            try:
+                self._generate(j)
+            except Exception as e:  # this request fails, not the ones after it
+                j.fail(failure(e))
+
+    def _decode(self, jobs: list[Job]) -> None:
+        running = self.running()
+        running.join(jobs)
+        while len(running):
+            running.step()
 
     def _generate(self, job: Job) -> None:
         """One request through peft's generate(), which puts the virtual tokens (or keys and values) in front
@@ -265,53 +191,6 @@ class Engine:
             )
         if not job.done:  # generate() stopped on its own (its max_new_tokens)
             job.end("length")
-
-    def _decode(self, jobs: list[Job], mixed: bool) -> None:
-        device = model_device(self.model)
-        width = max(len(j.prompt_ids) for j in jobs)
-        ids = torch.full((len(jobs), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for row, j in enumerate(jobs):
-            ids[row, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
-            mask[row, width - len(j.prompt_ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        extra: dict[str, Any] = {}
-        if mixed:
-            extra["adapter_names"] = [self._internal.get(j.adapter, MIXED) for j in jobs]
-        greedy = [j.sampling.greedy for j in jobs]
-        past = None
-        with autocast(self.base.compute, device.type):
-            for _ in range(max(j.sampling.max_tokens for j in jobs)):
-                out = self.model(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=positions.to(device),
-                    cache=past,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **extra,
-                )
-                past = out.cache
-                logits = out.logits[:, -1, :].float().cpu()
-                tokens = logits.argmax(-1)
-                for row, j in enumerate(jobs):
-                    if j.done:
-                        tokens[row] = self.pad
-                        continue
-                    try:
-                        if not greedy[row]:
-                            tokens[row] = j.pick(logits[row])
-                        j.add(int(tokens[row]), self.decode, self.eos)
-                    except Exception as e:  # this row's request fails, not the batch it shares
-                        j.fail(failure(e))
-                if all(j.done for j in jobs):
-                    return
-                live = torch.tensor([[0 if j.done else 1] for j in jobs], dtype=torch.long)
-                ids = tokens[:, None]
-                # a finished row attends to nothing new and stays at its last position: with learned absolute
-                # positions (GPT-2's table) a long-finished row would otherwise run past the table's end
-                mask = torch.cat([mask, live], dim=-1)
-                positions = positions[:, -1:] + live
 
     def check_budget(self, prompt_ids: list[int], max_tokens: int) -> None:
         if len(prompt_ids) + max_tokens > self.context:

@@ -123,7 +123,8 @@ def test_served_prompt_adapters_answer_what_peft_generate_does(
     cache_dir: str, tiny_path: Path, tmp_path: Path
 ) -> None:
     from fedpeft.serve.catalog import discover
-    from fedpeft.serve.engine import Engine, Job, Sampling
+    from fedpeft.serve.engine import Engine
+    from fedpeft.serve.jobs import Job, Sampling
     from tests.serve.runs import peft_generate
 
     base = _base(cache_dir)

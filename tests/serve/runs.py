@@ -53,10 +53,30 @@ def peft_generate(engine: Any, name: str, prompt: str, tokens: int) -> list[int]
     the base), end-of-text tokens left out: what a served request must match."""
     enc = engine.tokenizer(prompt, return_tensors="pt")
     kwargs = dict(max_new_tokens=tokens, do_sample=False, pad_token_id=engine.pad)
+    if engine.multi is not None:  # the served model is our operator: peft's reference is a model of its own
+        return _peft_reference(engine, name, enc, kwargs)
     if name == "base":
         with engine.model.disable_adapter():
             out = engine.model.generate(**enc, **kwargs)
     else:
         engine.model.set_adapter(engine._internal[name])
         out = engine.model.generate(**enc, **kwargs)
+    return [t for t in out[0, enc["input_ids"].shape[1] :].tolist() if t not in engine.eos]
+
+
+def peft_model_for(engine: Any, name: str) -> Any:
+    """A fresh base with the served adapter `name` applied by peft (its files re-read from disk), or the plain
+    base for "base"."""
+    from fedpeft.config.tree import BaseConfig
+    from fedpeft.model.adapters import apply_adapter, read_adapter
+    from fedpeft.model.base import load_base
+
+    base = load_base(BaseConfig(model=str(engine.base.path), quant="none"))
+    if name == "base":
+        return base.model
+    return apply_adapter(base, read_adapter(engine.entries[name].files.path))
+
+
+def _peft_reference(engine: Any, name: str, enc: Any, kwargs: dict[str, Any]) -> list[int]:
+    out = peft_model_for(engine, name).generate(**enc, **kwargs)
     return [t for t in out[0, enc["input_ids"].shape[1] :].tolist() if t not in engine.eos]

@@ -26,6 +26,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_path: Path, cache_dir: s
         ["alice"],
         cfg=AdapterConfig(kind="ia3", target_modules=("k_proj", "v_proj", "down_proj")),
     )
+    prompt_base = load_base(BaseConfig(model="tiny", quant="none", cache_dir=cache_dir))
+    write_run(root / "prompt", prompt_base, ["alice"], cfg=AdapterConfig(kind="prompt", virtual_tokens=4))
     other = load_base(BaseConfig(model="tiny", quant="bf16", cache_dir=cache_dir))
     write_run(root / "other", other, ["carol"])
     return {p.name: p for p in root.iterdir()}
@@ -71,7 +73,7 @@ def test_named_adapters_and_what_is_refused(runs: dict[str, Path], tmp_path: Pat
         (([str(tmp_path)], []), "nothing to serve in"),
         (([], []), "nothing to serve"),
         (([str(runs["lora"])], [f"o={runs['other'] / 'global'}"]), "another base"),
-        (([str(runs["lora"] / "personal")], [f"i={runs['ia3'] / 'global'}"]), "several types"),
+        (([str(runs["lora"] / "personal")], [f"p={runs['prompt'] / 'global'}"]), "several types"),
     ]:
         with pytest.raises(FedpeftError, match=why):
             discover(*bad)

@@ -11,8 +11,9 @@ import torch
 from fedpeft.config.tree import AdapterConfig, BaseConfig
 from fedpeft.model.base import load_base
 from fedpeft.serve.catalog import discover
-from fedpeft.serve.engine import Engine, Job, Sampling
-from tests.serve.runs import peft_generate, write_run
+from fedpeft.serve.engine import Engine
+from fedpeft.serve.jobs import Job, Sampling
+from tests.serve.runs import peft_generate, peft_model_for, write_run
 
 PROMPTS = ["the quick brown fox", "a small bird sings about", "over the lazy dog and the long road", "home;"]
 
@@ -62,13 +63,9 @@ def test_a_mixed_batch_equals_each_request_alone_and_peft_generate(
 
 @torch.no_grad()
 def last_logit(engine: Engine, prompt: str, model: str) -> float:
-    """The summed last-position logits of one prompt under one adapter (peft's own switch)."""
+    """The summed last-position logits of one prompt under one adapter, applied by peft."""
     enc = engine.tokenizer(prompt, return_tensors="pt")
-    if model == "base":
-        with engine.model.disable_adapter():
-            return float(engine.model(**enc).logits[0, -1].abs().sum())
-    engine.model.set_adapter(engine._internal[model])
-    return float(engine.model(**enc).logits[0, -1].abs().sum())
+    return float(peft_model_for(engine, model)(**enc).logits[0, -1].abs().sum())
 
 
 class Chars:
