@@ -9,7 +9,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -23,11 +23,17 @@ from fedpeft.errors import FedpeftError
 from fedpeft.serve.batcher import Batcher, Busy
 from fedpeft.serve.engine import Engine
 from fedpeft.serve.jobs import Job, Sampling
+from fedpeft.serve.logprobs import logprobs_of
 
 MAX_STOPS = 4  # as OpenAI's API
 MAX_PROMPTS = 128  # prompts in one completions request (each is a row of a batch; OpenAI allows more)
+MAX_CHOICES = 128  # prompts times n: the rows one request may ask for
+MAX_LOGPROBS = 5  # alternatives per token in /v1/completions (OpenAI's limit); chat's top_logprobs: 20
 MAX_STOP_CHARS = 256
 MAX_CHARS_PER_TOKEN = 32  # a prompt this many characters per context token is past the context for sure
+
+
+Event = tuple[int, str, str | None, int]  # choice, new text, finish reason, log-probabilities so far
 
 
 class ApiError(Exception):
@@ -53,12 +59,13 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    n: int = Field(1, ge=1, le=1)  # one choice per prompt; several prompts batch instead
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices per prompt, each its own row (and draws)
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class Message(BaseModel):
@@ -77,6 +84,8 @@ class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 def create_app(engine: Engine, batcher: Batcher, api_key: str | None, max_tokens: int) -> FastAPI:
@@ -164,13 +173,20 @@ class _Completions:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts or len(prompts) > MAX_PROMPTS:
             raise ApiError(400, f"prompt: give 1 to {MAX_PROMPTS} prompts", "prompt")
-        jobs = await self.prepare(prompts, req.model, self.sampling(req, req.max_tokens or 16))
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise ApiError(400, f"n: prompts times n must be at most {MAX_CHOICES}", "n")
+        s = replace(self.sampling(req, req.max_tokens or 16), logprobs=req.logprobs)
+        jobs = await self.prepare(prompts, req.model, s, req.n)
         return await self.respond(jobs, req, request, "text_completion", "cmpl")
 
     async def chat(self, req: ChatRequest, request: Request) -> Any:
         engine, max_tokens = self.engine, self.max_tokens
         wanted = req.max_completion_tokens or req.max_tokens
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs: set logprobs to true to use it", "top_logprobs")
         s = self.sampling(req, wanted or 1)
+        if req.logprobs:
+            s = replace(s, logprobs=req.top_logprobs or 0)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
             if sum(len(m["content"]) for m in messages) > MAX_CHARS_PER_TOKEN * engine.context:
@@ -186,7 +202,7 @@ class _Completions:
             used = len(await asyncio.to_thread(engine.encode, prompt))
             s = replace(s, max_tokens=max(1, min(max_tokens, engine.context - used)))
         return await self.respond(
-            await self.prepare([prompt], req.model, s), req, request, "chat.completion", "chatcmpl"
+            await self.prepare([prompt], req.model, s, req.n), req, request, "chat.completion", "chatcmpl"
         )
 
     def sampling(self, req: _Common, wanted: int) -> Sampling:
@@ -210,7 +226,9 @@ class _Completions:
             )
         return Sampling(wanted, req.temperature, req.top_p, tuple(stops), req.seed)
 
-    async def prepare(self, prompts: list[str], model: str, s: Sampling) -> list[Job]:
+    async def prepare(self, prompts: list[str], model: str, s: Sampling, n: int = 1) -> list[Job]:
+        """n jobs per prompt, in OpenAI's order of choices; with a seed, choice k draws with seed + k, so the
+        choices differ and each is reproducible."""
         engine = self.engine
         jobs = []
         for p in prompts:
@@ -225,15 +243,18 @@ class _Completions:
                 engine.check_budget(ids, s.max_tokens)
             except FedpeftError as e:
                 raise ApiError(400, str(e), "max_tokens") from None
-            jobs.append(Job(ids, model, s))
+            for k in range(n):
+                seeded = s if s.seed is None else replace(s, seed=(s.seed + k + 2**63) % 2**64 - 2**63)
+                jobs.append(Job(ids, model, seeded))
         return jobs
 
     async def respond(self, jobs: list[Job], req: _Common, request: Request, kind: str, prefix: str) -> Any:
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int, str, str | None]] = asyncio.Queue()
+        events: asyncio.Queue[Event] = asyncio.Queue()
         for i, j in enumerate(jobs):
-            j.on_text = lambda delta, finish, i=i: loop.call_soon_threadsafe(
-                events.put_nowait, (i, delta, finish)
+            # the count of log-probabilities so far rides along: a stream sends those the text has reached
+            j.on_text = lambda delta, finish, i=i, j=j: loop.call_soon_threadsafe(
+                events.put_nowait, (i, delta, finish, len(j.logprobs))
             )
         head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
         try:
@@ -241,12 +262,23 @@ class _Completions:
         except Busy as e:
             raise ApiError(503, f"the server is busy: {e}; retry later") from None
         if req.stream:
-            return StreamingResponse(_stream(jobs, events, head, kind), media_type="text/event-stream")
+            return StreamingResponse(
+                _stream(jobs, events, head, kind, self.engine.decode), media_type="text/event-stream"
+            )
         texts = await _collect(jobs, events, request)
         failed = [j for j in jobs if j.finish == "error"]
         if failed:
             raise ApiError(500, failed[0].error)
-        choices = [_choice(kind, i, texts[i], j.finish) for i, j in enumerate(jobs)]
+        choices = [
+            _choice(
+                kind,
+                i,
+                texts[i],
+                j.finish,
+                logprobs_of(j, j.logprobs, self.engine.decode, chat=kind != "text_completion"),
+            )
+            for i, j in enumerate(jobs)
+        ]
         prompt_tokens = sum(len(j.prompt_ids) for j in jobs)
         completion_tokens = sum(len(j.ids) for j in jobs)
         usage = {
@@ -257,16 +289,14 @@ class _Completions:
         return {**head, "object": kind, "choices": choices, "usage": usage}
 
 
-async def _collect(
-    jobs: list[Job], events: asyncio.Queue[tuple[int, str, str | None]], request: Request
-) -> list[str]:
+async def _collect(jobs: list[Job], events: asyncio.Queue[Event], request: Request) -> list[str]:
     """Each job's whole text, as its pieces come; a client that goes away cancels its rows of the batch."""
     texts = ["" for _ in jobs]
     try:
         left = len(jobs)
         while left:
             try:
-                i, delta, finish = await asyncio.wait_for(events.get(), timeout=1.0)
+                i, delta, finish, _ = await asyncio.wait_for(events.get(), timeout=1.0)
             except TimeoutError:
                 if await request.is_disconnected():  # nobody waits for the answer: stop decoding it
                     break
@@ -279,28 +309,43 @@ async def _collect(
     return texts
 
 
-def _choice(kind: str, index: int, text: str, finish: str | None) -> dict[str, Any]:
+def _choice(kind: str, index: int, text: str, finish: str | None, logprobs: Any) -> dict[str, Any]:
     if kind == "chat.completion":
-        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
 async def _stream(
-    jobs: list[Job], events: asyncio.Queue[tuple[int, str, str | None]], head: dict[str, Any], kind: str
+    jobs: list[Job],
+    events: asyncio.Queue[Event],
+    head: dict[str, Any],
+    kind: str,
+    decode: Callable[[list[int]], str],
 ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per piece of text, a last one per choice with its finish reason, then
     [DONE], as OpenAI streams. A client that goes away cancels its rows of the batch."""
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(i: int, text: str | None, finish: str | None) -> str:
+    sent = [0] * len(jobs)  # log-probabilities sent per choice
+
+    def chunk(i: int, text: str | None, finish: str | None, upto: int = 0) -> str:
+        entries = jobs[i].logprobs[sent[i] : max(upto, sent[i])]
+        sent[i] += len(entries)
+        logprobs = logprobs_of(jobs[i], entries, decode, chat) if entries else None
         if chat:
             delta = (
                 {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
             )
-            choice: dict[str, Any] = {"index": i, "delta": delta, "finish_reason": finish}
+            choice: dict[str, Any] = {
+                "index": i,
+                "delta": delta,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
         else:
-            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return f"data: {json.dumps({**head, 'object': obj, 'choices': [choice]})}\n\n"
 
     try:
@@ -309,7 +354,7 @@ async def _stream(
                 yield chunk(i, None, None)
         left = len(jobs)
         while left:
-            i, delta, finish = await events.get()
+            i, delta, finish, upto = await events.get()
             if finish == "error":
                 body = {
                     "error": {"message": jobs[i].error, "type": "server_error", "param": None, "code": None}
@@ -318,9 +363,9 @@ async def _stream(
                 left -= 1
                 continue
             if delta:
-                yield chunk(i, delta, None)
+                yield chunk(i, delta, None, upto)
             if finish is not None:
-                yield chunk(i, "", finish)
+                yield chunk(i, "", finish, upto)
                 left -= 1
         yield "data: [DONE]\n\n"
     finally:

@@ -1,8 +1,10 @@
-"""The thread that owns the model: it takes the requests that arrived together (up to --max-batch, waiting
---batch-wait-ms for company when it is idle) and decodes them as one batch.
+"""The thread that owns the model. Idle, it waits for a request and --batch-wait-ms for company; then it
+decodes, and between two steps it lets the requests that arrived meanwhile join the running batch (up to
+--max-batch rows) after their prefill: continuous batching (fedpeft/serve/running.py). A finished row
+leaves at once and frees its place.
 
-Batches are static: a request that arrives while a batch decodes waits for the next one (no continuous
-batching, which would need a paged KV cache).
+Prompt and prefix tuning adapters decode through peft's generate(), one request at a time: their batches are
+static (a request that arrives while one decodes waits for it to end).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class Batcher:
         self.wait_s = wait_s
         self.max_queue = max_queue
         self._stopping = False
-        self.batches = 0  # decoded so far, and the rows they held (GET /health reports them)
+        # GET /health reports them: the groups of requests prefilled so far, their requests, the most rows at once
+        self.batches = 0
         self.rows = 0
         self.largest = 0
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -77,6 +80,57 @@ class Batcher:
         return batch, False
 
     def _loop(self) -> None:
+        if self.engine.continuous:
+            self._continuous()
+        else:
+            self._static()
+
+    def _continuous(self) -> None:
+        running = self.engine.running()
+        stopping = False
+        while not (stopping and not len(running)):
+            if not len(running):  # idle: wait for a request, and a moment for company
+                first = self._queue.get()
+                if first is None:
+                    return
+                new, stopping = self._collect(first)
+            else:  # decoding: whoever arrived since the last step, without waiting
+                new, stopping = self._arrived(self.max_batch - len(running), stopping)
+            new = [j for j in new if not j.cancelled]
+            if new:
+                self._count(len(new), len(running) + len(new))
+                try:
+                    running.join(new)
+                except Exception as e:  # the joining requests fail; the running ones go on
+                    log.error("the prefill of %d request(s) failed: %s", len(new), e)
+                    for j in new:
+                        if not j.done:
+                            j.fail(failure(e))
+            try:
+                running.step()
+            except Exception as e:  # the running requests fail; the server keeps serving
+                log.error("a batch of %d request(s) failed: %s", len(running), e)
+                running.fail_all(failure(e))
+
+    def _arrived(self, room: int, stopping: bool) -> tuple[list[Job], bool]:
+        new: list[Job] = []
+        while len(new) < room and not stopping:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                stopping = True
+            else:
+                new.append(job)
+        return new, stopping
+
+    def _count(self, joined: int, rows: int) -> None:
+        self.batches += 1  # joins: a group of requests prefilled together
+        self.rows += joined
+        self.largest = max(self.largest, rows)
+
+    def _static(self) -> None:
         stopping = False
         while not stopping:
             first = self._queue.get()
@@ -86,9 +140,7 @@ class Batcher:
             batch = [j for j in batch if not j.cancelled]
             if not batch:
                 continue
-            self.batches += 1
-            self.rows += len(batch)
-            self.largest = max(self.largest, len(batch))
+            self._count(len(batch), len(batch))
             try:
                 self.engine.run(batch)
             except Exception as e:  # the requests of this batch fail; the server keeps serving

@@ -91,7 +91,9 @@ class Job:
         return token
 
     def add(self, token: int, decode: Callable[[list[int]], str], eos: set[int]) -> None:
-        if token in eos:
+        if token in eos:  # the end of text is no token of the answer: nor of its log-probabilities
+            if self.logprobs and self.logprobs[-1][0] == token:
+                self.logprobs.pop()
             self._emit("stop")
             return
         self.ids.append(token)

@@ -130,3 +130,44 @@ def test_a_vanishing_temperature_is_greedy_and_a_full_queue_is_busy() -> None:
     assert failed == ["error", "error"] and jobs[0].error == "the server is stopping"
     with pytest.raises(Busy):
         batcher.submit(jobs[2:])
+
+
+def test_requests_that_join_a_running_batch_decode_as_alone(tmp_path: Path, cache_dir: str) -> None:
+    """Continuous batching: rows join between steps (shorter and longer prompts than the batch's width, other
+    adapters) and leave when done; each answers what it answers alone."""
+    engine = engine_for(tmp_path, cache_dir, AdapterConfig())
+    models = ["global", "base", "personal/alice", "personal/bob"]
+    alone = [greedy(engine, [p], [m], 10)[0] for p, m in zip(PROMPTS, models, strict=True)]
+    jobs = [
+        Job(engine.encode(p), m, Sampling(10, temperature=0)) for p, m in zip(PROMPTS, models, strict=True)
+    ]
+    running = engine.running()
+    running.join(jobs[:1])
+    for _ in range(3):
+        running.step()
+    running.join(jobs[1:3])  # "a small bird..." is shorter than the running row's width, the next longer
+    running.step()
+    assert len(running) == 3
+    running.join(jobs[3:])
+    while len(running):
+        running.step()
+    assert [j.ids for j in jobs] == alone
+    assert running.mask.shape == (0, 0)  # every row left: nothing held
+
+
+def test_logprobs_are_the_models_own(tmp_path: Path, cache_dir: str) -> None:
+    """Each token's log-probability and its top alternatives equal a direct forward of prompt + answer through
+    peft's model; sampling at a temperature does not change them."""
+    engine = engine_for(tmp_path, cache_dir, AdapterConfig())
+    job = Job(engine.encode(PROMPTS[1]), "personal/alice", Sampling(6, temperature=0.7, seed=3, logprobs=3))
+    other = Job(engine.encode(PROMPTS[0]), "global", Sampling(6, temperature=0))  # shares the batch
+    engine.run([job, other])
+    assert len(job.logprobs) == len(job.ids) and not other.logprobs
+    ids = torch.tensor([job.prompt_ids + job.ids])
+    with torch.no_grad():
+        logits = peft_model_for(engine, "personal/alice")(input_ids=ids).logits[0].float()
+    lp = torch.log_softmax(logits[len(job.prompt_ids) - 1 : -1], dim=-1)
+    for step, (token, value, top) in enumerate(job.logprobs):
+        assert token == job.ids[step]
+        assert value == pytest.approx(float(lp[step, token]), abs=1e-4)
+        assert [t for t, _ in top] == lp[step].topk(3).indices.tolist()

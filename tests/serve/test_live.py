@@ -122,7 +122,7 @@ def test_a_mixed_batch_answers_what_one_request_at_a_time_and_peft_do(served: di
     with ThreadPoolExecutor(len(ASKS)) as pool:
         together = list(pool.map(lambda a: complete(served, *a), ASKS))
     after = batches(served)
-    assert after["batches"] == before["batches"] + 1 and after["largest"] == len(ASKS)  # one batch of four
+    assert after["requests"] == before["requests"] + len(ASKS) and after["largest"] == len(ASKS)  # together
     assert together == one_at_a_time == [served["refs"][m] for m, _ in ASKS]
     assert len(set(together)) == len(ASKS)
     assert complete(served, "extra", ASKS[2][1]) == served["refs"]["personal/alice"]  # --adapter NAME=PATH
@@ -152,6 +152,39 @@ def test_streaming_and_chat_through_the_openai_client(served: dict[str, Any]) ->
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_n_choices_and_logprobs_through_the_openai_client(served: dict[str, Any]) -> None:
+    from openai import OpenAI
+
+    api = OpenAI(base_url=served["url"], api_key=KEY)
+    model, prompt = ASKS[1]
+    drawn = api.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=1.0, seed=7, n=3)
+    assert [c.index for c in drawn.choices] == [0, 1, 2] and len({c.text for c in drawn.choices}) == 3
+    again = api.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=1.0, seed=7, n=3)
+    assert [c.text for c in again.choices] == [c.text for c in drawn.choices]  # choice k draws with seed + k
+    greedy = api.completions.create(model=model, prompt=prompt, max_tokens=TOKENS, temperature=0, logprobs=2)
+    lp = greedy.choices[0].logprobs
+    assert "".join(lp.tokens) == greedy.choices[0].text == served["refs"][model]
+    assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) == 2 for t in lp.top_logprobs)
+    # greedy: each token is its step's most likely one
+    assert all(
+        max(top.values()) == pytest.approx(v)
+        for top, v in zip(lp.top_logprobs, lp.token_logprobs, strict=False)
+    )
+    chat = api.chat.completions.create(
+        model="personal/alice", messages=CHAT, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = chat.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    assert all(len(t.top_logprobs) == 3 for t in content)
+    stream = api.chat.completions.create(
+        model="personal/alice", messages=CHAT, max_tokens=8, temperature=0, logprobs=True, stream=True
+    )
+    streamed = [
+        t.token for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content
+    ]
+    assert streamed == [t.token for t in content]
 
 
 def test_errors_are_openai_shaped(served: dict[str, Any]) -> None:
