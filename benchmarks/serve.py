@@ -1,24 +1,28 @@
-"""Serving benchmark: `fedpeft serve` on the default model (bf16, as --quant auto keeps it), measured from real
-HTTP clients, side by side in one run.
+"""Serving benchmark: `fedpeft serve` on the default model (--quant auto), measured from real HTTP clients,
+this checkout's server side by side with the one of --baseline (a git revision: by default the engine before
+the batched adapter operator: peft's mixed batch, static batches), in one run.
 
 - Throughput and latency: 1, 4 and 16 concurrent completion requests (greedy, --tokens each), all for one
-  adapter or each for a different one of 16, against a server that batches them (--max-batch 16: LoRA
-  adapters mixed in one forward) and one that serves one request at a time (--max-batch 1). Each cell is the
-  median of --repeats waves; tokens/s counts the tokens of a wave over its wall time.
-- Memory: the server process's resident memory (VmRSS, once it answers) with 1 and with 50 loaded LoRA r=8
-  adapters, against one adapter's size.
+  adapter or each for a different one of 16 (--max-batch 16). Each cell is the median of --repeats waves;
+  tokens/s counts the tokens of a wave over its wall time.
+- Arrivals: --arrivals requests (--arrival-tokens each, four adapters in turn) sent at a steady rate, at 1, 2,
+  4 and 8 times the rate one idle request takes; the median latency against an idle server's single-request
+  latency (continuous batching against static batches).
+- Memory: this server's resident memory (VmRSS, once it answers) with 1 and with 50 loaded LoRA r=8 adapters,
+  against one adapter's size.
 
 The adapters have random weights (serving cost does not depend on how they were trained). Servers run one at
 a time (2 cores).
 
-    python benchmarks/serve.py                       # ~10 min on 2 cores
-    python benchmarks/serve.py --model tiny --tokens 4 --repeats 1 --adapters 4   # a smoke run
+    python benchmarks/serve.py                       # ~20 min on 2 cores
+    python benchmarks/serve.py --model tiny --tokens 4 --repeats 1 --adapters 4 --arrivals 4   # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 PROMPTS = [
     "My fellow Americans, tonight I want to talk about",
@@ -55,12 +60,14 @@ def write_adapters(root: Path, model: str, count: int) -> list[Path]:
 
 
 class Server:
-    def __init__(self, adapters: list[Path], *flags: str) -> None:
+    def __init__(self, adapters: list[Path], *flags: str, root: Path = ROOT) -> None:
+        """`fedpeft serve` from the checkout at `root` (this one, or the baseline's worktree)."""
         cmd = [sys.executable, "-m", "fedpeft.cli", "serve", "--port", "0"]
         for i, p in enumerate(adapters):
             cmd += ["--adapter", f"a{i}={p}"]
+        env = {**os.environ, "PYTHONPATH": str(root)}
         self.proc = subprocess.Popen(
-            [*cmd, *flags], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            [*cmd, *flags], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=root, env=env
         )
         for line in self.proc.stdout:
             if " at http" in line:
@@ -90,35 +97,64 @@ class Server:
 
 def wave(url: str, models: list[str], tokens: int) -> tuple[float, list[float], int, list[str]]:
     """All requests at once; (wall seconds, per-request latencies, tokens generated, texts)."""
-    import httpx
-
-    def one(i: int) -> tuple[float, int, str]:
-        body = {
-            "model": models[i],
-            "prompt": PROMPTS[i % len(PROMPTS)],
-            "max_tokens": tokens,
-            "temperature": 0,
-        }
-        start = time.perf_counter()
-        r = httpx.post(url + "/completions", json=body, timeout=600)
-        r.raise_for_status()
-        return (
-            time.perf_counter() - start,
-            r.json()["usage"]["completion_tokens"],
-            r.json()["choices"][0]["text"],
-        )
-
     start = time.perf_counter()
     with ThreadPoolExecutor(len(models)) as pool:
-        results = list(pool.map(one, range(len(models))))
+        results = list(
+            pool.map(lambda i: one(url, models[i], PROMPTS[i % len(PROMPTS)], tokens), range(len(models)))
+        )
     wall = time.perf_counter() - start
     return wall, [r[0] for r in results], sum(r[1] for r in results), [r[2] for r in results]
 
 
-def throughput(adapters: list[Path], args: argparse.Namespace) -> list[dict[str, Any]]:
+def one(url: str, model: str, prompt: str, tokens: int) -> tuple[float, int, str]:
+    import httpx
+
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+    start = time.perf_counter()
+    r = httpx.post(url + "/completions", json=body, timeout=600)
+    r.raise_for_status()
+    return time.perf_counter() - start, r.json()["usage"]["completion_tokens"], r.json()["choices"][0]["text"]
+
+
+def arrivals(url: str, rate: float, count: int, tokens: int) -> list[float]:
+    """`count` requests sent `1/rate` seconds apart (four adapters in turn); each one's latency."""
+    with ThreadPoolExecutor(count) as pool:
+        futures = []
+        start = time.perf_counter()
+        for i in range(count):
+            time.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            futures.append(pool.submit(one, url, f"a{i % 4}", PROMPTS[i % len(PROMPTS)], tokens))
+        return [f.result()[0] for f in futures]
+
+
+def arrival_rows(server: Server, mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    idle = statistics.median(
+        one(server.url, "a0", PROMPTS[0], args.arrival_tokens)[0] for _ in range(args.repeats)
+    )
     rows = []
-    for mode, max_batch in (("mixed batches", "16"), ("one at a time", "1")):
-        server = Server(adapters[:16], "--max-batch", max_batch)
+    for times in (1, 2, 4, 8):
+        latencies = arrivals(server.url, times / idle, args.arrivals, args.arrival_tokens)
+        median = statistics.median(latencies)
+        rows.append(
+            {
+                "mode": mode,
+                "rate_x_idle": times,
+                "rate_per_s": times / idle,
+                "idle_latency_s": idle,
+                "median_latency_s": median,
+                "latency_x_idle": median / idle,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def throughput(adapters: list[Path], args: argparse.Namespace, baseline: Path | None) -> tuple[list, list]:
+    rows: list[dict[str, Any]] = []
+    timing: list[dict[str, Any]] = []
+    engines = [("this checkout", ROOT)] + ([(f"baseline {args.baseline}", baseline)] if baseline else [])
+    for mode, root in engines:
+        server = Server(adapters[:16], "--max-batch", "16", root=root)
         try:
             wave(server.url, ["a0"], 4)  # warm-up
             for concurrency in (1, 4, 16):
@@ -138,22 +174,10 @@ def throughput(adapters: list[Path], args: argparse.Namespace) -> list[dict[str,
                         }
                     )
                     print(json.dumps(rows[-1]), flush=True)
+            timing += arrival_rows(server, mode, args)
         finally:
             server.stop()
-    # bf16 rounds a batch differently from a single request: how many greedy answers stayed the same
-    for r in rows:
-        if r["mode"] == "mixed batches":
-            alone = next(
-                x
-                for x in rows
-                if x["mode"] != r["mode"]
-                and x["concurrent"] == r["concurrent"]
-                and x["adapters"] == r["adapters"]
-            )
-            r["same_text_as_one_at_a_time"] = sum(
-                a == b for a, b in zip(r["texts"], alone["texts"], strict=True)
-            )
-    return rows
+    return rows, timing
 
 
 def memory(adapters: list[Path]) -> dict[str, Any]:
@@ -172,23 +196,29 @@ def memory(adapters: list[Path]) -> dict[str, Any]:
     return out
 
 
-def table(rows: list[dict[str, Any]], mem: dict[str, Any], n: int) -> str:
+def table(rows: list[dict[str, Any]], timing: list[dict[str, Any]], mem: dict[str, Any], n: int) -> str:
     lines = [
-        "| concurrent | adapters | mixed batches tok/s | one at a time tok/s | speed-up | median latency (s) mixed / one "
-        "| same greedy text |",
-        "|---|---|---|---|---|---|---|",
+        "| engine | concurrent | adapters | tok/s | median latency (s) | tok/s vs 1 adapter |",
+        "|---|---|---|---|---|---|",
     ]
-    for r in (r for r in rows if r["mode"] == "mixed batches"):
-        o = next(
-            x
-            for x in rows
-            if x["mode"] != r["mode"] and (x["concurrent"], x["adapters"]) == (r["concurrent"], r["adapters"])
+    for r in rows:
+        same = next(
+            x for x in rows if (x["mode"], x["concurrent"], x["adapters"]) == (r["mode"], r["concurrent"], 1)
         )
         lines.append(
-            f"| {r['concurrent']} | {r['adapters']} | {r['tokens_per_s']:.1f} | {o['tokens_per_s']:.1f} | "
-            f"{r['tokens_per_s'] / o['tokens_per_s']:.2f}x | {r['median_latency_s']:.2f} / {o['median_latency_s']:.2f} | "
-            f"{r['same_text_as_one_at_a_time']}/{r['concurrent']} |"
+            f"| {r['mode']} | {r['concurrent']} | {r['adapters']} | {r['tokens_per_s']:.1f} | "
+            f"{r['median_latency_s']:.2f} | {r['tokens_per_s'] / same['tokens_per_s']:.0%} |"
         )
+    lines += [
+        "",
+        "| engine | arrival rate (x idle) | req/s | median latency (s) | x idle latency |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {t['mode']} | {t['rate_x_idle']} | {t['rate_per_s']:.2f} | {t['median_latency_s']:.2f} | "
+        f"{t['latency_x_idle']:.2f}x |"
+        for t in timing
+    ]
     lines += [
         "",
         "| loaded adapters | server RSS (MiB) |",
@@ -208,15 +238,37 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--adapters", type=int, default=50, help="loaded for the memory figure")
+    p.add_argument("--arrivals", type=int, default=16, help="requests per arrival rate")
+    p.add_argument("--arrival-tokens", type=int, default=16)
+    p.add_argument(
+        "--baseline",
+        default="389c362",
+        help="git revision whose server runs beside this one ('' for none); default: before the operator",
+    )
     p.add_argument("--json", default="benchmarks/results/serve.json")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = write_adapters(Path(tmp), args.model, max(args.adapters, 16))
-        rows = throughput(adapters, args)
-        mem = memory(adapters[: args.adapters])
-    print(table(rows, mem, args.adapters))
+        baseline = None
+        if args.baseline:
+            baseline = Path(tmp) / "baseline"
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "add", "-f", "--detach", str(baseline), args.baseline],
+                check=True,
+                capture_output=True,
+            )
+        try:
+            adapters = write_adapters(Path(tmp), args.model, max(args.adapters, 16))
+            rows, timing = throughput(adapters, args, baseline)
+            mem = memory(adapters[: args.adapters])
+        finally:
+            if baseline:
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "-f", str(baseline)], check=False
+                )
+    print(table(rows, timing, mem, args.adapters))
     Path(args.json).write_text(
-        json.dumps({"args": vars(args), "throughput": rows, "memory": mem}, indent=2) + "\n"
+        json.dumps({"args": vars(args), "throughput": rows, "arrivals": timing, "memory": mem}, indent=2)
+        + "\n"
     )
 
 
