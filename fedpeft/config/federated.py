@@ -173,6 +173,17 @@ class FederationConfig:
         gt=0,
         commands=("simulate",),
     )
+    # fedpeft.simulation.lockstep: K training messages per actor at once, trained in lockstep through one base
+    clients_per_actor: int = option(
+        0,
+        "simulated clients an actor trains at once, their batches stacked through one base forward and "
+        "backward, each with its own adapter and optimizer (default 0: the clients sampled a round shared "
+        "among the actors, at most 8, fewer where memory is short; 1: one after another)",
+        flag="--clients-per-actor",
+        metavar="K",
+        ge=0,
+        commands=("simulate",),
+    )
     base_fingerprint: str = option(
         "",
         "the federation's base (sha256); clients on another are refused (default: the one most clients hold)",

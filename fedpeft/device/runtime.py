@@ -148,6 +148,43 @@ class Device(PersonalAdapters):
             time.perf_counter() - start,
         )
 
+    def fit_many(self, jobs: list[tuple[int, Arrays, int, int]]) -> list[FitResult]:
+        """fit() for several (local, global_arrays, round, client) at once: in lockstep through one base
+        (fedpeft.training.lockstep) where it supports this adapter and training, else one after another."""
+        from fedpeft.training.lockstep import chunks, group_that_fits, supports
+
+        why = supports(self.model, self.adapter_cfg, self.cfg.train)
+        if why is not None or len(jobs) < 2:
+            if why is not None and len(jobs) > 1:
+                log.debug("clients train one after another: %s", why)
+            return [self.fit(*job) for job in jobs]
+        self.drop_full_base()
+        block = max((len(b) for local, *_ in jobs for b in self.clients[local].train), default=1)
+        k = group_that_fits(self.model, self.cfg.train, block, self.base.compute, len(jobs))
+        return [result for group in chunks(jobs, k) for result in self._fit_lockstep(group)]
+
+    def _fit_lockstep(self, jobs: list[tuple[int, Arrays, int, int]]) -> list[FitResult]:
+        from fedpeft.training.lockstep import ClientRun, train_many
+
+        runs = []
+        for local, global_arrays, rnd, client in jobs:
+            personal = self.strategy.fit_start(self, local)
+            start = {**self.init_state, **(personal or {}), **global_arrays}
+            seed = client_seed(self.cfg.federation.seed, rnd, client)
+            runs.append(ClientRun(start, self.clients[local], seed, self.cfg.federation.local_steps))
+        tcfg = replace(self.cfg.train, progress=False)
+        pad = self.base.tokenizer.pad_token_id
+        train_many(self.model, runs, self.adapter_cfg, tcfg, client_lr(self.cfg), pad, self.base.compute)
+        out = []
+        for (local, global_arrays, rnd, client), run in zip(jobs, runs, strict=True):
+            delta = {k: (run.trained[k] - global_arrays[k]).astype(np.float32) for k in self.keys}
+            start = time.perf_counter()
+            self.strategy.after_fit(self, local, client, global_arrays, run.trained, rnd)
+            loss = float(np.mean(run.result.losses))
+            seconds = time.perf_counter() - start
+            out.append(FitResult(delta, run.data.train_tokens, loss, run.result.seconds, seconds))
+        return out
+
     def _eval(self, blocks: list) -> Any:
         return evaluate(
             self.model,

@@ -51,12 +51,16 @@ class Rows:
     def __init__(self) -> None:
         self.names: tuple[str | None, ...] | None = None
         self.version = 0
+        self._last: tuple[str | None, ...] | None = None  # the last assignment the layers gathered for
 
     def set(self, names: Sequence[str | None] | None) -> None:
+        """A decode loop sets the same rows step after step (and None between): the layers keep what they
+        gathered until the rows or the adapters change."""
         names = tuple(names) if names is not None and any(n is not None for n in names) else None
-        if names != self.names:
-            self.names = names
+        if names is not None and names != self._last:
+            self._last = names
             self.version += 1
+        self.names = names
 
 
 class MultiLinear(nn.Module):

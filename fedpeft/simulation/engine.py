@@ -200,6 +200,23 @@ def backend_config(cfg: RunConfig, temp_dir: str) -> tuple[dict[str, Any], int]:
     return backend, actor_threads(f.clients, share.threads, cpus)
 
 
+AUTO_GROUP = (
+    8  # clients per lockstep group by default: beyond it a CPU step gained little (benchmarks/README.md)
+)
+
+
+def group_size(cfg: RunConfig, backend: dict[str, Any]) -> int:
+    """Clients per actor trained in lockstep: --clients-per-actor, or the clients sampled a round shared
+    among the local actors (at most AUTO_GROUP). Each actor still caps it by its memory (Device.fit_many)."""
+    f = cfg.federation
+    if f.clients_per_actor:
+        return f.clients_per_actor
+    sampled = sampled_per_round(f.clients, f.fraction, f.min_clients)
+    cpus = float(backend["client_resources"]["num_cpus"] or 1)
+    actors = max(1, int((os.cpu_count() or 1) / cpus)) if not f.ray_address else sampled
+    return max(1, min(AUTO_GROUP, -(-sampled // actors)))
+
+
 def _gpu_count() -> int:
     import torch  # torch: only --device cuda counts GPUs; the command's start-up stays without it
 
@@ -281,6 +298,9 @@ def _drive(
         logging.getLogger("flwr").setLevel(logging.ERROR)
 
         backend, threads = backend_config(cfg, temp_dir)
+        from fedpeft.simulation.lockstep import install  # Flower's Ray backend: after flwr.simulation
+
+        install(group_size(cfg, backend))
         if threads:  # local actors: their workers inherit this process's environment
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 os.environ.setdefault(var, str(threads))  # a user's own setting wins
