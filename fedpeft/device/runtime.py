@@ -48,6 +48,7 @@ class FitResult:
     train_loss: float  # mean over the local steps
     seconds: float
     personal_seconds: float = 0.0  # on top of the federated training: the personal adapter's (ditto, fedsa)
+    group: int = 1  # clients trained in lockstep with this one, itself included
 
 
 def _digest(arrays: Arrays) -> str:
@@ -182,7 +183,8 @@ class Device(PersonalAdapters):
             self.strategy.after_fit(self, local, client, global_arrays, run.trained, rnd)
             loss = float(np.mean(run.result.losses))
             seconds = time.perf_counter() - start
-            out.append(FitResult(delta, run.data.train_tokens, loss, run.result.seconds, seconds))
+            result = FitResult(delta, run.data.train_tokens, loss, run.result.seconds, seconds, len(jobs))
+            out.append(result)
         return out
 
     def _eval(self, blocks: list) -> Any:

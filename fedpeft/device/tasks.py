@@ -190,6 +190,7 @@ def _fit(content: RecordDict, node: DeviceConfig | None, partition: int):
         "train_seconds": result.seconds,
         "load_seconds": load_seconds,
         "personal_seconds": result.personal_seconds,
+        "lockstep_clients": float(result.group),
         **device_stats(device.base.device),
     }
     return device, local, client, result, metrics

@@ -36,9 +36,11 @@ PLAIN_STAGES = ("load", "train", "personal", "wait")
 SECURE_STAGES = ("load", "train", "mask", "personal", "wait")
 # what a device says of itself, kept next to its seconds when it reports them: base loads since it started
 # (1 when the worker keeps its base resident), its processes' memory (summed peak RSS; the sampled peak PSS
-# of the tree and its cgroup's peak: fedpeft.device.tasks.device_stats), its peak GPU memory on CUDA, and
-# under DP whether clipping scaled its delta (1) or not (0)
+# of the tree and its cgroup's peak: fedpeft.device.tasks.device_stats), its peak GPU memory on CUDA,
+# under DP whether clipping scaled its delta (1) or not (0), and how many clients a simulated actor trained
+# in lockstep with it (fedpeft.training.lockstep)
 DEVICE_FIGURES = (
+    "lockstep_clients",
     "base_loads",
     "peak_rss_mib",
     "peak_pss_mib",

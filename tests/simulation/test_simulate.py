@@ -340,3 +340,30 @@ def test_a_federation_on_the_gpu_learns_and_reports_its_gpu_memory(
     assert history[0]["device"] == "cuda" and history[-1]["eval_ppl"] < history[0]["eval_ppl"]
     figures = [c for h in history[1:] for c in h["client_seconds"].values()]
     assert figures and all(c["gpu_peak_mib"] > 0 for c in figures)
+
+
+def test_clients_trained_in_lockstep_equal_one_at_a_time_under_secagg_and_dp(
+    tmp_path: Path, users: Path, cache_dir: str, tiny_path: Path
+) -> None:
+    """--clients-per-actor 3: the actor trains three clients at once; with secure aggregation and DP
+    (negligible noise, every client sampled) the rounds equal one client at a time within float rounding."""
+    cfg = _dp(_cfg(users, cache_dir, clients=6, fraction=1.0, rounds=2), noise_multiplier=1e-9, clip=0.05)
+    cfg = _secagg(cfg, secagg=True, secagg_k=2)
+    runs = {}
+    for k in (1, 3):
+        runs[k] = simulate(
+            replace(cfg, federation=replace(cfg.federation, clients_per_actor=k)), tmp_path / f"k{k}"
+        )
+    groups = {
+        k: {c["lockstep_clients"] for c in s.history[1]["client_seconds"].values()} for k, s in runs.items()
+    }
+    assert groups == {1: {1.0}, 3: {3.0}}
+    from fedpeft.federation.state import checkpoint_path, load_checkpoint
+
+    one, three = (load_checkpoint(checkpoint_path(tmp_path / f"k{k}", 1)).arrays for k in (1, 3))
+    for key, v in one.items():
+        np.testing.assert_allclose(three[key], v, atol=1e-6)
+    for key, v in _global(tmp_path / "k1").items():
+        assert np.linalg.norm(_global(tmp_path / "k3")[key] - v) <= 1e-3 * np.linalg.norm(v) + 1e-6, key
+    for a, b in zip(runs[1].history, runs[3].history, strict=True):  # the same held-out loss round by round
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
