@@ -31,7 +31,14 @@ from fedpeft.federation.forgetting import reference_blocks
 from fedpeft.federation.state import client_seed
 from fedpeft.federation.task_eval import PREFIX
 from fedpeft.model.adapter_files import AdapterDescription
-from fedpeft.model.adapters import adapter_state, inject, load_adapter_state, peft_config_dict, schema_of
+from fedpeft.model.adapters import (
+    adapter_off,
+    adapter_state,
+    inject,
+    load_adapter_state,
+    peft_config_dict,
+    schema_of,
+)
 from fedpeft.model.base import Base, load_base
 from fedpeft.model.memory import full_base_mib
 from fedpeft.personal.strategies import shared_keys, strategy_for
@@ -205,7 +212,7 @@ class Device(PersonalAdapters):
         if not bare:
             r = self._eval(self.clients[local].eval)
         else:
-            with self.model.disable_adapter():
+            with adapter_off(self.model):
                 r = self._eval(self.clients[local].eval)
         return r.loss, r.tokens
 
@@ -216,7 +223,7 @@ class Device(PersonalAdapters):
         if task is None:
             return {}
         self._apply(global_arrays)
-        with self.model.disable_adapter() if bare else contextlib.nullcontext():
+        with adapter_off(self.model) if bare else contextlib.nullcontext():
             return self._score(task)
 
     def _score(self, task: TaskEval, prefix: str = PREFIX) -> dict[str, float]:
@@ -254,7 +261,7 @@ class Device(PersonalAdapters):
         if not self._reference:
             return None
         if self._base_reference is None:
-            with self.model.disable_adapter():
+            with adapter_off(self.model):
                 self._base_reference = self._eval(self._reference).loss
         return self._base_reference
 
@@ -293,7 +300,7 @@ class Device(PersonalAdapters):
         pad, batch = full.tokenizer.pad_token_id, self.cfg.train.eval_batch_size
         if not bare:
             return evaluate(model, self.clients[local].eval, pad, full.compute, batch).loss
-        with model.disable_adapter():
+        with adapter_off(model):
             return evaluate(model, self.clients[local].eval, pad, full.compute, batch).loss
 
     def _full_base_fits(self, quant: str, block_len: int) -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,20 @@ def set_trainable(model: Any, cfg: AdapterConfig) -> None:
     for name, p in model.named_parameters():
         is_adapter = ".lora_" in name or ".ia3_" in name or name.startswith("prompt_encoder.")
         p.requires_grad_(is_adapter and not (cfg.freeze_a and ".lora_A." in name))
+
+
+@contextmanager
+def adapter_off(model: Any) -> Iterator[None]:
+    """peft's disable_adapter() (the base alone), leaving which weights train as it found them: on exit peft
+    marks every weight of the active adapter trainable (BaseTunerLayer.enable_adapters -> set_adapter, peft
+    0.21), which undid FFA-LoRA's frozen A for the training that followed an evaluation of the base."""
+    trains = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(trains.get(name, p.requires_grad))
 
 
 def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:

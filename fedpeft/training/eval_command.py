@@ -86,7 +86,14 @@ def evaluate_sources(
 ) -> dict[str, Any]:  # fmt: skip
     """{source: {"task": pooled figures, "users": {user: entry}}} for every source."""
     # torch, peft: off the CLI's start-up path
-    from fedpeft.model.adapters import base_model, check_fingerprint, inject, load_adapter_state, read_adapter
+    from fedpeft.model.adapters import (
+        adapter_off,
+        base_model,
+        check_fingerprint,
+        inject,
+        load_adapter_state,
+        read_adapter,
+    )
     from fedpeft.model.base import load_base
 
     sources = read_sources(specs)
@@ -112,7 +119,7 @@ def evaluate_sources(
                 files = read_adapter(folder)
             if files is None:
                 model_now = peft_model or base.model
-                ctx = peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
+                ctx = adapter_off(peft_model) if peft_model is not None else contextlib.nullcontext()
             else:
                 check_fingerprint(files.fingerprint, base, f"adapter {files.path}")
                 if peft_model is None:

@@ -114,9 +114,11 @@ def _summary_line(metrics: dict[str, Any], base: Any, out: Path) -> str:
 
 def _task(model: Any, base: Any, data: Any, cfg: RunConfig, bare: bool = False) -> dict[str, Any] | None:
     """Task data: the adapter's (`bare`: the base's zero-shot) scores on the held-out examples."""
+    from fedpeft.model.adapters import adapter_off  # torch: off the CLI's start-up path
+
     if data.task is None:
         return None
-    with model.disable_adapter() if bare else contextlib.nullcontext():
+    with adapter_off(model) if bare else contextlib.nullcontext():
         counts = score(
             model, base.tokenizer, data.task, base.compute, cfg.data.answer_tokens, cfg.train.eval_batch_size
         )

@@ -222,3 +222,23 @@ def test_failed_save_keeps_the_previous_adapter(tmp_path: Path, cache_dir: str, 
     with pytest.raises(TypeError):
         save_adapter(model, base, AdapterConfig(), out, extra={"bad": object()})  # not JSON-serializable
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_switching_the_adapter_off_keeps_ffa_lora_a_frozen(cache_dir: str) -> None:
+    """peft's disable_adapter() marks every weight of the adapter trainable on exit; adapter_off restores
+    what trained before, so FFA-LoRA's A stays frozen after an evaluation of the base alone."""
+    from fedpeft.config.tree import AdapterConfig, BaseConfig
+    from fedpeft.model.adapters import adapter_off, inject, trainable_parameters
+    from fedpeft.model.base import load_base
+
+    model = inject(
+        load_base(BaseConfig(model="tiny", quant="none", cache_dir=cache_dir)), AdapterConfig(freeze_a=True)
+    )
+    before = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert before and all("lora_B" in n for n in before)
+    with adapter_off(model):
+        pass
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == before
+    with model.disable_adapter():  # what peft alone does: the reason adapter_off exists
+        pass
+    assert len(trainable_parameters(model)) == 2 * len(before)
