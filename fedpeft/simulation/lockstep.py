@@ -54,7 +54,7 @@ class GroupActor(VirtualClientEngineActor):
                 ]
             )
         except Exception as e:  # each message then trains on its own, and fails (or not) as it would alone
-            log.warning(
+            log.error(
                 "lockstep training failed (%s: %s); the clients train one after another", type(e).__name__, e
             )
             tasks.PREFIT.clear()
@@ -127,6 +127,8 @@ class LockstepBackend(raybackend.RayBackend):
         return []
 
     def _send(self, group: list[_Pending]) -> None:
+        # in partition order: the stack's row order changes float rounding, and a resumed run must repeat it
+        group = sorted(group, key=lambda p: int(_cid(p.context)))
         messages, contexts = [p.message for p in group], [p.context for p in group]
         cids = [_cid(c) for c in contexts]
         try:

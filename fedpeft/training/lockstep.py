@@ -23,6 +23,7 @@ import torch
 
 from fedpeft.config.tree import AdapterConfig, TrainConfig
 from fedpeft.data.blocks import UserData, collate, label_tokens
+from fedpeft.model.adapters import adapter_off
 from fedpeft.model.memory import release_heap
 from fedpeft.model.multi import MultiAdapter
 from fedpeft.model.placement import model_device, to_device
@@ -121,11 +122,13 @@ def _loop(
     device: torch.device,
 ) -> None:
     streams = [_block_stream(len(run.data.train), run.seed) for run in runs]
+    # checked on a one-row forward: before any rows are assigned
+    parts = _decoder_and_head(model) if train.loss_chunk > 0 else None
     was = set_checkpointing(model, train.checkpointing)
     model.train()
     start = time.perf_counter()
     try:
-        with model.disable_adapter():
+        with adapter_off(model):
             for step in range(max(run.steps for run in runs)):
                 live = [i for i, run in enumerate(runs) if step < run.steps]
                 for i in live:
@@ -137,7 +140,9 @@ def _loop(
                     ]
                     for i in live
                 }
-                losses = _backward_step(model, multi, names, blocks, train, pad_id, compute, device, runs)
+                losses = _backward_step(
+                    model, parts, multi, names, blocks, train, pad_id, compute, device, runs
+                )
                 for i in live:
                     params = [v for v in tensors[i].values() if v.requires_grad]
                     if train.max_grad_norm > 0:
@@ -155,6 +160,7 @@ def _loop(
 
 def _backward_step(
     model: Any,
+    parts: tuple[Any, Any] | None,
     multi: MultiAdapter,
     names: list[str],
     blocks: dict[int, list[torch.Tensor]],
@@ -176,26 +182,25 @@ def _backward_step(
             owners += [i] * len(part)
         batch = to_device(collate(rows, pad_id), device)
         with multi.rows_of([names[i] for i in owners]), autocast(compute, device.type):
-            nll = _row_nll(model, batch, owners, train.loss_chunk)
+            nll = _row_nll(model, parts, batch, owners, train.loss_chunk)
             loss = sum(nll[i] / labelled[i] for i in nll)
             if loss.requires_grad:
                 loss.backward()
         for i in nll:
-            losses[i] += float(nll[i]) / labelled[i]
+            losses[i] += float(nll[i].detach()) / labelled[i]
         for i, b in blocks.items():
             runs[i].result.tokens += int(sum(len(x) for x in b[j : j + train.batch_size]))
     return losses
 
 
 def _row_nll(
-    model: Any, batch: dict[str, torch.Tensor], owners: list[int], chunk: int
+    model: Any, parts: tuple[Any, Any] | None, batch: dict[str, torch.Tensor], owners: list[int], chunk: int
 ) -> dict[int, torch.Tensor]:
     """Each client's summed next-token cross-entropy over its rows of the batch: the decoder once for all
     rows, the output layer client by client (chunked as fedpeft.training.local.causal_nll does)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     labels = batch["labels"][:, 1:]
     owner = torch.tensor(owners, device=ids.device)
-    parts = _decoder_and_head(model) if chunk > 0 else None
     out: dict[int, torch.Tensor] = {}
     if parts is None:
         logits = _hf(model)(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
