@@ -177,8 +177,8 @@ class FederationConfig:
     clients_per_actor: int = option(
         0,
         "simulated clients an actor trains at once, their batches stacked through one base forward and "
-        "backward, each with its own adapter and optimizer (default 0: the clients sampled a round shared "
-        "among the actors, at most 8, fewer where memory is short; 1: one after another)",
+        "backward, each with its own adapter and optimizer (default 0: on GPUs the clients sampled a round "
+        "shared among the actors, at most 8, fewer where memory is short; on CPUs 1, one after another)",
         flag="--clients-per-actor",
         metavar="K",
         ge=0,

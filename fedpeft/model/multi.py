@@ -52,6 +52,7 @@ class Rows:
         self.names: tuple[str | None, ...] | None = None
         self.version = 0
         self._last: tuple[str | None, ...] | None = None  # the last assignment the layers gathered for
+        self.segment = 0  # see _segment
 
     def set(self, names: Sequence[str | None] | None) -> None:
         """A decode loop sets the same rows step after step (and None between): the layers keep what they
@@ -60,7 +61,23 @@ class Rows:
         if names is not None and names != self._last:
             self._last = names
             self.version += 1
+            self.segment = _segment(names)
         self.names = names
+
+
+def _segment(names: tuple[str | None, ...]) -> int:
+    """g when the rows are runs of g rows per adapter, each adapter one run (lockstep training stacks its
+    clients so): each layer then multiplies [adapters, g x tokens, in] by its stack of adapters, one product
+    per adapter instead of a gathered copy per row (SGMV rather than BGMV). 0 otherwise."""
+    runs: list[tuple[str | None, int]] = []
+    for n in names:
+        if runs and runs[-1][0] == n:
+            runs[-1] = (n, runs[-1][1] + 1)
+        else:
+            runs.append((n, 1))
+    sizes = {size for _, size in runs}
+    distinct = len({n for n, _ in runs}) == len(runs)
+    return runs[0][1] if len(sizes) == 1 and distinct and len(runs) > 1 and None not in dict(runs) else 0
 
 
 class MultiLinear(nn.Module):
@@ -91,14 +108,19 @@ class MultiLinear(nn.Module):
         if self._v_out is not None:
             y = y * self._v_out.to(y.dtype)
         if self._a is not None:
-            h = torch.bmm(x, self._a.to(x.dtype))
-            y = y + torch.bmm(h, self._b.to(h.dtype)).to(y.dtype)
+            g = self.rows.segment
+            xs = x if not g else x.reshape(len(names) // g, g * x.shape[1], x.shape[2])
+            h = torch.bmm(xs, self._a.to(x.dtype))
+            out = torch.bmm(h, self._b.to(h.dtype))
+            y = y + (out if not g else out.reshape(y.shape)).to(y.dtype)
         return y
 
     def _gather(self, names: tuple[str | None, ...]) -> None:
         self._seen = self.rows.version
         self._a = self._b = self._v_in = self._v_out = None
         lora = [self.lora.get(n) if n is not None else None for n in names]
+        if self.rows.segment:  # one entry per run of rows
+            lora = lora[:: self.rows.segment]
         if any(entry is not None for entry in lora):
             self._a, self._b = _stack_lora(lora)
         ia3 = [self.ia3.get(n) if n is not None else None for n in names]

@@ -200,20 +200,23 @@ def backend_config(cfg: RunConfig, temp_dir: str) -> tuple[dict[str, Any], int]:
     return backend, actor_threads(f.clients, share.threads, cpus)
 
 
-AUTO_GROUP = (
-    8  # clients per lockstep group by default: beyond it a CPU step gained little (benchmarks/README.md)
-)
+AUTO_GROUP = 8  # clients per lockstep group by default on GPUs
 
 
 def group_size(cfg: RunConfig, backend: dict[str, Any]) -> int:
-    """Clients per actor trained in lockstep: --clients-per-actor, or the clients sampled a round shared
-    among the local actors (at most AUTO_GROUP). Each actor still caps it by its memory (Device.fit_many)."""
+    """Clients per actor trained in lockstep: --clients-per-actor, else on GPUs the clients sampled a round
+    shared among the actors (at most AUTO_GROUP), and on CPUs 1: there one client's micro-batch already
+    keeps the cores busy, so a stack of them took as long and the lockstep bookkeeping made a round slower
+    (benchmarks/README.md, "Lockstep training"). Each actor still caps the group by its memory
+    (Device.fit_many)."""
     f = cfg.federation
     if f.clients_per_actor:
         return f.clients_per_actor
+    if float(backend["client_resources"].get("num_gpus") or 0) <= 0:
+        return 1
     sampled = sampled_per_round(f.clients, f.fraction, f.min_clients)
-    cpus = float(backend["client_resources"]["num_cpus"] or 1)
-    actors = max(1, int((os.cpu_count() or 1) / cpus)) if not f.ray_address else sampled
+    gpus = float(backend["init_args"].get("num_gpus") or 1)
+    actors = max(1, int(gpus / float(backend["client_resources"]["num_gpus"]) + 1e-9))
     return max(1, min(AUTO_GROUP, -(-sampled // actors)))
 
 

@@ -61,16 +61,22 @@ def _multi(cache: str, adapters: dict) -> MultiAdapter:
     return multi
 
 
-def test_mixed_rows_equal_peft_for_each_row(reference: tuple[str, dict]) -> None:
+# runs of two rows per adapter: the per-adapter (segment) product instead of a gathered copy per row
+RUNS = ["l8", "l8", "l4", "l4", "ia", "ia", "l2q", "l2q"]
+
+
+@pytest.mark.parametrize("rows", [ROWS, RUNS], ids=["gathered", "segments"])
+def test_mixed_rows_equal_peft_for_each_row(reference: tuple[str, dict], rows: list) -> None:
     cache, adapters = reference
     multi = _multi(cache, adapters)
     plain = load_base(BaseConfig(model="tiny", quant="none", cache_dir=cache)).model
     with torch.no_grad():
         base_logits = plain(input_ids=IDS, attention_mask=MASK).logits
-        with multi.rows_of(ROWS):
+        with multi.rows_of(rows):
             got = multi.model(input_ids=IDS, attention_mask=MASK).logits
         alone = multi.model(input_ids=IDS, attention_mask=MASK).logits  # no rows set: the base itself
-    for row, name in enumerate(ROWS):
+    assert multi.rows.segment == (2 if rows is RUNS else 0)
+    for row, name in enumerate(rows):
         want = base_logits[row] if name is None else adapters[name][1][row]
         keep = MASK[row].bool()
         torch.testing.assert_close(got[row][keep], want[keep], rtol=1e-4, atol=1e-4)

@@ -152,3 +152,18 @@ def test_many_virtual_clients_leave_a_core_to_flowers_engine() -> None:
         federation=replace(on_cluster.federation, client_gpus=0.5),
     )
     assert backend_config(gpu_cluster, "/tmp/x")[0]["client_resources"]["num_gpus"] == 0.5
+
+
+def test_lockstep_groups_by_default_on_gpus_only() -> None:
+    from dataclasses import replace
+
+    from fedpeft.config.tree import FederationConfig, RunConfig
+    from fedpeft.simulation.engine import group_size
+
+    cfg = RunConfig(federation=FederationConfig(clients=40, fraction=0.5))
+    cpu = {"client_resources": {"num_cpus": 2, "num_gpus": 0.0}, "init_args": {"num_gpus": 0}}
+    gpu = {"client_resources": {"num_cpus": 3, "num_gpus": 0.2}, "init_args": {"num_gpus": 1}}
+    assert group_size(cfg, cpu) == 1  # one client's batch keeps CPU cores busy
+    assert group_size(cfg, gpu) == 4  # 20 sampled over 5 actors
+    assert group_size(replace(cfg, federation=replace(cfg.federation, clients=400)), gpu) == 8  # at most 8
+    assert group_size(replace(cfg, federation=replace(cfg.federation, clients_per_actor=3)), cpu) == 3
