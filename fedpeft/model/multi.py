@@ -190,10 +190,15 @@ class MultiAdapter:
                 if cfg.kind == "lora":
                     a, b = tensors
                     _check_shape(name, module, layer, a.shape[1], b.shape[0])
+                    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                        raise FedpeftError(f"adapter {name}: layer {module}'s A and B disagree on the rank")
                     layer.lora[name] = LayerLoRA(a, b, cfg.alpha / cfg.r)
                 else:
                     (v,) = tensors
                     ff = module.rsplit(".", 1)[-1] in cfg.feedforward_modules
+                    n_in, n_out = _features(layer)
+                    if v.numel() != (n_in if ff else n_out):
+                        raise FedpeftError(f"adapter {name}: layer {module} has no room for {v.numel()} scales")
                     layer.ia3[name] = LayerIA3(v.reshape(-1), ff)
                 placed.append(layer)
         except Exception:
@@ -275,10 +280,16 @@ def _by_module(
     return out
 
 
+def _features(layer: MultiLinear) -> tuple[int | None, int | None]:
+    base = layer.base_layer
+    n_in, n_out = getattr(base, "in_features", None), getattr(base, "out_features", None)
+    weight = getattr(base, "weight", None)
+    if weight is not None and (n_in is None or n_out is None):
+        n_in, n_out = weight.shape[1], weight.shape[0]
+    return n_in, n_out
+
+
 def _check_shape(name: str, module: str, layer: MultiLinear, n_in: int, n_out: int) -> None:
-    weight = getattr(layer.base_layer, "weight", None)
-    want = (getattr(layer.base_layer, "in_features", None), getattr(layer.base_layer, "out_features", None))
-    if weight is not None and None in want:
-        want = (weight.shape[1], weight.shape[0])
+    want = _features(layer)
     if want != (n_in, n_out):
         raise FedpeftError(f"adapter {name}: layer {module} takes {want}, the adapter {(n_in, n_out)}")

@@ -38,7 +38,8 @@ from fedpeft.serve.running import Running
 
 
 class Engine:
-    """The base (loaded once) with every adapter of `entries` loaded into one peft model."""
+    """The base (loaded once) with every adapter of `entries`: LoRA and IA3 in the batched operator, prompt
+    and prefix tuning in one peft model."""
 
     def __init__(self, base: Base, entries: list[Entry]) -> None:
         self.base = base

@@ -130,6 +130,9 @@ def test_bad_adapters_are_refused_whole(reference: tuple[str, dict]) -> None:
     }
     with pytest.raises(FedpeftError, match="takes"):
         multi.add("wide", ADAPTERS["l8"][0], wide)
+    ranks = {k: v[:4] if "lora_A" in k and "layers.1." in k else v for k, v in adapters["l8"][0].items()}
+    with pytest.raises(FedpeftError, match="disagree on the rank"):
+        multi.add("ranks", ADAPTERS["l8"][0], ranks)
     assert all(not layer.lora for layer in multi.layers.values())
     with pytest.raises(FedpeftError, match="not applied per layer"):
         multi.add("p", AdapterConfig(kind="prompt"), {})
