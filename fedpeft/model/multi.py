@@ -198,7 +198,9 @@ class MultiAdapter:
                     ff = module.rsplit(".", 1)[-1] in cfg.feedforward_modules
                     n_in, n_out = _features(layer)
                     if v.numel() != (n_in if ff else n_out):
-                        raise FedpeftError(f"adapter {name}: layer {module} has no room for {v.numel()} scales")
+                        raise FedpeftError(
+                            f"adapter {name}: layer {module} has no room for {v.numel()} scales"
+                        )
                     layer.ia3[name] = LayerIA3(v.reshape(-1), ff)
                 placed.append(layer)
         except Exception:
