@@ -135,8 +135,13 @@ def _init_prefix(model: Any, compute: str, cfg: AdapterConfig) -> None:
 def set_trainable(model: Any, cfg: AdapterConfig) -> None:
     """The one place that decides what trains: adapter weights only; with freeze_a, LoRA B only."""
     for name, p in model.named_parameters():
-        is_adapter = ".lora_" in name or ".ia3_" in name or name.startswith("prompt_encoder.")
-        p.requires_grad_(is_adapter and not (cfg.freeze_a and ".lora_A." in name))
+        p.requires_grad_(trains(name, cfg))
+
+
+def trains(name: str, cfg: AdapterConfig) -> bool:
+    """Whether the adapter weight `name` (a parameter's or a state-dict key) trains under `cfg`."""
+    is_adapter = ".lora_" in name or ".ia3_" in name or name.startswith("prompt_encoder.")
+    return is_adapter and not (cfg.freeze_a and ".lora_A." in name)
 
 
 @contextmanager

@@ -24,6 +24,10 @@ from fedpeft.serve.jobs import Job, failure
 class Running:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
+        self._reset()
+
+    def _reset(self) -> None:
+        """No rows: nothing held."""
         self.jobs: list[Job] = []
         self.cache: Any = None
         self.mask = torch.zeros((0, 0), dtype=torch.long)
@@ -113,7 +117,7 @@ class Running:
         if len(keep) == len(self.jobs):
             return
         if not keep:
-            self.__init__(self.engine)  # type: ignore[misc]
+            self._reset()
             return
         rows = _Rows(self.jobs, self.cache, self.mask, self.positions, self.tokens)
         rows.select(keep, len(self.jobs))

@@ -133,6 +133,8 @@ class LockstepBackend(raybackend.RayBackend):
         cids = [_cid(c) for c in contexts]
         try:
             results = self._call(lambda a: a.run_group.remote(self.app_fn, messages, cids, contexts))
+            if not isinstance(results, list) or len(results) != len(group):
+                raise RuntimeError(f"the actor answered a group of {len(group)} with {results!r:.80}")
         except Exception as e:  # the actor died: every message of the group fails with it
             results = [e] * len(group)
         for p, r in zip(group, results, strict=True):

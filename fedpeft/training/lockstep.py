@@ -23,7 +23,7 @@ import torch
 
 from fedpeft.config.tree import AdapterConfig, TrainConfig
 from fedpeft.data.blocks import UserData, collate, label_tokens
-from fedpeft.model.adapters import adapter_off
+from fedpeft.model.adapters import adapter_off, trains
 from fedpeft.model.memory import release_heap
 from fedpeft.model.multi import MultiAdapter
 from fedpeft.model.placement import model_device, to_device
@@ -103,8 +103,7 @@ def _client_tensors(
     out = {}
     for key, value in start.items():
         t = torch.tensor(np.asarray(value, dtype=np.float32), device=device)
-        # as set_trainable decides it for the peft model: FFA-LoRA keeps A at its shared init
-        t.requires_grad_(not (cfg.freeze_a and ".lora_A." in key))
+        t.requires_grad_(trains(key, cfg))  # as for the peft model: FFA-LoRA keeps A at its shared init
         out[key] = t
     return out
 
