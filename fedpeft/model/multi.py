@@ -116,7 +116,8 @@ class MultiLinear(nn.Module):
         return y
 
     def _gather(self, names: tuple[str | None, ...]) -> None:
-        self._seen = self.rows.version
+        # what a training forward gathers is stale once the optimizer steps: never reused
+        self._seen = -1 if torch.is_grad_enabled() else self.rows.version
         self._a = self._b = self._v_in = self._v_out = None
         lora = [self.lora.get(n) if n is not None else None for n in names]
         if self.rows.segment:  # one entry per run of rows
