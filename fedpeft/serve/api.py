@@ -279,7 +279,7 @@ class _Completions:
             )
             for i, j in enumerate(jobs)
         ]
-        prompt_tokens = sum(len(j.prompt_ids) for j in jobs)
+        prompt_tokens = sum(len(j.prompt_ids) for j in jobs[:: req.n])  # each prompt once, as OpenAI counts
         completion_tokens = sum(len(j.ids) for j in jobs)
         usage = {
             "prompt_tokens": prompt_tokens,

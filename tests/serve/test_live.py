@@ -161,6 +161,8 @@ def test_n_choices_and_logprobs_through_the_openai_client(served: dict[str, Any]
     model, prompt = ASKS[1]
     drawn = api.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=1.0, seed=7, n=3)
     assert [c.index for c in drawn.choices] == [0, 1, 2] and len({c.text for c in drawn.choices}) == 3
+    one = api.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=1.0, seed=7)
+    assert drawn.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once, as OpenAI's
     again = api.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=1.0, seed=7, n=3)
     assert [c.text for c in again.choices] == [c.text for c in drawn.choices]  # choice k draws with seed + k
     greedy = api.completions.create(model=model, prompt=prompt, max_tokens=TOKENS, temperature=0, logprobs=2)
