@@ -7,7 +7,7 @@ as ~id so collate() masks them out of the loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +44,9 @@ class UserData:
     task: TaskEval | None = None  # held-out examples for the task metrics; None: perplexity only
     truncated: int = 0  # examples longer than a block that lost prompt tokens ...
     dropped: int = 0  # ... or were left out
+    # personal methods: the tail of the training blocks held back to choose global or personal
+    # (fedpeft.personal.strategies.split_validation); no longer trained on
+    val: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def train_tokens(self) -> int:
@@ -137,9 +140,8 @@ def pooled(datas: list[UserData]) -> UserData:
     )
 
 
-def fit_note(datas: list[UserData], cfg: DataConfig) -> str:
+def fit_note(truncated: int, dropped: int, cfg: DataConfig) -> str:
     """'12 examples longer than --block-size 128 lost prompt tokens, 3 were dropped', or ''."""
-    truncated, dropped = sum(d.truncated for d in datas), sum(d.dropped for d in datas)
     if not truncated and not dropped:
         return ""
     return (

@@ -41,7 +41,7 @@ def _users(cfg: RunConfig) -> list[tuple[str, str, str]]:
         raise FedpeftError("deploy-local gives each client one user's own text: use --split natural")
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_dir(cfg.base.model, cfg.base.cache_dir))
     chosen = partition(cfg.data, tokenizer, cfg.federation.clients, "natural")
-    users = [find_user(load_users(cfg.data), d.user) for d in chosen]
+    users = [find_user(load_users(cfg.data), user) for user in chosen.users]
     return [
         (u.user, "data.jsonl", to_jsonl(u.examples, cfg.data)) if u.examples else (u.user, "data.txt", u.text)
         for u in users

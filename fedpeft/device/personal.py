@@ -31,6 +31,7 @@ from fedpeft.training.local import train
 
 if TYPE_CHECKING:
     from fedpeft.data.blocks import UserData
+    from fedpeft.data.clients import Clients
     from fedpeft.model.base import Base
 
 CROSS_BLOCKS = 4  # per other user: 512 tokens at the default block size keep the last round's cost small
@@ -45,28 +46,28 @@ class PersonalAdapters:
     model: Any
     adapter_cfg: AdapterConfig
     init_state: Arrays
-    clients: list[UserData]
+    clients: Clients
     strategy: Personalization
     _reference: list | None
-    val: list[list]  # per local user: its validation blocks (global vs personal)
     stores: list[PersonalStore]  # per local user: its folder of the store
 
     def _init_personal(self) -> None:
         """Under a method that keeps personal adapters, each user's validation part (taken from its training
         text) and its store, refused before anything could write to it when made for another base."""
         cfg = self.cfg
-        self.val = [[] for _ in self.clients]
         self.stores = []
         if not self.strategy.personal:
             return
-        parts = [
-            split_validation(d, cfg.personal.val_fraction, cfg.data.min_eval_tokens) for d in self.clients
-        ]
-        self.clients, self.val = [p[0] for p in parts], [p[1] for p in parts]
+
+        def with_val(data: UserData) -> UserData:
+            train, val = split_validation(data, cfg.personal.val_fraction, cfg.data.min_eval_tokens)
+            return replace(train, val=val)
+
+        self.clients = self.clients.map(with_val)
         if not cfg.personal.store:
             raise FedpeftError("personalization needs a store for the personal adapters (--store)")
         schema = schema_json(schema_of(self.init_state))
-        self.stores = [PersonalStore(cfg.personal.store, d.user) for d in self.clients]
+        self.stores = [PersonalStore(cfg.personal.store, user) for user in self.clients.users]
         for store in self.stores:  # refuse a foreign store before anything could write to it
             store.check(self.fingerprint, schema)
 
@@ -164,7 +165,7 @@ class PersonalAdapters:
         `others` (a simulation's last round), also both adapters on other users' text (cross_eval).
         Returns scalars and short strings only: this is all that leaves the device."""
         client = local if client is None else client
-        store, val = self.stores[local], self.val[local]
+        store, val = self.stores[local], self.clients[local].val
         full_global = {**self.init_state, **global_arrays}
         self._apply(global_arrays)
         held_out = self._eval(self.clients[local].eval)
@@ -209,7 +210,7 @@ class PersonalAdapters:
     ) -> tuple[str, str]:
         """The personal adapter's figures into `out`. Returns (the note for choice.json, why the device keeps
         the global adapter for forgetting, '' if it need not)."""
-        store, val, note = self.stores[local], self.val[local], ""
+        store, val, note = self.stores[local], self.clients[local].val, ""
         load_adapter_state(self.model, personal, what=f"personal adapter in {store.dir}")
         out["personal_eval_loss"] = self._eval(self.clients[local].eval).loss
         task = self.clients[local].task

@@ -21,6 +21,7 @@ import numpy as np
 from fedpeft.config.tree import RunConfig, client_adapter, client_lr
 from fedpeft.data.blocks import UserData, tokenize_user
 from fedpeft.data.chat import TaskEval
+from fedpeft.data.clients import Clients
 from fedpeft.data.partition import partition
 from fedpeft.data.users import load_device_user
 from fedpeft.device.personal import PersonalAdapters
@@ -73,7 +74,7 @@ class Device(PersonalAdapters):
     def __init__(
         self,
         cfg: RunConfig,
-        clients: list[UserData] | None = None,
+        clients: Clients | list[UserData] | None = None,
         data_path: str | None = None,
         name: str = "",
     ) -> None:
@@ -96,10 +97,12 @@ class Device(PersonalAdapters):
         f = cfg.federation
         if data_path is not None:  # a real device: one user, its own text
             clients = [_own_data(data_path, name, cfg, self.base.tokenizer)]
-        self.clients = (
-            clients
-            if clients is not None
-            else partition(cfg.data, self.base.tokenizer, f.clients, f.split, f.dirichlet_alpha, f.seed)
+        self.clients: Clients = (
+            partition(cfg.data, self.base.tokenizer, f.clients, f.split, f.dirichlet_alpha, f.seed)
+            if clients is None
+            else clients
+            if isinstance(clients, Clients)
+            else Clients.of(clients)
         )
         self._init_personal()
 

@@ -114,14 +114,14 @@ def check_base(task: ConfigRecord, mine: str) -> None:
 
 
 def info(device: Device, local: int, client: int) -> ConfigRecord:
-    data = device.clients[local]
+    clients = device.clients
     return ConfigRecord(
         {
             "fingerprint": device.fingerprint,
             "client": client,
-            "name": data.user,
+            "name": clients.users[local],
             # under DP every client weighs the same, and its amount of text is not sent
-            "num-examples": 1 if device.cfg.privacy.mode != "off" else data.train_tokens,
+            "num-examples": 1 if device.cfg.privacy.mode != "off" else clients.tokens(local),
             # what this device computes in and why, for round 0 of metrics.jsonl (fedpeft.model.precision)
             **{f"compute-{k}": v for k, v in device.base.precision.metrics().items()},
         }

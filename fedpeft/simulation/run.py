@@ -40,13 +40,8 @@ def _check_data(cfg: RunConfig) -> None:
     reference_blocks(cfg.data, tokenizer)  # a --reference-text that is missing or not text, before Ray starts
     f = cfg.federation
     clients = partition(cfg.data, tokenizer, f.clients, f.split, f.dirichlet_alpha, f.seed)
-    log.info(
-        "%d clients (%s split), %d-%d training tokens each",
-        len(clients),
-        f.split,
-        min(c.train_tokens for c in clients),
-        max(c.train_tokens for c in clients),
-    )
+    tokens = [clients.tokens(i) for i in range(len(clients))]
+    log.info("%d clients (%s split), %d-%d training tokens each", len(clients), f.split, min(tokens), max(tokens))
 
 
 def _precision_note(cfg: RunConfig) -> None:
