@@ -5,6 +5,8 @@ against distributed DP inside secure aggregation, with seconds and bytes a round
     python benchmarks/dp.py --settings lora:inf:plain,lora:8:central,lora:2:central,ia3:inf:plain,ia3:8:central \
         --json benchmarks/results/dp-central-lora.json      # the LoRA/IA3 central table (an earlier version
                                                             # of this script wrote its keys as lora:inf, ...)
+    python benchmarks/dp.py --clients 150 --fraction 0.3 --rounds 2 --settings ia3:inf:plain,ia3:8:central \
+        --json benchmarks/results/dp-scale.json    # 45 clients a round, ~1 hour on 2 cores
 
 The default model (bf16 under --quant auto) on the default corpus, `--clients` users, each Poisson-sampled
 with probability `--fraction` a round (about 10 a round at the defaults), 5 local steps, `--rounds` rounds;
