@@ -41,7 +41,9 @@ def _check_data(cfg: RunConfig) -> None:
     f = cfg.federation
     clients = partition(cfg.data, tokenizer, f.clients, f.split, f.dirichlet_alpha, f.seed)
     tokens = [clients.tokens(i) for i in range(len(clients))]
-    log.info("%d clients (%s split), %d-%d training tokens each", len(clients), f.split, min(tokens), max(tokens))
+    log.info(
+        "%d clients (%s split), %d-%d training tokens each", len(clients), f.split, min(tokens), max(tokens)
+    )
 
 
 def _precision_note(cfg: RunConfig) -> None:

@@ -210,7 +210,9 @@ def test_finetune_and_the_fallback_for_too_little_text(
     device = Device(_cfg(users, cache_dir, tmp_path / "store", "finetune"), clients=None)
     names = [d.user for d in device.clients]
     short = names.index("short")
-    assert device.clients[short].val == [] and all(device.clients[i].val for i in range(len(names)) if i != short)
+    assert device.clients[short].val == [] and all(
+        device.clients[i].val for i in range(len(names)) if i != short
+    )
     out = device.personalize(short, dict(device.init_state), rnd=2)
     assert out["kept"] == "global" and out["note"].startswith("too little text")
     assert "personal_eval_loss" in out and "val_loss_personal" not in out
