@@ -87,7 +87,7 @@ def partition(
         raise FedpeftError(
             f"{len(empty)} of {n} clients get no text under the {split} split "
             f"(e.g. {split}-{empty[0]:03d}{f' in {DIRICHLET_DRAWS} draws' if split == 'dirichlet' else ''}); "
-            "use fewer --clients or a larger Dirichlet alpha"
+            f"use fewer --clients{' or a larger --dirichlet-alpha' if split == 'dirichlet' else ''}"
         )
     # a client's blocks in corpus order: a stable sort by owner, cut where each owner's blocks end
     t_order, e_order = np.argsort(t_own, kind="stable"), np.argsort(e_own, kind="stable")

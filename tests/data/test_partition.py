@@ -74,3 +74,10 @@ def test_dirichlet_redraws_until_no_client_is_empty(tokenizer) -> None:
     assert all(c.train and c.eval for c in clients)
     sizes = sorted(c.train_tokens for c in clients)
     assert sizes[-1] > 20 * sizes[0]  # still strongly skewed
+
+
+def test_more_iid_clients_than_blocks_is_one_clear_error(labelled_dir: Path, tokenizer) -> None:
+    cfg = DataConfig(data=str(labelled_dir), block_size=128)
+    blocks = sum(len(c.eval) for c in partition(cfg, tokenizer, 6))
+    with pytest.raises(FedpeftError, match=r"clients get no text under the iid split .*use fewer --clients$"):
+        partition(cfg, tokenizer, blocks + 1, "iid")
