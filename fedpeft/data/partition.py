@@ -8,7 +8,7 @@ client is evaluated on text from its own distribution.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ DIRICHLET_DRAWS = 1000  # redraws allowed until every client gets training and h
 
 @dataclass(frozen=True)
 class _Usable:
-    """What partitioning needs of a user, without keeping its blocks."""
+    """What choosing the natural split's users needs of a user, without keeping its blocks."""
 
     text: UserText
     train_tokens: int
@@ -35,19 +35,13 @@ class _Usable:
     dropped: int
 
 
-def _usable(
-    cfg: DataConfig, tokenizer: Any, users: list[UserText], keep: Callable[[UserData], None]
-) -> list[_Usable]:
-    """The users with enough text; `keep` sees each one's blocks once (a split of blocks packs them)."""
-    out = []
+def _usable(cfg: DataConfig, tokenizer: Any, users: list[UserText]) -> Iterator[tuple[UserText, UserData]]:
+    """The users with enough text, each with its blocks, one at a time: the caller keeps what it needs."""
     for u in users:
         try:
-            data = tokenize_user(u, tokenizer, cfg)
+            yield u, tokenize_user(u, tokenizer, cfg)
         except TooLittleData:  # too little text: such a user cannot be a client on its own
             continue
-        keep(data)
-        out.append(_Usable(u, data.train_tokens, data.truncated, data.dropped))
-    return out
 
 
 def partition(
@@ -64,23 +58,23 @@ def partition(
     if split != "natural" and corpus[0].examples:
         return _split_examples(cfg, tokenizer, corpus, n, split, alpha, seed)
     if split == "natural":
-        return _natural(cfg, tokenizer, _usable(cfg, tokenizer, corpus, lambda _: None), n)
+        usable = [
+            _Usable(u, d.train_tokens, d.truncated, d.dropped) for u, d in _usable(cfg, tokenizer, corpus)
+        ]
+        return _natural(cfg, tokenizer, usable, n)
     train_blocks, held_blocks = PackedBlocks(), PackedBlocks()
-    t_labels: list[str | None] = []
+    labels: list[str | None] = []  # per usable user
+    t_labels: list[str | None] = []  # per block
     e_labels: list[str | None] = []
-
-    def pack(data: UserData, label: str | None) -> None:
+    for u, data in _usable(cfg, tokenizer, corpus):
         train_blocks.add(data.train)
         held_blocks.add(data.eval)
-        t_labels.extend([label] * len(data.train))
-        e_labels.extend([label] * len(data.eval))
-
-    users = []
-    for u in corpus:  # one user at a time, so that its label goes with its blocks
-        users += _usable(cfg, tokenizer, [u], lambda d, label=u.label: pack(d, label))
+        labels.append(u.label)
+        t_labels += [u.label] * len(data.train)
+        e_labels += [u.label] * len(data.eval)
     train_blocks.close()
     held_blocks.close()
-    t_own, e_own = _owners(cfg, users, t_labels, e_labels, n, split, alpha, seed)
+    t_own, e_own = _owners(cfg, labels, t_labels, e_labels, n, split, alpha, seed)
     counts = np.bincount(t_own, minlength=n), np.bincount(e_own, minlength=n)
     empty = [i for i in range(n) if not counts[0][i] or not counts[1][i]]
     if empty:
@@ -107,7 +101,7 @@ def partition(
 
 def _owners(
     cfg: DataConfig,
-    users: list[_Usable],
+    labels: list[str | None],
     t_labels: list[str | None],
     e_labels: list[str | None],
     n: int,
@@ -119,15 +113,14 @@ def _owners(
     rng = np.random.default_rng([seed, 1234])
     if split == "iid":
         return rng.permutation(len(t_labels)) % n, rng.permutation(len(e_labels)) % n
-    labels = sorted({u.text.label for u in users if u.text.label is not None})
-    if not labels or any(u.text.label is None for u in users):
+    if not labels or any(label is None for label in labels):
         raise FedpeftError(f"a Dirichlet split needs labelled users; {cfg.data} has none")
     t_own, e_own = np.empty(len(t_labels), int), np.empty(len(e_labels), int)
     # A small alpha leaves some clients without any block; draw again, as NIID-Bench does (Li et al.,
     # ICDE 2022: redraw until every party has a minimum of samples). The first draw is kept when it
     # already gives every client text, so such splits are unchanged.
     for _ in range(DIRICHLET_DRAWS):
-        for label in labels:
+        for label in sorted(set(labels)):
             shares = rng.dirichlet(np.full(n, alpha))
             for items, own in ((t_labels, t_own), (e_labels, e_own)):
                 idx = rng.permutation([i for i, lab in enumerate(items) if lab == label])
