@@ -10,7 +10,7 @@ from typing import Literal
 
 from fedpeft.config.fields import option
 
-LoraMode = Literal["fedavg", "ffa"]
+LoraMode = Literal["fedavg", "ffa", "sb"]
 Split = Literal["natural", "iid", "dirichlet"]
 ServerOpt = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
 Personalize = Literal["none", "finetune", "fedsa", "ditto"]
@@ -90,7 +90,8 @@ class FederationConfig:
     lora_mode: LoraMode = option(
         "fedavg",
         "fedavg: average LoRA A and B separately (approximate); ffa: FFA-LoRA, A frozen and shared, only B "
-        "trained and sent (exact)",
+        "trained and sent (exact); sb: Fed-SB, A and B frozen at the base weights' top singular vectors, only "
+        "an r x r matrix between them trained and sent (exact, r^2 numbers a layer)",
         flag="--lora-mode",
     )
     split: Split = option(

@@ -13,7 +13,7 @@ from fedpeft.config.fields import option
 
 Quant = Literal["auto", "none", "bf16", "int8", "nf4"]
 FullBase = Literal["fp32", "bf16", "off"]
-AdapterKind = Literal["lora", "ia3", "prompt", "prefix"]
+AdapterKind = Literal["lora", "ia3", "prompt", "prefix", "vera", "dora"]
 TorchDevice = Literal["auto", "cpu", "cuda"]
 ComputeDtype = Literal["auto", "fp32", "bf16", "fp16"]
 DataFormat = Literal["auto", "text", "prompt-completion", "messages"]
@@ -32,7 +32,13 @@ IA3_FEEDFORWARD: tuple[str, ...] = ("down_proj",)
 # Prompt and prefix tuning's default learning rates (AdamW), set from common practice, not swept here: the main
 # command's federation with them went from held-out ppl 31.46 to 25.63 (prompt) and 24.81 (prefix) in 5 rounds,
 # LoRA's to 26.35 (benchmarks/federation.py adapters).
-LEARNING_RATES = {"prompt": 3e-2, "prefix": 5e-3}
+# VeRA trains only scaling vectors and, like IA3, needs a far larger step than LoRA (Kopiczko et al., ICLR 2024,
+# Table 8 uses 1e-2 to 4e-3); DoRA trains LoRA's A and B plus a magnitude and takes LoRA's rate (Liu et al.,
+# ICML 2024). Fed-SB trains one r x r matrix between a frozen orthonormal basis (fedpeft.model.fed_sb).
+LEARNING_RATES = {"prompt": 3e-2, "prefix": 5e-3, "vera": 4e-3, "dora": 2e-4}
+# VeRA's frozen random matrices are shared by every layer, so its rank is cheap: peft's default
+VERA_RANK = 256
+DEFAULT_RANK = 8
 
 # Commands that take a config tree. The sections of RunConfig say which commands see their flags.
 TRAIN = ("train",)
@@ -111,11 +117,19 @@ class BaseConfig:
 class AdapterConfig:
     kind: AdapterKind = option(
         "lora",
-        "adapter type: lora, ia3, prompt (prompt tuning: learned input embeddings, Lester et al. 2021) or prefix "
-        "(prefix tuning: learned keys and values in every layer, Li and Liang 2021)",
+        "adapter type: lora, ia3, prompt (prompt tuning: learned input embeddings, Lester et al. 2021), prefix "
+        "(prefix tuning: learned keys and values in every layer, Li and Liang 2021), vera (VeRA: frozen random "
+        "matrices shared by all layers, trained scaling vectors, Kopiczko et al. 2024) or dora (DoRA: LoRA on "
+        "the direction plus a trained magnitude, Liu et al. 2024)",
         flag="--adapter",
     )
-    r: int = option(8, "LoRA rank", flag="--lora-r", metavar="R", gt=0)
+    r: int | None = option(
+        None,
+        f"rank of LoRA, DoRA and Fed-SB (default {DEFAULT_RANK}) and of VeRA's shared matrices (default {VERA_RANK})",
+        flag="--lora-r",
+        metavar="R",
+        gt=0,
+    )
     alpha: float = option(16.0, "LoRA alpha; scale = alpha/r", flag="--lora-alpha", metavar="A", gt=0)
     dropout: float = option(0.0, "dropout on the LoRA input", flag="--lora-dropout", metavar="P", ge=0, lt=1)
     target_modules: tuple[str, ...] = option(
@@ -138,6 +152,9 @@ class AdapterConfig:
     virtual_tokens: int = option(
         20, "prompt and prefix tuning: virtual tokens", flag="--virtual-tokens", metavar="N", gt=0
     )
+    # Fed-SB (Singhal et al., 2025; --lora-mode sb): A and B frozen at a basis every device derives alike, only
+    # an r x r matrix between them trains, so averaging it averages the update exactly (fedpeft.model.fed_sb)
+    lora_sb: bool = option(False)
     seed: int = option(0, flag="--seed")  # seeds the adapter init, so every client builds the same A
 
     @property
@@ -145,6 +162,17 @@ class AdapterConfig:
         """Prompt and prefix tuning: the adapter lives in front of the input (or the keys and values), not in
         the layers; it runs through peft's own forward and cannot merge into the weights."""
         return self.kind in ("prompt", "prefix")
+
+    @property
+    def rank(self) -> int:
+        if self.r is not None:
+            return self.r
+        return VERA_RANK if self.kind == "vera" else DEFAULT_RANK
+
+    @property
+    def lora_like(self) -> bool:
+        """LoRA's A and B matrices in every target (plain, FFA, Fed-SB, DoRA)."""
+        return self.kind in ("lora", "dora")
 
     def targets(self) -> tuple[str, ...]:
         if self.kind == "ia3" and self.target_modules == LORA_TARGETS:

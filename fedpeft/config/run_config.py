@@ -37,10 +37,11 @@ def client_adapter(cfg: RunConfig) -> AdapterConfig:
     return dataclasses.replace(
         cfg.adapter,
         freeze_a=cfg.adapter.freeze_a or cfg.federation.lora_mode == "ffa",
+        lora_sb=cfg.federation.lora_mode == "sb",
         seed=cfg.federation.seed,
     )
 
 
 def client_lr(cfg: RunConfig) -> float:
     a = client_adapter(cfg)
-    return cfg.train.learning_rate(a.kind, a.freeze_a)
+    return cfg.train.learning_rate("sb" if a.lora_sb else a.kind, a.freeze_a)

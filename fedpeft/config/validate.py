@@ -31,7 +31,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     a, f, p = cfg.adapter, cfg.federation, cfg.personal
     _check(bool(a.target_modules), "--targets names no module")
     _check(not a.freeze_a or a.kind == "lora", "--freeze-a applies to LoRA only")
-    _check(f.lora_mode != "ffa" or a.kind == "lora", "--lora-mode ffa applies to LoRA only")
+    _check(f.lora_mode == "fedavg" or a.kind == "lora", f"--lora-mode {f.lora_mode} applies to LoRA only")
+    _check(f.lora_mode != "sb" or not a.freeze_a, "--lora-mode sb freezes A and B already: drop --freeze-a")
+    # a personal adapter is kept as a plain LoRA folder; Fed-SB's matrix is not read back from one yet
+    _check(
+        f.lora_mode != "sb" or p.method == "none",
+        "--lora-mode sb has no personal adapters yet: use --personalize none",
+    )
     _check(f.min_clients <= f.clients, f"--min-clients {f.min_clients} exceeds --clients {f.clients}")
     _check(
         p.method != "fedsa" or a.kind == "lora",

@@ -93,7 +93,7 @@ class Device(PersonalAdapters):
         self._reference_round: tuple[tuple[int, str], float] | None = None
         self._base_reference: float | None = None
         self.strategy = strategy_for(cfg)
-        self.keys = shared_keys(list(self.init_state), cfg.federation.lora_mode, self.strategy.name)
+        self.keys = shared_keys(list(self.init_state), adapter_cfg, self.strategy.name)
         f = cfg.federation
         if data_path is not None:  # a real device: one user, its own text
             clients = [_own_data(data_path, name, cfg, self.base.tokenizer)]

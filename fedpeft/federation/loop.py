@@ -77,7 +77,7 @@ class Federation:
         self.dp = privacy_plan(cfg, len(self.roster.on_base()), state.history if state is not None else ())
         if self.dp is not None:
             log.info("%s", dp_note(self.dp, cfg.federation.rounds))
-        if cfg.adapter.kind == "lora":
+        if cfg.adapter.kind in ("lora", "dora", "vera"):
             log.info("aggregation: %s", rounds.aggregation_note(cfg))
         if state is not None:
             check_same_adapter(state, description, checkpoint)

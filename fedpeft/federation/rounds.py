@@ -205,9 +205,19 @@ def secagg_rejections(
 
 
 def aggregation_note(cfg: RunConfig) -> str:
-    """How LoRA's two matrices are aggregated under this configuration."""
+    """How LoRA's two matrices (VeRA's two vectors, DoRA's matrices and magnitude) are aggregated under this
+    configuration."""
+    if cfg.adapter.kind == "vera":
+        return "FedAvg of VeRA's vectors b and d separately (mean of b·d is not mean(b)·mean(d): an approximation)"
+    if cfg.adapter.kind == "dora":
+        return (
+            "FedAvg of DoRA's A, B and magnitude separately (the update is a product and a normalization of "
+            "them: an approximation)"
+        )
     if cfg.federation.lora_mode == "ffa":
         return "FFA-LoRA (A frozen and shared, B averaged: exact)"
+    if cfg.federation.lora_mode == "sb":
+        return "Fed-SB (A and B frozen at the base's singular vectors, the r x r matrix averaged: exact)"
     note = strategy_for(cfg).aggregation_note()  # FedSA-LoRA's: A averaged, B personal
     if note is not None:
         return note

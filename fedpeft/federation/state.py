@@ -8,6 +8,7 @@ the clients' self-description at round 0, and refuses any reply that does not ma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -27,6 +28,7 @@ from fedpeft.errors import FedpeftError
 from fedpeft.federation.aggregate import Arrays, divide, server_update, weighted_sum
 from fedpeft.federation.sinks import check_trackers, record
 from fedpeft.model.adapter_files import AdapterDescription, adapter_meta, write_adapter_dir
+from fedpeft.model.fed_sb import fold
 from fedpeft.privacy.plan import plan
 
 CHECKPOINTS = "checkpoints"
@@ -119,20 +121,24 @@ def check_same_adapter(state: ServerState, description: AdapterDescription, chec
 
 
 def write_global(run_dir: Path, state: ServerState) -> Path:
-    """The current global adapter as a PEFT folder (`fedpeft export RUN/global` works on it)."""
+    """The current global adapter as a PEFT folder (`fedpeft export RUN/global` works on it); a Fed-SB adapter
+    as the plain LoRA it equals (its checkpoints keep the r x r matrices a resume continues from)."""
     info = state.info
+    arrays, adapter = state.arrays, info.adapter
+    if adapter.lora_sb:
+        arrays, adapter = fold(arrays), dataclasses.replace(adapter, lora_sb=False)
     meta = adapter_meta(
         info.fingerprint,
         info.base_path,
         info.quant,
-        info.adapter,
-        state.arrays,
+        adapter,
+        arrays,
         round=state.round,
         base=info.base,
         # the (epsilon, delta) this adapter was trained under, so every copy of it says so
         **({"dp": state.history[-1]["dp"]} if state.history and state.history[-1].get("dp") else {}),
     )
-    return write_adapter_dir(run_dir / "global", state.arrays, info.peft_config, meta)
+    return write_adapter_dir(run_dir / "global", arrays, info.peft_config, meta)
 
 
 def save_checkpoint(run_dir: Path, state: ServerState, cfg: RunConfig) -> Path:

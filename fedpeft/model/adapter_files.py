@@ -146,3 +146,17 @@ def write_adapter_dir(
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
     return dest
+
+
+def trains(name: str, cfg: AdapterConfig) -> bool:
+    """Whether the adapter weight `name` (a parameter's or a state-dict key) trains under `cfg`."""
+    if cfg.lora_sb:
+        return ".lora_R." in name
+    is_adapter = (
+        ".lora_" in name
+        or ".ia3_" in name
+        or ".vera_lambda_" in name
+        or name.startswith("prompt_encoder.")
+        or name == "prompt_embeddings"  # prompt and prefix tuning's state key
+    )
+    return is_adapter and not (cfg.freeze_a and ".lora_A." in name)

@@ -8,6 +8,7 @@ saved adapter is a folder Hugging Face PEFT loads as it is.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from safetensors.numpy import load_file
 from fedpeft.atomic import atomic_dir
 from fedpeft.config.tree import AdapterConfig
 from fedpeft.errors import FedpeftError
+from fedpeft.model import fed_sb
 from fedpeft.model.adapter_files import (  # re-exported: the model-free half of this module
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -33,6 +35,7 @@ from fedpeft.model.adapter_files import (  # re-exported: the model-free half of
     adapter_meta,
     schema_from_json,
     schema_of,
+    trains,
     write_adapter_dir,
 )
 from fedpeft.model.base import Base
@@ -44,9 +47,10 @@ def _peft_config(cfg: AdapterConfig) -> Any:
     # peft imports bitsandbytes, which logs at import: only once load_base has quieted it
     from peft import IA3Config, LoraConfig
 
-    if cfg.kind == "lora":
+    if cfg.kind in ("lora", "dora"):
         return LoraConfig(
-            r=cfg.r,
+            r=cfg.rank,
+            use_dora=cfg.kind == "dora",
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
             target_modules=list(cfg.targets()),
@@ -69,7 +73,18 @@ def _peft_config(cfg: AdapterConfig) -> Any:
         from peft import PrefixTuningConfig  # peft: see _peft_config
 
         return PrefixTuningConfig(num_virtual_tokens=cfg.virtual_tokens, task_type="CAUSAL_LM")
-    raise FedpeftError(f"unknown adapter {cfg.kind!r}; choose lora, ia3, prompt or prefix")
+    if cfg.kind == "vera":
+        from peft import VeraConfig  # peft: see _peft_config
+
+        # the shared random matrices are drawn from the federation's seed, so every client draws the same ones
+        return VeraConfig(
+            r=cfg.rank,
+            target_modules=list(cfg.targets()),
+            projection_prng_key=cfg.seed,
+            vera_dropout=cfg.dropout,
+            task_type="CAUSAL_LM",
+        )
+    raise FedpeftError(f"unknown adapter {cfg.kind!r}; choose lora, ia3, prompt, prefix, vera or dora")
 
 
 def check_targets(model: Any, targets: tuple[str, ...]) -> None:
@@ -94,6 +109,8 @@ def inject(base: Base, cfg: AdapterConfig) -> Any:
         model = get_peft_model(base.model, _peft_config(cfg))
     if cfg.kind == "prefix":
         _init_prefix(model, base.compute, cfg)
+    if cfg.lora_sb:
+        fed_sb.attach(model, cfg.rank)
     # a name a user elsewhere can resolve (the public id when known), not a path into this machine's cache
     model.peft_config["default"].base_model_name_or_path = base.public_id or str(base.path)
     set_trainable(model, cfg)
@@ -133,15 +150,10 @@ def _init_prefix(model: Any, compute: str, cfg: AdapterConfig) -> None:
 
 
 def set_trainable(model: Any, cfg: AdapterConfig) -> None:
-    """The one place that decides what trains: adapter weights only; with freeze_a, LoRA B only."""
+    """The one place that decides what trains: adapter weights only; with freeze_a, LoRA B only; under Fed-SB
+    the r x r matrix only. VeRA's shared random matrices never train."""
     for name, p in model.named_parameters():
         p.requires_grad_(trains(name, cfg))
-
-
-def trains(name: str, cfg: AdapterConfig) -> bool:
-    """Whether the adapter weight `name` (a parameter's or a state-dict key) trains under `cfg`."""
-    is_adapter = ".lora_" in name or ".ia3_" in name or name.startswith("prompt_encoder.")
-    return is_adapter and not (cfg.freeze_a and ".lora_A." in name)
 
 
 @contextmanager
@@ -294,8 +306,10 @@ def save_adapter(
     extra: dict[str, Any] | None = None,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Save the adapter of `model` (see write_adapter_dir)."""
+    """Save the adapter of `model` (see write_adapter_dir); a Fed-SB adapter as the plain LoRA it equals."""
     arrays = adapter_state(model)
+    if cfg.lora_sb:
+        arrays, cfg = fed_sb.fold(arrays), dataclasses.replace(cfg, lora_sb=False)
     meta = adapter_meta(
         base.fingerprint, str(base.path), base.quant, cfg, arrays, base=base.doc(), **(extra or {})
     )

@@ -28,6 +28,8 @@ from fedpeft.errors import FedpeftError
 
 PREFIX = "base_model.model."  # peft's state-dict keys start here: the rest is the module path in the base
 LORA_KEYS = (".lora_A.weight", ".lora_B.weight")
+# the adapter kinds applied per row; the rest (prompt, prefix, VeRA, DoRA) run through peft's own forward
+PER_ROW = ("lora", "ia3")
 IA3_KEY = ".ia3_l"
 
 
@@ -174,7 +176,7 @@ class MultiAdapter:
     def add(self, name: str, cfg: AdapterConfig, arrays: dict[str, np.ndarray | torch.Tensor]) -> None:
         """Place one adapter (peft's state-dict keys and shapes). LoRA and IA3 only: prompt and prefix tuning
         act on the input, not on the layers."""
-        if cfg.kind not in ("lora", "ia3"):
+        if cfg.kind not in PER_ROW or cfg.lora_sb:
             raise FedpeftError(f"adapter {name}: {cfg.kind} adapters are not applied per layer")
         if name in self.configs:
             raise FedpeftError(f"adapter {name} is already loaded")
@@ -193,7 +195,7 @@ class MultiAdapter:
                     _check_shape(name, module, layer, a.shape[1], b.shape[0])
                     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
                         raise FedpeftError(f"adapter {name}: layer {module}'s A and B disagree on the rank")
-                    layer.lora[name] = LayerLoRA(a, b, cfg.alpha / cfg.r)
+                    layer.lora[name] = LayerLoRA(a, b, cfg.alpha / cfg.rank)
                 else:
                     (v,) = tensors
                     ff = module.rsplit(".", 1)[-1] in cfg.feedforward_modules

@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from fedpeft.model.adapter_files import trains
+
 if TYPE_CHECKING:
     import torch
 
-    from fedpeft.config.tree import PersonalConfig, RunConfig
+    from fedpeft.config.tree import AdapterConfig, PersonalConfig, RunConfig
     from fedpeft.data.blocks import UserData
 
 Arrays = dict[str, np.ndarray]
@@ -171,12 +173,11 @@ def strategy_for(cfg: RunConfig) -> Personalization:
     return STRATEGIES[cfg.personal.method]
 
 
-def shared_keys(names: list[str], lora_mode: str, method: str) -> list[str]:
-    """The adapter tensors that clients train and exchange: all of them; LoRA B only under FFA-LoRA (A stays
-    at the seeded init every client builds identically); LoRA A only under FedSA (B is personal)."""
-    if lora_mode == "ffa":
-        return [n for n in names if ".lora_B." in n]
-    return STRATEGIES[method].shared_keys(names)
+def shared_keys(names: list[str], adapter: AdapterConfig, method: str) -> list[str]:
+    """The adapter tensors that clients train and exchange: those that train (LoRA B only under FFA-LoRA, A
+    staying at the seeded init every client builds identically; the r x r matrix only under Fed-SB; not
+    VeRA's shared random matrices); of those, LoRA A only under FedSA (B is personal)."""
+    return STRATEGIES[method].shared_keys([n for n in names if trains(n, adapter)])
 
 
 def method_label(personal: PersonalConfig) -> str:

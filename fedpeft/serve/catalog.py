@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fedpeft.errors import FedpeftError
 from fedpeft.model.adapters import AdapterFiles, read_adapter
+from fedpeft.model.multi import PER_ROW
 from fedpeft.personal.store import CHOICE_FILE, GLOBAL, PERSONAL, user_adapter
 
 BASE = "base"  # the model name that means no adapter
@@ -120,9 +121,9 @@ def discover(sources: list[str], named: list[str]) -> list[Entry]:
     kinds = sorted({e.kind for e in entries})
     # LoRA and IA3 mix in one batch (fedpeft/model/multi.py); prompt and prefix tuning go through peft's model,
     # which holds one type of adapter
-    if len(kinds) > 1 and set(kinds) - {"lora", "ia3"}:
+    if len(kinds) > 1 and set(kinds) - set(PER_ROW):
         raise FedpeftError(
             f"adapters of several types ({', '.join(kinds)}): LoRA and IA3 share a server, prompt and prefix "
-            "tuning each need their own"
+            "tuning, VeRA and DoRA each need their own"
         )
     return entries

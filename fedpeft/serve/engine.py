@@ -29,7 +29,7 @@ from fedpeft.model.adapters import (
     schema_of,
 )
 from fedpeft.model.base import Base
-from fedpeft.model.multi import MultiAdapter
+from fedpeft.model.multi import PER_ROW, MultiAdapter
 from fedpeft.model.placement import model_device
 from fedpeft.model.precision import autocast
 from fedpeft.serve.catalog import BASE, Entry
@@ -58,7 +58,8 @@ class Engine:
             check_fingerprint(e.files.fingerprint, base, f"adapter {e.name} ({e.files.path})")
         self.model = base.model
         self.multi: MultiAdapter | None = None
-        self.prompt_learning = any(e.files.adapter_config.prompt_learning for e in entries)
+        # prompt and prefix tuning, VeRA and DoRA run through peft's own forward, one adapter at a time
+        self.prompt_learning = any(e.files.adapter_config.kind not in PER_ROW for e in entries)
         if self.prompt_learning:
             self._peft_model(entries)
         elif entries:

@@ -127,7 +127,7 @@ def evaluate_sources(
                 elif files.adapter_config != injected:  # another kind, rank or scaling: another model
                     raise FedpeftError(
                         f"{files.path} is another kind of adapter than the first one ({injected.kind}, r "
-                        f"{injected.r}): score adapters of different configurations in separate commands"
+                        f"{injected.rank}): score adapters of different configurations in separate commands"
                     )
                 load_adapter_state(peft_model, files.arrays, what=f"adapter {files.path}")
                 model_now, ctx = peft_model, contextlib.nullcontext()

@@ -25,7 +25,7 @@ from fedpeft.config.tree import AdapterConfig, TrainConfig
 from fedpeft.data.blocks import UserData, collate, label_tokens
 from fedpeft.model.adapters import adapter_off, trains
 from fedpeft.model.memory import release_heap
-from fedpeft.model.multi import MultiAdapter
+from fedpeft.model.multi import PER_ROW, MultiAdapter
 from fedpeft.model.placement import model_device, to_device
 from fedpeft.model.precision import autocast
 from fedpeft.training.local import (
@@ -54,8 +54,10 @@ class ClientRun:
 
 def supports(model: Any, cfg: AdapterConfig, train: TrainConfig) -> str | None:
     """Why these clients must train one after another, or None when they can train in lockstep."""
-    if cfg.kind not in ("lora", "ia3"):
-        return f"{cfg.kind} adapters act on the input, not on the layers"
+    if cfg.kind not in PER_ROW:
+        return f"{cfg.kind} adapters are not in the batched operator"
+    if cfg.lora_sb:
+        return "Fed-SB's r x r matrix is not in the batched operator"
     if cfg.kind == "lora" and cfg.dropout > 0:
         return "LoRA dropout draws its masks for the whole stack, not per client"
     if train.max_memory:

@@ -74,9 +74,14 @@ def _tree_hash(root: Path) -> str:
 
 def test_shared_keys_per_method() -> None:
     names = ["m.lora_A.weight", "m.lora_B.weight"]
-    assert shared_keys(names, "fedavg", "fedsa") == ["m.lora_A.weight"]
-    assert shared_keys(names, "ffa", "none") == ["m.lora_B.weight"]
-    assert shared_keys(names, "fedavg", "ditto") == names
+    assert shared_keys(names, AdapterConfig(), "fedsa") == ["m.lora_A.weight"]
+    assert shared_keys(names, AdapterConfig(freeze_a=True), "none") == ["m.lora_B.weight"]
+    assert shared_keys(names, AdapterConfig(), "ditto") == names
+    # Fed-SB: the r x r matrix only; VeRA: its vectors, never the shared random matrices
+    sb = [*names, "m.lora_R.weight"]
+    assert shared_keys(sb, AdapterConfig(lora_sb=True), "none") == ["m.lora_R.weight"]
+    vera = ["base_model.vera_A", "base_model.vera_B", "m.vera_lambda_b", "m.vera_lambda_d"]
+    assert shared_keys(vera, AdapterConfig(kind="vera"), "none") == vera[2:]
 
 
 def test_validation_is_the_tail_of_the_training_blocks_or_nothing() -> None:

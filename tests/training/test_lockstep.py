@@ -85,6 +85,8 @@ def test_lockstep_equals_sequential(cache_dir: str, cfg: AdapterConfig, k: int) 
 def test_what_lockstep_leaves_to_the_sequential_path(cache_dir: str) -> None:
     base = load_base(BaseConfig(model="tiny", quant="none", cache_dir=cache_dir))
     model = inject(base, AdapterConfig())
-    assert "input" in supports(model, AdapterConfig(kind="prompt"), TRAIN)
+    for kind in ("prompt", "vera", "dora"):
+        assert "batched operator" in supports(model, AdapterConfig(kind=kind), TRAIN)
+    assert "Fed-SB" in supports(model, AdapterConfig(lora_sb=True), TRAIN)
     assert "dropout" in supports(model, AdapterConfig(dropout=0.1), TRAIN)
     assert "--max-memory" in supports(model, AdapterConfig(), replace(TRAIN, max_memory=900.0))
