@@ -94,6 +94,17 @@ class FederationConfig:
         "an r x r matrix between them trained and sent (exact, r^2 numbers a layer)",
         flag="--lora-mode",
     )
+    # HetLoRA (Cho et al., EMNLP 2024): a device of a smaller rank trains the leading slice of the shared
+    # shape; the server averages each rank slice over the devices that train it (fedpeft.federation.ranks)
+    client_ranks: tuple[int, ...] = option(
+        (),
+        "simulation: the LoRA rank each client trains, by turns (client i: the (i mod n)-th), each at most "
+        "--lora-r, the federation's (default: all at --lora-r; a device sets its own with `fedpeft client "
+        "--rank`)",
+        flag="--client-ranks",
+        metavar="R1,R2",
+        commands=("simulate",),
+    )
     split: Split = option(
         "natural",
         "natural: one user per client (the users with the most text); iid: all text shuffled evenly; "

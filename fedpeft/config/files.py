@@ -28,7 +28,7 @@ def to_run_config(cfg: RunConfig) -> dict[str, Any]:
 
 def _flat(value: Any) -> Any:
     if isinstance(value, tuple):
-        return ",".join(value)
+        return ",".join(str(v) for v in value)
     return "" if value is None else value
 
 
@@ -44,7 +44,12 @@ def parse_value(f: Field, raw: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin is tuple:
         items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
-        return tuple(str(x).strip() for x in items if str(x).strip())
+        texts = tuple(str(x).strip() for x in items if str(x).strip())
+        if typing.get_args(hint)[0] is int:  # a list of integers (--client-ranks 2,4,8)
+            if not all(t.isdigit() for t in texts):
+                raise FedpeftError(f"{f.label} must be comma-separated whole numbers, got {raw!r}")
+            return tuple(int(t) for t in texts)
+        return texts
     if origin is Literal or hint is str:
         if not isinstance(raw, str):
             raise FedpeftError(f"{f.label} must be text, got {raw!r}")

@@ -54,7 +54,7 @@ def _dest(flag: str) -> str:
 
 
 def _shown(value: Any) -> str:
-    return ",".join(value) if isinstance(value, tuple) else str(value)
+    return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
 
 
 def _help(f: Field, command: str) -> str:

@@ -35,7 +35,7 @@ IA3_FEEDFORWARD: tuple[str, ...] = ("down_proj",)
 # VeRA trains only scaling vectors and, like IA3, needs a far larger step than LoRA (Kopiczko et al., ICLR 2024,
 # Table 8 uses 1e-2 to 4e-3); DoRA trains LoRA's A and B plus a magnitude and takes LoRA's rate (Liu et al.,
 # ICML 2024). Fed-SB trains one r x r matrix between a frozen orthonormal basis (fedpeft.model.fed_sb).
-LEARNING_RATES = {"prompt": 3e-2, "prefix": 5e-3, "vera": 4e-3, "dora": 2e-4}
+LEARNING_RATES = {"prompt": 3e-2, "prefix": 5e-3, "vera": 4e-3, "dora": 2e-4, "sb": 1e-3}
 # VeRA's frozen random matrices are shared by every layer, so its rank is cheap: peft's default
 VERA_RANK = 256
 DEFAULT_RANK = 8

@@ -76,6 +76,15 @@ class DeviceConfig:
         ge=0,
         group=PROTECTION,
     )
+    # HetLoRA: a device with less memory or compute trains a slice of the federation's LoRA rank
+    rank: int = option(
+        0,
+        "the LoRA rank this device trains: the leading R rows and columns of the federation's adapter, "
+        "which it keeps as its own (default 0: the federation's --lora-r)",
+        flag="--rank",
+        metavar="R",
+        ge=0,
+    )
     # a device's own hardware decides, not the server (fedpeft.model.precision)
     compute_dtype: DeviceDtype = option(
         "",

@@ -68,7 +68,8 @@ def _type(f: Field) -> str:
     if typing.get_origin(hint) is Literal:
         kind = "one of " + ", ".join(f"`{o}`" for o in typing.get_args(hint))
     elif typing.get_origin(hint) is tuple:
-        kind = "list of str (a flag takes them comma-separated)"
+        item = typing.get_args(hint)[0].__name__
+        kind = f"list of {item} (a flag takes them comma-separated)"
     else:
         kind = getattr(hint, "__name__", str(hint))
     bounds = _range(f.meta)

@@ -38,6 +38,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         f.lora_mode != "sb" or p.method == "none",
         "--lora-mode sb has no personal adapters yet: use --personalize none",
     )
+    if f.client_ranks:
+        _validate_ranks(cfg)
     _check(f.min_clients <= f.clients, f"--min-clients {f.min_clients} exceeds --clients {f.clients}")
     _check(
         p.method != "fedsa" or a.kind == "lora",
@@ -65,6 +67,23 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(not unknown, f"--log-to names trackers from {', '.join(TRACKERS)}; got {', '.join(unknown)}")
     _validate_privacy(cfg.privacy, f.secagg)
     return cfg
+
+
+def _validate_ranks(cfg: RunConfig) -> None:
+    """Mixed LoRA ranks (fedpeft.federation.ranks): plain LoRA or FFA-LoRA, each rank within the federation's."""
+    a, f = cfg.adapter, cfg.federation
+    _check(
+        a.kind == "lora" and f.lora_mode in ("fedavg", "ffa"),
+        "mixed ranks need --adapter lora, --lora-mode fedavg or ffa",
+    )
+    bad = [r for r in f.client_ranks if not 1 <= r <= a.rank]
+    _check(
+        not bad,
+        f"a client's rank must be 1 to the federation's --lora-r {a.rank}, got {bad[0] if bad else 0}",
+    )
+    # DP clips and noises the whole padded delta and weighs every client 1: per-slice means are not planned
+    _check(cfg.privacy.mode == "off", "mixed ranks are not combined with --dp yet")
+    _check(cfg.personal.method == "none", "mixed ranks have no personal adapters yet: use --personalize none")
 
 
 def _validate_privacy(d: PrivacyConfig, secagg: bool) -> None:

@@ -25,10 +25,12 @@ from fedpeft.data.clients import Clients
 from fedpeft.data.partition import partition
 from fedpeft.data.users import load_device_user
 from fedpeft.device.personal import PersonalAdapters
+from fedpeft.device.rank_slice import RankSlice
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.aggregate import Arrays
 from fedpeft.federation.evaluation import FULL_QUANT
 from fedpeft.federation.forgetting import reference_blocks
+from fedpeft.federation.ranks import travel_rank
 from fedpeft.federation.state import client_seed
 from fedpeft.federation.task_eval import PREFIX
 from fedpeft.model.adapter_files import AdapterDescription
@@ -57,6 +59,7 @@ class FitResult:
     seconds: float
     personal_seconds: float = 0.0  # on top of the federated training: the personal adapter's (ditto, fedsa)
     group: int = 1  # clients trained in lockstep with this one, itself included
+    rank: int = 0  # the LoRA rank it trained (fedpeft.federation.ranks); 0 for other adapters
 
 
 def _digest(arrays: Arrays) -> str:
@@ -94,6 +97,7 @@ class Device(PersonalAdapters):
         self._base_reference: float | None = None
         self.strategy = strategy_for(cfg)
         self.keys = shared_keys(list(self.init_state), adapter_cfg, self.strategy.name)
+        self.slice = RankSlice(self.model, cfg, travel_rank(schema_of(self.init_state), self.keys))
         f = cfg.federation
         if data_path is not None:  # a real device: one user, its own text
             clients = [_own_data(data_path, name, cfg, self.base.tokenizer)]
@@ -132,6 +136,7 @@ class Device(PersonalAdapters):
         client = local if client is None else client
         self.drop_full_base()  # training needs the memory; only round 0 and the last round use it
         personal = self.strategy.fit_start(self, local)  # FedSA: this user's own B under the shared A
+        global_arrays = self.slice.enter(client, global_arrays)  # a device of a smaller rank: its slice
         self._apply({**(personal or {}), **global_arrays})
         tcfg = replace(
             self.cfg.train,
@@ -157,6 +162,7 @@ class Device(PersonalAdapters):
             float(np.mean(result.losses)),
             result.seconds,
             time.perf_counter() - start,
+            rank=self.slice.current,
         )
 
     def fit_many(self, jobs: list[tuple[int, Arrays, int, int]]) -> list[FitResult]:
@@ -165,6 +171,8 @@ class Device(PersonalAdapters):
         from fedpeft.training.lockstep import chunks, group_that_fits, supports
 
         why = supports(self.model, self.adapter_cfg, self.cfg.train)
+        if why is None and self.slice.ranks:
+            why = "clients of different ranks mask different slices"
         if why is not None or len(jobs) < 2:
             if why is not None and len(jobs) > 1:
                 log.debug("clients train one after another: %s", why)
@@ -210,8 +218,9 @@ class Device(PersonalAdapters):
         """Held-out loss of the global adapter on this client's text: (mean loss, tokens). `bare`: of the
         base alone, adapter disabled. The initial adapter is the identity only up to float rounding: peft
         runs LoRA's zero product and IA3's unit scales through fp32, so round 0 measured through them
-        differed by adapter type (57.35 LoRA, 57.46 IA3 on the same base and text)."""
-        self._apply(global_arrays)
+        differed by adapter type (57.35 LoRA, 57.46 IA3 on the same base and text). A client of a smaller
+        rank scores its slice of the global adapter, the adapter it keeps and uses."""
+        self._apply(self.slice.enter(local, global_arrays))
         if not bare:
             r = self._eval(self.clients[local].eval)
         else:
@@ -225,7 +234,7 @@ class Device(PersonalAdapters):
         task = self.clients[local].task
         if task is None:
             return {}
-        self._apply(global_arrays)
+        self._apply(self.slice.enter(local, global_arrays))
         with adapter_off(self.model) if bare else contextlib.nullcontext():
             return self._score(task)
 

@@ -22,6 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedpeft.config.files import from_run_config
 from fedpeft.config.node import DeviceConfig
 from fedpeft.config.tree import RunConfig
+from fedpeft.config.validate import validate
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.wire import arrays_to_record, record_to_arrays
 from fedpeft.model.placement import gpu_figures
@@ -51,6 +52,12 @@ def config_for(content: RecordDict, node: DeviceConfig | None) -> RunConfig:
         cfg = replace(cfg, base=base, personal=replace(cfg.personal, store=node.personal_dir))
         # a device computes where its owner runs it (CPU): the server's --device is not its to choose
         cfg = replace(cfg, base=replace(cfg.base, device="cpu"))
+        if node.rank:  # its own slice of the federation's rank (fedpeft.federation.ranks)
+            if node.rank > cfg.adapter.rank:
+                raise FedpeftError(
+                    f"refused: --rank {node.rank} exceeds the federation's LoRA rank {cfg.adapter.rank}"
+                )
+            cfg = validate(replace(cfg, federation=replace(cfg.federation, client_ranks=(node.rank,))))
         if node.compute_dtype:  # the device's own choice of compute precision (fedpeft.model.precision)
             cfg = replace(cfg, base=replace(cfg.base, compute_dtype=node.compute_dtype))
         # the device's own budget, else the federation's, for the device as a whole: micro-batches that
@@ -191,6 +198,8 @@ def _fit(content: RecordDict, node: DeviceConfig | None, partition: int):
         "load_seconds": load_seconds,
         "personal_seconds": result.personal_seconds,
         "lockstep_clients": float(result.group),
+        # a secure sum carries each rank slice's weight in `rank_slots` entries (fedpeft.federation.ranks)
+        **({"rank": float(result.rank), "rank_slots": float(device.slice.full)} if result.rank else {}),
         **device_stats(device.base.device),
     }
     return device, local, client, result, metrics

@@ -27,6 +27,7 @@ from fedpeft.errors import FedpeftError
 from fedpeft.federation import evaluation, rounds
 from fedpeft.federation.aggregate import Arrays
 from fedpeft.federation.forgetting import forgets, reference_metrics
+from fedpeft.federation.ranks import effective_rank
 from fedpeft.federation.roster import Registration, Roster, make_roster
 from fedpeft.federation.secure_round import advertise_ahead, secure_round
 from fedpeft.federation.state import (
@@ -42,6 +43,7 @@ from fedpeft.federation.tasks import EvalRequest, error_text, read_evaluation, r
 from fedpeft.federation.transport import Transport, describe
 from fedpeft.federation.wire import arrays_to_record, record_to_arrays
 from fedpeft.model.adapter_files import AdapterDescription
+from fedpeft.model.fed_sb import fold
 from fedpeft.privacy.plan import DpPlan
 from fedpeft.privacy.plan import note as dp_note
 from fedpeft.privacy.plan import plan as privacy_plan
@@ -137,6 +139,10 @@ class Federation:
         if self.dp is not None:
             metrics["dp"] = self.dp.metrics(state.history, metrics)
         metrics.pop("dp_sum", None)  # in `dp` now
+        if (
+            rank := effective_rank(fold(state.arrays) if state.info.adapter.lora_sb else state.arrays)
+        ) is not None:
+            metrics["effective_rank"] = rank  # a LoRA adapter collapsing into a smaller rank shows here
         metrics["seconds"] = time.perf_counter() - start
         state.history = [*state.history, metrics]
         save_round(self.run_dir, state, cfg)

@@ -185,6 +185,10 @@ class RoundMetrics(_Record):
     secagg_t: int | None = None
     secagg_stages: int | None = None
     bytes_up: int | None = None
+    ranks: dict[str, int] | None = (
+        None  # each client's LoRA rank, where some trained less than the federation's
+    )
+    effective_rank: float | None = None  # of the global adapter's updates B·A (fedpeft.federation.ranks)
     bytes_down: int | None = None
     bytes_down_eval: int | None = None
     # evaluation (fedpeft.federation.evaluation)
@@ -260,6 +264,7 @@ SCALARS = (  # (tracker name, RoundMetrics field)
     ("reference/base_ppl", "base_reference_ppl"),
     ("reference/forgetting_percent", "forgetting"),
     ("bytes/up", "bytes_up"),
+    ("adapter/effective_rank", "effective_rank"),
     ("bytes/down", "bytes_down"),
     ("bytes/down_eval", "bytes_down_eval"),
 )

@@ -18,6 +18,7 @@ from fedpeft.federation.aggregate import Arrays, weighted_sum
 from fedpeft.federation.evaluation import changes_text
 from fedpeft.federation.metrics import RoundMetrics, as_history, as_metrics, base_name
 from fedpeft.federation.personal_summary import summary_line
+from fedpeft.federation.ranks import travel_rank, truncate
 from fedpeft.federation.state import ServerState, aggregate_round, apply_mean, check_update, skip_round
 from fedpeft.federation.task_eval import task_text
 from fedpeft.log import show_bars
@@ -120,17 +121,27 @@ def plain_round(
     ones in client order (the result does not depend on reply arrival order), or leave the adapter
     unchanged when fewer than min_clients are valid. Returns the next state and the round's metrics."""
     rnd, min_clients = state.round + 1, cfg.federation.min_clients
-    deltas, results, rejected, bytes_up = [], [], [], 0
+    deltas, results, rejected, bytes_up, ranks = [], [], [], 0, []
+    full = travel_rank(state.info.schema, state.travel_keys)
     for client, reply in sorted(replies.items()):
         if isinstance(reply, str):
             rejected.append({"client": names.get(client, str(client)), "reason": f"client error: {reply}"})
             continue
         bytes_up += sum(a.nbytes for a in reply.delta.values())
         reason = check_update(reply.delta, reply.fingerprint, float(reply.metrics["num-examples"]), state)
+        rank = reply.metrics.get("rank", full)
+        if (
+            not reason
+            and full
+            and not (isinstance(rank, int | float) and 1 <= rank <= full and rank == int(rank))
+        ):
+            reason = f"rank {rank} is not 1 to the federation's {full}"
         if reason:
             rejected.append({"client": names[client], "reason": reason})
         else:
-            deltas.append(reply.delta)
+            # what lies outside the slice it trains is not its to change (fedpeft.federation.ranks)
+            deltas.append(truncate(reply.delta, int(rank)) if full else reply.delta)
+            ranks.append(int(rank))
             results.append(train_result(names[client], reply.metrics, PLAIN_STAGES))
     for r in rejected:
         log.warning("round %d: refused %s: %s", rnd, r["client"], r["reason"])
@@ -154,12 +165,19 @@ def plain_round(
         total = weighted_sum([clip(d, dp.clip)[0] for d in deltas], [1.0] * len(deltas))
         new = apply_mean(state, noised_mean(total, dp.expected_clients, dp.noise_std), cfg)
     else:
-        new = aggregate_round(state, deltas, [r.examples for r in results], cfg)
-    return new, {**metrics, "skipped": False, **train_metrics(results)}
+        new = aggregate_round(state, deltas, [r.examples for r in results], cfg, ranks if full else None)
+    return new, {**metrics, "skipped": False, **train_metrics(results), **rank_metrics(results, ranks, full)}
+
+
+def rank_metrics(results: Sequence[TrainResult], ranks: Sequence[int], full: int) -> dict[str, Any]:
+    """Each client's LoRA rank, where some trained less than the federation's."""
+    if not full or all(r == full for r in ranks):
+        return {}
+    return {"ranks": {res.user: r for res, r in zip(results, ranks, strict=True)}}
 
 
 def secure_metrics(
-    report: Mapping[str, Any], survivors: Sequence[int], names: Mapping[int, str], dim: int
+    report: Mapping[str, Any], survivors: Sequence[int], names: Mapping[int, str], dim: int, full: int = 0
 ) -> dict[str, Any]:
     """A secure round's metrics from secure_sum's report (fedpeft.secagg.server_stages), the survivors' training
     figures included (they travel beside the masked input)."""
@@ -175,6 +193,7 @@ def secure_metrics(
         "secagg_stages": report.get("stages", 5),
         "bytes_up": 4 * dim * len(survivors) + report["bytes_up_keys"],
         **train_metrics(results),
+        **rank_metrics(results, [int(train[c].get("rank", 0)) for c in survivors], full),
     }
 
 
@@ -278,6 +297,8 @@ def round_line(m: RoundMetrics | Mapping[str, Any]) -> str:
         text += " [kept the previous adapter: it forgets]" if m.kept_previous else ""
         if m.dp:
             text += f", ε = {m.dp.epsilon:.2f}"
+        if m.ranks and m.effective_rank is not None:  # mixed ranks: the rank-collapse check
+            text += f", effective rank {m.effective_rank:.2f}"
     return text
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from fedpeft.config.tree import RunConfig, client_lr
 from fedpeft.federation import rounds
+from fedpeft.federation.ranks import divide_by_slice, travel_rank
 from fedpeft.federation.state import ServerState, apply_mean, skip_round
 from fedpeft.privacy.central import noised_mean
 from fedpeft.privacy.discrete import tau
@@ -91,7 +92,9 @@ def secure_round(
     rnd, f = state.round + 1, cfg.federation
     arrays = state.travel_arrays()
     code = ring_code(cfg, [examples[c] for c in sampled])
-    dim = sum(a.size for a in arrays.values()) + 1
+    # LoRA: each rank slice's weight travels in the sum too (fedpeft.federation.ranks); not beside DP's noise
+    slots = 0 if dp is not None and dp.discrete else travel_rank(state.info.schema, state.travel_keys)
+    dim = sum(a.size for a in arrays.values()) + slots + 1
     metrics: dict[str, Any] = {
         "round": rnd,
         "sampled": [names[c] for c in sampled],
@@ -124,10 +127,16 @@ def secure_round(
         metrics["dp_sum"] = noised
     else:
         weighted, weight = code.decode_sum(total)
-        mean = unflatten(weighted / weight, state.info.schema, state.travel_keys)
+        if slots:
+            cover = weighted[-slots:] / code.clip
+            mean = divide_by_slice(
+                unflatten(weighted[:-slots], state.info.schema, state.travel_keys), cover, weight
+            )
+        else:
+            mean = unflatten(weighted / weight, state.info.schema, state.travel_keys)
     if dp is not None and not dp.discrete:
         # central DP: every client weighed 1 and clipped, so mean x survivors is their sum
         total_sum = {k: a * len(survivors) for k, a in mean.items()}
         mean = noised_mean(total_sum, dp.expected_clients, dp.noise_std)
     new = apply_mean(state, mean, cfg)
-    return new, {**metrics, **rounds.secure_metrics(report.as_dict(), survivors, names, dim)}
+    return new, {**metrics, **rounds.secure_metrics(report.as_dict(), survivors, names, dim, slots)}

@@ -26,6 +26,7 @@ from fedpeft.config.files import from_run_config, to_run_config
 from fedpeft.config.tree import RunConfig, sampled_per_round
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.aggregate import Arrays, divide, server_update, weighted_sum
+from fedpeft.federation.ranks import coverage, divide_by_slice, travel_rank
 from fedpeft.federation.sinks import check_trackers, record
 from fedpeft.model.adapter_files import AdapterDescription, adapter_meta, write_adapter_dir
 from fedpeft.model.fed_sb import fold
@@ -94,10 +95,19 @@ def check_update(delta: Arrays, fingerprint: str, num_examples: float, state: Se
 
 
 def aggregate_round(
-    state: ServerState, deltas: list[Arrays], weights: list[float], cfg: RunConfig
+    state: ServerState,
+    deltas: list[Arrays],
+    weights: list[float],
+    cfg: RunConfig,
+    ranks: list[int] | None = None,
 ) -> ServerState:
-    """Weighted mean of the deltas (from their sum only) -> server optimizer -> the next state."""
-    return apply_mean(state, divide(weighted_sum(deltas, weights), float(sum(weights))), cfg)
+    """Weighted mean of the deltas (from their sum only) -> server optimizer -> the next state. With each
+    client's LoRA rank, each rank slice is averaged over the clients that train it (fedpeft.federation.ranks)."""
+    total = weighted_sum(deltas, weights)
+    if ranks:
+        cover = coverage(ranks, weights, travel_rank(state.info.schema, state.travel_keys))
+        return apply_mean(state, divide_by_slice(total, cover, float(sum(weights))), cfg)
+    return apply_mean(state, divide(total, float(sum(weights))), cfg)
 
 
 def apply_mean(state: ServerState, mean_delta: Arrays, cfg: RunConfig) -> ServerState:

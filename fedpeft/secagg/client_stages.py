@@ -121,6 +121,7 @@ def _masked_input(
     # the stochastic rounding needs no secrecy (the masks and the noise hide the input); seeding it keeps
     # runs reproducible. The DP noise does: it comes from the OS.
     rounding = np.random.default_rng(device.rounding_seed)
+    slots = int(metrics.pop("rank_slots", 0))
     if isinstance(code, DistributedCode):
         if len(delta) + 1 != code.dim:
             raise SecAggAbort(f"client {me}: update of {len(delta)} values, the round encodes {code.dim - 1}")
@@ -128,6 +129,10 @@ def _masked_input(
         noise = np.random.default_rng(secrets.randbits(128))
         y = client.mask(code.encode(delta, clipped, rounding, noise))
     else:
+        if (
+            slots
+        ):  # the weight of each LoRA rank slice it trained, summed beside it (fedpeft.federation.ranks)
+            delta = np.concatenate([delta, code.clip * (np.arange(slots) < metrics.get("rank", slots))])
         y = client.mask(code.encode(delta, weight, rounding))
     if rnd:
         state[SENT_KEY] = ConfigRecord({"rounds": ints([*sent, int(rnd)][-64:])})

@@ -15,6 +15,7 @@ from fedpeft.federation.evaluation import changes_text
 from fedpeft.federation.forgetting import reference_blocks
 from fedpeft.federation.metrics import RoundMetrics, as_metrics
 from fedpeft.federation.personal_summary import summary_line
+from fedpeft.federation.ranks import by_rank
 from fedpeft.federation.state import ServerState, open_run, plan_run
 from fedpeft.federation.task_eval import task_summary
 from fedpeft.log import quiet_environment
@@ -126,6 +127,14 @@ def summary(rnd: int, history: Sequence[RoundMetrics | Mapping[str, Any]], metho
             f"{last.forgetting:+.1f}%)"
         )
     line += f"; {per_client:,} bytes up per client in the last round"
+    groups = by_rank([as_metrics(m) for m in history])
+    if groups:  # devices of different LoRA ranks: what each kind got (fedpeft.federation.ranks)
+        line += "\nby LoRA rank, held-out ppl: " + "; ".join(
+            f"rank {r} {g['ppl_start']:.2f} -> {g['ppl']:.2f} ({g['clients']:.0f} clients)"
+            for r, g in groups.items()
+        )
+        if last.effective_rank is not None:
+            line += f"; the global adapter's effective rank {last.effective_rank:.1f}"
     line += dp_summary(last.to_json())  # under DP: the (ε, δ) the adapter was trained under
     if last.personal is not None:
         line += "\n" + summary_line(last.personal, method)
