@@ -51,10 +51,13 @@ def _jsonable(obj: Any) -> Any:
 
 def adapter_json(cfg: AdapterConfig) -> dict[str, Any]:
     """The adapter's settings as checkpoints and fedpeft.json hold them. virtual_tokens only where it means
-    something (prompt and prefix tuning): a LoRA or IA3 file stays what earlier code wrote and reads."""
+    something (prompt and prefix tuning), lora_sb only under Fed-SB: a LoRA or IA3 file stays what earlier code
+    wrote and reads."""
     doc = _jsonable(asdict(cfg))
     if not cfg.prompt_learning:
         doc.pop("virtual_tokens")
+    if not cfg.lora_sb:
+        doc.pop("lora_sb")
     return doc
 
 

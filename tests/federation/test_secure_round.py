@@ -49,7 +49,9 @@ def test_a_secure_round_steps_on_the_survivors_weighted_mean() -> None:
                     content[key] = record
             if (c, stage) == (4, 3):
                 continue  # gone while training
-            metrics = {"num-examples": weights[c], "train_loss": float(c), "train_seconds": 1.0}
+            # a LoRA client sends each rank slice's weight beside its delta (fedpeft.federation.ranks)
+            metrics = {"num-examples": weights[c], "train_loss": float(c), "train_seconds": 1.0, "rank": 2.0,
+                       "rank_slots": 2.0}  # fmt: skip
             reply = handle(
                 dict(content["task"]),
                 content,
@@ -73,7 +75,7 @@ def test_a_secure_round_steps_on_the_survivors_weighted_mean() -> None:
     assert m["train_loss"] == pytest.approx(
         sum(c * weights[c] for c in survivors) / sum(weights[c] for c in survivors)
     )
-    assert m["bytes_down"] == 32 * 6 and m["bytes_up"] > 4 * 9 * 5
+    assert m["bytes_down"] == 32 * 6 and m["bytes_up"] > 4 * (8 + 2 + 1) * 5 and "ranks" not in m
 
 
 def test_too_few_sampled_clients_abort_before_any_message() -> None:
