@@ -2,7 +2,8 @@
 
     python benchmarks/federation.py quality   # default model: base vs federated (natural/IID, fedavg/ffa) vs centralized
     python benchmarks/federation.py scale     # tiny model, 1,000 and 10,000 virtual clients, next to Flower's bare round
-    python benchmarks/federation.py adapters  # the main command's federation with LoRA, IA3, prompt and prefix tuning
+    python benchmarks/federation.py adapters  # the main command's federation once per adapter (--kinds)
+    python benchmarks/federation.py ranks     # devices of LoRA ranks 2, 4, 8, 16 in equal shares vs all at rank 4
 
 Quality: every federated run uses the same clients, rounds, sampled clients and local steps; the
 centralized baseline trains one adapter on the union of the clients' training text for the same total
@@ -35,6 +36,8 @@ from fedpeft.config.tree import (  # noqa: E402
     RunConfig,
     TrainConfig,
 )
+from fedpeft.federation.metrics import as_metrics  # noqa: E402
+from fedpeft.federation.ranks import by_rank  # noqa: E402
 from fedpeft.processes import descendants, process_table  # noqa: E402
 
 
@@ -76,6 +79,8 @@ def _federate(cfg: RunConfig, work: Path, name: str) -> dict:
         "loss": h[-1]["eval_loss"],
         "ppl_per_round": [r["eval_ppl"] for r in h],
         "reference_ppl": h[-1].get("reference_ppl"),
+        "effective_rank": [r.get("effective_rank") for r in h],
+        "by_rank": {str(k): v for k, v in by_rank([as_metrics(r) for r in h]).items()},
         "base_reference_ppl": h[-1].get("base_reference_ppl"),
         "wall_s": time.perf_counter() - start,
         "peak_rss_mib": peak.peak,
@@ -189,25 +194,70 @@ def quality(a: argparse.Namespace, work: Path) -> dict:
     return runs
 
 
+# rows of `adapters` that are LoRA aggregated another way (--lora-mode)
+LORA_MODES = {"ffa": "ffa", "sb": "sb"}
+
+
 def adapters(a: argparse.Namespace, work: Path) -> list[dict]:
-    """The main command's federation (its defaults: bf16 base, 10 clients, 5 rounds) once per adapter type,
-    each at its default learning rate: bytes each client sends a round, held-out and reference perplexity."""
+    """The main command's federation (its defaults: bf16 base, 10 clients, 5 rounds, seed 0) once per adapter
+    type, each at its defaults (rank, learning rate): bytes each client sends a round, held-out and reference
+    perplexity. `ffa` and `sb` are LoRA under --lora-mode ffa (FFA-LoRA) and sb (Fed-SB)."""
     kinds = a.kinds.split(",")
     runs = []
     for kind in kinds:
-        cfg = RunConfig(adapter=AdapterConfig(kind=kind), train=TrainConfig(progress=False))
+        cfg = RunConfig(
+            adapter=AdapterConfig(kind="lora" if kind in LORA_MODES else kind),
+            train=TrainConfig(progress=False),
+            federation=FederationConfig(lora_mode=LORA_MODES.get(kind, "fedavg")),
+        )
         runs.append({"kind": kind, **_federate(cfg, work, kind)})
         print(json.dumps({k: v for k, v in runs[-1].items() if k != "history"}), flush=True)
     print(
-        "\n| adapter | bytes up per client a round | held-out ppl: base -> after 5 rounds | change "
-        "| reference ppl (base) | round (s) |\n|---|---|---|---|---|---|"
+        "\n| adapter | bytes up per client a round (share of LoRA's) | held-out ppl: base -> after 5 rounds "
+        "| change | reference ppl (base) | round (s) |\n|---|---|---|---|---|---|"
     )
+    lora = next((r["bytes_up_per_client"] for r in runs if r["kind"] == "lora"), None)
     for r in runs:
         change = r["ppl"] / r["ppl_start"] - 1
         ref = r["reference_ppl"] / r["base_reference_ppl"] - 1
+        share = f" ({r['bytes_up_per_client'] / lora:.1%})" if lora else ""
         print(
-            f"| {r['kind']} | {r['bytes_up_per_client']:,.0f} | {r['ppl_start']:.2f} -> {r['ppl']:.2f} | {change:+.1%} "
-            f"| {r['reference_ppl']:.2f} ({r['base_reference_ppl']:.2f}, {ref:+.1%}) | {r['round_s']:.0f} |"
+            f"| {r['kind']} | {r['bytes_up_per_client']:,.0f}{share} | {r['ppl_start']:.2f} -> {r['ppl']:.2f} "
+            f"| {change:+.1%} | {r['reference_ppl']:.2f} ({r['base_reference_ppl']:.2f}, {ref:+.1%}) "
+            f"| {r['round_s']:.0f} |"
+        )
+    return runs
+
+
+def ranks(a: argparse.Namespace, work: Path) -> list[dict]:
+    """The main command's federation with devices of LoRA ranks 2, 4, 8 and 16 in equal shares (--client-ranks,
+    federation rank 16) next to every device at rank 4. alpha/r is 4 in both (alpha 64 at rank 16, the
+    default 16 at rank 4), so a slice means the same step size in both."""
+    rows = [
+        ("all rank 4", AdapterConfig(r=4), ()),
+        ("ranks 2,4,8,16", AdapterConfig(r=16, alpha=64.0), (2, 4, 8, 16)),
+    ]
+    runs = []
+    for name, adapter, client_ranks in rows:
+        cfg = RunConfig(
+            adapter=adapter,
+            train=TrainConfig(progress=False),
+            federation=FederationConfig(client_ranks=client_ranks),
+        )
+        runs.append({"kind": name, **_federate(cfg, work, name.replace(" ", "-").replace(",", "-"))})
+        print(json.dumps({k: v for k, v in runs[-1].items() if k != "history"}), flush=True)
+    print(
+        "\n| devices | held-out ppl: base -> after 5 rounds | change | by rank | effective rank, rounds 1-5 |"
+    )
+    print("|---|---|---|---|---|")
+    for r in runs:
+        groups = (
+            "; ".join(f"{k}: {g['ppl_start']:.2f} -> {g['ppl']:.2f}" for k, g in r["by_rank"].items()) or "-"
+        )
+        eff = ", ".join(f"{x:.1f}" for x in r["effective_rank"] if x is not None)
+        print(
+            f"| {r['kind']} | {r['ppl_start']:.2f} -> {r['ppl']:.2f} | {r['ppl'] / r['ppl_start'] - 1:+.1%} "
+            f"| {groups} | {eff} |"
         )
     return runs
 
@@ -286,8 +336,12 @@ def scale(a: argparse.Namespace, work: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("quality", "scale", "adapters"))
-    p.add_argument("--kinds", default="lora,ia3,prompt,prefix", help="adapters: which adapter types")
+    p.add_argument("what", choices=("quality", "scale", "adapters", "ranks"))
+    p.add_argument(
+        "--kinds",
+        default="lora,ffa,sb,ia3,vera,dora,prompt,prefix",
+        help="adapters: which adapter types (ffa, sb: LoRA under --lora-mode ffa, sb)",
+    )
     p.add_argument("--model", default="default")
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--fraction", type=float, default=0.5)
@@ -298,7 +352,7 @@ def main() -> None:
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedpeft-bench-"))
     try:
-        runs = {"quality": quality, "scale": scale, "adapters": adapters}[a.what](a, work)
+        runs = {"quality": quality, "scale": scale, "adapters": adapters, "ranks": ranks}[a.what](a, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(a.json or f"benchmarks/results/federation-{a.what}.json")

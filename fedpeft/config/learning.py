@@ -38,6 +38,9 @@ IA3_FEEDFORWARD: tuple[str, ...] = ("down_proj",)
 LEARNING_RATES = {"prompt": 3e-2, "prefix": 5e-3, "vera": 4e-3, "dora": 2e-4, "sb": 1e-3}
 # VeRA's frozen random matrices are shared by every layer, so its rank is cheap: peft's default
 VERA_RANK = 256
+# Fed-SB sends r^2 numbers a layer: 24 is the largest rank under a twentieth of the default LoRA's upload on the
+# default model (benchmarks/README.md, "Adapter types")
+SB_RANK = 24
 DEFAULT_RANK = 8
 
 # Commands that take a config tree. The sections of RunConfig say which commands see their flags.
@@ -125,7 +128,8 @@ class AdapterConfig:
     )
     r: int | None = option(
         None,
-        f"rank of LoRA, DoRA and Fed-SB (default {DEFAULT_RANK}) and of VeRA's shared matrices (default {VERA_RANK})",
+        f"rank of LoRA and DoRA (default {DEFAULT_RANK}), of Fed-SB (default {SB_RANK}) and of VeRA's shared "
+        f"matrices (default {VERA_RANK})",
         flag="--lora-r",
         metavar="R",
         gt=0,
@@ -167,6 +171,8 @@ class AdapterConfig:
     def rank(self) -> int:
         if self.r is not None:
             return self.r
+        if self.lora_sb:
+            return SB_RANK
         return VERA_RANK if self.kind == "vera" else DEFAULT_RANK
 
     @property

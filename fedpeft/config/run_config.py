@@ -34,12 +34,13 @@ def fields() -> tuple[Field, ...]:
 def client_adapter(cfg: RunConfig) -> AdapterConfig:
     """The adapter every client of a federation builds: seeded by the federation's seed (so all build the
     same init), with A frozen under FFA-LoRA. Clients and server both derive it from here."""
-    return dataclasses.replace(
+    adapter = dataclasses.replace(
         cfg.adapter,
         freeze_a=cfg.adapter.freeze_a or cfg.federation.lora_mode == "ffa",
         lora_sb=cfg.federation.lora_mode == "sb",
         seed=cfg.federation.seed,
     )
+    return dataclasses.replace(adapter, r=adapter.rank)  # resolved once, for every file and message
 
 
 def client_lr(cfg: RunConfig) -> float:

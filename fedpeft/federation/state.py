@@ -136,7 +136,7 @@ def write_global(run_dir: Path, state: ServerState) -> Path:
     info = state.info
     arrays, adapter = state.arrays, info.adapter
     if adapter.lora_sb:
-        arrays, adapter = fold(arrays), dataclasses.replace(adapter, lora_sb=False)
+        arrays, adapter = fold(arrays), dataclasses.replace(adapter, lora_sb=False, r=adapter.rank)
     meta = adapter_meta(
         info.fingerprint,
         info.base_path,

@@ -54,6 +54,7 @@ def adapter_json(cfg: AdapterConfig) -> dict[str, Any]:
     something (prompt and prefix tuning), lora_sb only under Fed-SB: a LoRA or IA3 file stays what earlier code
     wrote and reads."""
     doc = _jsonable(asdict(cfg))
+    doc["r"] = cfg.rank  # resolved: a file must not change meaning with a default (VeRA's, Fed-SB's)
     if not cfg.prompt_learning:
         doc.pop("virtual_tokens")
     if not cfg.lora_sb:

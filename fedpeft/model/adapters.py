@@ -309,7 +309,7 @@ def save_adapter(
     """Save the adapter of `model` (see write_adapter_dir); a Fed-SB adapter as the plain LoRA it equals."""
     arrays = adapter_state(model)
     if cfg.lora_sb:
-        arrays, cfg = fed_sb.fold(arrays), dataclasses.replace(cfg, lora_sb=False)
+        arrays, cfg = fed_sb.fold(arrays), dataclasses.replace(cfg, lora_sb=False, r=cfg.rank)
     meta = adapter_meta(
         base.fingerprint, str(base.path), base.quant, cfg, arrays, base=base.doc(), **(extra or {})
     )

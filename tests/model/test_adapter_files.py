@@ -24,7 +24,8 @@ def _description() -> AdapterDescription:
         schema=schema_of(ARRAYS),
         travel_keys=["b.lora_B.weight"],
         peft_config={"peft_type": "LORA", "target_modules": {"v_proj", "q_proj"}},
-        adapter=AdapterConfig(target_modules=("q_proj", "v_proj"), freeze_a=True),
+        # the rank resolved, as client_adapter gives it: the JSON holds the rank, never "the default"
+        adapter=AdapterConfig(r=8, target_modules=("q_proj", "v_proj"), freeze_a=True),
         base_path="/models/base",
         quant="nf4",
     )
@@ -57,8 +58,9 @@ def test_description_json_is_the_untyped_dict_it_replaces() -> None:
         "schema": [[n, list(s), t] for n, s, t in schema_of(ARRAYS)],
         "travel_keys": ["b.lora_B.weight"],
         "peft_config": {"peft_type": "LORA", "target_modules": ["q_proj", "v_proj"]},
-        # virtual_tokens came later, with prompt and prefix tuning; a LoRA description leaves it out
-        "adapter": {k: v for k, v in asdict(cfg).items() if k != "virtual_tokens"},
+        # virtual_tokens came later, with prompt and prefix tuning, and lora_sb with Fed-SB: a plain LoRA
+        # description leaves them out
+        "adapter": {k: v for k, v in asdict(cfg).items() if k not in ("virtual_tokens", "lora_sb")},
         "base_path": "/models/base",
         "quant": "nf4",
     }
