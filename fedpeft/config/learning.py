@@ -34,8 +34,9 @@ IA3_FEEDFORWARD: tuple[str, ...] = ("down_proj",)
 # LoRA's to 26.35 (benchmarks/federation.py adapters).
 # VeRA trains only scaling vectors and, like IA3, needs a far larger step than LoRA (Kopiczko et al., ICLR 2024,
 # Table 8 uses 1e-2 to 4e-3); DoRA trains LoRA's A and B plus a magnitude and takes LoRA's rate (Liu et al.,
-# ICML 2024). Fed-SB trains one r x r matrix between a frozen orthonormal basis (fedpeft.model.fed_sb).
-LEARNING_RATES = {"prompt": 3e-2, "prefix": 5e-3, "vera": 4e-3, "dora": 2e-4, "sb": 1e-3}
+# ICML 2024). Fed-SB trains one r x r matrix between a frozen orthonormal basis (fedpeft.model.fed_sb); on the
+# main command's federation 6e-3 learned most of the rates tried (benchmarks/README.md, "Adapter types").
+LEARNING_RATES = {"prompt": 3e-2, "prefix": 5e-3, "vera": 4e-3, "dora": 2e-4, "sb": 6e-3}
 # VeRA's frozen random matrices are shared by every layer, so its rank is cheap: peft's default
 VERA_RANK = 256
 # Fed-SB sends r^2 numbers a layer: 24 is the largest rank under a twentieth of the default LoRA's upload on the
