@@ -21,6 +21,7 @@ from fedpeft.config.tree import (
 from fedpeft.model.adapters import adapter_state, inject, load_adapter_state, read_adapter, save_adapter
 from fedpeft.model.base import load_base
 from fedpeft.model.fed_sb import basis, fold
+from tests.model.test_prompt_learning import fed_users  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 SB = AdapterConfig(r=4, lora_sb=True)
@@ -104,7 +105,7 @@ def test_fed_sb_trains_only_r_every_device_builds_the_same_basis_and_the_export_
 )
 def test_each_family_federates_and_its_global_adapter_loads_in_peft(
     tmp_path: Path,
-    fed_users: Path,
+    fed_users: Path,  # noqa: F811
     cache_dir: str,
     tiny_path: Path,
     monkeypatch: pytest.MonkeyPatch,
