@@ -18,7 +18,14 @@ from fedpeft.config.tree import (
     RunConfig,
     TrainConfig,
 )
-from fedpeft.model.adapters import adapter_state, inject, load_adapter_state, read_adapter, save_adapter
+from fedpeft.model.adapters import (
+    adapter_off,
+    adapter_state,
+    inject,
+    load_adapter_state,
+    read_adapter,
+    save_adapter,
+)
 from fedpeft.model.base import load_base
 from fedpeft.model.fed_sb import basis, fold
 from tests.model.test_prompt_learning import fed_users  # noqa: F401  (the fixture)
@@ -82,8 +89,8 @@ def test_fed_sb_trains_only_r_every_device_builds_the_same_basis_and_the_export_
     other = adapter_state(inject(load_base(BaseConfig(model="tiny", quant="none", cache_dir=cache_dir)), SB))
     for k in state:  # a second device: the same A and B to the bit, R zero
         np.testing.assert_array_equal(state[k], other[k])
-    # R = 0: the adapter starts as the base
-    torch.testing.assert_close(before, _logits(model.get_base_model(), ids))
+    with adapter_off(model):  # R = 0: the adapter starts as the base
+        torch.testing.assert_close(before, _logits(model, ids))
     rng = np.random.default_rng(0)
     state = {
         k: (rng.normal(0, 0.3, v.shape).astype(np.float32) if ".lora_R." in k else v)
@@ -151,3 +158,27 @@ def test_each_family_federates_and_its_global_adapter_loads_in_peft(
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path), global_dir)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [AdapterConfig(kind="vera", r=16), AdapterConfig(kind="dora", r=4)])
+def test_vera_and_dora_merge_into_the_weights(cache_dir: str, tmp_path: Path, cfg: AdapterConfig) -> None:
+    from fedpeft.model.merge import merged_model
+
+    base = load_base(BaseConfig(model="tiny", quant="none", cache_dir=cache_dir))
+    model = inject(base, cfg)
+    rng = np.random.default_rng(0)
+    state = {
+        k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) if trained else v
+        for k, v in adapter_state(model).items()
+        for trained in [".vera_lambda_" in k or ".lora_B." in k]
+    }
+    load_adapter_state(model, state)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    ours = _logits(model, ids)
+    save_adapter(model, base, cfg, tmp_path / "a")
+    merged = merged_model(
+        load_base(BaseConfig(model="tiny", quant="none", cache_dir=cache_dir)), read_adapter(tmp_path / "a")
+    )
+    with adapter_off(model):
+        assert (ours - _logits(model, ids)).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(_logits(merged, ids), ours, rtol=1e-5, atol=1e-5)
