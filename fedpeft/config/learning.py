@@ -176,11 +176,6 @@ class AdapterConfig:
             return SB_RANK
         return VERA_RANK if self.kind == "vera" else DEFAULT_RANK
 
-    @property
-    def lora_like(self) -> bool:
-        """LoRA's A and B matrices in every target (plain, FFA, Fed-SB, DoRA)."""
-        return self.kind in ("lora", "dora")
-
     def targets(self) -> tuple[str, ...]:
         if self.kind == "ia3" and self.target_modules == LORA_TARGETS:
             return IA3_TARGETS

@@ -32,6 +32,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(bool(a.target_modules), "--targets names no module")
     _check(not a.freeze_a or a.kind == "lora", "--freeze-a applies to LoRA only")
     _check(f.lora_mode == "fedavg" or a.kind == "lora", f"--lora-mode {f.lora_mode} applies to LoRA only")
+    _check(not a.lora_sb, "adapter.lora_sb follows from --lora-mode sb; it is not set by hand")
     _check(f.lora_mode != "sb" or not a.freeze_a, "--lora-mode sb freezes A and B already: drop --freeze-a")
     # a personal adapter is kept as a plain LoRA folder; Fed-SB's matrix is not read back from one yet
     _check(

@@ -35,7 +35,7 @@ class RankSlice:
         if self.ranks:
             for name, p in model.named_parameters():
                 axis = _axis(name)
-                if axis is not None:
+                if axis is not None and p.requires_grad:  # FFA-LoRA's A never trains
                     p.register_hook(self._mask(axis))
 
     def _mask(self, axis: int) -> Any:
@@ -52,7 +52,7 @@ class RankSlice:
         """The rank client `client` trains: --client-ranks by turns, or the federation's."""
         return self.ranks[client % len(self.ranks)] if self.ranks else self.full
 
-    def enter(self, client: int, arrays: Arrays) -> Arrays:
-        """Train as `client` from here on; returns `arrays` truncated to its rank."""
-        self.current = self.of(client)
+    def enter(self, client: int, arrays: Arrays, cap: int = 0) -> Arrays:
+        """Train as `client` from here on (at most rank `cap` when given); returns `arrays` truncated to it."""
+        self.current = min(self.of(client), cap) if cap > 0 else self.of(client)
         return truncate(arrays, self.current) if self.current < self.full else arrays

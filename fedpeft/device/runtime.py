@@ -130,13 +130,16 @@ class Device(PersonalAdapters):
     def _apply(self, global_arrays: Arrays) -> None:
         load_adapter_state(self.model, {**self.init_state, **global_arrays}, what="global adapter")
 
-    def fit(self, local: int, global_arrays: Arrays, rnd: int, client: int | None = None) -> FitResult:
-        """Train data `local` of this process; `client` (the federation's index, default `local`) seeds it."""
+    def fit(
+        self, local: int, global_arrays: Arrays, rnd: int, client: int | None = None, cap: int = 0
+    ) -> FitResult:
+        """Train data `local` of this process; `client` (the federation's index, default `local`) seeds it.
+        `cap`: the highest LoRA rank the round lets it train (0: its own)."""
         data = self.clients[local]
         client = local if client is None else client
         self.drop_full_base()  # training needs the memory; only round 0 and the last round use it
         personal = self.strategy.fit_start(self, local)  # FedSA: this user's own B under the shared A
-        global_arrays = self.slice.enter(client, global_arrays)  # a device of a smaller rank: its slice
+        global_arrays = self.slice.enter(client, global_arrays, cap)  # a device of a smaller rank: its slice
         self._apply({**(personal or {}), **global_arrays})
         tcfg = replace(
             self.cfg.train,
@@ -201,7 +204,9 @@ class Device(PersonalAdapters):
             self.strategy.after_fit(self, local, client, global_arrays, run.trained, rnd)
             loss = float(np.mean(run.result.losses))
             seconds = time.perf_counter() - start
-            result = FitResult(delta, run.data.train_tokens, loss, run.result.seconds, seconds, len(jobs))
+            result = FitResult(
+                delta, run.data.train_tokens, loss, run.result.seconds, seconds, len(jobs), self.slice.full
+            )
             out.append(result)
         return out
 

@@ -129,6 +129,8 @@ def info(device: Device, local: int, client: int) -> ConfigRecord:
             "name": clients.users[local],
             # under DP every client weighs the same, and its amount of text is not sent
             "num-examples": 1 if device.cfg.privacy.mode != "off" else clients.tokens(local),
+            # a LoRA rank below the federation's: a secure round caps its clients' ranks on it
+            **({"rank": device.slice.of(client)} if device.slice.of(client) < device.slice.full else {}),
             # what this device computes in and why, for round 0 of metrics.jsonl (fedpeft.model.precision)
             **{f"compute-{k}": v for k, v in device.base.precision.metrics().items()},
         }
@@ -175,7 +177,9 @@ def _fit(content: RecordDict, node: DeviceConfig | None, partition: int):
     try:
         result = PREFIT.pop((local, rnd, client), None)
         if result is None:
-            result = device.fit(local, record_to_arrays(content["arrays"]), rnd, client)
+            # a secure round may cap the rank its clients train (fedpeft.federation.ranks.round_cap)
+            cap = int(content["task"].get("rank-cap", 0))
+            result = device.fit(local, record_to_arrays(content["arrays"]), rnd, client, cap)
     except BudgetTooSmall as e:
         if node is None or not STATS["budget_logged"]:
             raise
@@ -198,8 +202,13 @@ def _fit(content: RecordDict, node: DeviceConfig | None, partition: int):
         "load_seconds": load_seconds,
         "personal_seconds": result.personal_seconds,
         "lockstep_clients": float(result.group),
-        # a secure sum carries each rank slice's weight in `rank_slots` entries (fedpeft.federation.ranks)
-        **({"rank": float(result.rank), "rank_slots": float(device.slice.full)} if result.rank else {}),
+        # a secure sum carries each rank slice's weight in `rank_slots` entries (fedpeft.federation.ranks);
+        # DP weighs every client the same and does not mix ranks
+        **(
+            {"rank": float(result.rank), "rank_slots": float(device.slice.full)}
+            if result.rank and device.cfg.privacy.mode == "off"
+            else {}
+        ),
         **device_stats(device.base.device),
     }
     return device, local, client, result, metrics

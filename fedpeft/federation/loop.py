@@ -234,7 +234,9 @@ class Federation:
 
         advertised, self.advertised = self.advertised, {}  # each advertisement serves one round
         sampled, dp = roster.sample(self.cfg.federation, rnd, poisson=self.dp is not None), self.dp
-        return secure_round(state, self.cfg, roster.names, roster.examples, sampled, send, advertised, dp)
+        return secure_round(
+            state, self.cfg, roster.names, roster.examples, sampled, send, advertised, dp, roster.ranks
+        )
 
     def ahead(self, state: ServerState) -> dict[int, dict[str, Any]]:
         """The next secure round's stage 1, to fold into this round's evaluation (one stage less a round)."""

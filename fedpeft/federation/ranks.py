@@ -136,3 +136,23 @@ def _pooled(m: Any, users: Sequence[str]) -> float | None:
     if not tokens:
         return None
     return float(np.exp(sum(c.loss * float(c.tokens or 0) for c in rows) / tokens))
+
+
+def round_cap(ranks: Sequence[int], full: int, least: int) -> int:
+    """The highest rank a secure round lets its clients train: every slice below it has at least `least` of
+    them (`ranks`: theirs as they registered, 0 for the federation's). A slice trained by one client alone
+    would come out of the sum as that client's own update, and the server knows from the clear ranks whose."""
+    have = [r if 0 < r <= full else full for r in ranks]
+    fits = [r for r in range(1, full + 1) if sum(h >= r for h in have) >= least]
+    return max(fits, default=full)
+
+
+def thin_slice(ranks: Sequence[int], cap: int, least: int) -> int | None:
+    """The first rank slice that fewer than `least` (but some) of these clients trained, capped at `cap`:
+    the survivors of a secure round must not leave one."""
+    have = [min(r, cap) for r in ranks]
+    for j in range(cap):
+        n = sum(h > j for h in have)
+        if 0 < n < least:
+            return j
+    return None

@@ -37,6 +37,7 @@ class Registration:
     client: int | None = None  # partition index (simulation); None for a device, indexed here
     # what the node computes in and why (fedpeft.model.precision.Precision.metrics): each device decides for itself
     compute: Mapping[str, Any] = field(default_factory=dict)
+    rank: int = 0  # the LoRA rank it trains, where less than the federation's (fedpeft.federation.ranks)
 
     @classmethod
     def from_info(cls, node: int, info: Mapping[str, Any]) -> Registration:
@@ -53,7 +54,19 @@ class Registration:
             float(info["num-examples"]),
             int(info["client"]) if "client" in info else None,
             compute,
+            _rank(info.get("rank", 0)),
         )
+
+
+def _rank(value: Any) -> int:
+    """A reported rank, or 0 (the federation's) for anything but a small positive whole number."""
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and value == value
+        and 0 < value < 2**16
+    )
+    return int(value) if ok and float(value).is_integer() else 0
 
 
 @dataclass
@@ -66,6 +79,7 @@ class Roster:
     examples: dict[int, float] = field(default_factory=dict)  # training tokens: the FedAvg weight
     samples: dict[int, list[int]] = field(default_factory=dict)  # each DP round's Poisson sample, drawn once
     compute: dict[int, dict[str, Any]] = field(default_factory=dict)  # each client's compute dtype and why
+    ranks: dict[int, int] = field(default_factory=dict)  # LoRA ranks below the federation's, as registered
     fingerprint: str = ""  # the federation's base
 
     def sample(self, f: FederationConfig, rnd: int, poisson: bool = False) -> list[int]:
@@ -136,6 +150,8 @@ def make_roster(
         roster.fingerprints[client], roster.examples[client] = r.fingerprint, r.examples
         if r.compute:
             roster.compute[client] = dict(r.compute)
+        if r.rank:
+            roster.ranks[client] = r.rank
     if len(set(roster.names.values())) < len(roster.names):
         log.warning("two clients report the same name; they are told apart by node id")
     roster.fingerprint = vote(roster.fingerprints, pinned)

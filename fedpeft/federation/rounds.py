@@ -129,7 +129,7 @@ def plain_round(
             continue
         bytes_up += sum(a.nbytes for a in reply.delta.values())
         reason = check_update(reply.delta, reply.fingerprint, float(reply.metrics["num-examples"]), state)
-        rank = reply.metrics.get("rank", full)
+        rank = reply.metrics.get("rank", full) if full else 0
         if (
             not reason
             and full

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from fedpeft.config.tree import RunConfig, client_lr
 from fedpeft.federation import rounds
-from fedpeft.federation.ranks import divide_by_slice, travel_rank
+from fedpeft.federation.ranks import divide_by_slice, round_cap, thin_slice, travel_rank
 from fedpeft.federation.state import ServerState, apply_mean, skip_round
 from fedpeft.privacy.central import noised_mean
 from fedpeft.privacy.discrete import tau
@@ -24,11 +26,26 @@ from fedpeft.secagg.records import unflatten
 from fedpeft.secagg.server_stages import SecAggParams, SecureSumReport, Send, secure_sum, stage1_tasks
 
 
-def ring_code(cfg: RunConfig, weights: Sequence[float]) -> RingCode:
+def ring_code(cfg: RunConfig, weights: Sequence[float], slots: int = 0, cap: int = 0) -> RingCode:
     """The round's encoding for these clients' weights (example counts): clip at twice what AdamW can move
-    a coordinate in the local steps (fedpeft/secagg/quantize.py)."""
+    a coordinate in the local steps (fedpeft/secagg/quantize.py); `slots` rank slices' weights beside."""
     clip = 2 * client_lr(cfg) * cfg.federation.local_steps
-    return RingCode(clip=clip, max_clients=max(len(weights), 1), max_weight=max(weights))
+    return RingCode(
+        clip=clip, max_clients=max(len(weights), 1), max_weight=max(weights), slots=slots, rank_cap=cap
+    )
+
+
+def _slices_check(report: SecureSumReport, cap: int, least: int) -> Callable[[list[int]], None]:
+    """Before unmasking: the survivors (their ranks travel in the clear, beside the masked input) must not
+    leave a rank slice to fewer than `least` of them, or the sum would hold one client's slice as it is."""
+
+    def check(survivors: list[int]) -> None:
+        train = report.train_metrics
+        ranks = [int(train.get(c, {}).get("rank", cap)) for c in survivors]
+        if (j := thin_slice(ranks, cap, least)) is not None:
+            raise SecAggAbort(f"not unmasked: rank slice {j + 1} was trained by fewer than {least} survivors")
+
+    return check
 
 
 def _distributed(
@@ -84,6 +101,7 @@ def secure_round(
     send: Send,
     advertised: Mapping[int, tuple[dict[str, Any], Keys]] | None = None,
     dp: DpPlan | None = None,
+    ranks: Mapping[int, int] | None = None,
 ) -> tuple[ServerState, dict[str, Any]]:
     """One round with the `sampled` clients (`examples`: their registered training tokens, which bound the
     encoded weights). `send` as secure_sum takes it; the stage-3 message must carry the global adapter.
@@ -91,9 +109,13 @@ def secure_round(
     another base refuses at stage 1 and drops out there. `advertised`: keys sent ahead (advertise_ahead)."""
     rnd, f = state.round + 1, cfg.federation
     arrays = state.travel_arrays()
-    code = ring_code(cfg, [examples[c] for c in sampled])
-    # LoRA: each rank slice's weight travels in the sum too (fedpeft.federation.ranks); not beside DP's noise
-    slots = 0 if dp is not None and dp.discrete else travel_rank(state.info.schema, state.travel_keys)
+    # LoRA: each rank slice's weight travels in the sum too (fedpeft.federation.ranks); not under DP, which
+    # weighs every client the same and does not combine with mixed ranks
+    slots = 0 if dp is not None else travel_rank(state.info.schema, state.travel_keys)
+    least = max(2, f.min_clients)  # a rank slice is never one client's
+    rank_of = [(ranks or {}).get(c, 0) for c in sampled]
+    cap = round_cap(rank_of, slots, least) if slots else 0
+    code = ring_code(cfg, [examples[c] for c in sampled], slots, cap)
     dim = sum(a.size for a in arrays.values()) + slots + 1
     metrics: dict[str, Any] = {
         "round": rnd,
@@ -109,7 +131,7 @@ def secure_round(
                 f"{len(sampled)} clients on the federation's base < min_clients {f.min_clients}"
             )
         tag = round_tag(state.info.fingerprint, f.seed, rnd)
-        check = None
+        check = _slices_check(report, cap, least) if slots else None
         if dp is not None and dp.discrete:
             code, check = _distributed(dp, state, len(sampled), dim, noised)
         total, survivors, report = secure_sum(
@@ -128,7 +150,11 @@ def secure_round(
     else:
         weighted, weight = code.decode_sum(total)
         if slots:
-            cover = weighted[-slots:] / code.clip
+            # each slice's weight, at most the total: a client's slots are its own to get wrong, not to inflate
+            cover = np.clip(weighted[-slots:] / code.clip, 0.0, weight)
+            cover[cover < 0.5 * min(examples[c] for c in sampled) / code.max_weight] = (
+                0.0  # below any one client
+            )
             mean = divide_by_slice(
                 unflatten(weighted[:-slots], state.info.schema, state.travel_keys), cover, weight
             )

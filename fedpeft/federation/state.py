@@ -293,7 +293,12 @@ def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
         saved = from_run_config(json.loads(path.read_text()))
     except (ValueError, TypeError) as e:
         raise FedpeftError(f"unreadable {path}: {e}") from None
-    ours, theirs = to_run_config(cfg), to_run_config(saved)
+    # the rank resolved on both sides: a run saved with --lora-r 8 (before the rank had a per-kind default)
+    # resumes without it, and the other way round
+    resolved = [
+        dataclasses.replace(c, adapter=dataclasses.replace(c.adapter, r=c.adapter.rank)) for c in (cfg, saved)
+    ]
+    ours, theirs = (to_run_config(c) for c in resolved)
     changed = sorted(k for k in ours if ours[k] != theirs.get(k) and k not in RESUMABLE)
     if changed:
         raise FedpeftError(f"--resume with another configuration ({', '.join(changed[:3])}); use a new --out")

@@ -67,7 +67,15 @@ def _stage3_code(task: dict[str, Any], dp_clip: float, min_local_noise: float) -
             "refused: a secure round without distributed DP noise; this device adds its own noise "
             f"(--dp-min-local-noise {min_local_noise:g})"
         )
-    code = RingCode(float(task["clip"]), int(task["max-clients"]), float(task["max-weight"]))
+    code = RingCode(
+        float(task["clip"]),
+        int(task["max-clients"]),
+        float(task["max-weight"]),
+        int(task.get("rank-slots", 0)),
+        int(task.get("rank-cap", 0)),
+    )
+    if not 0 <= code.rank_cap <= code.slots < 2**16:
+        raise SecAggRefused(f"refused: invalid rank slots {code.slots} (cap {code.rank_cap})")
     if not (code.clip > 0 and 1 <= code.max_clients < 2**30 and code.max_weight > 0):
         raise SecAggRefused(f"refused: invalid encoding parameters (clip {code.clip}, max-clients "
                             f"{code.max_clients}, max-weight {code.max_weight})")  # fmt: skip
@@ -121,7 +129,11 @@ def _masked_input(
     # the stochastic rounding needs no secrecy (the masks and the noise hide the input); seeding it keeps
     # runs reproducible. The DP noise does: it comes from the OS.
     rounding = np.random.default_rng(device.rounding_seed)
-    slots = int(metrics.pop("rank_slots", 0))
+    mine = int(metrics.pop("rank_slots", 0))  # this device's LoRA rank over what travels (0: none)
+    if isinstance(code, RingCode) and code.slots != mine:
+        raise SecAggAbort(
+            f"client {me}: the round encodes {code.slots} rank slots, this adapter's rank is {mine}"
+        )
     if isinstance(code, DistributedCode):
         if len(delta) + 1 != code.dim:
             raise SecAggAbort(f"client {me}: update of {len(delta)} values, the round encodes {code.dim - 1}")
@@ -129,10 +141,9 @@ def _masked_input(
         noise = np.random.default_rng(secrets.randbits(128))
         y = client.mask(code.encode(delta, clipped, rounding, noise))
     else:
-        if (
-            slots
-        ):  # the weight of each LoRA rank slice it trained, summed beside it (fedpeft.federation.ranks)
-            delta = np.concatenate([delta, code.clip * (np.arange(slots) < metrics.get("rank", slots))])
+        if code.slots:  # each rank slice's weight, summed beside the delta (fedpeft.federation.ranks)
+            rank = min(metrics.get("rank", code.slots), code.rank_cap or code.slots)
+            delta = np.concatenate([delta, code.clip * (np.arange(code.slots) < rank)])
         y = client.mask(code.encode(delta, weight, rounding))
     if rnd:
         state[SENT_KEY] = ConfigRecord({"rounds": ints([*sent, int(rnd)][-64:])})

@@ -28,6 +28,10 @@ class RingCode:
     clip: float  # c: |x| is clipped to c
     max_clients: int  # n_max: sums of up to this many clients never wrap
     max_weight: float  # W: public bound on a client's weight (example count)
+    # LoRA: entries after the delta carrying each rank slice's weight, and the rank the round lets a client
+    # train at most (fedpeft.federation.ranks); 0: none
+    slots: int = 0
+    rank_cap: int = 0
 
     @property
     def scale(self) -> float:
@@ -50,7 +54,8 @@ class RingCode:
         return rounded.astype(np.int64).astype(np.uint32)  # two's complement for negatives
 
     def to_task(self) -> dict[str, float | int]:
-        return {"clip": self.clip, "max-clients": self.max_clients, "max-weight": float(self.max_weight)}
+        task = {"clip": self.clip, "max-clients": self.max_clients, "max-weight": float(self.max_weight)}
+        return {**task, "rank-slots": self.slots, "rank-cap": self.rank_cap} if self.slots else task
 
     def decode_sum(self, total: np.ndarray) -> tuple[np.ndarray, float]:
         """Unmasked ring sum [D + 1] uint32 -> (sum_i w_i x_i / W as float [D], sum_i w_i / W)."""

@@ -19,6 +19,8 @@ from fedpeft.federation.ranks import (
     coverage,
     divide_by_slice,
     effective_rank,
+    round_cap,
+    thin_slice,
     travel_rank,
     truncate,
 )
@@ -82,8 +84,22 @@ def test_mixed_ranks_are_refused_where_they_are_not_built(users: Path, cache_dir
             validate(bad)
 
 
-def _mixed(users: Path, cache_dir: str, **fed) -> RunConfig:  # noqa: F811
-    return _cfg(users, cache_dir, clients=3, fraction=1.0, rounds=2, client_ranks=(1, 2, 4), **fed)
+def test_a_secure_round_caps_the_rank_so_that_no_slice_is_one_clients() -> None:
+    assert round_cap([1, 2, 4], 4, 2) == 2  # slices 3 and 4 would be the rank-4 client's alone
+    assert round_cap([0, 0, 2], 4, 2) == 4  # 0: the federation's rank
+    assert round_cap([2, 2, 4, 4], 4, 2) == 4 and round_cap([4], 4, 2) == 4  # one client: the round aborts
+    assert thin_slice([2, 4], 4, 2) == 2 and thin_slice([2, 2, 4, 4], 4, 2) is None
+    assert thin_slice([1, 2, 4], 2, 2) is None  # capped at 2: two train the second slice
+    assert thin_slice([1, 2], 2, 2) == 1  # the rank-4 client dropped: the rank-2 one alone in the second
+    assert thin_slice([2, 2], 4, 3) == 0
+
+
+def _mixed(users: Path, cache_dir: str, ranks: tuple[int, ...], **fed) -> RunConfig:  # noqa: F811
+    return _cfg(users, cache_dir, clients=len(ranks), fraction=1.0, rounds=2, client_ranks=ranks, **fed)
+
+
+def _secure(cfg: RunConfig) -> RunConfig:
+    return replace(cfg, federation=replace(cfg.federation, secagg=True, secagg_k=2))
 
 
 def test_a_mixed_rank_federation_trains_slices_and_a_secure_one_equals_the_plain_one(
@@ -92,18 +108,31 @@ def test_a_mixed_rank_federation_trains_slices_and_a_secure_one_equals_the_plain
     cache_dir: str,
     tiny_path: Path,
 ) -> None:
-    cfg = _mixed(users, cache_dir)
+    cfg = _mixed(users, cache_dir, (2, 4, 2, 4))
     _run(cfg, tmp_path / "plain")
-    _run(replace(cfg, federation=replace(cfg.federation, secagg=True, secagg_k=2)), tmp_path / "secure")
+    _run(_secure(cfg), tmp_path / "secure")
     plain, secure = (load_checkpoint(checkpoint_path(tmp_path / r, 2)) for r in ("plain", "secure"))
     for h in (plain.history[1], secure.history[1]):
-        assert sorted(h["ranks"].values()) == [1, 2, 4] and h["ranks"] == plain.history[1]["ranks"]
+        assert sorted(h["ranks"].values()) == [2, 2, 4, 4] and h["ranks"] == plain.history[1]["ranks"]
         assert 1.0 <= h["effective_rank"] <= 4.0
-    # every slice moved: slice 0 by three clients, slices 2 and 3 by the rank-4 client alone
     b = [v for k, v in plain.arrays.items() if ".lora_B." in k]
-    assert all(max(np.abs(v[:, j]).max() for v in b) > 0 for j in range(4))
+    assert all(max(np.abs(v[:, j]).max() for v in b) > 0 for j in range(4))  # every slice moved
     for k, v in plain.arrays.items():  # the per-slice weights summed masked, too
         np.testing.assert_allclose(secure.arrays[k], v, atol=1e-6)
     assert not all(np.array_equal(secure.arrays[k], v) for k, v in plain.arrays.items())
     groups = by_rank([as_metrics(h) for h in plain.history])
-    assert sorted(groups) == [1, 2, 4] and all(g["clients"] == 1 for g in groups.values())
+    assert sorted(groups) == [2, 4] and all(g["clients"] == 2 for g in groups.values())
+
+
+def test_a_secure_round_trains_no_slice_that_one_client_alone_would_fill(
+    tmp_path: Path,
+    users: Path,  # noqa: F811
+    cache_dir: str,
+    tiny_path: Path,
+) -> None:
+    _run(_secure(_mixed(users, cache_dir, (1, 2, 4))), tmp_path / "secure")
+    state = load_checkpoint(checkpoint_path(tmp_path / "secure", 2))
+    assert sorted(state.history[1]["ranks"].values()) == [1, 2, 2]  # the rank-4 client trained 2 this round
+    b = [v for k, v in state.arrays.items() if ".lora_B." in k]
+    assert all(max(np.abs(v[:, j]).max() for v in b) > 0 for j in range(2))
+    assert all(not v[:, 2:].any() for v in b)
