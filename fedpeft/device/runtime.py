@@ -313,7 +313,8 @@ class Device(PersonalAdapters):
             full = load_base(replace(self.cfg.base, quant=quant, compute_dtype=compute))
             self._full = (full, inject(full, self.adapter_cfg))
         full, model = self._full
-        load_adapter_state(model, {**self.init_state, **global_arrays}, what="global adapter")
+        arrays = {**self.init_state, **self.slice.enter(local, global_arrays)}  # as evaluate(): its slice
+        load_adapter_state(model, arrays, what="global adapter")
         pad, batch = full.tokenizer.pad_token_id, self.cfg.train.eval_batch_size
         if not bare:
             return evaluate(model, self.clients[local].eval, pad, full.compute, batch).loss
