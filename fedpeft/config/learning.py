@@ -159,7 +159,7 @@ class AdapterConfig:
     )
     # Fed-SB (Singhal et al., 2025; --lora-mode sb): A and B frozen at a basis every device derives alike, only
     # an r x r matrix between them trains, so averaging it averages the update exactly (fedpeft.model.fed_sb)
-    lora_sb: bool = option(False)
+    lora_sb: bool = option(False, "Fed-SB's adapter: follows from --lora-mode sb, never set by hand")
     seed: int = option(0, flag="--seed")  # seeds the adapter init, so every client builds the same A
 
     @property
