@@ -284,7 +284,15 @@ class AdapterFiles:
 
     @property
     def fingerprint(self) -> str:
+        """The base it was trained against: an exact quantized base, or a federation's source weights."""
         return self.meta["base_fingerprint"]
+
+    @property
+    def source(self) -> str:
+        """The source weights of that base (fedpeft.model.fingerprint); files written before it was recorded
+        name the exact base only."""
+        base = self.meta.get("base")
+        return str(base.get("source") or self.fingerprint) if isinstance(base, dict) else self.fingerprint
 
     @property
     def adapter_config(self) -> AdapterConfig:
@@ -348,7 +356,9 @@ def read_adapter(path: Path) -> AdapterFiles:
 
 
 def check_fingerprint(expected: str, base: Base, what: str) -> None:
-    if expected != base.fingerprint:
+    """An adapter names the exact quantized base it was trained on, or (a federation of devices of several
+    quantizations) the source weights they share (fedpeft.model.fingerprint)."""
+    if expected not in (base.fingerprint, base.source):
         raise FedpeftError(
             f"{what} was trained on another base (fingerprint {expected[:12]}, this base is "
             f"{base.fingerprint[:12]}: different model or --quant)"

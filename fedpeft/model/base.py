@@ -18,7 +18,7 @@ import torch
 from fedpeft.config.tree import BaseConfig
 from fedpeft.errors import FedpeftError
 from fedpeft.model.cache import PREQUANTIZED, cache_root, load_prequantized, quantized_dir, store_quantized
-from fedpeft.model.fingerprint import fingerprint, unique_tensors
+from fedpeft.model.fingerprint import fingerprint, source_fingerprint, unique_tensors
 from fedpeft.model.gguf import DEFAULT_GGUF_FILE, convert_gguf, default_gguf_path
 from fedpeft.model.memory import fp32_fits
 from fedpeft.model.placement import move_model, resolve_device
@@ -36,7 +36,8 @@ class Base:
     tokenizer: Any
     path: Path  # a folder AutoModelForCausalLM.from_pretrained loads (PEFT's base_model_name_or_path)
     quant: str
-    fingerprint: str
+    fingerprint: str  # of the quantized bytes it computes with
+    source: str = ""  # of the full-precision weights they were made from: the same for every --quant
     nbytes: int = 0  # bytes of the base tensors in memory (after quantization), counted at load
     # the pre-quantized copy in the cache that matches this base (read at this load, or written by it);
     # None for bf16/none, or when the cache could not be written
@@ -60,6 +61,7 @@ class Base:
             "model": self.spec or str(self.path),
             "quant": self.quant,
             "fingerprint": self.fingerprint,
+            "source": self.source,
             "rebuild": REBUILD.get(
                 self.spec, f"the Hugging Face folder or .gguf file given as --model {self.spec}"
             )
@@ -134,6 +136,7 @@ def load_base(cfg: BaseConfig, max_memory: float | None = None) -> Base:
         path=path,
         quant=quant,
         fingerprint=fp,
+        source=source_fingerprint(path, cache_root(cfg.cache_dir)),
         quantized_path=qdir,
         prequantized=loaded is not None,
         spec=cfg.model,

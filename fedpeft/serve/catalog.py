@@ -98,6 +98,12 @@ def check_name(name: str) -> None:
         )
 
 
+def base_entry(entries: list[Entry]) -> Entry:
+    """The adapter whose base the server loads: one that names its exact quantized base, else the first (a
+    federation's global adapter names only the source weights, which every quantization of them serves)."""
+    return next((e for e in entries if e.files.fingerprint != e.files.source), entries[0])
+
+
 def discover(sources: list[str], named: list[str]) -> list[Entry]:
     """Every adapter to serve, in a stable order (sources as given, then --adapter); one base for all."""
     entries = [e for s in sources for e in _from_source(Path(s).expanduser())] + [_named(s) for s in named]
@@ -111,11 +117,17 @@ def discover(sources: list[str], named: list[str]) -> list[Entry]:
                 "--adapter NAME=PATH"
             )
         seen[e.name] = e
-    first = entries[0]
+    # one base for all: the same source weights, and one quantization of them where an adapter names its exact
+    # base (a federation's global adapter names the source, which any quantization of it serves)
+    first, exact = entries[0], base_entry(entries)
     for e in entries[1:]:
-        if e.files.fingerprint != first.files.fingerprint:
+        pinned = e.files.fingerprint != e.files.source
+        if e.files.source != first.files.source or (
+            pinned and e.files.fingerprint != exact.files.fingerprint
+        ):
             raise FedpeftError(
-                f"adapter {e.name} ({e.files.path}) was trained on another base than {first.name} (fingerprint "
+                f"adapter {e.name} ({e.files.path}) was trained on another base than "
+                f"{(first if e.files.source != first.files.source else exact).name} (fingerprint "
                 f"{e.files.fingerprint[:12]} vs {first.files.fingerprint[:12]}); one server serves one base"
             )
     kinds = sorted({e.kind for e in entries})

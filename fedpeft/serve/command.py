@@ -114,14 +114,14 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise FedpeftError(f"fedpeft serve needs the serve extra (pip install -e '.[serve]'): {e}") from None
     # torch, transformers: this command's, off the CLI's start-up path
     from fedpeft.serve.batcher import Batcher
-    from fedpeft.serve.catalog import discover
+    from fedpeft.serve.catalog import base_entry, discover
     from fedpeft.serve.engine import Engine
 
     o = local_section(a, "serve", "serve")
     key = _check_network(o)
     entries = discover(a.sources, list(o.adapter))
     sock = _bind(o.host, o.port)  # before the base loads: a taken port is a one-line error, not a wait
-    base = _load(a, entries[0].files.meta)
+    base = _load(a, base_entry(entries).files.meta)
     engine = Engine(base, entries)
     batcher = Batcher(engine, o.max_batch, o.batch_wait_ms / 1000, o.max_queue)
     app = create_app(engine, batcher, key, o.max_tokens)

@@ -37,10 +37,12 @@ def compare(
     if not adapters:
         raise FedpeftError(f"user {store.user} has no adapters in {store.dir} yet")
     first = next(iter(adapters.values()))
+    # the base an adapter names exactly, where one does (a federation's names only the source weights)
+    own = next((f for f in adapters.values() if f.fingerprint != f.source), first)
     base = load_base(
         BaseConfig(
-            model=model or base_model(first.meta),
-            quant=first.meta["quant"],
+            model=model or base_model(own.meta),
+            quant=own.meta["quant"],
             cache_dir=cache_dir,
             compute_dtype=compute_dtype,
         )

@@ -11,7 +11,7 @@ from fedpeft.config.tree import BaseConfig
 from fedpeft.errors import FedpeftError
 from fedpeft.model.base import load_base, resolve_base_dir
 from fedpeft.model.cache import prepare_quantized, quantized_dir
-from fedpeft.model.fingerprint import fingerprint
+from fedpeft.model.fingerprint import fingerprint, source_fingerprint
 from fedpeft.model.quant import dequantize_linears
 from fedpeft.model.tiny import TINY_NAME, build_tiny
 
@@ -39,6 +39,27 @@ def test_fingerprint_changes_with_one_weight(cache_dir: str, tiny_path: Path) ->
     with torch.no_grad():
         base.model.model.layers[1].mlp.up_proj.weight[3, 5] += 1e-3
     assert fingerprint(base.model, "none") != before
+
+
+def test_every_quantization_names_the_same_source_weights_and_other_weights_another(
+    cache_dir: str, tiny_path: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    bases = [
+        load_base(BaseConfig(model="tiny", quant=q, cache_dir=cache_dir)) for q in ("none", "bf16", "nf4")
+    ]
+    assert len({b.source for b in bases}) == 1 and len({b.fingerprint for b in bases}) == 3
+    assert bases[0].doc()["source"] == bases[0].source
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_path, copy)
+    cache = tmp_path / "cache"
+    assert source_fingerprint(copy, cache) == bases[0].source  # a copy of the weights elsewhere agrees
+    tensors = load_file(copy / "model.safetensors")
+    name = sorted(k for k in tensors if k.endswith("up_proj.weight"))[0]
+    tensors[name][3, 5] += 1e-2
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    assert source_fingerprint(copy, cache) != bases[0].source  # the cached figure is not reused for it
 
 
 def test_quantized_base_is_smaller(cache_dir: str, tiny_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from fedpeft.config.tree import AdapterConfig, BaseConfig
 from fedpeft.errors import FedpeftError
 from fedpeft.model.base import load_base
-from fedpeft.serve.catalog import discover
+from fedpeft.serve.catalog import base_entry, discover
 from tests.serve.runs import write_run
 
 
@@ -77,6 +77,23 @@ def test_named_adapters_and_what_is_refused(runs: dict[str, Path], tmp_path: Pat
     ]:
         with pytest.raises(FedpeftError, match=why):
             discover(*bad)
+
+
+def test_a_federations_adapter_naming_the_source_weights_is_served_beside_exact_ones(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    import json
+
+    fed = tmp_path / "fed"  # a global adapter of devices of several quantizations names the source weights
+    shutil.copytree(runs["lora"] / "global", fed)
+    meta = json.loads((fed / "fedpeft.json").read_text())
+    meta["base_fingerprint"] = meta["base"]["source"]
+    (fed / "fedpeft.json").write_text(json.dumps(meta))
+    entries = discover([str(runs["other"] / "personal")], [f"fed={fed}"])
+    assert names(entries) == ["personal/carol", "global", "fed"] and base_entry(entries).name == "personal/carol"
+    assert base_entry(discover([], [f"fed={fed}", f"b={runs['other'] / 'global'}"])).name == "b"  # its bf16
+    with pytest.raises(FedpeftError, match="another base"):  # fp32 and bf16 adapters named exactly: two bases
+        discover([str(runs["lora"] / "personal")], [f"fed={fed}", f"b={runs['other'] / 'global'}"])
 
 
 def test_a_corrupt_adapter_is_refused_with_its_path(runs: dict[str, Path], tmp_path: Path) -> None:
