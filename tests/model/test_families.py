@@ -3,7 +3,6 @@ and each family trained, aggregated and exported in a tiny federation that peft 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,6 @@ import torch
 from fedpeft.config.tree import (
     AdapterConfig,
     BaseConfig,
-    DataConfig,
-    FederationConfig,
-    RunConfig,
-    TrainConfig,
 )
 from fedpeft.model.adapters import (
     adapter_off,
@@ -29,8 +24,8 @@ from fedpeft.model.adapters import (
 from fedpeft.model.base import load_base
 from fedpeft.model.fed_sb import basis, fold
 from tests.model.test_prompt_learning import fed_users  # noqa: F401  (the fixture)
+from tests.model.tiny_federation import assert_peft_loads_it, federate
 
-ROOT = Path(__file__).resolve().parents[2]
 SB = AdapterConfig(r=4, lora_sb=True)
 
 
@@ -120,44 +115,17 @@ def test_each_family_federates_and_its_global_adapter_loads_in_peft(
     mode: str,
     secure: bool,
 ) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from fedpeft.simulation.run import simulate
-
-    monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    cfg = RunConfig(
-        base=BaseConfig(model="tiny", quant="none", cache_dir=cache_dir),
-        adapter=AdapterConfig(kind=kind, r=4 if kind != "vera" else 32),
-        data=DataConfig(data=str(fed_users), block_size=32),
-        train=TrainConfig(lr=2e-2, batch_size=4, progress=False),
-        federation=FederationConfig(
-            clients=4,
-            fraction=1.0,
-            rounds=2,
-            local_steps=5,
-            seed=1,
-            lora_mode=mode,
-            secagg=secure,
-            secagg_k=3 if secure else 2,
-        ),
+    adapter = AdapterConfig(kind=kind, r=4 if kind != "vera" else 32)
+    cfg, state = federate(
+        tmp_path / "run", fed_users, cache_dir, monkeypatch, adapter, 2e-2, secure, lora_mode=mode
     )
-    state = simulate(cfg, tmp_path / "run")
-    history = state.history
-    assert history[-1]["eval_ppl"] < history[0]["eval_ppl"] and bool(history[-1].get("secagg")) == secure
     travel = state.info.travel_keys
     if mode == "sb":  # only the r x r matrices travel: 2 layers x 7 targets x 4 x 4 numbers
         assert travel and all(k.endswith(".lora_R.weight") for k in travel)
         assert sum(state.arrays[k].size for k in travel) == 2 * 7 * 16
     if kind == "vera":  # the shared random matrices never travel
         assert travel and all(".vera_lambda_" in k for k in travel)
-    global_dir = tmp_path / "run" / "global"
-    files = read_adapter(global_dir)
-    ours = inject(load_base(cfg.base), files.adapter_config)
-    load_adapter_state(ours, files.arrays)
-    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path), global_dir)
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), rtol=1e-5, atol=1e-5)
+    assert_peft_loads_it(cfg, tmp_path / "run" / "global", tiny_path)
 
 
 @pytest.mark.parametrize("cfg", [AdapterConfig(kind="vera", r=16), AdapterConfig(kind="dora", r=4)])

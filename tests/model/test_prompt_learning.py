@@ -4,7 +4,6 @@ optimizer included), serving, and the merge that cannot be."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,8 @@ from fedpeft.model.adapters import adapter_state, inject, load_adapter_state, re
 from fedpeft.model.base import load_base
 from fedpeft.training.local import evaluate, train
 from tests.conftest import make_text
+from tests.model.tiny_federation import assert_peft_loads_it, federate
 
-ROOT = Path(__file__).resolve().parents[2]
 KINDS = ["prompt", "prefix"]
 
 
@@ -205,37 +204,11 @@ def test_a_federation_learns_and_its_global_adapter_loads_in_peft(
     kind: str,
     secure: bool,
 ) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from fedpeft.simulation.run import simulate
-
-    monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    cfg = RunConfig(
-        base=BaseConfig(model="tiny", quant="none", cache_dir=cache_dir),
-        adapter=AdapterConfig(kind=kind, virtual_tokens=8),
-        data=DataConfig(data=str(fed_users), block_size=32),
-        train=TrainConfig(lr=5e-2, batch_size=4, progress=False),
-        federation=FederationConfig(
-            clients=4,
-            fraction=1.0,
-            rounds=2,
-            local_steps=5,
-            seed=1,
-            secagg=secure,
-            secagg_k=3 if secure else 2,
-        ),
-        server_opt=ServerOptConfig(name="fedadam", lr=5e-2) if secure else ServerOptConfig(),
+    adapter = AdapterConfig(kind=kind, virtual_tokens=8)
+    server_opt = ServerOptConfig(name="fedadam", lr=5e-2) if secure else None
+    cfg, state = federate(
+        tmp_path / "run", fed_users, cache_dir, monkeypatch, adapter, 5e-2, secure, server_opt
     )
-    state = simulate(cfg, tmp_path / "run")
-    history = state.history
-    assert history[-1]["eval_ppl"] < history[0]["eval_ppl"] and bool(history[-1].get("secagg")) == secure
     width = 64 if kind == "prompt" else 2 * 2 * 2 * 16  # tiny: 2 layers, 2 key/value heads of 16
-    assert history[-1]["bytes_up"] / 4 < 4 * 8 * width + 4000  # one small matrix per client and round
-    ours = inject(load_base(cfg.base), read_adapter(tmp_path / "run" / "global").adapter_config)
-    load_adapter_state(ours, read_adapter(tmp_path / "run" / "global").arrays)
-    theirs = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_path), tmp_path / "run" / "global"
-    )
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), rtol=1e-5, atol=1e-5)
+    assert state.history[-1]["bytes_up"] / 4 < 4 * 8 * width + 4000  # one small matrix per client and round
+    assert_peft_loads_it(cfg, tmp_path / "run" / "global", tiny_path)
