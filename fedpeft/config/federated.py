@@ -105,6 +105,15 @@ class FederationConfig:
         metavar="R1,R2",
         commands=("simulate",),
     )
+    # devices of one base in different precisions (fedpeft.model.fingerprint): keyed by the source weights
+    client_quants: tuple[str, ...] = option(
+        (),
+        "simulation: how each client quantizes the base, by turns (client i: the (i mod n)-th), from none, "
+        "bf16, int8 and nf4 (default: all --quant; a device sets its own with `fedpeft client --quant`)",
+        flag="--client-quants",
+        metavar="Q1,Q2",
+        commands=("simulate",),
+    )
     split: Split = option(
         "natural",
         "natural: one user per client (the users with the most text); iid: all text shuffled evenly; "
@@ -198,7 +207,9 @@ class FederationConfig:
     )
     base_fingerprint: str = option(
         "",
-        "the federation's base (sha256); clients on another are refused (default: the one most clients hold)",
+        "the federation's base (sha256): the source weights (fedpeft.json's base.source; any quantization of "
+        "them joins) or one exact quantized base (base.fingerprint; the others are refused); clients on "
+        "another are refused (default: the source weights most clients hold)",
         flag="--base-fingerprint",
         metavar="SHA256",
         commands=("server",),

@@ -19,6 +19,7 @@ from fedpeft.errors import FedpeftError
 
 # "": as the federation's --compute-dtype says (its `auto` resolved by the device itself)
 DeviceDtype = Literal["", "auto", "fp32", "bf16", "fp16"]
+DeviceQuant = Literal["", "auto", "none", "bf16", "int8", "nf4"]
 PROTECTION = "this device's protection (the server cannot lower it)"
 
 
@@ -91,6 +92,14 @@ class DeviceConfig:
         "what this device's base computes in: fp32, bf16 or fp16; auto: what this machine does fast "
         "(default: the federation's --compute-dtype, whose auto this device resolves itself)",
         flag="--compute-dtype",
+    )
+    # a device's memory decides how it stores the base; the federation is keyed by the source weights
+    # (fedpeft.model.fingerprint), so NF4, int8 and bf16 devices of one base join one federation
+    quant: DeviceQuant = option(
+        "",
+        "how this device stores the base: none (fp32), bf16, int8 or nf4; auto: nf4 for large models, else "
+        "bf16 (default: the federation's --quant)",
+        flag="--quant",
     )
 
     def to_node_config(self) -> dict[str, Any]:

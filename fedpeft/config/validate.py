@@ -41,6 +41,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     )
     if f.client_ranks:
         _validate_ranks(cfg)
+    if f.client_quants:
+        _validate_quants(cfg)
     _check(f.min_clients <= f.clients, f"--min-clients {f.min_clients} exceeds --clients {f.clients}")
     _check(
         p.method != "fedsa" or a.kind == "lora",
@@ -70,6 +72,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+QUANTS = ("none", "bf16", "int8", "nf4")  # --quant's choices but auto, which each device resolves
+
+
 def _validate_ranks(cfg: RunConfig) -> None:
     """Mixed LoRA ranks (fedpeft.federation.ranks): plain LoRA or FFA-LoRA, each rank within the federation's."""
     a, f = cfg.adapter, cfg.federation
@@ -85,6 +90,21 @@ def _validate_ranks(cfg: RunConfig) -> None:
     # DP clips and noises the whole padded delta and weighs every client 1: per-slice means are not planned
     _check(cfg.privacy.mode == "off", "mixed ranks are not combined with --dp yet")
     _check(cfg.personal.method == "none", "mixed ranks have no personal adapters yet: use --personalize none")
+
+
+def _validate_quants(cfg: RunConfig) -> None:
+    """Devices of several quantizations of one base (fedpeft.model.fingerprint)."""
+    f = cfg.federation
+    bad = [q for q in f.client_quants if q not in QUANTS]
+    _check(not bad, f"--client-quants takes {', '.join(QUANTS)}; got {bad[0] if bad else ''}")
+    # Fed-SB's frozen A and B are the singular vectors of the weights each device holds: they differ by quantization
+    _check(
+        f.lora_mode != "sb", "--lora-mode sb derives its basis from each device's base: drop --client-quants"
+    )
+    _check(
+        f.clients_per_actor <= 1,
+        "a lockstep group shares one base: --client-quants needs --clients-per-actor 0 or 1",
+    )
 
 
 def _validate_privacy(d: PrivacyConfig, secagg: bool) -> None:

@@ -112,12 +112,18 @@ class Device(PersonalAdapters):
 
     @property
     def fingerprint(self) -> str:
+        """Of the exact quantized base: what its personal adapters are kept against."""
         return self.base.fingerprint
+
+    @property
+    def source(self) -> str:
+        """Of the weights its base was quantized from: what a federation of mixed quantizations shares."""
+        return self.base.source
 
     def describe(self) -> AdapterDescription:
         """What the server needs to know without loading the base: fingerprint, schema, PEFT config."""
         return AdapterDescription(
-            fingerprint=self.fingerprint,
+            fingerprint=self.source,  # the server names the federation's own (Roster.fingerprint)
             schema=schema_of(self.init_state),
             travel_keys=list(self.keys),
             peft_config=peft_config_dict(self.model),
@@ -363,6 +369,13 @@ _DEVICES: dict[tuple[RunConfig, str | None, str], Device] = {}
 BASE_LOADS = [0]  # how many times this process has loaded a base (reported per round: should stay 1)
 
 
+def _any_quant(key: tuple[RunConfig, str | None, str]) -> tuple[RunConfig, str | None, str]:
+    cfg = key[0]
+    if not cfg.federation.client_quants:
+        return key
+    return (replace(cfg, base=replace(cfg.base, quant="auto")), *key[1:])
+
+
 def get_device(cfg: RunConfig, data_path: str | None = None, name: str = "") -> Device:
     """A per-process cache: a Flower actor, or a device's resident worker (fedpeft.device.worker), loads the base
     once, not every round. A new run config that changes the base, the adapter or the data loads anew."""
@@ -372,6 +385,10 @@ def get_device(cfg: RunConfig, data_path: str | None = None, name: str = "") -> 
         name,
     )
     if key not in _DEVICES:
-        _DEVICES.clear()  # one base per process: memory is the edge device's scarcest resource
+        # one base per process (memory is the edge device's scarcest resource), except that a simulation of
+        # several quantizations (--client-quants) keeps one of each: its clients take turns every round
+        same_run = _any_quant(key)
+        for other in [k for k in _DEVICES if _any_quant(k) != same_run]:
+            del _DEVICES[other]
         _DEVICES[key] = Device(cfg, data_path=data_path, name=name)
     return _DEVICES[key]

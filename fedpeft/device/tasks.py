@@ -58,6 +58,13 @@ def config_for(content: RecordDict, node: DeviceConfig | None) -> RunConfig:
                     f"refused: --rank {node.rank} exceeds the federation's LoRA rank {cfg.adapter.rank}"
                 )
             cfg = validate(replace(cfg, federation=replace(cfg.federation, client_ranks=(node.rank,))))
+        if node.quant:  # its own quantization of the federation's base (fedpeft.model.fingerprint)
+            if node.quant != cfg.base.quant and cfg.federation.lora_mode == "sb":
+                raise FedpeftError(
+                    "refused: --lora-mode sb derives its frozen basis from the base's weights, so every device "
+                    f"must store them as the federation does (--quant {cfg.base.quant}); drop --quant"
+                )
+            cfg = replace(cfg, base=replace(cfg.base, quant=node.quant))
         if node.compute_dtype:  # the device's own choice of compute precision (fedpeft.model.precision)
             cfg = replace(cfg, base=replace(cfg.base, compute_dtype=node.compute_dtype))
         # the device's own budget, else the federation's, for the device as a whole: micro-batches that
@@ -103,20 +110,27 @@ def setup(content: RecordDict, node: DeviceConfig | None, partition: int) -> Set
     if node is not None:
         device, local = get_device(cfg, data_path=node.data_path, name=node.name), 0
     else:
+        quants = cfg.federation.client_quants
+        if quants:  # this client's quantization of the base (--client-quants, by turns)
+            which = quants[int(task.get("client", partition)) % len(quants)]
+            cfg = replace(cfg, base=replace(cfg.base, quant=which))
         device, local = get_device(cfg), partition
     client = int(task.get("client", local))
     load_seconds = time.perf_counter() - start
-    check_base(task, device.fingerprint)
+    check_base(task, device.fingerprint, device.source)
     return Setup(device, local, client, load_seconds)
 
 
-def check_base(task: ConfigRecord, mine: str) -> None:
-    """Refuse before training: an update computed on another base would be meaningless to the federation."""
+def check_base(task: ConfigRecord, mine: str, source: str = "") -> None:
+    """Refuse before training: an update computed on another base would be meaningless to the federation.
+    The federation names either the source weights (any quantization of them joins) or, pinned, the exact
+    quantized base (fedpeft.model.fingerprint)."""
     expected = task.get("fingerprint")
-    if expected and expected != mine:
+    if expected and expected not in (mine, source or mine):
         raise FedpeftError(
-            f"refused: this device's base (fingerprint {mine[:16]}) differs from the federation's "
-            f"({str(expected)[:16]}); use the same model file and --quant as the server"
+            f"refused: this device's base (fingerprint {mine[:16]}, of the weights {(source or mine)[:16]}) "
+            f"is not the federation's ({str(expected)[:16]}); use the same model "
+            "file as the server (and its --quant where the federation pins one)"
         )
 
 
@@ -125,6 +139,9 @@ def info(device: Device, local: int, client: int) -> ConfigRecord:
     return ConfigRecord(
         {
             "fingerprint": device.fingerprint,
+            # the weights it was quantized from, and how: a federation may mix quantizations of one base
+            "source": device.source,
+            "quant": device.base.quant,
             "client": client,
             "name": clients.users[local],
             # under DP every client weighs the same, and its amount of text is not sent

@@ -13,6 +13,7 @@ text, checkpoint, write metrics.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -104,6 +105,9 @@ class Federation:
             # what each client computes in and why: each device chooses for itself (fedpeft.model.precision)
             **rounds.compute_metrics(roster.names, roster.compute),
         }
+        if quants := roster.mixed_quants():  # devices of several quantizations of the base: who ran what
+            zero["quants"] = {roster.names[c]: q for c, q in quants.items()}
+            zero["quant"] = "+".join(sorted(set(quants.values())))
         if cfg.base.device != "auto":  # where a simulation's clients compute (deployed devices: CPU)
             zero["device"] = cfg.base.device
         if full:
@@ -208,6 +212,9 @@ class Federation:
                 f"client {roster.names[describer]} failed to describe the adapter: {error_text(reply)}"
             )
         description = AdapterDescription.from_json(json.loads(reply.content["description"]["json"]))
+        # the federation's base as registration settled it: the source weights its clients share (any
+        # quantization of them) or the exact base pinned (fedpeft.federation.roster)
+        description = dataclasses.replace(description, fingerprint=roster.fingerprint)
         return description, record_to_arrays(reply.content["init"])
 
     def train_plain(self, state: ServerState) -> tuple[ServerState, dict[str, Any]]:

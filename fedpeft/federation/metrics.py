@@ -208,6 +208,7 @@ class RoundMetrics(_Record):
     full_base: str | None = None
     device: str | None = None
     compute: dict[str, dict[str, Any]] | None = None  # round 0: each client's compute dtype and why
+    quants: dict[str, str] | None = None  # round 0: each client's quantization, where they differ
     base_ppl: float | None = None
     base_clients: int | None = None
     vs_base: float | None = None
@@ -285,5 +286,5 @@ def as_history(history: Sequence[RoundMetrics | Mapping[str, Any]]) -> list[Roun
 
 
 def base_name(quant: str) -> str:
-    """How figures name a base: NF4, int8, bf16, fp32."""
-    return {"nf4": "NF4", "none": "fp32"}.get(quant, quant)
+    """How figures name a base: NF4, int8, bf16, fp32; devices of several quantizations (bf16+nf4): bf16 + NF4."""
+    return " + ".join({"nf4": "NF4", "none": "fp32"}.get(q, q) for q in quant.split("+"))

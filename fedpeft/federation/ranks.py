@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from fedpeft.federation.kinds import by_kind
+
 Arrays = dict[str, np.ndarray]
 A_KEY, B_KEY = ".lora_A.weight", ".lora_B.weight"
 
@@ -118,24 +120,7 @@ def by_rank(history: Sequence[Any]) -> dict[int, dict[str, float]]:
     ranks: dict[str, int] = {}
     for m in history:
         ranks.update(getattr(m, "ranks", None) or {})
-    if not ranks:
-        return {}
-    first, last = history[0], history[-1]
-    out: dict[int, dict[str, float]] = {}
-    for r in sorted(set(ranks.values())):
-        users = [u for u, k in ranks.items() if k == r]
-        start, end = _pooled(first, users), _pooled(last, users)
-        if end is not None:
-            out[r] = {"clients": float(len(users)), "ppl_start": start or float("nan"), "ppl": end}
-    return out
-
-
-def _pooled(m: Any, users: Sequence[str]) -> float | None:
-    rows = [m.clients[u] for u in users if u in m.clients and m.clients[u].loss is not None]
-    tokens = sum(float(c.tokens or 0) for c in rows)
-    if not tokens:
-        return None
-    return float(np.exp(sum(c.loss * float(c.tokens or 0) for c in rows) / tokens))
+    return by_kind(history, ranks)
 
 
 def round_cap(ranks: Sequence[int], full: int, least: int) -> int:

@@ -38,6 +38,8 @@ class Registration:
     # what the node computes in and why (fedpeft.model.precision.Precision.metrics): each device decides for itself
     compute: Mapping[str, Any] = field(default_factory=dict)
     rank: int = 0  # the LoRA rank it trains, where less than the federation's (fedpeft.federation.ranks)
+    source: str = ""  # of the weights its base was quantized from (fedpeft.model.fingerprint)
+    quant: str = ""  # how it quantized them: none, bf16, int8, nf4
 
     @classmethod
     def from_info(cls, node: int, info: Mapping[str, Any]) -> Registration:
@@ -55,6 +57,8 @@ class Registration:
             int(info["client"]) if "client" in info else None,
             compute,
             _rank(info.get("rank", 0)),
+            str(info.get("source", ""))[:128],
+            str(info.get("quant", ""))[:16],
         )
 
 
@@ -80,7 +84,9 @@ class Roster:
     samples: dict[int, list[int]] = field(default_factory=dict)  # each DP round's Poisson sample, drawn once
     compute: dict[int, dict[str, Any]] = field(default_factory=dict)  # each client's compute dtype and why
     ranks: dict[int, int] = field(default_factory=dict)  # LoRA ranks below the federation's, as registered
-    fingerprint: str = ""  # the federation's base
+    sources: dict[int, str] = field(default_factory=dict)  # of the weights each base was quantized from
+    quants: dict[int, str] = field(default_factory=dict)  # each client's quantization of them
+    fingerprint: str = ""  # the federation's base: source weights, or one exact quantized base when pinned
 
     def sample(self, f: FederationConfig, rnd: int, poisson: bool = False) -> list[int]:
         """This round's clients; indices into the registered clients (some devices may have failed). With
@@ -93,12 +99,23 @@ class Roster:
             self.samples[rnd] = poisson_sample(ids, f.fraction)
         return self.samples[rnd]
 
+    def holds(self, client: int) -> bool:
+        return self.fingerprint in (
+            self.fingerprints[client],
+            self.sources.get(client) or self.fingerprints[client],
+        )
+
     def on_base(self) -> list[int]:
         """Clients whose base is the federation's (the others are refused, and refuse, every round)."""
-        return [c for c in sorted(self.node_of) if self.fingerprints[c] == self.fingerprint]
+        return [c for c in sorted(self.node_of) if self.holds(c)]
 
     def off_base(self) -> list[int]:
-        return [c for c in sorted(self.node_of) if self.fingerprints[c] != self.fingerprint]
+        return [c for c in sorted(self.node_of) if not self.holds(c)]
+
+    def mixed_quants(self) -> dict[int, str]:
+        """Each client's quantization where the clients on the federation's base run more than one, else {}."""
+        on = {c: self.quants.get(c, "") for c in self.on_base()}
+        return on if len(set(on.values())) > 1 else {}
 
     def task(self, client: int, **task: Any) -> dict[str, Any]:
         """Every task after registration names its client index and the federation's base fingerprint: a
@@ -148,13 +165,14 @@ def make_roster(
         client = index if r.client is None else r.client
         roster.node_of[client], roster.names[client] = r.node, r.name
         roster.fingerprints[client], roster.examples[client] = r.fingerprint, r.examples
+        roster.sources[client], roster.quants[client] = r.source or r.fingerprint, r.quant
         if r.compute:
             roster.compute[client] = dict(r.compute)
         if r.rank:
             roster.ranks[client] = r.rank
     if len(set(roster.names.values())) < len(roster.names):
         log.warning("two clients report the same name; they are told apart by node id")
-    roster.fingerprint = vote(roster.fingerprints, pinned)
+    roster.fingerprint = vote(roster.sources, pinned)
     odd = roster.off_base()
     if odd:
         log.warning(
@@ -164,4 +182,10 @@ def make_roster(
         )
     if not roster.on_base():
         raise FedpeftError(f"no client holds the federation's base {roster.fingerprint[:16]}...")
+    if mixed := roster.mixed_quants():
+        counts = {q: list(mixed.values()).count(q) for q in sorted(set(mixed.values()))}
+        log.info(
+            "clients run the federation's base in %s; held-out quality is reported per quantization",
+            ", ".join(f"{q or 'unknown'} ({n})" for q, n in counts.items()),
+        )
     return roster

@@ -106,6 +106,7 @@ class Update:
     delta: Arrays  # travel keys only
     fingerprint: str  # of the base it trained on
     metrics: Mapping[str, Any]  # its metrics record: num-examples, train_loss, <stage>_seconds
+    source: str = ""  # of the weights that base was quantized from (fedpeft.model.fingerprint)
 
 
 def plain_round(
@@ -128,7 +129,9 @@ def plain_round(
             rejected.append({"client": names.get(client, str(client)), "reason": f"client error: {reply}"})
             continue
         bytes_up += sum(a.nbytes for a in reply.delta.values())
-        reason = check_update(reply.delta, reply.fingerprint, float(reply.metrics["num-examples"]), state)
+        reason = check_update(
+            reply.delta, reply.fingerprint, float(reply.metrics["num-examples"]), state, reply.source
+        )
         rank = reply.metrics.get("rank", full) if full else 0
         if (
             not reason

@@ -74,9 +74,13 @@ def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: in
     return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
 
 
-def check_update(delta: Arrays, fingerprint: str, num_examples: float, state: ServerState) -> str | None:
-    """Why a client's reply must be refused, or None. Names, shapes and dtypes must equal the schema."""
-    if fingerprint != state.info.fingerprint:
+def check_update(
+    delta: Arrays, fingerprint: str, num_examples: float, state: ServerState, source: str = ""
+) -> str | None:
+    """Why a client's reply must be refused, or None. Its base must be the federation's: the same source
+    weights, or the exact quantized base where the federation pins one (fedpeft.model.fingerprint). Names,
+    shapes and dtypes must equal the schema."""
+    if state.info.fingerprint not in (fingerprint, source or fingerprint):
         return (
             f"base fingerprint {fingerprint[:12]} differs from the federation's {state.info.fingerprint[:12]}"
         )

@@ -56,7 +56,8 @@ def read_update(reply: Message) -> rounds.Update | str:
         delta, info = record_to_arrays(reply.content["delta"]), reply.content["info"]
     except (KeyError, TypeError, ValueError) as e:  # a client's malformed reply drops that client only
         return f"malformed reply: {e}"[:300]
-    return rounds.Update(delta, str(info["fingerprint"]), reply.content["metrics"])
+    source = str(info["source"]) if "source" in info else ""
+    return rounds.Update(delta, str(info["fingerprint"]), reply.content["metrics"], source)
 
 
 def read_evaluation(reply: Message, names: dict[int, str]) -> tuple[evaluation.EvalResult, dict[str, float]]:

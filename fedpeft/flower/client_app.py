@@ -72,7 +72,9 @@ def _run(kind: str, msg: Message, context: Context) -> RecordDict:
     reply = tasks.run(kind, msg.content, node, partition)
     if "info" in reply:
         info = reply["info"]
-        context.state[INFO_KEY] = ConfigRecord({"fingerprint": info["fingerprint"], "name": info["name"]})
+        context.state[INFO_KEY] = ConfigRecord(
+            {"fingerprint": info["fingerprint"], "source": info["source"], "name": info["name"]}
+        )
     return reply
 
 
@@ -122,7 +124,8 @@ def _secagg_stage(msg: Message, context: Context, waited: float) -> RecordDict:
     rnd, client, stage = int(task["round"]), int(task["client"]), int(task["secagg-stage"])
     if stage == 1:
         if INFO_KEY in context.state:
-            tasks.check_base(task, str(context.state[INFO_KEY]["fingerprint"]))
+            mine = context.state[INFO_KEY]
+            tasks.check_base(task, str(mine["fingerprint"]), str(mine["source"]))
         context.state[WAIT_KEY] = MetricRecord({"seconds": 0.0})
     if WAIT_KEY in context.state:
         context.state[WAIT_KEY]["seconds"] = float(context.state[WAIT_KEY]["seconds"]) + waited

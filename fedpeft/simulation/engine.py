@@ -212,6 +212,8 @@ def group_size(cfg: RunConfig, backend: dict[str, Any]) -> int:
     f = cfg.federation
     if f.clients_per_actor:
         return f.clients_per_actor
+    if f.client_quants:  # a lockstep group shares one base: clients of several quantizations train one by one
+        return 1
     if float(backend["client_resources"].get("num_gpus") or 0) <= 0:
         return 1
     sampled = sampled_per_round(f.clients, f.fraction, f.min_clients)

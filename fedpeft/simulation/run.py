@@ -13,6 +13,7 @@ from fedpeft.config.tree import RunConfig
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.evaluation import changes_text
 from fedpeft.federation.forgetting import reference_blocks
+from fedpeft.federation.kinds import by_quant
 from fedpeft.federation.metrics import RoundMetrics, as_metrics
 from fedpeft.federation.personal_summary import summary_line
 from fedpeft.federation.ranks import by_rank
@@ -135,6 +136,11 @@ def summary(rnd: int, history: Sequence[RoundMetrics | Mapping[str, Any]], metho
         )
         if last.effective_rank is not None:
             line += f"; the global adapter's effective rank {last.effective_rank:.1f}"
+    if quants := by_quant([as_metrics(m) for m in history]):  # devices of several quantizations of the base
+        line += "\nby quantization, held-out ppl: " + "; ".join(
+            f"{q} {g['ppl_start']:.2f} -> {g['ppl']:.2f} ({g['clients']:.0f} clients)"
+            for q, g in quants.items()
+        )
     line += dp_summary(last.to_json())  # under DP: the (ε, δ) the adapter was trained under
     if last.personal is not None:
         line += "\n" + summary_line(last.personal, method)

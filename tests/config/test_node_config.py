@@ -46,7 +46,7 @@ def test_the_policy_defaults_and_its_floor() -> None:
 def test_the_keys_are_those_every_node_config_toml_was_written_with() -> None:
     assert list(NODE.to_node_config()) == [
         "data-path", "name", "model", "cache-dir", "store", "personal-dir", "require-secagg",
-        "min-neighbours", "max-memory", "min-local-noise", "rank", "compute-dtype",
+        "min-neighbours", "max-memory", "min-local-noise", "rank", "compute-dtype", "quant",
     ]  # fmt: skip
     # a file written before the worker ran the ClientApp itself named its socket: still read
     assert DeviceConfig.from_node_config({**NODE.to_node_config(), "worker": "/x/worker.sock"}) == NODE
@@ -54,11 +54,11 @@ def test_the_keys_are_those_every_node_config_toml_was_written_with() -> None:
 
 def test_an_older_file_still_reads() -> None:
     """Written before --max-memory took MiB as a float (an int there) and before the newer keys existed."""
-    newer = ("min-local-noise", "rank", "compute-dtype")
+    newer = ("min-local-noise", "rank", "compute-dtype", "quant")
     old = {k: v for k, v in NODE.to_node_config().items() if k not in newer}
     node = DeviceConfig.from_node_config({**old, "max-memory": 512})
     assert node is not None and node.max_memory == 512.0 and isinstance(node.max_memory, float)
-    assert node.min_local_noise == 0.0 and node.compute_dtype == "" and node.rank == 0
+    assert node.min_local_noise == 0.0 and node.compute_dtype == "" and node.rank == 0 and node.quant == ""
     with pytest.raises(FedpeftError, match="'max-memory' must be float, got True"):
         DeviceConfig.from_node_config({**old, "max-memory": True})
 

@@ -97,3 +97,34 @@ def test_sampling_picks_among_the_registered_indices_and_tasks_name_client_and_b
     picked = roster.sample(one, 2)
     assert len(picked) == 1 and picked[0] in (0, 3, 7) and picked == roster.sample(one, 2)
     assert roster.task(3, round=2) == {"round": 2, "client": 3, "fingerprint": "a"}
+
+
+def _quantized(client: int, quant: str, source: str = "src") -> Registration:
+    exact = f"{source}-{quant}"  # each quantization of one source has its own exact fingerprint
+    return Registration(100 + client, f"user{client}", exact, 10.0, client, source=source, quant=quant)
+
+
+def test_quantizations_of_one_source_join_and_each_is_recorded(caplog: pytest.LogCaptureFixture) -> None:
+    info = {"name": "ann", "fingerprint": "f", "num-examples": 1, "source": "s", "quant": "nf4"}
+    assert Registration.from_info(7, info).source == "s" and Registration.from_info(7, info).quant == "nf4"
+    replies = [
+        _quantized(0, "nf4"),
+        _quantized(1, "bf16"),
+        _quantized(2, "nf4"),
+        _quantized(3, "bf16", "other"),
+    ]
+    with caplog.at_level(logging.INFO, logger="fedpeft"):
+        roster = make_roster(replies, [], want=4, min_clients=1)
+    assert roster.fingerprint == "src" and roster.on_base() == [0, 1, 2] and roster.off_base() == [3]
+    assert roster.mixed_quants() == {0: "nf4", 1: "bf16", 2: "nf4"}
+    assert "bf16 (1), nf4 (2)" in caplog.text
+
+
+def test_a_pinned_exact_base_admits_that_quantization_only() -> None:
+    replies = [_quantized(0, "nf4"), _quantized(1, "bf16"), _quantized(2, "nf4")]
+    roster = make_roster(replies, [], want=3, min_clients=1, pinned="src-bf16")
+    assert roster.on_base() == [1] and roster.mixed_quants() == {}
+    assert make_roster(replies, [], want=3, min_clients=1, pinned="src").on_base() == [0, 1, 2]
+    # a device that reports no source (an older device) is matched by its exact fingerprint alone
+    old = Registration(9, "old", "src-nf4", 1.0, 3)
+    assert make_roster([*replies, old], [], want=4, min_clients=1).off_base() == [3]
