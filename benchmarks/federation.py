@@ -4,6 +4,7 @@
     python benchmarks/federation.py scale     # tiny model, 1,000 and 10,000 virtual clients, next to Flower's bare round
     python benchmarks/federation.py adapters  # the main command's federation once per adapter (--kinds)
     python benchmarks/federation.py ranks     # devices of LoRA ranks 2, 4, 8, 16 in equal shares vs all at rank 4
+    python benchmarks/federation.py quants    # NF4 and bf16 devices in equal shares vs all bf16 and all NF4
 
 Quality: every federated run uses the same clients, rounds, sampled clients and local steps; the
 centralized baseline trains one adapter on the union of the clients' training text for the same total
@@ -36,6 +37,7 @@ from fedpeft.config.tree import (  # noqa: E402
     RunConfig,
     TrainConfig,
 )
+from fedpeft.federation.kinds import by_kind  # noqa: E402
 from fedpeft.federation.metrics import as_metrics  # noqa: E402
 from fedpeft.federation.ranks import by_rank  # noqa: E402
 from fedpeft.processes import descendants, process_table  # noqa: E402
@@ -64,7 +66,8 @@ class TreePeak:
         self._t.join()
 
 
-def _federate(cfg: RunConfig, work: Path, name: str) -> dict:
+def _federate(cfg: RunConfig, work: Path, name: str, kinds: dict[str, str] | None = None) -> dict:
+    """One federation's figures; `kinds` (user -> kind): held-out ppl pooled per kind as well."""
     from fedpeft.simulation.run import simulate
 
     start = time.perf_counter()
@@ -81,6 +84,8 @@ def _federate(cfg: RunConfig, work: Path, name: str) -> dict:
         "reference_ppl": h[-1].get("reference_ppl"),
         "effective_rank": [r.get("effective_rank") for r in h],
         "by_rank": {str(k): v for k, v in by_rank([as_metrics(r) for r in h]).items()},
+        "quants": h[0].get("quants"),
+        "by_kind": by_kind([as_metrics(r) for r in h], kinds or h[0].get("quants") or {}),
         "base_reference_ppl": h[-1].get("base_reference_ppl"),
         "wall_s": time.perf_counter() - start,
         "peak_rss_mib": peak.peak,
@@ -262,6 +267,35 @@ def ranks(a: argparse.Namespace, work: Path) -> list[dict]:
     return runs
 
 
+def quants(a: argparse.Namespace, work: Path) -> list[dict]:
+    """The main command's federation with NF4 and bf16 devices in equal shares (--client-quants), next to all
+    bf16 and all NF4; every row also pooled over the same two halves of the clients, so each kind's figure
+    has its counterpart in the uniform federations."""
+    rows = [("nf4 + bf16", "bf16", ("nf4", "bf16")), ("all bf16", "bf16", ()), ("all nf4", "nf4", ())]
+    runs: list[dict] = []
+    for name, quant, client_quants in rows:
+        cfg = RunConfig(
+            base=BaseConfig(quant=quant),
+            train=TrainConfig(progress=False),
+            federation=FederationConfig(client_quants=client_quants),
+        )
+        kinds = runs[0]["quants"] if runs else None  # the mixed row's halves
+        runs.append({"kind": name, **_federate(cfg, work, name.replace(" ", "-").replace("+", "and"), kinds)})
+        print(json.dumps({k: v for k, v in runs[-1].items() if k != "history"}), flush=True)
+    bf16 = runs[1]["ppl"]
+    print("\n| devices | held-out ppl: base -> after 5 rounds | change | vs all bf16 | the clients that ran NF4 "
+          "in the mixed row | the clients that ran bf16 there | round (s) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for r in runs:
+        halves = [r["by_kind"].get(q) for q in ("nf4", "bf16")]
+        cells = [f"{g['ppl_start']:.2f} -> {g['ppl']:.2f}" if g else "-" for g in halves]
+        print(
+            f"| {r['kind']} | {r['ppl_start']:.2f} -> {r['ppl']:.2f} | {r['ppl'] / r['ppl_start'] - 1:+.1%} "
+            f"| {r['ppl'] / bf16 - 1:+.2%} | {cells[0]} | {cells[1]} | {r['round_s']:.0f} |"
+        )
+    return runs
+
+
 def _synthetic_users(root: Path, n: int, words: int = 150) -> Path:
     """n users of random words (a cost measure needs many users, not meaningful text)."""
     import numpy as np
@@ -336,7 +370,7 @@ def scale(a: argparse.Namespace, work: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("quality", "scale", "adapters", "ranks"))
+    p.add_argument("what", choices=("quality", "scale", "adapters", "ranks", "quants"))
     p.add_argument(
         "--kinds",
         default="lora,ffa,sb,ia3,vera,dora,prompt,prefix",
@@ -352,7 +386,8 @@ def main() -> None:
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedpeft-bench-"))
     try:
-        runs = {"quality": quality, "scale": scale, "adapters": adapters, "ranks": ranks}[a.what](a, work)
+        what = {"quality": quality, "scale": scale, "adapters": adapters, "ranks": ranks, "quants": quants}
+        runs = what[a.what](a, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(a.json or f"benchmarks/results/federation-{a.what}.json")
