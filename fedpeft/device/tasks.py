@@ -129,7 +129,7 @@ def check_base(task: ConfigRecord, mine: str, source: str = "") -> None:
     if expected and expected not in (mine, source or mine):
         raise FedpeftError(
             f"refused: this device's base (fingerprint {mine[:16]}, of the weights {(source or mine)[:16]}) "
-            f"is not the federation's ({str(expected)[:16]}); use the same model "
+            f"differs from the federation's ({str(expected)[:16]}); use the same model "
             "file as the server (and its --quant where the federation pins one)"
         )
 

@@ -83,11 +83,11 @@ def test_server_refuses_unsafe_or_incomplete_setups(tmp_path: Path, certs: Path)
 def test_a_device_refuses_another_base_before_training() -> None:
     check_base(ConfigRecord({"fingerprint": "a" * 64}), "a" * 64)
     check_base(ConfigRecord({}), "a" * 64)  # registration: nothing to compare yet
-    with pytest.raises(FedpeftError, match="is not the federation's"):
+    with pytest.raises(FedpeftError, match="differs from the federation's"):
         check_base(ConfigRecord({"fingerprint": "b" * 64}), "a" * 64)
     # a federation keyed by the source weights takes every quantization of them; another source is refused
     check_base(ConfigRecord({"fingerprint": "s" * 64}), "a" * 64, "s" * 64)
-    with pytest.raises(FedpeftError, match="is not the federation's"):
+    with pytest.raises(FedpeftError, match="differs from the federation's"):
         check_base(ConfigRecord({"fingerprint": "t" * 64}), "a" * 64, "s" * 64)
 
 
