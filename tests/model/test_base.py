@@ -230,6 +230,7 @@ def test_read_only_cache_quantizes_at_load(
             raise PermissionError(13, "Permission denied", str(dest))
 
         monkeypatch.setattr("fedpeft.model.cache.atomic_dir", read_only)
+        monkeypatch.setattr("fedpeft.model.fingerprint.atomic_write_json", lambda path, obj: read_only(path))
     try:
         with caplog.at_level(logging.WARNING, logger="fedpeft.model.cache"):
             for _ in range(2):
