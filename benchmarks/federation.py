@@ -85,6 +85,10 @@ def _federate(cfg: RunConfig, work: Path, name: str, kinds: dict[str, str] | Non
         "effective_rank": [r.get("effective_rank") for r in h],
         "by_rank": {str(k): v for k, v in by_rank([as_metrics(r) for r in h]).items()},
         "quants": h[0].get("quants"),
+        # the global adapter on the unquantized base (--full-base) where the devices ran another: round 0 and the last
+        "full_base": h[0].get("full_base"),
+        "full_ppl_start": h[0].get("full_eval_ppl"),
+        "full_ppl": h[-1].get("full_eval_ppl"),
         "by_kind": by_kind([as_metrics(r) for r in h], kinds or h[0].get("quants") or {}),
         "base_reference_ppl": h[-1].get("base_reference_ppl"),
         "wall_s": time.perf_counter() - start,
@@ -283,15 +287,17 @@ def quants(a: argparse.Namespace, work: Path) -> list[dict]:
         runs.append({"kind": name, **_federate(cfg, work, name.replace(" ", "-").replace("+", "and"), kinds)})
         print(json.dumps({k: v for k, v in runs[-1].items() if k != "history"}), flush=True)
     bf16 = runs[1]["ppl"]
-    print("\n| devices | held-out ppl: base -> after 5 rounds | change | vs all bf16 | the clients that ran NF4 "
-          "in the mixed row | the clients that ran bf16 there | round (s) |")  # fmt: skip
+    print("\n| devices | held-out ppl, each device on its own base: base -> after 5 rounds | change | the global "
+          "adapter on the bf16 base, every client (vs all bf16) | the clients that ran NF4 in the mixed row | the "
+          "clients that ran bf16 there | round (s) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for r in runs:
         halves = [r["by_kind"].get(q) for q in ("nf4", "bf16")]
         cells = [f"{g['ppl_start']:.2f} -> {g['ppl']:.2f}" if g else "-" for g in halves]
+        on_bf16 = r["full_ppl"] if r["full_ppl"] is not None else r["ppl"]  # all bf16: its own base is bf16
         print(
             f"| {r['kind']} | {r['ppl_start']:.2f} -> {r['ppl']:.2f} | {r['ppl'] / r['ppl_start'] - 1:+.1%} "
-            f"| {r['ppl'] / bf16 - 1:+.2%} | {cells[0]} | {cells[1]} | {r['round_s']:.0f} |"
+            f"| {on_bf16:.2f} ({on_bf16 / bf16 - 1:+.2%}) | {cells[0]} | {cells[1]} | {r['round_s']:.0f} |"
         )
     return runs
 
