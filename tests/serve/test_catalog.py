@@ -90,7 +90,9 @@ def test_a_federations_adapter_naming_the_source_weights_is_served_beside_exact_
     meta["base_fingerprint"] = meta["base"]["source"]
     (fed / "fedpeft.json").write_text(json.dumps(meta))
     entries = discover([str(runs["other"] / "personal")], [f"fed={fed}"])
-    assert names(entries) == ["personal/carol", "global", "fed"] and base_entry(entries).name == "personal/carol"
+    assert (
+        names(entries) == ["personal/carol", "global", "fed"] and base_entry(entries).name == "personal/carol"
+    )
     assert base_entry(discover([], [f"fed={fed}", f"b={runs['other'] / 'global'}"])).name == "b"  # its bf16
     with pytest.raises(FedpeftError, match="another base"):  # fp32 and bf16 adapters named exactly: two bases
         discover([str(runs["lora"] / "personal")], [f"fed={fed}", f"b={runs['other'] / 'global'}"])
