@@ -51,9 +51,8 @@ def fingerprint(model: Any, quant: str) -> str:
 
 
 SOURCE_VERSION = 1
-SOURCES_FILE = (
-    "source-fingerprints.json"  # in the cache: (folder, its files' sizes and mtimes) -> fingerprint
-)
+# in the cache: (folder, its files' sizes and mtimes) -> fingerprint
+SOURCES_FILE = "source-fingerprints.json"
 
 
 def source_fingerprint(path: Path, cache: Path | None = None) -> str:
