@@ -26,7 +26,8 @@ def train(msg: Message, context: Context) -> Message:
         delta[first] = np.zeros((3, 3), np.float32)
     elif pid == 4:
         info = dict(reply.content["info"])
-        reply.content["info"] = ConfigRecord({**info, "fingerprint": "0" * 64})
+        # another base: its weights' source differs too (the federation is keyed by the source)
+        reply.content["info"] = ConfigRecord({**info, "fingerprint": "0" * 64, "source": "0" * 64})
     elif pid == 5:
         delta["base_model.model.extra.lora_A.weight"] = np.zeros(2, np.float32)
     reply.content["delta"] = arrays_to_record(delta)

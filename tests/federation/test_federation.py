@@ -71,6 +71,10 @@ def test_sampling_depends_only_on_seed_and_round() -> None:
 
 def test_check_update_accepts_a_good_reply() -> None:
     assert check_update(_delta(), FP, 100, _state()) is None
+    # a federation keyed by the source weights: another quantization of them (its own exact fingerprint) is good,
+    # another source is not
+    assert check_update(_delta(), "q" * 64, 100, _state(), source=FP) is None
+    assert "base fingerprint" in check_update(_delta(), "q" * 64, 100, _state(), source="s" * 64)
 
 
 @pytest.mark.parametrize(
