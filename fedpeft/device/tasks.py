@@ -25,6 +25,7 @@ from fedpeft.config.tree import RunConfig
 from fedpeft.config.validate import validate
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.wire import arrays_to_record, record_to_arrays
+from fedpeft.model.adapter_files import names_base
 from fedpeft.model.placement import gpu_figures
 from fedpeft.privacy.central import clip
 from fedpeft.processes import cgroup_peak, peak_rss, pss, tree_peak_rss, tree_pss
@@ -126,7 +127,7 @@ def check_base(task: ConfigRecord, mine: str, source: str = "") -> None:
     The federation names either the source weights (any quantization of them joins) or, pinned, the exact
     quantized base (fedpeft.model.fingerprint)."""
     expected = task.get("fingerprint")
-    if expected and expected not in (mine, source or mine):
+    if expected and not names_base(str(expected), mine, source):
         raise FedpeftError(
             f"refused: this device's base (fingerprint {mine[:16]}, of the weights {(source or mine)[:16]}) "
             f"differs from the federation's ({str(expected)[:16]}); use the same model "

@@ -17,6 +17,7 @@ from typing import Any
 from fedpeft.config.tree import FederationConfig
 from fedpeft.errors import FedpeftError
 from fedpeft.federation.state import sample_clients
+from fedpeft.model.adapter_files import names_base
 from fedpeft.privacy.central import poisson_sample
 
 log = logging.getLogger("fedpeft")
@@ -100,10 +101,7 @@ class Roster:
         return self.samples[rnd]
 
     def holds(self, client: int) -> bool:
-        return self.fingerprint in (
-            self.fingerprints[client],
-            self.sources.get(client) or self.fingerprints[client],
-        )
+        return names_base(self.fingerprint, self.fingerprints[client], self.sources.get(client, ""))
 
     def on_base(self) -> list[int]:
         """Clients whose base is the federation's (the others are refused, and refuse, every round)."""

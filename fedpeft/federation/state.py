@@ -28,7 +28,7 @@ from fedpeft.errors import FedpeftError
 from fedpeft.federation.aggregate import Arrays, divide, server_update, weighted_sum
 from fedpeft.federation.ranks import coverage, divide_by_slice, travel_rank
 from fedpeft.federation.sinks import check_trackers, record
-from fedpeft.model.adapter_files import AdapterDescription, adapter_meta, write_adapter_dir
+from fedpeft.model.adapter_files import AdapterDescription, adapter_meta, names_base, write_adapter_dir
 from fedpeft.model.fed_sb import fold
 from fedpeft.privacy.plan import plan
 
@@ -80,7 +80,7 @@ def check_update(
     """Why a client's reply must be refused, or None. Its base must be the federation's: the same source
     weights, or the exact quantized base where the federation pins one (fedpeft.model.fingerprint). Names,
     shapes and dtypes must equal the schema."""
-    if state.info.fingerprint not in (fingerprint, source or fingerprint):
+    if not names_base(state.info.fingerprint, fingerprint, source):
         return (
             f"base fingerprint {fingerprint[:12]} differs from the federation's {state.info.fingerprint[:12]}"
         )

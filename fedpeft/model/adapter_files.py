@@ -22,6 +22,13 @@ FORMAT_VERSION = 1
 Schema = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype), sorted by name
 
 
+def names_base(expected: str, fingerprint: str, source: str = "") -> bool:
+    """Whether a federation's or an adapter's base (`expected`) is this base of exact `fingerprint` and `source`:
+    it names the exact quantized base, or (devices of several quantizations) the source weights they share
+    (fedpeft.model.fingerprint). One rule for the device, the server, adapter loading and serving."""
+    return expected in (fingerprint, source or fingerprint)
+
+
 def schema_of(arrays: dict[str, np.ndarray]) -> Schema:
     return [(k, tuple(int(d) for d in arrays[k].shape), str(arrays[k].dtype)) for k in sorted(arrays)]
 

@@ -33,6 +33,7 @@ from fedpeft.model.adapter_files import (  # re-exported: the model-free half of
     Schema,
     _jsonable,
     adapter_meta,
+    names_base,
     schema_from_json,
     schema_of,
     trains,
@@ -295,6 +296,12 @@ class AdapterFiles:
         return str(base.get("source") or self.fingerprint) if isinstance(base, dict) else self.fingerprint
 
     @property
+    def exact(self) -> bool:
+        """Whether it names one exact quantized base (a single device's adapter, a pinned federation's) rather
+        than source weights that every quantization of them serves."""
+        return self.fingerprint != self.source
+
+    @property
     def adapter_config(self) -> AdapterConfig:
         raw = dict(self.meta["adapter"])
         raw["target_modules"] = tuple(raw["target_modules"])
@@ -358,7 +365,7 @@ def read_adapter(path: Path) -> AdapterFiles:
 def check_fingerprint(expected: str, base: Base, what: str) -> None:
     """An adapter names the exact quantized base it was trained on, or (a federation of devices of several
     quantizations) the source weights they share (fedpeft.model.fingerprint)."""
-    if expected not in (base.fingerprint, base.source):
+    if not names_base(expected, base.fingerprint, base.source):
         raise FedpeftError(
             f"{what} was trained on another base (fingerprint {expected[:12]}, this base is "
             f"{base.fingerprint[:12]}: different model or --quant)"

@@ -101,7 +101,7 @@ def check_name(name: str) -> None:
 def base_entry(entries: list[Entry]) -> Entry:
     """The adapter whose base the server loads: one that names its exact quantized base, else the first (a
     federation's global adapter names only the source weights, which every quantization of them serves)."""
-    return next((e for e in entries if e.files.fingerprint != e.files.source), entries[0])
+    return next((e for e in entries if e.files.exact), entries[0])
 
 
 def discover(sources: list[str], named: list[str]) -> list[Entry]:
@@ -121,9 +121,8 @@ def discover(sources: list[str], named: list[str]) -> list[Entry]:
     # base (a federation's global adapter names the source, which any quantization of it serves)
     first, exact = entries[0], base_entry(entries)
     for e in entries[1:]:
-        pinned = e.files.fingerprint != e.files.source
         if e.files.source != first.files.source or (
-            pinned and e.files.fingerprint != exact.files.fingerprint
+            e.files.exact and e.files.fingerprint != exact.files.fingerprint
         ):
             raise FedpeftError(
                 f"adapter {e.name} ({e.files.path}) was trained on another base than "

@@ -38,7 +38,7 @@ def compare(
         raise FedpeftError(f"user {store.user} has no adapters in {store.dir} yet")
     first = next(iter(adapters.values()))
     # the base an adapter names exactly, where one does (a federation's names only the source weights)
-    own = next((f for f in adapters.values() if f.fingerprint != f.source), first)
+    own = next((f for f in adapters.values() if f.exact), first)
     base = load_base(
         BaseConfig(
             model=model or base_model(own.meta),
